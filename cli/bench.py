@@ -1,0 +1,60 @@
+"""`anchor bench preprocess`: the preprocessing stages timed on one video in a throw-away workspace."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core.monitor import PeakRSS
+from core.params import default_params_yaml
+from core.workspace import Workspace
+from tasks import runner
+
+
+def preprocess(video: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
+        ws = Workspace(Path(tmp))
+        ws.params_path.write_text(default_params_yaml())
+        name = "bench"
+        seconds: dict[str, float] = {}
+        peaks: dict[str, float] = {}
+        runner.execute(ws, "source", name, external=video)
+        with PeakRSS() as total_mem:
+            t_all = time.perf_counter()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                frames = runner.execute(ws, "ingest", name).summary["frames"]
+                seconds["ingest"] = time.perf_counter() - t0
+            peaks["ingest"] = mem.peak_mb
+
+            errors: list[BaseException] = []
+
+            def timed(stage: str) -> None:
+                t = time.perf_counter()
+                try:
+                    runner.execute(ws, stage, name)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    errors.append(exc)
+                seconds[stage] = time.perf_counter() - t
+
+            with PeakRSS() as mem:
+                threads = [threading.Thread(target=timed, args=(s,)) for s in ("keypoints", "matting")]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+            if errors:
+                raise errors[0]
+            peaks["keypoints"] = peaks["matting"] = mem.peak_mb  # they run side by side: one shared figure
+            seconds["total"] = time.perf_counter() - t_all
+    return {
+        "frames": frames,
+        "fps_total": round(frames / seconds["total"], 2),
+        "fps": {s: round(frames / seconds[s], 2) for s in ("ingest", "keypoints", "matting")},
+        "peak_rss_mb": total_mem.peak_mb,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "peak_rss_mb_by_stage": peaks,
+    }

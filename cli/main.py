@@ -1,0 +1,356 @@
+"""`anchor`: the command line over the pipeline. Errors print as one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import AnchorError
+from core.workspace import Workspace, check_identity_name, find_workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make-Your-Anchor+ pipeline: onboard anchors, trace and version their artifacts.")
+stage_app = typer.Typer(no_args_is_help=True, help="Run or list single stages (dvc.yaml's commands use these).")
+dvc_app = typer.Typer(no_args_is_help=True, help="Keep dvc.yaml in step with the stage registry.")
+bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (figures, not tests).")
+app.add_typer(stage_app, name="stage")
+app.add_typer(dvc_app, name="dvc")
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+STATE: dict[str, Any] = {"workspace": None, "verbose": False}
+
+WorkspaceOpt = Annotated[str | None, typer.Option("--workspace", "-w", envvar="ANCHOR_WORKSPACE",
+                                                  help="Workspace directory (default: the project root).")]
+
+
+@app.callback()
+def _main(workspace: WorkspaceOpt = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's and DVC's logs.")] = False
+          ) -> None:
+    STATE["workspace"] = workspace
+    STATE["verbose"] = verbose
+
+
+def _ws() -> Workspace:
+    return find_workspace(STATE["workspace"])
+
+
+def _prefect_env(ws: Workspace) -> None:
+    """Prefect reads its settings when imported: point it at the workspace's state directory first."""
+    (ws.state / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if STATE["verbose"] else "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    os.environ.setdefault("ANCHOR_NATIVE_LOG", str(ws.state / "logs" / "native.log"))
+
+
+# ---------------------------------------------------------------------------------------------------- workspace
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Directory to make a workspace in (created if needed).")]
+         ) -> None:
+    """Create a workspace: git + DVC initialised, params.yaml, identities.yaml and dvc.yaml written."""
+    from core.dvcfile import render
+    from core.params import default_params_yaml
+    from tasks.registry import STAGES
+
+    root = directory.expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(root)
+    if not (root / ".git").exists():
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+    if not (root / ".dvc").exists():
+        _dvc(root, "init", "-q")
+        _dvc(root, "config", "core.analytics", "false")
+    for path, text in ((ws.params_path, default_params_yaml()),
+                       (ws.identities_path, "identities: []\n"),
+                       (root / ".gitignore", ".anchor/\n")):
+        if not path.exists():
+            path.write_text(text)
+    ws.dvc_yaml.write_text(render(STAGES.values()))
+    (ws.data / "identities").mkdir(parents=True, exist_ok=True)
+    out.print(f"workspace ready: {root}")
+
+
+def _dvc(root: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        raise AnchorError(f"dvc {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+# ---------------------------------------------------------------------------------------------------- onboard
+@app.command()
+def onboard(name: Annotated[str, typer.Argument(help="Identity name: a-z, 0-9, '_' or '-', up to 64.")],
+            video: Annotated[Path, typer.Option("--video", help="The anchor's video (any common format).")]) -> None:
+    """Onboard one anchor from a video: source → ingest → keypoints ∥ matting, cached and recorded in DVC."""
+    from tasks import video as vio
+    from tasks.ingest import check_person
+    from tasks.source import source_file
+
+    check_identity_name(name)
+    ws = _ws()
+    params = ws.params()
+    video = video.expanduser()
+    vio.probe(video)
+    video = video.resolve()
+    known = ws.artifact_dir("source", name)
+    from core.artifacts import read_manifest
+    from core.hashing import sha256_file
+
+    manifest = read_manifest(known)
+    if not (manifest and manifest.get("summary", {}).get("source_sha256") == sha256_file(video)
+            and source_file(known).is_file()):
+        check_person(video, params.ingest)
+
+    _prefect_env(ws)
+    from flows import stage_task
+    from flows.onboard import onboard as onboard_flow
+
+    with _progress() as factory:
+        stage_task.progress_factory = factory
+        summary = onboard_flow(str(ws.root), name, str(video))
+    _print_summary(ws, summary)
+
+
+class _progress:
+    """A rich progress display shared by the stages of a flow (they report from Prefect's worker threads)."""
+
+    def __enter__(self) -> Any:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+        self.bar.start()
+        bar = self.bar
+
+        class _Adapter:
+            def __init__(self, stage: str, identity: str) -> None:
+                self.task: Any = None
+                self.identity = identity
+
+            def start(self, description: str, total: int) -> None:
+                label = f"[{self.identity}] {description}"
+                if self.task is None:
+                    self.task = bar.add_task(label, total=total)
+                else:
+                    bar.update(self.task, description=label, total=total, completed=0)
+
+            def advance(self, n: int = 1) -> None:
+                if self.task is not None:
+                    bar.advance(self.task, n)
+
+        return _Adapter
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def _print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
+    from core.artifacts import read_manifest
+
+    name = summary["identity"]
+    table = Table(title=f"onboard {name}  (run {summary['run_id'][:8]})")
+    for col in ("stage", "status", "seconds", "output", "details"):
+        table.add_column(col)
+    for stage, res in summary["stages"].items():
+        man = read_manifest(ws.root / res["path"]) or {}
+        s = man.get("summary", {})
+        if stage == "ingest":
+            detail = (f"{s.get('frames')} frames, clips train {s['clips']['train']} / test {s['clips']['test']}, "
+                      f"crop {s['crop']['side']} px")
+        elif stage == "keypoints":
+            rates = s.get("detection_rate", {})
+            detail = ", ".join(f"{k} {v:.1%}" for k, v in rates.items())
+        elif stage == "matting":
+            detail = f"{s.get('backend')}, {s.get('frames')} frames"
+        else:
+            detail = f"{s.get('original_name')}, sha256 {s.get('source_sha256', '')[:12]}"
+        status = "cached" if res["cache_hit"] else "ran"
+        seconds = f"{man.get('duration_s', 0):.1f}" if not res["cache_hit"] else "-"
+        table.add_row(stage, status, seconds, res["path"], detail)
+    out.print(table)
+    notes = (read_manifest(ws.artifact_dir("ingest", name)) or {}).get("summary", {}).get("note")
+    if notes:
+        out.print(f"note: {notes}")
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+@stage_app.command("run")
+def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor stage list`).")],
+              identity: Annotated[str, typer.Argument(help="Identity name.")],
+              video: Annotated[Path | None, typer.Option(help="Source video (the source stage only).")] = None
+              ) -> None:
+    """Run one stage for one identity now, without Prefect (this is what `dvc repro` calls)."""
+    import time
+    import uuid
+
+    from core.artifacts import now_iso
+    from tasks import runner
+
+    ws = _ws()
+    check_identity_name(identity)
+    run_id, started, t0 = uuid.uuid4().hex, now_iso(), time.perf_counter()
+    flow = "dvc" if os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT") else "cli"
+    with _progress() as factory:
+        try:
+            result = runner.execute(ws, stage, identity, external=video.resolve() if video else None,
+                                    progress=factory(stage, identity))
+        except Exception as exc:
+            runner.record(ws, run_id=run_id, flow=flow, stage=stage, identity=identity, status="failed",
+                          cache_hit=False, started_at=started, duration_s=round(time.perf_counter() - t0, 3),
+                          error=str(exc))
+            raise
+    runner.record(ws, run_id=run_id, flow=flow, stage=stage, identity=identity, status="completed",
+                  cache_hit=False, result=result.to_dict())
+    out.print(f"{stage}[{identity}] → {result.path}  {result.output_hash[:12]}  {result.duration_s:.1f} s")
+
+
+@stage_app.command("list")
+def stage_list() -> None:
+    """The stage registry: inputs, params section, module."""
+    from tasks.registry import STAGES
+
+    table = Table("stage", "inputs", "params", "module", "what it makes")
+    for spec in STAGES.values():
+        inputs = ", ".join(spec.inputs) or (f"--{spec.external_input}" if spec.external_input else "")
+        table.add_row(spec.name, inputs, spec.params or "", spec.module, spec.description)
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------- dvc
+@dvc_app.command("sync")
+def dvc_sync() -> None:
+    """Write dvc.yaml from the stage registry."""
+    from core.dvcfile import render
+    from tasks.registry import STAGES
+
+    ws = _ws()
+    ws.dvc_yaml.write_text(render(STAGES.values()))
+    if not ws.identities_path.exists():
+        ws.identities_path.write_text("identities: []\n")
+    out.print(f"wrote {ws.dvc_yaml}")
+
+
+@dvc_app.command("check")
+def dvc_check() -> None:
+    """Exit 1 when dvc.yaml differs from what the stage registry generates."""
+    from core.dvcfile import render
+    from tasks.registry import STAGES
+
+    ws = _ws()
+    current = ws.dvc_yaml.read_text() if ws.dvc_yaml.is_file() else ""
+    if current != render(STAGES.values()):
+        err.print(f"error: {ws.dvc_yaml} has drifted from the stage registry; run `anchor dvc sync`")
+        raise typer.Exit(1)
+    out.print("dvc.yaml matches the stage registry")
+
+
+@app.command()
+def push(name: Annotated[str, typer.Argument(help="Identity to push.")]) -> None:
+    """Push one identity's source, data and checkpoints to the DVC remote (storage.remote in params.yaml)."""
+    from flows.versioning import push as dvc_push
+
+    check_identity_name(name)
+    count, url = dvc_push(_ws(), name)
+    out.print(f"pushed {count} file(s) of {name} to {url}")
+
+
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")]) -> None:
+    """Restore one identity's tracked files from the DVC remote."""
+    from flows.versioning import pull as dvc_pull
+
+    check_identity_name(name)
+    count, url = dvc_pull(_ws(), name)
+    out.print(f"pulled {count} file(s) of {name} from {url}")
+
+
+# ---------------------------------------------------------------------------------------------------- audit
+@app.command()
+def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or directory.")],
+            as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list of steps.")] = False) -> None:
+    """The chain from an artifact back to the source video: stage, hashes, params, code version, time."""
+    from core.lineage import trace
+
+    ws = _ws()
+    steps = trace(ws, path)
+    if as_json:
+        print(json.dumps(steps, indent=2))
+        return
+    for i, step in enumerate(steps):
+        mark = "ok" if step["verified"] else "[red]MODIFIED[/red]"
+        out.print(f"{'  ' * i}[bold]{step['stage']}[/bold] [{step['identity']}] {step['path']}  {mark}")
+        out.print(f"{'  ' * i}  output {step['output_hash'][:16]}  params {step['params_section']} "
+                  f"{(step['params_hash'] or '-')[:12]}  code {step['code_version'].get('commit', '?')[:12]}"
+                  f"{'+dirty' if step['code_version'].get('dirty') else ''}  at {step['finished_at']}")
+        if "source_sha256" in step:
+            out.print(f"{'  ' * i}  source sha256 {step['source_sha256']}  from {step['source_path']}")
+
+
+@app.command()
+def ledger(identity: Annotated[str | None, typer.Option(help="Only this identity.")] = None,
+           last: Annotated[int, typer.Option(help="Show the last N rows.")] = 30,
+           as_json: Annotated[bool, typer.Option("--json", help="All matching rows as JSON.")] = False) -> None:
+    """The run ledger: every stage execution, cached or not."""
+    from core import ledger as ledger_mod
+
+    df = ledger_mod.read(_ws().ledger_dir)
+    if identity:
+        df = df[df["identity"] == identity]
+    if as_json:
+        print(df.to_json(orient="records", indent=2))
+        return
+    table = Table("started", "flow", "stage", "identity", "status", "cache", "seconds", "output")
+    for row in df.tail(last).itertuples():
+        table.add_row(row.started_at, row.flow, row.stage, row.identity, row.status, "hit" if row.cache_hit else "",
+                      f"{row.duration_s:.2f}" if row.duration_s == row.duration_s else "", (row.output_hash or "")[:12])
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+@bench_app.command("preprocess")
+def bench_preprocess(video: Annotated[Path, typer.Option("--video", help="Video to preprocess.")],
+                     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """Frames/s and peak memory of ingest, keypoints and matting (keypoints ∥ matting, as the flow runs them)."""
+    from cli.bench import preprocess
+    from tasks import video as vio
+
+    vio.probe(video)
+    result = preprocess(video.resolve())
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("stage", "frames/s", "seconds", "peak RSS MB",
+                  title=f"preprocess {video.name}: {result['frames']} frames")
+    for stage in ("ingest", "keypoints", "matting"):
+        table.add_row(stage, f"{result['fps'][stage]:.1f}", f"{result['seconds'][stage]:.1f}",
+                      f"{result['peak_rss_mb_by_stage'][stage]:.0f}")
+    table.add_row("total", f"{result['fps_total']:.1f}", f"{result['seconds']['total']:.1f}",
+                  f"{result['peak_rss_mb']:.0f}")
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except AnchorError as exc:
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: completed stages are kept; run the same command to resume", highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Where a pipeline lives: params.yaml, dvc.yaml, data/ and the git-ignored state directory (DESIGN §9)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from core.errors import InputError
+from core.params import Params, load_params
+
+CODE_ROOT = Path(__file__).resolve().parent.parent
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+IDENTITIES_FILE = "identities.yaml"
+
+
+def check_identity_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise InputError(
+            f"invalid identity name {shown!r}: use 1-64 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def dvc_yaml(self) -> Path:
+        return self.root / "dvc.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".anchor"
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.state / "ledger"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.state / "prefect"
+
+    @property
+    def identities_path(self) -> Path:
+        return self.root / IDENTITIES_FILE
+
+    def params(self) -> Params:
+        return load_params(self.params_path)
+
+    def identity_dir(self, identity: str) -> Path:
+        return self.data / "identities" / check_identity_name(identity)
+
+    def artifact_dir(self, stage: str, identity: str) -> Path:
+        return self.identity_dir(identity) / stage
+
+    def rel(self, path: Path) -> str:
+        """Workspace-relative POSIX path: what manifests and the ledger record."""
+        return Path(os.path.relpath(Path(path).resolve(), self.root.resolve())).as_posix()
+
+    def identities(self) -> list[str]:
+        if not self.identities_path.is_file():
+            return []
+        data = yaml.safe_load(self.identities_path.read_text()) or {}
+        return list(data.get("identities") or [])
+
+    def register_identity(self, identity: str) -> None:
+        """Add the name to identities.yaml, over which dvc.yaml's stages iterate (foreach)."""
+        names = self.identities()
+        if identity in names:
+            return
+        names = sorted({*names, check_identity_name(identity)})
+        text = "# Identities onboarded in this workspace; dvc.yaml's stages run once per name.\n"
+        text += yaml.safe_dump({"identities": names}, default_flow_style=False)
+        tmp = self.identities_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.identities_path)
+
+
+def find_workspace(explicit: str | Path | None = None) -> Workspace:
+    """--workspace, then $ANCHOR_WORKSPACE, then the working directory if it holds params.yaml, then the project."""
+    for candidate in (explicit, os.environ.get("ANCHOR_WORKSPACE")):
+        if candidate:
+            root = Path(candidate).expanduser().resolve()
+            if not (root / "params.yaml").is_file():
+                raise InputError(f"{root} is not a workspace (no params.yaml); create one with `anchor init {root}`")
+            return Workspace(root)
+    cwd = Path.cwd().resolve()
+    if (cwd / "params.yaml").is_file() and (cwd / "dvc.yaml").is_file():
+        return Workspace(cwd)
+    return Workspace(CODE_ROOT)

@@ -1,0 +1,112 @@
+"""Stages as Prefect tasks: cached on content hashes, verified on every hit, one ledger row per execution."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from core.artifacts import now_iso, verify
+from core.errors import AnchorError, StageError
+from core.progress import NullProgress, Progress
+from core.workspace import Workspace
+from tasks import registry, runner
+
+# Set by the command line to draw progress bars; stages run the same without it.
+progress_factory: Callable[[str, str], Progress] = lambda stage, identity: NullProgress()  # noqa: E731
+
+
+class ContentHashPolicy(CachePolicy):
+    """Cache key = hash(stage code, params section, input content hashes, identity): never paths or run ids."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        ws = Workspace(Path(inputs["workspace"]))
+        spec = registry.get(inputs["stage"])
+        return runner.cache_key(ws, spec, inputs["identity"], inputs["input_hashes"])
+
+
+@task(name="stage", cache_policy=ContentHashPolicy(), persist_result=True, task_run_name="{stage}[{identity}]")
+def stage_task(workspace: str, stage: str, identity: str, input_hashes: dict[str, str],
+               external: str | None = None) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    result = runner.execute(ws, stage, identity, external=Path(external) if external else None,
+                            progress=progress_factory(stage, identity))
+    if result.input_hashes != input_hashes:
+        raise StageError(f"{stage} of {identity!r}: inputs changed while it ran; run again")
+    return result.to_dict()
+
+
+class StageRunner:
+    """Runs stages of one flow run through Prefect and keeps the ledger and the cache honest."""
+
+    def __init__(self, ws: Workspace, run_id: str, flow: str) -> None:
+        self.ws = ws
+        self.run_id = run_id
+        self.flow = flow
+        # cache records live in the workspace's state directory, so workspaces never share a cache
+        policy = ContentHashPolicy().configure(key_storage=str(ws.state / "prefect-cache"))
+        self.task = stage_task.with_options(cache_policy=policy)
+        self.results: dict[tuple[str, str], dict[str, Any]] = {}
+        self.cache_hits: dict[tuple[str, str], bool] = {}
+
+    def _args(self, stage: str, identity: str, external: Path | None) -> dict[str, Any]:
+        spec = registry.get(stage)
+        hashes = runner.input_hashes(self.ws, spec, identity, external, check=False)
+        return {"workspace": str(self.ws.root), "stage": stage, "identity": identity, "input_hashes": hashes,
+                "external": str(external) if external else None}
+
+    def run(self, stage: str, identity: str, external: Path | None = None) -> dict[str, Any]:
+        return self.run_many([stage], identity, {stage: external})[stage]
+
+    def run_many(self, stages: list[str], identity: str,
+                 external: dict[str, Path | None] | None = None) -> dict[str, dict[str, Any]]:
+        """Run independent stages concurrently; a cache hit whose artifact is gone or altered is recomputed."""
+        external = external or {}
+        started = {s: (now_iso(), time.perf_counter()) for s in stages}
+        args = {s: self._args(s, identity, external.get(s)) for s in stages}
+        futures = {s: self.task.submit(**args[s]) for s in stages}
+        out: dict[str, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+        for stage, fut in futures.items():
+            fut.wait()
+            try:
+                out[stage] = self._settle(stage, identity, fut.state, args[stage], started[stage])
+            except BaseException as exc:  # noqa: BLE001 - collected, the first is re-raised below
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return out
+
+    def _settle(self, stage: str, identity: str, state: State, args: dict[str, Any],
+                started: tuple[str, float]) -> dict[str, Any]:
+        cached = state.name == "Cached"
+        if state.is_completed():
+            result = state.result()
+            if cached and not verify(self.ws.root / result["path"], result["output_hash"]):
+                # Prefect remembers a result whose artifact was deleted or changed: never trust it, recompute.
+                state = self.task.with_options(refresh_cache=True)(**args, return_state=True)
+                cached = False
+                if state.is_completed():
+                    result = state.result()
+        if not state.is_completed():
+            exc = state.result(raise_on_failure=False)
+            message = str(exc) if isinstance(exc, BaseException) else state.message or "failed"
+            runner.record(self.ws, run_id=self.run_id, flow=self.flow, stage=stage, identity=identity,
+                          status="failed", cache_hit=False, started_at=started[0],
+                          duration_s=round(time.perf_counter() - started[1], 3), error=message)
+            if isinstance(exc, BaseException):
+                raise exc
+            raise AnchorError(f"{stage} of {identity!r}: {message}")
+        runner.record(self.ws, run_id=self.run_id, flow=self.flow, stage=stage, identity=identity,
+                      status="completed", cache_hit=cached, result=result, started_at=started[0],
+                      duration_s=round(time.perf_counter() - started[1], 3) if cached else None)
+        self.results[(stage, identity)] = result
+        self.cache_hits[(stage, identity)] = cached
+        return result

@@ -1,0 +1,97 @@
+"""DVC's side of a flow run: record what the flow produced in dvc.lock, and move identities to and from a remote.
+
+After `commit_identity`, `dvc status` shows the identity's stages up to date and `dvc repro` does nothing: the
+lock file holds the same deps, params and outs that `dvc repro` would have produced. DVC runs as its own
+process in the workspace (its API assumes the working directory is the repository).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from core.errors import AnchorError
+from core.workspace import Workspace
+from tasks import registry
+from tasks.runner import resolve_path
+
+REMOTE = "anchor"
+SOURCE = "source"
+
+
+def dvc(ws: Workspace, *args: str) -> str:
+    if not (ws.root / ".dvc").is_dir():
+        raise AnchorError(f"{ws.root} is not a DVC workspace; create one with `anchor init DIR`")
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True)
+    if proc.returncode:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise AnchorError(f"dvc {args[0]} failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")
+    return proc.stdout
+
+
+def source_target(ws: Workspace, identity: str) -> str:
+    return ws.rel(ws.artifact_dir(SOURCE, identity)) + ".dvc"
+
+
+def stage_targets(ws: Workspace, identity: str, locked_only: bool = False) -> list[str]:
+    names = [f"{name}@{identity}" for name, spec in registry.STAGES.items() if spec.in_dvc]
+    if locked_only:
+        lock = ws.root / "dvc.lock"
+        locked = set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else set()
+        return [n for n in names if n in locked]
+    return [n for n in names if ws.artifact_dir(n.split("@")[0], identity).is_dir()]
+
+
+def commit_identity(ws: Workspace, identity: str) -> list[str]:
+    """Track the source with `dvc add` and record the produced stage outputs in dvc.lock."""
+    committed = []
+    if ws.artifact_dir(SOURCE, identity).is_dir():
+        dvc(ws, "add", "-q", ws.rel(ws.artifact_dir(SOURCE, identity)))
+        committed.append(source_target(ws, identity))
+    stages = stage_targets(ws, identity)
+    if stages:
+        dvc(ws, "commit", "-f", "-q", *stages)
+        committed += stages
+    return committed
+
+
+def remote_url(ws: Workspace) -> str:
+    url = ws.params().storage.remote
+    return url if "://" in url else str(resolve_path(ws, url))
+
+
+def _configure_remote(ws: Workspace) -> str:
+    url = remote_url(ws)
+    if "://" not in url:
+        Path(url).mkdir(parents=True, exist_ok=True)
+    dvc(ws, "remote", "add", "-f", "-d", "--local", REMOTE, url)
+    return url
+
+
+def _count(output: str) -> int:
+    for word in output.split():
+        if word.isdigit():
+            return int(word)
+    return 0
+
+
+def push(ws: Workspace, identity: str) -> tuple[int, str]:
+    targets = ([source_target(ws, identity)] if (ws.root / source_target(ws, identity)).is_file() else [])
+    targets += stage_targets(ws, identity, locked_only=True)
+    if not targets:
+        raise AnchorError(f"nothing to push for {identity!r}: it has no tracked artifacts in {ws.root}")
+    url = _configure_remote(ws)
+    return _count(dvc(ws, "push", "-r", REMOTE, *targets)), url
+
+
+def pull(ws: Workspace, identity: str) -> tuple[int, str]:
+    """Restore an identity's tracked files from the remote, as dvc.lock and its .dvc file describe them."""
+    targets = ([source_target(ws, identity)] if (ws.root / source_target(ws, identity)).is_file() else [])
+    targets += stage_targets(ws, identity, locked_only=True)
+    if not targets:
+        raise AnchorError(f"nothing to pull for {identity!r}: no .dvc file or dvc.lock entry names it")
+    url = _configure_remote(ws)
+    return _count(dvc(ws, "pull", "-f", "-r", REMOTE, *targets)), url

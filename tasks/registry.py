@@ -1,0 +1,39 @@
+"""The stage registry: the one source of truth for the DAG. dvc.yaml and the Prefect flows are built from it."""
+
+from __future__ import annotations
+
+from core.errors import InputError
+from core.registry import StageSpec
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec("source", "tasks.source", external_input="video", in_dvc=False, helpers=("tasks.video",),
+                  description="the video as given, copied in and hashed (tracked with `dvc add`)"),
+        StageSpec("ingest", "tasks.ingest", inputs=("source",), params="ingest",
+                  helpers=("tasks.video", "tasks.frames", "tasks.workers"),
+                  description="constant 30 fps, stable square crop, clips, train/test split, audio"),
+        StageSpec("keypoints", "tasks.keypoints", inputs=("ingest",), params="keypoints",
+                  helpers=("tasks.frames", "tasks.workers"),
+                  description="MediaPipe Holistic body 33, hands 2x21, face 478 per frame (Parquet)"),
+        StageSpec("matting", "tasks.matting", inputs=("ingest",), params="matting",
+                  helpers=("tasks.frames", "tasks.workers"), weight_params=("rvm_weights",),
+                  description="temporally smoothed alpha and foreground on black"),
+    )
+}
+
+
+def get(name: str) -> StageSpec:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise InputError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+
+
+def downstream(name: str) -> list[str]:
+    """Stages that depend on `name`, directly or not, in registry order."""
+    hit = {name}
+    for spec in STAGES.values():
+        if hit.intersection(spec.inputs):
+            hit.add(spec.name)
+    return [s for s in STAGES if s in hit and s != name]

@@ -1,0 +1,172 @@
+"""Runs one stage for one identity under the stage contract (DESIGN §4), with no orchestrator involved.
+
+Both the Prefect flows and `dvc repro` (through `anchor stage run`) come here, so they produce the same artifacts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core import ledger
+from core.artifacts import (
+    atomic_dir,
+    code_version,
+    host,
+    now_iso,
+    package_versions,
+    read_manifest,
+    sweep_partials,
+    verify,
+    write_json,
+)
+from core.errors import StageError
+from core.hashing import MANIFEST, hash_tree, sha256_file
+from core.monitor import PeakRSS
+from core.params import Section
+from core.progress import NullProgress, Progress
+from core.registry import StageSpec
+from core.workspace import Workspace, check_identity_name
+from tasks import registry
+
+
+@dataclass
+class StageResult:
+    stage: str
+    identity: str
+    path: str  # workspace-relative artifact directory
+    output_hash: str
+    cache_key: str
+    params_hash: str | None
+    input_hashes: dict[str, str]
+    started_at: str = ""
+    duration_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _section(ws: Workspace, spec: StageSpec) -> Section | None:
+    return ws.params().section(spec.params) if spec.params else None
+
+
+def resolve_path(ws: Workspace, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else ws.root / path
+
+
+def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path | None = None,
+                 check: bool = True) -> dict[str, str]:
+    """Content hashes of everything the stage reads; with `check`, each upstream artifact is re-hashed first."""
+    hashes: dict[str, str] = {}
+    for name in spec.inputs:
+        art = ws.artifact_dir(name, identity)
+        manifest = read_manifest(art)
+        if manifest is None:
+            raise StageError(f"{spec.name} of {identity!r} needs {name}, which is missing ({ws.rel(art)}); "
+                             f"run `anchor onboard {identity} --video ...` or `anchor stage run {name} {identity}`")
+        if check and not verify(art):
+            raise StageError(f"{spec.name} of {identity!r}: input {ws.rel(art)} does not match its manifest "
+                             f"(changed or damaged); rerun {name}")
+        hashes[name] = manifest["output_hash"]
+    section = _section(ws, spec)
+    for param in spec.weight_params:
+        value = getattr(section, param, None)
+        if value:
+            path = resolve_path(ws, value)
+            if not path.is_file():
+                raise StageError(f"{spec.params}.{param}: no such file: {path}")
+            hashes[param] = sha256_file(path)
+    if spec.external_input:
+        if external is None:
+            raise StageError(f"stage {spec.name} needs --{spec.external_input}")
+        hashes[spec.external_input] = sha256_file(external)
+    return hashes
+
+
+def cache_key(ws: Workspace, spec: StageSpec, identity: str, hashes: dict[str, str]) -> str:
+    section = _section(ws, spec)
+    return spec.cache_key(identity, section.digest() if section else None, hashes)
+
+
+def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None = None,
+            progress: Progress | None = None) -> StageResult:
+    """Compute the artifact of `stage` for `identity` from its current inputs and params, atomically."""
+    spec = registry.get(stage)
+    check_identity_name(identity)
+    section = _section(ws, spec)
+    params_hash = section.digest() if section else None
+    hashes = input_hashes(ws, spec, identity, external)
+    key = spec.cache_key(identity, params_hash, hashes)
+    target = ws.artifact_dir(stage, identity)
+    sweep_partials(target.parent, target.name)
+
+    inputs: dict[str, Path] = {name: ws.artifact_dir(name, identity) for name in spec.inputs}
+    for param in spec.weight_params:
+        value = getattr(section, param, None)
+        if value:
+            inputs[param] = resolve_path(ws, value)
+    kwargs = {spec.external_input: external} if spec.external_input else {}
+    module = importlib.import_module(spec.module)
+
+    started, t0 = now_iso(), time.perf_counter()
+    with PeakRSS() as mem, atomic_dir(target) as tmp:
+        summary = module.run(inputs, tmp, section, progress or NullProgress(), **kwargs) or {}
+        output_hash = hash_tree(tmp)
+        manifest_inputs: list[dict[str, Any]] = [
+            {"stage": name, "path": ws.rel(inputs[name]), "output_hash": hashes[name]} for name in spec.inputs]
+        manifest_inputs += [{"kind": "weights", "param": f"{spec.params}.{p}", "path": str(inputs[p]),
+                             "sha256": hashes[p]} for p in spec.weight_params if p in inputs]
+        if external is not None:
+            manifest_inputs.append({"kind": "external", "name": spec.external_input, "path": str(external.resolve()),
+                                    "sha256": hashes[spec.external_input]})
+        write_json(tmp / MANIFEST, {
+            "stage": stage,
+            "identity": identity,
+            "output_hash": output_hash,
+            "cache_key": key,
+            "inputs": manifest_inputs,
+            "params_section": spec.params,
+            "params": section.model_dump(mode="json") if section else None,
+            "params_hash": params_hash,
+            "code_version": {**code_version(), "stage_code_hash": spec.code_hash()},
+            "packages": package_versions(),
+            "started_at": started,
+            "finished_at": now_iso(),
+            "duration_s": round(time.perf_counter() - t0, 3),
+            "peak_rss_mb": mem.peak_mb,
+            "host": host(),
+            "summary": summary,
+        })
+    return StageResult(stage, identity, ws.rel(target), output_hash, key, params_hash, hashes, started,
+                       round(time.perf_counter() - t0, 3), mem.peak_mb, summary)
+
+
+def record(ws: Workspace, *, run_id: str, flow: str, stage: str, identity: str, status: str, cache_hit: bool,
+           result: dict[str, Any] | None = None, started_at: str | None = None, duration_s: float | None = None,
+           error: str | None = None) -> None:
+    """One ledger row per stage execution, cached or not, failed or not."""
+    result = result or {}
+    ledger.append(ws.ledger_dir, {
+        "run_id": run_id,
+        "flow": flow,
+        "stage": stage,
+        "identity": identity,
+        "status": status,
+        "cache_hit": cache_hit,
+        "input_hashes": result.get("input_hashes") or {},
+        "output_hash": result.get("output_hash"),
+        "params_hash": result.get("params_hash"),
+        "cache_key": result.get("cache_key"),
+        "code_version": code_version(),
+        "started_at": started_at or result.get("started_at") or now_iso(),
+        "duration_s": duration_s if duration_s is not None else result.get("duration_s"),
+        "peak_rss_mb": None if cache_hit else result.get("peak_rss_mb"),
+        "host": host(),
+        "error": error,
+    })

@@ -1,0 +1,67 @@
+"""Worker processes for the frame-heavy stages: both cores busy, and MediaPipe's native logging kept off stderr.
+
+MediaPipe's C++ logging ignores the usual log-level variables, so it runs only in spawned workers whose stderr
+goes to $ANCHOR_NATIVE_LOG (or nowhere): the calling process keeps stderr for one-line errors. Worker exceptions
+still reach the caller, pickled.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import Any, TypeVar
+
+from core.progress import Progress
+
+NATIVE_LOG_ENV = "ANCHOR_NATIVE_LOG"
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+class Reporter:
+    """Picklable handle a worker uses to tell the parent how many frames it has done."""
+
+    def __init__(self, q: Any) -> None:
+        self._q = q
+
+    def __call__(self, n: int = 1) -> None:
+        self._q.put(n)
+
+
+def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int, progress: Progress) -> list[R]:
+    """Run fn(job, report) for every job in spawned processes; results in job order; the first error is raised."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        report = Reporter(q)
+        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx,
+                                 initializer=_quiet_stderr, initargs=(os.environ.get(NATIVE_LOG_ENV),)) as pool:
+            futures = [pool.submit(fn, job, report) for job in jobs]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                _drain(q, progress)
+                failed = [f for f in done if f.exception() is not None]
+                if failed:
+                    for f in pending:
+                        f.cancel()
+                    raise failed[0].exception()  # type: ignore[misc]
+            _drain(q, progress)
+            return [f.result() for f in futures]
+
+
+def _quiet_stderr(log_path: str | None) -> None:
+    fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _drain(q: Any, progress: Progress) -> None:
+    while True:
+        try:
+            progress.advance(q.get_nowait())
+        except queue.Empty:
+            return
