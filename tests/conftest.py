@@ -1,0 +1,79 @@
+"""Shared fixtures: temporary workspaces, short real clips, one Prefect test database for the session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTDATA = ROOT / "../shared/testdata"
+
+# Prefect reads its settings at import: keep everything it writes out of the repository and the user's home.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="anchor-test-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.pop("ANCHOR_WORKSPACE", None)
+
+TEST_PARAMS = {"ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
+
+
+def testdata(name: str) -> Path:
+    path = TESTDATA / name
+    if not path.is_file():
+        pytest.fail(f"test video missing: {path} (see ../shared/testdata/README.md)")
+    return path
+
+
+def make_workspace(root: Path, overrides: dict | None = None) -> Path:
+    """`anchor init` into root, then small-and-fast params for tests."""
+    from cli.main import init
+
+    init(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in (overrides if overrides is not None else TEST_PARAMS).items():
+        params.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int) -> Path:
+    """A short H.264 clip of a real test video (made in a temp dir, never committed)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for i, frame in enumerate(inp.decode(video=0)):
+            if i >= frames:
+                break
+            for packet in stream.encode(frame.reformat(width=width, height=height, format="yuv420p")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2.1 s (63 frames) of the seated anchor, 360x640: two train clips and one test clip at clip_frames 45."""
+    return cut_clip(testdata("anchor_seated_hevc.mp4"), tmp_path_factory.mktemp("video") / "short.mp4", 63, 360, 640)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    return make_workspace(tmp_path / "ws")
