@@ -23,7 +23,7 @@ os.environ.pop("ANCHOR_WORKSPACE", None)
 TEST_PARAMS = {"ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
 
 
-def testdata(name: str) -> Path:
+def shared_video(name: str) -> Path:
     path = TESTDATA / name
     if not path.is_file():
         pytest.fail(f"test video missing: {path} (see ../shared/testdata/README.md)")
@@ -62,8 +62,9 @@ def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int) -> Path
 
 @pytest.fixture(scope="session")
 def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2.1 s (63 frames) of the seated anchor, 360x640: two train clips and one test clip at clip_frames 45."""
-    return cut_clip(testdata("anchor_seated_hevc.mp4"), tmp_path_factory.mktemp("video") / "short.mp4", 63, 360, 640)
+    """2.1 s (63 frames) of the seated anchor at 360x640: one train clip and one test clip."""
+    out = tmp_path_factory.mktemp("video") / "short.mp4"
+    return cut_clip(shared_video("anchor_seated_hevc.mp4"), out, 63, 360, 640)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,67 @@
+"""Interrupting a run mid-stage leaves no partial artifact, and the next run resumes after the last whole stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import ledger
+from core.artifacts import read_manifest, verify
+from core.workspace import Workspace
+from tests.conftest import ROOT, make_workspace
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def start_onboard(root: Path, video: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(root), "onboard", "demo", "--video",
+                             str(video)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_partial(proc: subprocess.Popen[str], parent: Path, stage: str, timeout: float = 180) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(parent.glob(f".{stage}.tmp-*")) if parent.is_dir() else []
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before {stage} started: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.02)
+    pytest.fail(f"{stage} never started")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_leaves_no_partial_artifact_and_resumes(tmp_path: Path, short_video: Path,
+                                                                  sig: signal.Signals) -> None:
+    root = make_workspace(tmp_path / "ws")
+    ws = Workspace(root)
+    parent = ws.identity_dir("demo")
+    proc = start_onboard(root, short_video)
+    wait_for_partial(proc, parent, "keypoints")
+    time.sleep(0.3)  # well inside the stage
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    time.sleep(1.0)  # let the killed workers go
+
+    assert not ws.artifact_dir("keypoints", "demo").exists()  # never half an artifact
+    ingest_hash = read_manifest(ws.artifact_dir("ingest", "demo"))["output_hash"]
+    assert verify(ws.artifact_dir("ingest", "demo"), ingest_hash)
+
+    from flows.onboard import onboard
+
+    summary = onboard(str(root), "demo", str(short_video))
+    df = ledger.read(ws.ledger_dir)
+    rows = {r["stage"]: r for r in df[df["run_id"] == summary["run_id"]].to_dict("records")}
+    assert rows["source"]["cache_hit"] and rows["ingest"]["cache_hit"]
+    assert not rows["keypoints"]["cache_hit"]
+    assert summary["stages"]["ingest"]["output_hash"] == ingest_hash
+    assert verify(ws.artifact_dir("keypoints", "demo"), summary["stages"]["keypoints"]["output_hash"])
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
