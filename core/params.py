@@ -17,7 +17,8 @@ from core.hashing import hash_obj
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML already gives native types, so `true` for a number or "5" for an int is a mistake to report
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def digest(self) -> str:
         return hash_obj(self.model_dump(mode="json"))
@@ -71,7 +72,7 @@ class MattingParams(Section):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     profile: Literal["tiny", "cpu", "sd15"] = Field("tiny", description="model profile (DESIGN §6)")
     storage: StorageParams = StorageParams()

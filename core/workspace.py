@@ -19,7 +19,7 @@ IDENTITIES_FILE = "identities.yaml"
 
 def check_identity_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        shown = name if len(name) <= 40 else name[:37] + "..."
+        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:37] + "..."
         raise InputError(
             f"invalid identity name {shown!r}: use 1-64 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"

@@ -122,7 +122,7 @@ def split_clips(n: int, fps: int, params: IngestParams) -> tuple[list[dict[str, 
         raise StageError(f"video too short: {n} frame(s) at {fps} fps; need at least 2 for a train/test split")
     note = None
     if n / fps > params.train_seconds:
-        n_train = round(params.train_seconds * fps)
+        n_train = max(1, min(n - 1, round(params.train_seconds * fps)))
     else:
         n_train = max(1, min(n - 1, n - round(n * params.short_test_fraction)))
         note = (f"video is {n / fps:.1f} s, not longer than ingest.train_seconds = {params.train_seconds:g} s: "

@@ -71,7 +71,7 @@ def probe(path: Path) -> VideoInfo:
         raise InputError(f"{path}: not a readable video ({exc.__class__.__name__}: {_short(exc)})") from None
     if count == 0 or first_pts is None:
         raise InputError(f"{path}: no video frames")
-    if declared and count < 0.9 * declared:
+    if declared and count < 0.99 * declared:
         raise InputError(f"{path}: truncated or corrupt: {count} of {declared} declared video frames present")
     if rotation % 180:
         w, h = h, w
