@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -54,6 +55,24 @@ def _prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if STATE["verbose"] else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
     os.environ.setdefault("ANCHOR_NATIVE_LOG", str(ws.state / "logs" / "native.log"))
+
+
+def _start_ephemeral_server() -> None:
+    """Start Prefect's embedded server in its own session, so Ctrl-C stops the run, not the server it reports to.
+
+    Prefect would start the same server lazily in the terminal's process group, where Ctrl-C kills it first and
+    the interrupted flow then retries a dead server for minutes. Prefect reuses this instance (its default one).
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return  # a shared Prefect server: nothing to start
+    from prefect.server.api import server
+
+    popen = subprocess.Popen
+    subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc]
+    try:
+        server.SubprocessASGIServer().start()
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------------- workspace
@@ -114,6 +133,7 @@ def onboard(name: Annotated[str, typer.Argument(help="Identity name: a-z, 0-9, '
         check_person(video, params.ingest)
 
     _prefect_env(ws)
+    _start_ephemeral_server()
     from flows import stage_task
     from flows.onboard import onboard as onboard_flow
 

@@ -47,8 +47,11 @@ def test_interrupted_run_leaves_no_partial_artifact_and_resumes(tmp_path: Path, 
     wait_for_partial(proc, parent, "keypoints")
     time.sleep(0.3)  # well inside the stage
     os.killpg(proc.pid, sig)
-    proc.wait(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
+    if sig == signal.SIGINT:  # Ctrl-C: a prompt, clean stop with a message, the embedded server unharmed
+        assert proc.returncode == 130, stderr
+        assert "interrupted: completed stages are kept" in stderr
     time.sleep(1.0)  # let the killed workers go
 
     assert not ws.artifact_dir("keypoints", "demo").exists()  # never half an artifact
