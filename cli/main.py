@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -58,21 +59,31 @@ def _prefect_env(ws: Workspace) -> None:
 
 
 def _start_ephemeral_server() -> None:
-    """Start Prefect's embedded server in its own session, so Ctrl-C stops the run, not the server it reports to.
+    """Start Prefect's embedded server outside the terminal's process group, tied to this process's life.
 
-    Prefect would start the same server lazily in the terminal's process group, where Ctrl-C kills it first and
-    the interrupted flow then retries a dead server for minutes. Prefect reuses this instance (its default one).
+    Prefect would start the same server lazily in the terminal's group, where Ctrl-C kills it first and the
+    interrupted flow then retries a dead server for minutes. In its own session it survives Ctrl-C; the parent-death
+    signal ends it with this process however that ends (even SIGKILL). Prefect reuses this default instance.
     """
     if os.environ.get("PREFECT_API_URL"):
         return  # a shared Prefect server: nothing to start
     from prefect.server.api import server
 
     popen = subprocess.Popen
-    subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc]
+    subprocess.Popen = functools.partial(popen, preexec_fn=_detach_but_die_with_parent)  # type: ignore[misc]
     try:
         server.SubprocessASGIServer().start()
     finally:
         subprocess.Popen = popen  # type: ignore[misc]
+
+
+def _detach_but_die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
 
 
 # ---------------------------------------------------------------------------------------------------- workspace
