@@ -78,20 +78,23 @@ def _count(output: str) -> int:
     return 0
 
 
-def push(ws: Workspace, identity: str) -> tuple[int, str]:
-    targets = ([source_target(ws, identity)] if (ws.root / source_target(ws, identity)).is_file() else [])
+def _tracked(ws: Workspace, identity: str, verb: str) -> list[str]:
+    """The identity's source .dvc file and its stages recorded in dvc.lock."""
+    targets = [source_target(ws, identity)] if (ws.root / source_target(ws, identity)).is_file() else []
     targets += stage_targets(ws, identity, locked_only=True)
     if not targets:
-        raise AnchorError(f"nothing to push for {identity!r}: it has no tracked artifacts in {ws.root}")
+        raise AnchorError(f"nothing to {verb} for {identity!r}: no .dvc file or dvc.lock entry names it in {ws.root}")
+    return targets
+
+
+def push(ws: Workspace, identity: str) -> tuple[int, str]:
+    targets = _tracked(ws, identity, "push")
     url = _configure_remote(ws)
     return _count(dvc(ws, "push", "-r", REMOTE, *targets)), url
 
 
 def pull(ws: Workspace, identity: str) -> tuple[int, str]:
     """Restore an identity's tracked files from the remote, as dvc.lock and its .dvc file describe them."""
-    targets = ([source_target(ws, identity)] if (ws.root / source_target(ws, identity)).is_file() else [])
-    targets += stage_targets(ws, identity, locked_only=True)
-    if not targets:
-        raise AnchorError(f"nothing to pull for {identity!r}: no .dvc file or dvc.lock entry names it")
+    targets = _tracked(ws, identity, "pull")
     url = _configure_remote(ws)
     return _count(dvc(ws, "pull", "-f", "-r", REMOTE, *targets)), url
