@@ -18,10 +18,28 @@ setup: $(STAMP)
 
 # torch goes in first so pip takes the local CPU wheel instead of pulling CUDA packages (DESIGN §8).
 $(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory check-system
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
+
+# System libraries pip cannot install: the condition renderer (models/render.py) needs headless OpenGL through EGL,
+# with Mesa's software rasteriser as the fallback when there is no GPU driver. ldconfig first, then the usual dirs.
+.PHONY: check-system
+check-system:
+	@ldc=$$(command -v ldconfig || echo /sbin/ldconfig); apt="apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri libgl1"; \
+	have() { "$$ldc" -p 2>/dev/null | grep -q "^[[:space:]]*$$1 " && return 0; \
+	  for f in /usr/lib/*/$$1 /usr/lib64/$$1 /usr/lib/$$1 /lib/*/$$1 /lib64/$$1; do test -e "$$f" && return 0; done; return 1; }; \
+	status=0; \
+	for pair in libEGL.so.1:libegl1 libEGL_mesa.so.0:libegl-mesa0 libGL.so.1:libgl1; do \
+	  lib=$${pair%%:*}; have "$$lib" || { echo "missing $$lib: install the Debian package $${pair#*:} ($$apt)" >&2; status=1; }; \
+	done; \
+	dri=0; for f in /usr/lib/*/dri/swrast_dri.so /usr/lib64/dri/swrast_dri.so /usr/lib/dri/swrast_dri.so; do \
+	  test -e "$$f" && dri=1; done; \
+	"$$ldc" -p 2>/dev/null | grep -q "^[[:space:]]*libgallium" && dri=1; \
+	test $$dri = 1 || { echo "missing Mesa's swrast DRI driver: install the Debian package libgl1-mesa-dri ($$apt)" >&2; status=1; }; \
+	exit $$status
 
 demo: $(STAMP)
 	@test -n "$(VIDEO)" || { echo "usage: make demo VIDEO=path/to/video.mp4 [NAME=demo]" >&2; exit 2; }

@@ -24,8 +24,11 @@ def render(specs: Iterable[StageSpec]) -> str:
             "cmd": f"anchor stage run {spec.name} ${{item}}",
             "deps": [f"{IDENTITY_DIR}/{name}" for name in spec.inputs],
         }
-        if spec.params:
-            do["params"] = [spec.params]
+        params = [spec.params] if spec.params else []
+        if spec.body_model:
+            params.append("body_model")
+        if params:
+            do["params"] = params
         do["outs"] = [f"{IDENTITY_DIR}/{spec.name}"]
         stages[spec.name] = {"foreach": "${identities}", "do": do}
     body = yaml.safe_dump({"vars": [IDENTITIES_FILE], "stages": stages}, sort_keys=False, width=120)

@@ -71,6 +71,45 @@ class MattingParams(Section):
         return self
 
 
+class BodyModelParams(Section):
+    path: str | None = Field(None, description="real SMPL-X files (SMPLX_NEUTRAL.npz/.pkl, or a folder holding "
+                             "one); empty = the license-free mannequin the project generates")
+
+
+class SmplxFitParams(Section):
+    focal_ratio: float = Field(1.5, gt=0.2, le=20, description="camera focal length as a multiple of the crop side "
+                               "(one camera per identity)")
+    iterations: int = Field(300, ge=1, le=20000, description="optimiser steps over the whole sequence")
+    lr: float = Field(0.03, gt=0, le=1)
+    smoothness: float = Field(30.0, ge=0, description="weight of the second differences of projected points")
+    pose_prior: float = Field(2e-3, ge=0)
+    hand_prior: float = Field(2e-3, ge=0)
+    shape_prior: float = Field(1e-3, ge=0)
+    expression_prior: float = Field(1e-3, ge=0)
+    min_visibility: float = Field(0.3, ge=0, le=1, description="body keypoints below this MediaPipe visibility "
+                                  "are ignored")
+    threads: int = Field(2, ge=1, le=256, description="torch CPU threads")
+    seed: int = Field(0, ge=0)
+
+
+class PerturbParams(Section):
+    copies: int = Field(1, ge=0, le=16, description="perturbed versions of each training clip")
+    sigma_transl: float = Field(0.01, ge=0, le=1, description="per-frame position noise, metres (paper §V-C6)")
+    sigma_pose: float = Field(0.0, ge=0, le=1, description="optional per-frame body pose noise, radians")
+    seed: int = Field(0, ge=0)
+
+
+class RenderMeshParams(Section):
+    resolution: int | None = Field(None, ge=32, le=2048, description="body condition side; empty = the ingest "
+                                   "crop side")
+    face_size: Literal[256, 512] = Field(256, description="side of the aligned face crop")
+    ambient: float = Field(0.3, ge=0, le=1)
+    max_face_yaw: float = Field(75.0, gt=0, le=180, description="degrees; a head turned further away is marked "
+                                "as having no visible face")
+    png_level: int = Field(1, ge=0, le=9, description="PNG compression level (speed over size)")
+    workers: int = Field(2, ge=1, le=64, description="threads encoding images")
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -79,6 +118,10 @@ class Params(BaseModel):
     ingest: IngestParams = IngestParams()
     keypoints: KeypointsParams = KeypointsParams()
     matting: MattingParams = MattingParams()
+    body_model: BodyModelParams = BodyModelParams()
+    smplx_fit: SmplxFitParams = SmplxFitParams()
+    perturb: PerturbParams = PerturbParams()
+    render_mesh: RenderMeshParams = RenderMeshParams()
 
     def section(self, name: str) -> Section:
         value = getattr(self, name)

@@ -24,6 +24,7 @@ class StageSpec:
     in_dvc: bool = True  # a DVC pipeline stage (the source is tracked with `dvc add` instead)
     helpers: tuple[str, ...] = field(default=())  # further modules whose code shapes the output
     weight_params: tuple[str, ...] = ()  # params of the section naming local weight files: hashed as inputs
+    body_model: bool = False  # reads the SMPL-X body model (params section body_model), hashed as an input
 
     def code_hash(self) -> str:
         return _code_hash((self.module, *self.helpers))
@@ -37,6 +38,10 @@ class StageSpec:
             "params": params_hash,
             "inputs": dict(sorted(input_hashes.items())),
         })
+
+
+def code_hash_of(*modules: str) -> str:
+    return _code_hash(tuple(modules))
 
 
 @cache

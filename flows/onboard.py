@@ -1,4 +1,5 @@
-"""Onboard one identity: source → ingest → (keypoints ∥ matting), then record the outputs in DVC."""
+"""Onboard one identity: source → ingest → (keypoints ∥ matting) → smplx_fit → perturb → render_mesh, then record
+the outputs in DVC."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def onboard(workspace: str, identity: str, video: str) -> dict[str, Any]:
     stages.run("source", identity, external=Path(video))
     stages.run("ingest", identity)
     stages.run_many(["keypoints", "matting"], identity)
+    stages.run("smplx_fit", identity)
+    stages.run("perturb", identity)
+    stages.run("render_mesh", identity)
     committed = commit_identity(ws, identity)
     return {
         "identity": identity,

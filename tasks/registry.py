@@ -19,6 +19,15 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("matting", "tasks.matting", inputs=("ingest",), params="matting",
                   helpers=("tasks.frames", "tasks.workers"), weight_params=("rvm_weights",),
                   description="temporally smoothed alpha and foreground on black"),
+        StageSpec("smplx_fit", "tasks.smplx_fit", inputs=("ingest", "keypoints"), params="smplx_fit", body_model=True,
+                  helpers=("models.body", "models.fitting", "tasks.smplx_table"),
+                  description="SMPL-X fitted to the keypoints of every clip at once: one shape, one camera"),
+        StageSpec("perturb", "tasks.perturb", inputs=("smplx_fit",), params="perturb",
+                  helpers=("tasks.smplx_table",),
+                  description="training augmentation: per-frame position (and pose) noise, seeded"),
+        StageSpec("render_mesh", "tasks.render_mesh", inputs=("smplx_fit", "perturb"), params="render_mesh",
+                  body_model=True, helpers=("models.body", "models.render", "models.face_align", "tasks.smplx_table"),
+                  description="mesh condition images, aligned face crops, face transforms and masks"),
     )
 }
 

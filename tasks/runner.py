@@ -30,7 +30,7 @@ from core.params import Section
 from core.progress import NullProgress, Progress
 from core.registry import StageSpec
 from core.workspace import Workspace, check_identity_name
-from tasks import registry
+from tasks import body_model, registry
 
 
 @dataclass
@@ -60,6 +60,10 @@ def resolve_path(ws: Workspace, value: str) -> Path:
     return path if path.is_absolute() else ws.root / path
 
 
+def body_model_path(ws: Workspace) -> Path:
+    return body_model.resolve(ws.params().body_model, ws.root, ws.state / "body_models")
+
+
 def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path | None = None,
                  check: bool = True) -> dict[str, str]:
     """Content hashes of everything the stage reads; with `check`, each upstream artifact is re-hashed first."""
@@ -82,6 +86,8 @@ def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path |
             if not path.is_file():
                 raise StageError(f"{spec.params}.{param}: no such file: {path}")
             hashes[param] = sha256_file(path)
+    if spec.body_model:
+        hashes["body_model"] = sha256_file(body_model_path(ws))
     if spec.external_input:
         if external is None:
             raise StageError(f"stage {spec.name} needs --{spec.external_input}")
@@ -111,6 +117,8 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
         value = getattr(section, param, None)
         if value:
             inputs[param] = resolve_path(ws, value)
+    if spec.body_model:
+        inputs["body_model"] = body_model_path(ws)
     kwargs = {spec.external_input: external} if spec.external_input else {}
     module = importlib.import_module(spec.module)
 
@@ -122,6 +130,9 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
             {"stage": name, "path": ws.rel(inputs[name]), "output_hash": hashes[name]} for name in spec.inputs]
         manifest_inputs += [{"kind": "weights", "param": f"{spec.params}.{p}", "path": str(inputs[p]),
                              "sha256": hashes[p]} for p in spec.weight_params if p in inputs]
+        if spec.body_model:
+            manifest_inputs.append({"kind": "body_model", "path": str(inputs["body_model"]),
+                                    "sha256": hashes["body_model"]})
         if external is not None:
             manifest_inputs.append({"kind": "external", "name": spec.external_input, "path": str(external.resolve()),
                                     "sha256": hashes[spec.external_input]})

@@ -522,11 +522,14 @@ def test_render_stages() -> None:
         do = stage["do"]
         assert do["cmd"] == f"anchor stage run {name} ${{item}}"
         assert do["deps"] == [f"data/identities/${{item}}/{up}" for up in spec.inputs]
-        assert do["params"] == [spec.params]
+        assert do["params"] == [spec.params] + (["body_model"] if spec.body_model else [])
         assert do["outs"] == [f"data/identities/${{item}}/{name}"]
         assert do["desc"] == spec.description
     assert doc["stages"]["keypoints"]["do"]["deps"] == ["data/identities/${item}/ingest"]
     assert doc["stages"]["ingest"]["do"]["params"] == ["ingest"]
+    assert doc["stages"]["smplx_fit"]["do"]["params"] == ["smplx_fit", "body_model"]
+    assert doc["stages"]["render_mesh"]["do"]["deps"] == ["data/identities/${item}/smplx_fit",
+                                                          "data/identities/${item}/perturb"]
 
 
 def test_cache_key_changes_with_each_ingredient() -> None:
@@ -556,6 +559,7 @@ def test_cache_key_uses_params_digest() -> None:
 
 
 def test_downstream() -> None:
-    assert downstream("ingest") == ["keypoints", "matting"]
-    assert downstream("source") == ["ingest", "keypoints", "matting"]
+    assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh"]
+    assert downstream("source") == ["ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"]
     assert downstream("matting") == []
+    assert downstream("smplx_fit") == ["perturb", "render_mesh"]

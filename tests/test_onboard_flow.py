@@ -19,7 +19,7 @@ from core.workspace import Workspace
 from tests.conftest import make_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
-STAGES = ["source", "ingest", "keypoints", "matting"]
+STAGES = ["source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"]
 
 
 def onboard(root: Path, video: Path, name: str = "demo") -> dict:
@@ -69,6 +69,15 @@ def test_first_run_computes_every_stage_and_writes_manifests(onboarded: tuple[Pa
     kp = read_manifest(ws.artifact_dir("keypoints", "demo"))["summary"]
     assert kp["frames"] == 63 and kp["detection_rate"]["body"] > 0.9
     assert len(list((ws.artifact_dir("matting", "demo") / "alpha").rglob("*.png"))) == 63
+    fit = read_manifest(ws.artifact_dir("smplx_fit", "demo"))
+    assert fit["summary"]["frames"] == 63 and fit["summary"]["clips"] == 2
+    assert fit["summary"]["error_pct"]["body"] < 5 and fit["summary"]["jitter_ratio"] < 1
+    assert [i.get("kind") for i in fit["inputs"]][-1] == "body_model"
+    rendered = ws.artifact_dir("render_mesh", "demo")
+    assert len(list((rendered / "body").rglob("*.png"))) == 63
+    assert len(list((rendered / "perturbed/0").rglob("*.png"))) == 44  # the training clip, one noisy copy
+    faces = read_manifest(rendered)["summary"]
+    assert faces["faces_visible"] == len(list((rendered / "face").rglob("*.png"))) > 50
     assert (root / "identities.yaml").read_text().count("demo") == 1
 
 
@@ -90,10 +99,10 @@ def test_dvc_sees_the_flow_outputs_as_up_to_date(onboarded: tuple[Path, dict]) -
     repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True)
     assert repro.returncode == 0, repro.stderr
     assert "Running stage" not in repro.stdout
-    for stage in ("ingest", "keypoints", "matting"):
+    for stage in STAGES[1:]:
         assert f"Stage '{stage}@demo' didn't change" in repro.stdout
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"ingest@demo", "keypoints@demo", "matting@demo"}
+    assert set(lock) == {f"{s}@demo" for s in STAGES[1:]}
     assert (root / "data/identities/demo/source.dvc").is_file()
 
 
@@ -134,14 +143,14 @@ def test_changing_a_matting_param_reruns_only_matting(tmp_path: Path, short_vide
     first = onboard(root, short_video)
     set_param(root, "matting", "temporal_window", 3)
     second = onboard(root, short_video)
-    assert hits(root, second) == {"source": True, "ingest": True, "keypoints": True, "matting": False}
+    assert hits(root, second) == {s: s != "matting" for s in STAGES}
     assert second["stages"]["matting"]["output_hash"] != first["stages"]["matting"]["output_hash"]
     assert read_manifest(Workspace(root).artifact_dir("matting", "demo"))["params"]["temporal_window"] == 3
 
     # an artifact deleted behind the cache's back is recomputed, with what depends on it only
     shutil.rmtree(Workspace(root).artifact_dir("keypoints", "demo"))
     third = onboard(root, short_video)
-    assert hits(root, third) == {"source": True, "ingest": True, "keypoints": False, "matting": True}
+    assert hits(root, third) == {s: s != "keypoints" for s in STAGES}
     assert third["stages"]["keypoints"]["output_hash"] == first["stages"]["keypoints"]["output_hash"]
 
     # one flipped byte in ingest: ingest is recomputed and comes back identical, so its dependants stay valid
@@ -150,7 +159,7 @@ def test_changing_a_matting_param_reruns_only_matting(tmp_path: Path, short_vide
     data[len(data) // 2] ^= 0xFF
     frame.write_bytes(bytes(data))
     fourth = onboard(root, short_video)
-    assert hits(root, fourth) == {"source": True, "ingest": False, "keypoints": True, "matting": True}
+    assert hits(root, fourth) == {s: s != "ingest" for s in STAGES}
     assert verify(Workspace(root).artifact_dir("ingest", "demo"), first["stages"]["ingest"]["output_hash"])
 
 
@@ -159,3 +168,16 @@ def test_two_clean_runs_give_identical_hashes(tmp_path: Path, short_video: Path,
     other = onboard(make_workspace(tmp_path / "other"), short_video)
     assert {s: other["stages"][s]["output_hash"] for s in STAGES} == {s: first["stages"][s]["output_hash"]
                                                                        for s in STAGES}
+
+
+def test_changing_perturb_reruns_perturb_and_render_mesh_only(onboarded: tuple[Path, dict], short_video: Path) -> None:
+    root, first = onboarded
+    set_param(root, "perturb", "sigma_transl", 0.02)
+    second = onboard(root, short_video)
+    assert hits(root, second) == {s: s not in ("perturb", "render_mesh") for s in STAGES}
+    assert second["stages"]["smplx_fit"]["output_hash"] == first["stages"]["smplx_fit"]["output_hash"]
+    # the body conditions of the clean fit are the same bytes; only the perturbed ones changed
+    assert second["stages"]["render_mesh"]["output_hash"] != first["stages"]["render_mesh"]["output_hash"]
+    set_param(root, "perturb", "sigma_transl", 0.01)
+    third = onboard(root, short_video)
+    assert third["stages"]["render_mesh"]["output_hash"] == first["stages"]["render_mesh"]["output_hash"]

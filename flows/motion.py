@@ -1,0 +1,53 @@
+"""Turn a motion (file or video) into SMPL-X parameters for one identity, ready for render_mesh.
+
+A driving video is processed like an anchor's own (source → ingest → keypoints → smplx_fit, all cached) under a
+motion name derived from its content hash; it is not registered as an identity, so DVC and the training flows never
+treat it as one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.context import get_run_context
+
+from core.errors import InputError
+from core.hashing import sha256_file
+from core.workspace import Workspace
+from flows.stage_task import StageRunner
+from tasks import motion as motion_task
+from tasks.runner import body_model_path
+
+
+def motion_name(video: Path) -> str:
+    return f"motion-{sha256_file(video)[:12]}"
+
+
+@flow(name="import-motion", flow_run_name="motion-{identity}", log_prints=False)
+def import_motion(workspace: str, identity: str, motion: str, out: str, clip: str | None = None) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    fit_dir = ws.artifact_dir("smplx_fit", identity)
+    if not (fit_dir / "manifest.json").is_file():
+        raise InputError(f"identity {identity!r} has no smplx_fit yet: run `anchor onboard {identity} --video ...`")
+    path = Path(motion)
+    info: dict[str, Any] = {"identity": identity, "motion": str(path)}
+    if motion_task.is_video(path):
+        ctx = get_run_context()
+        stages = StageRunner(ws, str(ctx.flow_run.id), flow="import-motion")  # type: ignore[union-attr]
+        name = motion_name(path)
+        stages.run("source", name, external=path)
+        stages.run("ingest", name)
+        stages.run("keypoints", name)
+        stages.run("smplx_fit", name)
+        loaded = motion_task.fit_as_motion(ws.artifact_dir("smplx_fit", name), ws.artifact_dir("ingest", name))
+        info["motion_fit"] = ws.rel(ws.artifact_dir("smplx_fit", name))
+    else:
+        loaded = motion_task.load_file(path, clip)
+    ref = motion_task.reference(fit_dir, body_model_path(ws))
+    blocks, described = motion_task.prepare(loaded, ref)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    motion_task.write(target, blocks)
+    return {**info, **described, "out": str(target)}

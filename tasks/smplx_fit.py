@@ -1,0 +1,100 @@
+"""smplx_fit: SMPL-X parameters for every frame, fitted to the keypoints of all clips in one optimisation.
+
+One shape and one camera for the identity, everything else per frame. The manifest's summary is the fit report:
+reprojection error per part (median and 90th percentile, pixels and % of the crop) and the jitter of the fitted
+points against the raw detections'.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import StageError
+from core.params import SmplxFitParams
+from core.progress import Progress
+from models import body, fitting
+from tasks import keypoints, smplx_table
+from tasks.frames import read_meta
+
+
+def _stack(column: list[Any], shape: tuple[int, int]) -> np.ndarray:
+    empty = np.full(shape, np.nan, np.float32)
+    return np.stack([np.asarray(v, np.float32).reshape(shape) if v is not None else empty for v in column])
+
+
+def report(projected: np.ndarray, targets: fitting.Targets, segs: list[tuple[int, int]], size: int
+           ) -> dict[str, Any]:
+    ok = targets.conf > 0
+    err = np.linalg.norm(projected - targets.xy, axis=-1)
+    out: dict[str, Any] = {"error_px": {}, "error_pct": {}, "error_p90_px": {}, "error_p90_pct": {}}
+    for k, part in enumerate(fitting.PARTS):
+        e = err[:, targets.part == k][ok[:, targets.part == k]]
+        med = float(np.median(e)) if len(e) else None
+        p90 = float(np.percentile(e, 90)) if len(e) else None
+        out["error_px"][part] = None if med is None else round(med, 3)
+        out["error_p90_px"][part] = None if p90 is None else round(p90, 3)
+        out["error_pct"][part] = None if med is None else round(100 * med / size, 3)
+        out["error_p90_pct"][part] = None if p90 is None else round(100 * p90 / size, 3)
+    jf, jd = fitting.jitter(projected, ok, segs), fitting.jitter(targets.xy, ok, segs)
+    out["jitter_fit_px"], out["jitter_detections_px"] = round(jf, 4), round(jd, 4)
+    out["jitter_ratio"] = round(jf / jd, 4) if jd > 0 else None
+    return out
+
+
+def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Progress) -> dict[str, Any]:
+    meta = read_meta(inputs["ingest"])
+    size = int(meta["resolution"])
+    tab = keypoints.load(inputs["keypoints"]).to_pandas()
+    order = {c["name"]: i for i, c in enumerate(meta["clips"])}
+    tab = tab.sort_values(["clip", "frame"], key=lambda s: s.map(order) if s.name == "clip" else s,
+                          kind="stable").reset_index(drop=True)
+    if tab.empty:
+        raise StageError("smplx_fit: the keypoints table is empty")
+    targets = fitting.targets_from_keypoints(
+        _stack(tab["body"].tolist(), (33, 4)), _stack(tab["left_hand"].tolist(), (21, 3)),
+        _stack(tab["right_hand"].tolist(), (21, 3)), _stack(tab["face"].tolist(), (478, 3)),
+        min_visibility=params.min_visibility)
+    if not (targets.conf[:, targets.part == 0] > 0).any():
+        raise StageError("smplx_fit: no body keypoints were detected in any frame; nothing to fit")
+    segs = [(a, b) for a, b, _ in smplx_table.segments(tab["clip"].to_numpy())]
+
+    torch.set_num_threads(params.threads)
+    model = body.load(inputs["body_model"])
+    sparse = body.SparseBody(model)
+    cfg = fitting.FitConfig(focal=params.focal_ratio * size, size=size, iterations=params.iterations, lr=params.lr,
+                            w_smooth=params.smoothness, w_pose=params.pose_prior, w_hand=params.hand_prior,
+                            w_shape=params.shape_prior, w_expr=params.expression_prior, seed=params.seed)
+    total = cfg.iterations + max(cfg.iterations // 4, 1)
+    progress.start(f"fitting SMPL-X to {len(tab)} frames", total)
+    last = [0]
+
+    def tick(done: int, _total: int) -> None:
+        progress.advance(done - last[0])
+        last[0] = done
+
+    t0 = time.perf_counter()
+    result = fitting.fit(sparse, targets, segs, cfg, body.hands_mean(inputs["body_model"]), tick)
+    seconds = time.perf_counter() - t0
+
+    keys = {"clip": tab["clip"].to_numpy(), "split": tab["split"].to_numpy(), "frame": tab["frame"].to_numpy()}
+    t = len(tab)
+    blocks = {k: result[k] for k in smplx_table.BLOCKS if k in result}
+    blocks["expression"] = result["expression"]
+    smplx_table.write(out / smplx_table.TABLE, keys, blocks)
+    focal = cfg.focal
+    smplx_table.write_identity(out / smplx_table.IDENTITY, {
+        "betas": [round(float(b), 6) for b in result["betas"][0]],
+        "camera": {"focal": focal, "cx": size / 2, "cy": size / 2, "size": size},
+        "fps": meta.get("fps", 30),
+        "axes": "OpenCV camera coordinates: x right, y down, z forward; camera at the origin",
+    })
+    summary = report(result["projected"], targets, segs, size)
+    summary.update({"frames": t, "clips": len(segs), "fit_seconds": round(seconds, 3),
+                    "fit_fps": round(t / seconds, 2) if seconds > 0 else None,
+                    "betas": [round(float(b), 4) for b in result["betas"][0]], "focal_px": focal})
+    return summary
