@@ -88,7 +88,8 @@ class SmplxFitParams(Section):
     expression_prior: float = Field(1e-3, ge=0)
     min_visibility: float = Field(0.3, ge=0, le=1, description="body keypoints below this MediaPipe visibility "
                                   "are ignored")
-    threads: int = Field(2, ge=1, le=256, description="torch CPU threads")
+    threads: int = Field(1, ge=1, le=256, description="torch CPU threads; more is faster on an idle machine but "
+                         "stalls badly when other work shares the cores")
     seed: int = Field(0, ge=0)
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
+from smplx.lbs import batch_rodrigues
 
-from models.body import L_SHOULDER, LMK_START, POSE_BLOCKS, R_SHOULDER, SparseBody, project
+from models.body import L_SHOULDER, LMK_START, POSE_BLOCKS, R_SHOULDER, Output, SparseBody, project
 
 # MediaPipe pose index → SparseBody point index, and a weight for how well the two agree anatomically
 BODY_MAP = [(0, 55, 1.0), (2, 57, 0.5), (5, 56, 0.5), (7, 59, 0.5), (8, 58, 0.5),
@@ -203,23 +204,17 @@ def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cf
     with torch.no_grad():
         out = _posed(model, params)
         uv = project(out.points[:, pts], focal, centre).numpy()
-        root = (_FLIP @ batch_rot(params["root"])).numpy()
+        root = (_FLIP @ batch_rodrigues(params["root"])).numpy()
     result = {k: v.detach().numpy().astype(np.float32) for k, v in params.items() if k != "root"}
     result["global_orient"] = Rotation.from_matrix(root).as_rotvec().astype(np.float32)
     result["projected"] = uv.astype(np.float32)
     return result
 
 
-def batch_rot(aa: torch.Tensor) -> torch.Tensor:
-    from smplx.lbs import batch_rodrigues
-
-    return batch_rodrigues(aa)
-
-
-def _posed(model: SparseBody, params: dict[str, torch.Tensor]):
+def _posed(model: SparseBody, params: dict[str, torch.Tensor]) -> Output:
     t = params["root"].shape[0]
-    root = _FLIP @ batch_rot(params["root"])
-    # the root enters as axis-angle: recover it from the matrix differentiably via the model's own path
+    root = _FLIP @ batch_rodrigues(params["root"])
+    # the root rotation enters as a matrix (facing the camera times a small correction), never as axis-angle near pi
     pose = torch.cat([torch.zeros(t, 1, 3), *[params[k].reshape(t, -1, 3) for k in list(POSE_BLOCKS)[1:]]], 1)
     return model(params["betas"], params["expression"], pose, params["transl"], root_rot=root)
 

@@ -452,8 +452,9 @@ class _Body:
         lip_lo[lower] = 1.0
         lip_up = np.zeros(len(verts))
         lip_up[upper] = 1.0
-        below = bump(0, my - 0.012 * unit, 0.018) * (y < my + 0.001 * unit)
-        above = bump(0, my + 0.008 * unit, 0.014) * (y > my - 0.001 * unit)
+        # each lip's field stops at the slit: the other lip's vertices sit within a few millimetres of it
+        below = bump(0, my - 0.012 * unit, 0.018) * (y < my + 0.001 * unit) * (1 - lip_up)
+        above = bump(0, my + 0.008 * unit, 0.014) * (y > my - 0.001 * unit) * (1 - lip_lo)
         corners = bump(0.024 * unit, my, 0.01) + bump(-0.024 * unit, my, 0.01)
         side = np.sign(x)
         s = 0.004 * unit  # metres per unit, about 7 mm on a 1.7 m figure

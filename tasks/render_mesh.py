@@ -75,6 +75,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
     betas = np.asarray(ident["betas"], np.float32)[None]
     keys, blocks = smplx_table.read(inputs["smplx_fit"] / smplx_table.TABLE)
     pkeys, pblocks = smplx_table.read(inputs["perturb"] / smplx_table.TABLE)
+    torch.set_num_threads(1)  # the forward pass is cheap next to rasterising; spare cores go to PNG encoding
     model = body.load(inputs["body_model"])
     fsize = params.face_size
     progress.start("rendering mesh conditions", len(keys["frame"]) + len(pkeys["frame"]))
