@@ -23,9 +23,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 stage_app = typer.Typer(no_args_is_help=True, help="Run or list single stages (dvc.yaml's commands use these).")
 dvc_app = typer.Typer(no_args_is_help=True, help="Keep dvc.yaml in step with the stage registry.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (figures, not tests).")
+motion_app = typer.Typer(no_args_is_help=True, help="Bring SMPL-X motion (files or another video) to an identity.")
 app.add_typer(stage_app, name="stage")
 app.add_typer(dvc_app, name="dvc")
 app.add_typer(bench_app, name="bench")
+app.add_typer(motion_app, name="motion")
 
 out = Console()
 err = Console(stderr=True)
@@ -205,6 +207,14 @@ def _print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
             detail = ", ".join(f"{k} {v:.1%}" for k, v in rates.items())
         elif stage == "matting":
             detail = f"{s.get('backend')}, {s.get('frames')} frames"
+        elif stage == "smplx_fit":
+            errs = ", ".join(f"{k} {v:.1f}%" for k, v in (s.get("error_pct") or {}).items() if v is not None)
+            detail = f"median error {errs}; jitter x{s.get('jitter_ratio')} of detections"
+        elif stage == "perturb":
+            detail = f"{s.get('copies')} copies of {s.get('frames_per_copy')} frames, sigma {s.get('sigma_transl_m')} m"
+        elif stage == "render_mesh":
+            detail = (f"{s.get('frames')} + {s.get('perturbed_frames')} perturbed at {s.get('resolution')} px, "
+                      f"faces visible {s.get('faces_visible')}")
         else:
             detail = f"{s.get('original_name')}, sha256 {s.get('source_sha256', '')[:12]}"
         status = "cached" if res["cache_hit"] else "ran"
@@ -349,6 +359,46 @@ def ledger(identity: Annotated[str | None, typer.Option(help="Only this identity
     out.print(table)
 
 
+# ---------------------------------------------------------------------------------------------------- motion
+@motion_app.command("import")
+def motion_import(
+        motion: Annotated[Path, typer.Argument(help="AMASS/BEAT2 .npz, TalkSHOW .npy, SHOW .pkl, a smplx_fit "
+                                               "params.parquet (or its folder), or a video of any person.")],
+        identity: Annotated[str, typer.Option("--identity", "-i", help="Identity to retarget onto.")],
+        out_path: Annotated[Path | None, typer.Option("--out", help="Parquet file to write (default: "
+                                                      "data/motions/<identity>/<name>.parquet).")] = None,
+        clip: Annotated[str | None, typer.Option(help="One clip of a fit table.")] = None) -> None:
+    """Read a motion, resample it to 30 fps and retarget it onto an identity's shape, camera and framing."""
+    from core.errors import InputError
+    from tasks.motion import is_video
+
+    check_identity_name(identity)
+    ws = _ws()
+    motion = motion.expanduser()
+    if not motion.exists():
+        raise InputError(f"{motion}: no such file")
+    target = out_path or ws.data / "motions" / identity / f"{motion.stem}.parquet"
+    if is_video(motion):
+        from tasks import video as vio
+
+        vio.probe(motion)
+        _prefect_env(ws)
+        _start_ephemeral_server()
+        from flows import stage_task
+        from flows.motion import import_motion
+
+        with _progress() as factory:
+            stage_task.progress_factory = factory
+            info = import_motion(str(ws.root), identity, str(motion.resolve()), str(target), clip)
+    else:
+        from flows.motion import import_motion
+
+        info = import_motion.fn(str(ws.root), identity, str(motion.resolve()), str(target), clip)
+    out.print(f"{info['source_format']}: {info['source_frames']} frames at {info['source_fps']:g} fps → "
+              f"{info['frames']} frames at 30 fps ({info['seconds']:.1f} s), retargeted onto {identity}")
+    out.print(f"wrote {info['out']}")
+
+
 # ---------------------------------------------------------------------------------------------------- bench
 @bench_app.command("preprocess")
 def bench_preprocess(video: Annotated[Path, typer.Option("--video", help="Video to preprocess.")],
@@ -369,6 +419,28 @@ def bench_preprocess(video: Annotated[Path, typer.Option("--video", help="Video 
                       f"{result['peak_rss_mb_by_stage'][stage]:.0f}")
     table.add_row("total", f"{result['fps_total']:.1f}", f"{result['seconds']['total']:.1f}",
                   f"{result['peak_rss_mb']:.0f}")
+    out.print(table)
+
+
+@bench_app.command("smplx")
+def bench_smplx(video: Annotated[Path, typer.Option("--video", help="Video to fit and render.")],
+                as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """SMPL-X fit and mesh-render frames/s with the fit's error and jitter (preprocessing runs first, untimed)."""
+    from cli.bench import smplx
+    from tasks import video as vio
+
+    vio.probe(video)
+    result = smplx(video.resolve())
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("figure", "value", title=f"smplx {video.name}: {result['frames']} frames")
+    table.add_row("fit frames/s", f"{result['fit_fps']:.1f}")
+    table.add_row(f"render frames/s ({result['render']['resolution']} px, all outputs)", f"{result['render_fps']:.1f}")
+    for part in ("body", "hands", "face"):
+        pct, px = result["err_pct"][part], result["err_px"][part]
+        table.add_row(f"median error {part}", "n/a (not detected)" if pct is None else f"{pct:.2f} % ({px:.1f} px)")
+    table.add_row("jitter fit / detections", f"{result['jitter_ratio']:.3f}")
     out.print(table)
 
 
