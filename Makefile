@@ -14,11 +14,10 @@ help:
 	@echo "make test                           run the whole test suite"
 	@echo "make lint                           ruff"
 
-setup: $(STAMP)
+setup: check-system $(STAMP)
 
 # torch goes in first so pip takes the local CPU wheel instead of pulling CUDA packages (DESIGN §8).
 $(STAMP): pyproject.toml constraints.txt
-	@$(MAKE) --no-print-directory check-system
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
@@ -41,11 +40,11 @@ check-system:
 	test $$dri = 1 || { echo "missing Mesa's swrast DRI driver: install the Debian package libgl1-mesa-dri ($$apt)" >&2; status=1; }; \
 	exit $$status
 
-demo: $(STAMP)
+demo: check-system $(STAMP)
 	@test -n "$(VIDEO)" || { echo "usage: make demo VIDEO=path/to/video.mp4 [NAME=demo]" >&2; exit 2; }
 	$(BIN)/anchor onboard $(NAME) --video "$(VIDEO)"
 
-test: $(STAMP)
+test: check-system $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

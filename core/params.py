@@ -79,9 +79,11 @@ class BodyModelParams(Section):
 class SmplxFitParams(Section):
     focal_ratio: float = Field(1.5, gt=0.2, le=20, description="camera focal length as a multiple of the crop side "
                                "(one camera per identity)")
-    iterations: int = Field(300, ge=1, le=20000, description="optimiser steps over the whole sequence")
+    iterations: int = Field(400, ge=1, le=20000, description="optimiser steps over the whole sequence")
     lr: float = Field(0.03, gt=0, le=1)
-    smoothness: float = Field(30.0, ge=0, description="weight of the second differences of projected points")
+    smoothness: float = Field(60.0, ge=0, description="weight of the second differences of projected points")
+    hand_smoothness: float = Field(0.5, ge=0, description="share of `smoothness` for hand points (fingers move "
+                                   "fast)")
     pose_prior: float = Field(2e-3, ge=0)
     hand_prior: float = Field(2e-3, ge=0)
     shape_prior: float = Field(1e-3, ge=0)

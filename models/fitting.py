@@ -89,14 +89,15 @@ def targets_from_keypoints(body: np.ndarray, left: np.ndarray, right: np.ndarray
 class FitConfig:
     focal: float  # pixels
     size: int  # crop side, pixels
-    iterations: int = 300
+    iterations: int = 400
     lr: float = 0.03
-    w_smooth: float = 30.0
+    w_smooth: float = 60.0
     w_pose: float = 2e-3
     w_hand: float = 2e-3
     w_shape: float = 1e-3
     w_expr: float = 1e-3
     w_jaw: float = 1e-2
+    hand_smooth: float = 0.5  # share of w_smooth applied to hand points
     robust: float = 0.01  # pseudo-Huber scale, share of the crop
     seed: int = 0
 
@@ -161,6 +162,8 @@ def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cf
     rest = torch.from_numpy(_REST)
     pose_w = torch.from_numpy(np.repeat(_POSE_W, 3))
     hmean = [torch.from_numpy(h) for h in hands_mean]
+    # fingers really move fast: they are smoothed less than the body and the face
+    slot_smooth = torch.where(part == 1, cfg.hand_smooth, 1.0)
     part_norm = torch.stack([(conf * (part == k)).sum() for k in range(len(PARTS))]).clamp(min=1.0)
 
     # stage 0 places the torso and head only: arms and hands would drag the body in depth before they can bend
@@ -173,7 +176,7 @@ def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cf
         rho = torch.sqrt(r.square().sum(-1) + cfg.robust ** 2) - cfg.robust
         c = conf if stage else conf * rigid
         data = sum(((c * rho) * (part == k)).sum() / part_norm[k] for k in range(len(PARTS)))
-        smooth = _second_diff(uv / size, valid).square().sum(-1).mean() * t
+        smooth = (_second_diff(uv / size, valid).square().sum(-1) * slot_smooth).mean() * t
         smooth = smooth + _second_diff(params["transl"], valid).square().sum(-1).mean() * t
         prior = (cfg.w_pose * ((params["body_pose"] - rest).square() * pose_w).sum(-1).mean()
                  + cfg.w_hand * ((params["left_hand_pose"] - hmean[0]).square().sum(-1).mean()

@@ -67,7 +67,8 @@ def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Pr
     model = body.load(inputs["body_model"])
     sparse = body.SparseBody(model)
     cfg = fitting.FitConfig(focal=params.focal_ratio * size, size=size, iterations=params.iterations, lr=params.lr,
-                            w_smooth=params.smoothness, w_pose=params.pose_prior, w_hand=params.hand_prior,
+                            w_smooth=params.smoothness, hand_smooth=params.hand_smoothness,
+                            w_pose=params.pose_prior, w_hand=params.hand_prior,
                             w_shape=params.shape_prior, w_expr=params.expression_prior, seed=params.seed)
     total = cfg.iterations + max(cfg.iterations // 4, 1)
     progress.start(f"fitting SMPL-X to {len(tab)} frames", total)
