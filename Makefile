@@ -13,6 +13,7 @@ help:
 	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as identity '$(NAME)' and print a summary"
 	@echo "make test                           run the whole test suite"
 	@echo "make lint                           ruff"
+	@echo "make check-system                   the EGL/Mesa libraries the mesh renderer needs"
 
 setup: check-system $(STAMP)
 

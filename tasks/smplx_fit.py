@@ -59,8 +59,8 @@ def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Pr
         _stack(tab["body"].tolist(), (33, 4)), _stack(tab["left_hand"].tolist(), (21, 3)),
         _stack(tab["right_hand"].tolist(), (21, 3)), _stack(tab["face"].tolist(), (478, 3)),
         min_visibility=params.min_visibility)
-    if not (targets.conf[:, targets.part == 0] > 0).any():
-        raise StageError("smplx_fit: no body keypoints were detected in any frame; nothing to fit")
+    if not (targets.conf > 0).any():
+        raise StageError("smplx_fit: no body, hand or face keypoints in any frame; nothing to fit")
     segs = [(a, b) for a, b, _ in smplx_table.segments(tab["clip"].to_numpy())]
 
     torch.set_num_threads(params.threads)
