@@ -1,0 +1,106 @@
+"""Base weights the SGDMs start from, always read with `from_pretrained` from local diffusers-layout folders.
+
+`sd15` points at real local directories (Stable Diffusion 1.5, SD inpainting, a CLIP vision encoder, an
+AnimateDiff motion adapter). `tiny` is a set of small random-initialised configs written in the same layout on
+first use, so tests and the tiny profile go through exactly the loading code a GPU machine uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from models.sgdm import SGDM
+
+
+class ModelFilesError(FileNotFoundError):
+    """A configured model directory is missing or is not what it should be."""
+
+
+@dataclass(frozen=True)
+class BasePaths:
+    sd15: Path  # unet/, vae/, scheduler/
+    inpaint: Path  # unet/ with 9 input channels
+    image_encoder: Path  # a CLIP vision model
+    motion_adapter: Path  # an AnimateDiff MotionAdapter
+
+
+EXPECT = {
+    "sd15": ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"),
+    "inpaint": ("unet/config.json",),
+    "image_encoder": ("config.json",),
+    "motion_adapter": ("config.json",),
+}
+
+
+def check(paths: BasePaths) -> None:
+    """One clear error naming the directory and what it should hold, before anything heavy loads."""
+    for field, files in EXPECT.items():
+        root = Path(getattr(paths, field))
+        if not root.is_dir():
+            raise ModelFilesError(f"{field}: {root} is not a directory (expected a local diffusers/transformers "
+                                  f"folder holding {', '.join(files)})")
+        missing = [f for f in files if not (root / f).is_file()]
+        if missing:
+            raise ModelFilesError(f"{field}: {root} has no {', '.join(missing)} (is it the right folder?)")
+
+
+def write_tiny(root: Path, seed: int = 0) -> BasePaths:
+    """Small random-initialised base models in the SD1.5 folder layout (a few ms per step on a CPU)."""
+    torch.manual_seed(seed)
+    paths = BasePaths(root / "sd15", root / "sd15_inpaint", root / "image_encoder", root / "motion_adapter")
+    unet_cfg = dict(sample_size=16, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                    norm_num_groups=8)
+    UNet2DConditionModel(in_channels=4, **unet_cfg).save_pretrained(paths.sd15 / "unet")
+    UNet2DConditionModel(in_channels=9, **unet_cfg).save_pretrained(paths.inpaint / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  norm_num_groups=8, sample_size=64).save_pretrained(paths.sd15 / "vae")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False).save_pretrained(paths.sd15 / "scheduler")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(paths.image_encoder)
+    MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                  motion_norm_num_groups=8, motion_max_seq_length=32).save_pretrained(paths.motion_adapter)
+    return paths
+
+
+def load_vae(paths: BasePaths, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(paths.sd15 / "vae", torch_dtype=dtype)
+
+
+def load_scheduler(paths: BasePaths) -> DDIMScheduler:
+    return DDIMScheduler.from_pretrained(paths.sd15 / "scheduler")
+
+
+def load_image_encoder(paths: BasePaths, dtype: torch.dtype = torch.float32) -> CLIPVisionModel:
+    return CLIPVisionModel.from_pretrained(paths.image_encoder, torch_dtype=dtype)
+
+
+def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch.float32) -> SGDM:
+    """A fresh (body or face) SGDM from the base weights: the video prior inserted, the mesh branch copied."""
+    check(paths)
+    unet2d = UNet2DConditionModel.from_pretrained((paths.inpaint if face else paths.sd15) / "unet", torch_dtype=dtype)
+    if face and unet2d.config.in_channels != 9:
+        raise ModelFilesError(f"inpaint: {paths.inpaint / 'unet'} has {unet2d.config.in_channels} input channels; "
+                              "an inpainting UNet has 9 (latent, mask, masked latent)")
+    adapter = MotionAdapter.from_pretrained(paths.motion_adapter, torch_dtype=dtype)
+    token_dim = CLIPVisionConfig.from_pretrained(paths.image_encoder).hidden_size
+    factor = int(vae_factor_from_config(paths.sd15 / "vae"))
+    # the mesh branch's input stem must shrink images by the VAE's factor to meet the latents
+    stem = (16, 32, 96, 256)[: int(math.log2(factor)) + 1]
+    model = SGDM.from_parts(unet2d, adapter, token_dim, stem)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def vae_factor_from_config(vae_dir: Path) -> int:
+    blocks = json.loads((vae_dir / "config.json").read_text())["block_out_channels"]
+    return 2 ** (len(blocks) - 1)
