@@ -85,8 +85,9 @@ def load_image_encoder(paths: BasePaths, dtype: torch.dtype = torch.float32) -> 
     return CLIPVisionModel.from_pretrained(paths.image_encoder, torch_dtype=dtype)
 
 
-def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch.float32) -> SGDM:
-    """A fresh (body or face) SGDM from the base weights: the video prior inserted, the mesh branch copied."""
+def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> SGDM:
+    """A fresh (body or face) SGDM from the base weights: the video prior inserted, the mesh branch copied. The
+    branch's image stem is newly initialised from `seed`, so the same call builds the same model."""
     check(paths)
     unet2d = UNet2DConditionModel.from_pretrained((paths.inpaint if face else paths.sd15) / "unet", torch_dtype=dtype)
     if face and unet2d.config.in_channels != 9:
@@ -97,7 +98,9 @@ def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch
     factor = int(vae_factor_from_config(paths.sd15 / "vae"))
     # the mesh branch's input stem must shrink images by the VAE's factor to meet the latents
     stem = (16, 32, 96, 256)[: int(math.log2(factor)) + 1]
-    model = SGDM.from_parts(unet2d, adapter, token_dim, stem)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SGDM.from_parts(unet2d, adapter, token_dim, stem)
     return model if dtype == torch.float32 else model.to(dtype)
 
 

@@ -1,0 +1,152 @@
+"""The SGDM training loop shared by pretrain and finetune: plain functions, no orchestrator.
+
+Noise-prediction loss on VAE latents of `video_length`-frame clips, the reference image dropped at `ref_drop` so
+classifier-free guidance has a trained unconditional branch, AdamW with linear warm-up, gradient accumulation,
+optional mixed precision and gradient checkpointing (GPU). Temporal (motion-module) weights stay frozen.
+
+Resumable and reproducible: every step's batch choice, dropout and noise come from generators seeded with
+(seed, step), never from a running random state, and a resume loads the saved weights into a model built the same
+way as the first run's. So a run killed mid-way and started again ends with the same weights as one that never
+stopped (on a CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.sgdm import SGDM
+
+STATE = "train_state"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float = 1e-5
+    warmup: int = 0
+    grad_accum: int = 1
+    batch_size: int = 1
+    ref_drop: float = 0.1
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    save_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (autocast; fp16 with a grad scaler on CUDA)
+    gradient_checkpointing: bool = False
+    control_scale: float = 1.0
+
+
+class Batches(Protocol):
+    """Training samples as model inputs; `batch(indices_generator)` draws one batch with the given generator."""
+
+    def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]: ...
+
+
+def _step_gen(seed: int, step: int, micro: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 8 + salt)
+
+
+def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, gen: torch.Generator,
+            ref_drop: float, control_scale: float) -> torch.Tensor:
+    """One noise-prediction loss. batch: latents (B,4,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), optionally
+    mask (B,1,F,h,w) and masked (B,4,F,h,w) for the inpainting face model."""
+    latents = batch["latents"]
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(latents)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    if model.inpaint:
+        noisy = torch.cat([noisy, batch["mask"], batch["masked"]], dim=1)
+    keep = (torch.rand(b, generator=gen) >= ref_drop).to(batch["tokens"])
+    tokens = batch["tokens"] * keep[:, None, None]
+    pred = model(noisy, t, tokens, batch["cond"], control_scale=control_scale)
+    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+
+def _trainable(model: SGDM) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _save_state(model: SGDM, opt: torch.optim.Optimizer, step: int, out: Path) -> None:
+    """Weights and optimiser state at `step`, written beside and renamed into place (a kill leaves the old one)."""
+    tmp = out / f".{STATE}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in _trainable(model)}, str(tmp / "weights.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
+    final = out / STATE
+    old = out / f".{STATE}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path) -> int:
+    state = out / STATE
+    if not (state / "step.json").is_file():
+        return 0
+    weights = load_file(str(state / "weights.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in weights.items():
+            params[n].copy_(v)
+    opt.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
+    return int(json.loads((state / "step.json").read_text())["step"])
+
+
+def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, out: Path,
+          progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train `model` in place for cfg.steps optimiser steps, resuming from `out`'s saved state if there is one.
+    Returns the loss history of this call and where it started."""
+    model.freeze_temporal()
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    params = [p for _, p in _trainable(model)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = _load_state(model, opt, out)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+
+    def lr_at(step: int) -> float:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+
+    device = next(model.parameters()).device
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16 and device.type == "cuda")
+    losses: list[float] = []
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = data.batch(_step_gen(cfg.seed, step, micro, 0), cfg.batch_size)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_on(model, batch, noise_scheduler, _step_gen(cfg.seed, step, micro, 1), cfg.ref_drop,
+                               cfg.control_scale) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            total += float(loss.detach())
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(total)
+        done = step + 1
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            _save_state(model, opt, done, out)
+        if progress:
+            progress(done, total)
+    return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg)}
