@@ -90,3 +90,64 @@ def smplx(video: Path) -> dict[str, Any]:
         "render": {"images": images, "resolution": rendered["resolution"], "face_size": rendered["face_size"],
                    "faces_visible": rendered["faces_visible"], "peak_rss_mb": mem.peak_mb},
     }
+
+
+class _RandomClips:
+    """In-memory clips at the profile's latent size: times the training loop itself, not data loading."""
+
+    def __init__(self, latent: int, image: int, frames: int, token_dim: int, inpaint: bool) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(4, 4, frames, latent, latent, generator=g)
+        self.cond = torch.rand(4, 3, frames, image, image, generator=g)
+        self.tokens = torch.randn(4, 17, token_dim, generator=g)
+        self.inpaint = inpaint
+
+    def batch(self, gen, size: int) -> dict:
+        import torch
+
+        idx = torch.randint(0, 4, (size,), generator=gen)
+        out = {"latents": self.latents[idx], "cond": self.cond[idx], "tokens": self.tokens[idx]}
+        if self.inpaint:
+            out["mask"] = torch.ones_like(out["latents"][:, :1])
+            out["masked"] = torch.zeros_like(out["latents"])
+        return out
+
+
+def train_tiny(steps: int = 20) -> dict[str, Any]:
+    """Steps/s of the real training loop on the tiny profile: pretrain (from the base weights) and finetune (from
+    a saved checkpoint, loaded with from_pretrained), body model, at the profile's resolution and clip length."""
+    import json as _json
+
+    from core.params import FinetuneParams, PretrainParams
+    from models import base
+    from models.sgdm import SGDM
+    from tasks import training
+    from tasks.base_models import quiet
+
+    quiet()
+    out: dict[str, Any] = {"profile": "tiny"}
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp, PeakRSS() as mem:
+        root = Path(tmp)
+        paths = base.write_tiny(root / "base")
+        factor = 2 ** (len(_json.loads((paths.sd15 / "vae/config.json").read_text())["block_out_channels"]) - 1)
+        sched = base.load_scheduler(paths)
+        for stage, section in (("pretrain", PretrainParams()), ("finetune", FinetuneParams())):
+            prof = section.for_profile("tiny")
+            res = int(prof["resolution"])
+            model = base.new_sgdm(paths) if stage == "pretrain" else SGDM.from_pretrained(root / "pretrain")
+            data = _RandomClips(res // factor, res, section.video_length, model.token_dim, inpaint=False)
+            cfg = training.TrainConfig(steps=steps, lr=float(prof["lr"]), batch_size=section.batch_size,
+                                       save_every=10 * steps)
+            t0 = time.perf_counter()
+            training.train(model, data, sched, cfg, root / f"state-{stage}")
+            seconds = time.perf_counter() - t0
+            if stage == "pretrain":
+                model.save_pretrained(root / "pretrain")
+            out[f"{stage}_steps_per_s"] = round(steps / seconds, 2)
+            out[f"{stage}_samples_per_s"] = round(steps * section.batch_size / seconds, 2)
+            out["resolution"] = res
+            out["video_length"] = section.video_length
+    out["peak_rss_mb"] = mem.peak_mb
+    return out

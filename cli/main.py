@@ -229,7 +229,8 @@ def _print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- stages
 @stage_app.command("run")
 def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor stage list`).")],
-              identity: Annotated[str, typer.Argument(help="Identity name.")],
+              identity: Annotated[str | None, typer.Argument(help="Identity name (none for shared stages such "
+                                                             "as pretrain).")] = None,
               video: Annotated[Path | None, typer.Option(help="Source video (the source stage only).")] = None
               ) -> None:
     """Run one stage for one identity now, without Prefect (this is what `dvc repro` calls)."""
@@ -237,10 +238,19 @@ def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor
     import uuid
 
     from core.artifacts import now_iso
-    from tasks import runner
+    from core.errors import InputError
+    from core.workspace import SHARED
+    from tasks import registry, runner
 
     ws = _ws()
-    check_identity_name(identity)
+    if registry.get(stage).shared:
+        if identity:
+            raise InputError(f"{stage} is built from all identities at once: run `anchor stage run {stage}`")
+        identity = SHARED
+    elif identity is None:
+        raise InputError(f"stage {stage} runs per identity: `anchor stage run {stage} NAME`")
+    else:
+        check_identity_name(identity)
     run_id, started, t0 = uuid.uuid4().hex, now_iso(), time.perf_counter()
     flow = "dvc" if os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT") else "cli"
     with _progress() as factory:
@@ -359,6 +369,48 @@ def ledger(identity: Annotated[str | None, typer.Option(help="Only this identity
     out.print(table)
 
 
+@app.command()
+def pretrain() -> None:
+    """Stage 1: train the body and face SGDMs once on every onboarded identity (motion modules frozen)."""
+    ws = _ws()
+    _prefect_env(ws)
+    _start_ephemeral_server()
+    from flows import stage_task
+    from flows.train import pretrain as pretrain_flow
+
+    with _progress() as factory:
+        stage_task.progress_factory = factory
+        summary = pretrain_flow(str(ws.root))
+    _print_training(summary)
+
+
+@app.command()
+def finetune(name: Annotated[str, typer.Argument(help="Identity to finetune.")]) -> None:
+    """Stage 2: the identity's own body and face SGDMs, from the pretrained ones (a new version each run)."""
+    check_identity_name(name)
+    ws = _ws()
+    _prefect_env(ws)
+    _start_ephemeral_server()
+    from flows import stage_task
+    from flows.train import finetune as finetune_flow
+
+    with _progress() as factory:
+        stage_task.progress_factory = factory
+        summary = finetune_flow(str(ws.root), name)
+    _print_training(summary)
+
+
+def _print_training(summary: dict[str, Any]) -> None:
+    for key, res in summary["stages"].items():
+        status = "cached" if res["cache_hit"] else f"ran {res.get('duration_s', 0):.1f} s"
+        out.print(f"{key}: {status} → {res['path']}")
+        for which in ("body", "face"):
+            s = (res.get("summary") or {}).get(which)
+            if s:
+                out.print(f"  {which}: {s['steps']} steps (from {s['resumed_at']}), loss {s['loss_first']} → "
+                          f"{s['loss_last']}, {s['samples']} clips of {s['identities']} identities")
+
+
 # ---------------------------------------------------------------------------------------------------- motion
 @motion_app.command("import")
 def motion_import(
@@ -441,6 +493,34 @@ def bench_smplx(video: Annotated[Path, typer.Option("--video", help="Video to fi
         pct, px = result["err_pct"][part], result["err_px"][part]
         table.add_row(f"median error {part}", "n/a (not detected)" if pct is None else f"{pct:.2f} % ({px:.1f} px)")
     table.add_row("jitter fit / detections", f"{result['jitter_ratio']:.3f}")
+    out.print(table)
+
+
+@bench_app.command("train")
+def bench_train(profile: Annotated[str, typer.Option("--profile", help="tiny, or sd15-shapes (the full-size "
+                                                     "architecture with random weights: one step, no files)")] = "tiny",
+                as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """Training speed and peak memory: pretrain and finetune steps/s (tiny), or one full-size step (sd15-shapes)."""
+    from core.errors import InputError
+
+    if profile == "tiny":
+        from cli.bench import train_tiny
+
+        result = train_tiny()
+    elif profile == "sd15-shapes":
+        from models.shapes import sd15_shapes_models, time_train_step
+
+        timed = time_train_step(sd15_shapes_models(gradient_checkpointing=True), size=256, frames=4, batch=1)
+        result = {"profile": "sd15-shapes", "step_s": round(timed["step_s"], 2), "peak_rss_mb": timed["peak_rss_mb"],
+                  "params_m": timed.get("params_m"), "trainable_m": timed.get("trainable_m")}
+    else:
+        raise InputError(f"--profile {profile!r}: choose tiny or sd15-shapes")
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("figure", "value", title=f"bench train --profile {profile}")
+    for key, value in result.items():
+        table.add_row(key, str(value))
     out.print(table)
 
 

@@ -113,6 +113,65 @@ class RenderMeshParams(Section):
     workers: int = Field(2, ge=1, le=64, description="threads encoding images")
 
 
+PROFILES = ("tiny", "cpu", "sd15")
+
+
+def _per_profile(tiny: float, cpu: float, sd15: float) -> dict[str, float]:
+    return {"tiny": tiny, "cpu": cpu, "sd15": sd15}
+
+
+class ModelsParams(Section):
+    sd15: str | None = Field(None, description="local Stable Diffusion 1.5 folder (unet/, vae/, scheduler/); "
+                             "profile sd15 only")
+    sd15_inpaint: str | None = Field(None, description="local SD 1.5 inpainting folder (unet/ with 9 inputs)")
+    image_encoder: str | None = Field(None, description="local CLIP vision encoder folder (transformers)")
+    motion_adapter: str | None = Field(None, description="local AnimateDiff motion adapter folder (diffusers)")
+
+
+class TrainParams(Section):
+    """Shared by pretrain and finetune; numbers keyed by profile so one file serves every machine."""
+
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 300000}, description="body model steps")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 300000}, description="face model steps")
+    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 1e-4, "sd15": 1e-5})
+    resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px")
+    face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 128, "sd15": 256}, description="face crops, px")
+    video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
+    batch_size: int = Field(1, ge=1, le=256)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    warmup: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    ref_drop: float = Field(0.1, ge=0, le=1, description="share of samples trained without the reference image, "
+                            "so classifier-free guidance has a trained unconditional branch")
+    perturbed_share: float = Field(0.5, ge=0, le=1, description="share of samples conditioned on a perturbed mesh")
+    save_every: int = Field(100, ge=1, description="steps between resumable training states")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs")
+    gradient_checkpointing: bool = False
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _profiles(self) -> TrainParams:
+        for name in ("steps", "face_steps", "lr", "resolution", "face_resolution"):
+            table = getattr(self, name)
+            missing = [p for p in PROFILES if p not in table]
+            unknown = [p for p in table if p not in PROFILES]
+            if missing or unknown:
+                raise ValueError(f"{name} needs one value per profile ({', '.join(PROFILES)}); "
+                                 f"missing {missing}, unknown {unknown}")
+        return self
+
+    def for_profile(self, profile: str) -> dict[str, float]:
+        return {n: getattr(self, n)[profile] for n in ("steps", "face_steps", "lr", "resolution", "face_resolution")}
+
+
+class PretrainParams(TrainParams):
+    pass
+
+
+class FinetuneParams(TrainParams):
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 50000}, description="body model steps")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 80000}, description="face model steps")
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -125,6 +184,9 @@ class Params(BaseModel):
     smplx_fit: SmplxFitParams = SmplxFitParams()
     perturb: PerturbParams = PerturbParams()
     render_mesh: RenderMeshParams = RenderMeshParams()
+    models: ModelsParams = ModelsParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
 
     def section(self, name: str) -> Section:
         value = getattr(self, name)

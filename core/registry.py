@@ -25,6 +25,9 @@ class StageSpec:
     helpers: tuple[str, ...] = field(default=())  # further modules whose code shapes the output
     weight_params: tuple[str, ...] = ()  # params of the section naming local weight files: hashed as inputs
     body_model: bool = False  # reads the SMPL-X body model (params section body_model), hashed as an input
+    base_models: bool = False  # starts from the profile's base weights (hashed as an input)
+    shared: bool = False  # one artifact from every identity's inputs (pretraining), not one per identity
+    extra_params: tuple[str, ...] = ()  # further params sections the stage reads (e.g. the model paths)
 
     def code_hash(self) -> str:
         return _code_hash((self.module, *self.helpers))

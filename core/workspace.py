@@ -17,6 +17,15 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 IDENTITIES_FILE = "identities.yaml"
 
 
+# The owner of artifacts built from all identities at once (pretraining). No identity name can take it: names
+# start with a letter or digit.
+SHARED = "_shared"
+
+
+# Per-identity stages whose artifacts are model checkpoints (kept under data/checkpoints/identities/<id>/).
+CHECKPOINT_STAGES = frozenset({"finetune"})
+
+
 def check_identity_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         shown = name if not isinstance(name, str) or len(name) <= 40 else name[:37] + "..."
@@ -66,6 +75,12 @@ class Workspace:
         return self.data / "identities" / check_identity_name(identity)
 
     def artifact_dir(self, stage: str, identity: str) -> Path:
+        """data/identities/<identity>/<stage> for data; trained models live apart, under data/checkpoints, so that
+        pretraining can depend on the whole identities tree without depending on its own descendants."""
+        if identity == SHARED:
+            return self.data / "checkpoints" / stage
+        if stage in CHECKPOINT_STAGES:
+            return self.data / "checkpoints" / "identities" / check_identity_name(identity) / stage
         return self.identity_dir(identity) / stage
 
     def rel(self, path: Path) -> str:

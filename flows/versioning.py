@@ -37,7 +37,7 @@ def source_target(ws: Workspace, identity: str) -> str:
 
 
 def stage_targets(ws: Workspace, identity: str, locked_only: bool = False) -> list[str]:
-    names = [f"{name}@{identity}" for name, spec in registry.STAGES.items() if spec.in_dvc]
+    names = [f"{name}@{identity}" for name, spec in registry.STAGES.items() if spec.in_dvc and not spec.shared]
     if locked_only:
         lock = ws.root / "dvc.lock"
         locked = set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else set()
@@ -56,6 +56,12 @@ def commit_identity(ws: Workspace, identity: str) -> list[str]:
         dvc(ws, "commit", "-f", "-q", *stages)
         committed += stages
     return committed
+
+
+def commit_shared(ws: Workspace, stage: str) -> list[str]:
+    """Record a shared stage's output (e.g. the pretrained checkpoints) in dvc.lock."""
+    dvc(ws, "commit", "-f", "-q", stage)
+    return [stage]
 
 
 def remote_url(ws: Workspace) -> str:

@@ -61,9 +61,16 @@ def write_tiny(root: Path, seed: int = 0) -> BasePaths:
                     norm_num_groups=8)
     UNet2DConditionModel(in_channels=4, **unet_cfg).save_pretrained(paths.sd15 / "unet")
     UNet2DConditionModel(in_channels=9, **unet_cfg).save_pretrained(paths.inpaint / "unet")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  norm_num_groups=8, sample_size=64).save_pretrained(paths.sd15 / "vae")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=8, sample_size=64)
+    # like SD's 0.18215, a scaling factor that gives latents unit variance, here measured on smooth random images;
+    # with the default the random encoder's latents would be tiny next to the diffusion noise
+    smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8), size=(64, 64), mode="bilinear") * 2 - 1
+    with torch.no_grad():
+        spread = float(vae.encode(smooth).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=round(1.0 / spread, 4))
+    vae.save_pretrained(paths.sd15 / "vae")
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   set_alpha_to_one=False).save_pretrained(paths.sd15 / "scheduler")
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from core.errors import InputError
 from core.registry import StageSpec
 
+_TRAINING = ("tasks.training", "tasks.training_data", "tasks.base_models", "models.sgdm", "models.base",
+             "models.pipeline")
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -28,6 +31,12 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("render_mesh", "tasks.render_mesh", inputs=("smplx_fit", "perturb"), params="render_mesh",
                   body_model=True, helpers=("models.body", "models.render", "models.face_align", "tasks.smplx_table"),
                   description="mesh condition images, aligned face crops, face transforms and masks"),
+        StageSpec("pretrain", "tasks.pretrain", inputs=("ingest", "matting", "render_mesh"), params="pretrain",
+                  shared=True, extra_params=("models",), base_models=True, helpers=_TRAINING,
+                  description="stage 1: body and face SGDMs on every identity's foreground frames (motion frozen)"),
+        StageSpec("finetune", "tasks.finetune", inputs=("ingest", "render_mesh", "pretrain"), params="finetune",
+                  extra_params=("models",), base_models=True, helpers=_TRAINING,
+                  description="stage 2: the identity's own body and face SGDMs from the pretrained ones"),
     )
 }
 

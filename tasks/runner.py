@@ -6,6 +6,7 @@ Both the Prefect flows and `dvc repro` (through `anchor stage run`) come here, s
 from __future__ import annotations
 
 import importlib
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,13 +25,14 @@ from core.artifacts import (
     write_json,
 )
 from core.errors import StageError
-from core.hashing import MANIFEST, hash_tree, sha256_file
+from core.hashing import MANIFEST, hash_obj, hash_tree, sha256_file
 from core.monitor import PeakRSS
 from core.params import Section
 from core.progress import NullProgress, Progress
 from core.registry import StageSpec
-from core.workspace import Workspace, check_identity_name
-from tasks import body_model, registry
+from core.workspace import SHARED, Workspace, check_identity_name
+from models.base import BasePaths
+from tasks import base_models, body_model, registry
 
 
 @dataclass
@@ -51,6 +53,10 @@ class StageResult:
         return asdict(self)
 
 
+def module_of(spec: StageSpec) -> Any:
+    return importlib.import_module(spec.module)
+
+
 def _section(ws: Workspace, spec: StageSpec) -> Section | None:
     return ws.params().section(spec.params) if spec.params else None
 
@@ -60,24 +66,54 @@ def resolve_path(ws: Workspace, value: str) -> Path:
     return path if path.is_absolute() else ws.root / path
 
 
+def base_paths(ws: Workspace) -> BasePaths:
+    return base_models.resolve(ws.params(), ws.root, ws.state / "base_models")
+
+
 def body_model_path(ws: Workspace) -> Path:
     return body_model.resolve(ws.params().body_model, ws.root, ws.state / "body_models")
+
+
+def input_dirs(ws: Workspace, spec: StageSpec, identity: str) -> dict[str, tuple[str, str, Path]]:
+    """Upstream artifacts by input key: (stage, owner, directory). A shared stage reads its inputs from every
+    identity (keys `stage@identity`); an identity's stage reads shared inputs from data/checkpoints."""
+    out: dict[str, tuple[str, str, Path]] = {}
+    if spec.shared:
+        names = ws.identities()
+        if not names:
+            raise StageError(f"{spec.name} needs at least one onboarded identity (identities.yaml is empty)")
+        for ident in names:
+            for name in spec.inputs:
+                out[f"{name}@{ident}"] = (name, ident, ws.artifact_dir(name, ident))
+        return out
+    for name in spec.inputs:
+        owner = SHARED if registry.get(name).shared else identity
+        out[name] = (name, owner, ws.artifact_dir(name, owner))
+    return out
+
+
+def extra_params_digest(ws: Workspace, spec: StageSpec) -> str:
+    params = ws.params()
+    return hash_obj({"profile": params.profile, **{n: params.section(n).digest() for n in spec.extra_params}})
 
 
 def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path | None = None,
                  check: bool = True) -> dict[str, str]:
     """Content hashes of everything the stage reads; with `check`, each upstream artifact is re-hashed first."""
     hashes: dict[str, str] = {}
-    for name in spec.inputs:
-        art = ws.artifact_dir(name, identity)
+    for key, (name, owner, art) in input_dirs(ws, spec, identity).items():
         manifest = read_manifest(art)
         if manifest is None:
+            how = (f"`anchor stage run {name}`" if owner == SHARED else
+                   f"`anchor onboard {owner} --video ...` or `anchor stage run {name} {owner}`")
             raise StageError(f"{spec.name} of {identity!r} needs {name}, which is missing ({ws.rel(art)}); "
-                             f"run `anchor onboard {identity} --video ...` or `anchor stage run {name} {identity}`")
+                             f"run {how}")
         if check and not verify(art):
             raise StageError(f"{spec.name} of {identity!r}: input {ws.rel(art)} does not match its manifest "
                              f"(changed or damaged); rerun {name}")
-        hashes[name] = manifest["output_hash"]
+        hashes[key] = manifest["output_hash"]
+    if spec.extra_params:
+        hashes["params:" + "+".join(("profile", *spec.extra_params))] = extra_params_digest(ws, spec)
     section = _section(ws, spec)
     for param in spec.weight_params:
         value = getattr(section, param, None)
@@ -88,6 +124,8 @@ def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path |
             hashes[param] = sha256_file(path)
     if spec.body_model:
         hashes["body_model"] = sha256_file(body_model_path(ws))
+    if spec.base_models:
+        hashes["base_models"] = base_models.fingerprint(base_paths(ws))
     if spec.external_input:
         if external is None:
             raise StageError(f"stage {spec.name} needs --{spec.external_input}")
@@ -104,7 +142,12 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
             progress: Progress | None = None) -> StageResult:
     """Compute the artifact of `stage` for `identity` from its current inputs and params, atomically."""
     spec = registry.get(stage)
-    check_identity_name(identity)
+    if spec.shared:
+        if identity not in (SHARED, ""):
+            raise StageError(f"{stage} is built from all identities at once; run it without an identity")
+        identity = SHARED
+    else:
+        check_identity_name(identity)
     section = _section(ws, spec)
     params_hash = section.digest() if section else None
     hashes = input_hashes(ws, spec, identity, external)
@@ -112,24 +155,36 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
     target = ws.artifact_dir(stage, identity)
     sweep_partials(target.parent, target.name)
 
-    inputs: dict[str, Path] = {name: ws.artifact_dir(name, identity) for name in spec.inputs}
+    dirs = input_dirs(ws, spec, identity)
+    inputs: dict[str, Path] = {key: art for key, (_, _, art) in dirs.items()}
     for param in spec.weight_params:
         value = getattr(section, param, None)
         if value:
             inputs[param] = resolve_path(ws, value)
     if spec.body_model:
         inputs["body_model"] = body_model_path(ws)
-    kwargs = {spec.external_input: external} if spec.external_input else {}
-    module = importlib.import_module(spec.module)
+    kwargs: dict[str, Any] = {spec.external_input: external} if spec.external_input else {}
+    if spec.extra_params:
+        kwargs["settings"] = ws.params()
+    if spec.base_models:
+        kwargs["base"] = base_paths(ws)
+    if getattr(module_of(spec), "RESUMABLE", False):
+        # partial work (e.g. training state) survives a kill under the cache key, outside the atomic artifact
+        kwargs["scratch"] = ws.state / "scratch" / stage / identity / key[:16]
+    module = module_of(spec)
 
     started, t0 = now_iso(), time.perf_counter()
     with PeakRSS() as mem, atomic_dir(target) as tmp:
         summary = module.run(inputs, tmp, section, progress or NullProgress(), **kwargs) or {}
         output_hash = hash_tree(tmp)
         manifest_inputs: list[dict[str, Any]] = [
-            {"stage": name, "path": ws.rel(inputs[name]), "output_hash": hashes[name]} for name in spec.inputs]
+            {"stage": name, "identity": owner, "path": ws.rel(art), "output_hash": hashes[key]}
+            for key, (name, owner, art) in dirs.items()]
         manifest_inputs += [{"kind": "weights", "param": f"{spec.params}.{p}", "path": str(inputs[p]),
                              "sha256": hashes[p]} for p in spec.weight_params if p in inputs]
+        if spec.base_models:
+            manifest_inputs.append({"kind": "base_models", "hash": hashes["base_models"],
+                                    "paths": {k: str(v) for k, v in vars(kwargs["base"]).items()}})
         if spec.body_model:
             manifest_inputs.append({"kind": "body_model", "path": str(inputs["body_model"]),
                                     "sha256": hashes["body_model"]})
@@ -154,6 +209,8 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
             "host": host(),
             "summary": summary,
         })
+    if "scratch" in kwargs:
+        shutil.rmtree(kwargs["scratch"], ignore_errors=True)
     return StageResult(stage, identity, ws.rel(target), output_hash, key, params_hash, hashes, started,
                        round(time.perf_counter() - t0, 3), mem.peak_mb, summary)
 

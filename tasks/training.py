@@ -46,7 +46,8 @@ class TrainConfig:
 
 
 class Batches(Protocol):
-    """Training samples as model inputs; `batch(indices_generator)` draws one batch with the given generator."""
+    """Training samples as model inputs, drawn with the given generator. Latents come from
+    `models.pipeline.encode_frames` (scaled like sampling expects), tokens from `encode_reference`."""
 
     def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]: ...
 
@@ -150,3 +151,45 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
         if progress:
             progress(done, total)
     return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg)}
+
+
+def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, section: Any, base_paths: Any,
+                 out: Path, scratch: Path, progress: Any, start: Path | None = None) -> dict[str, Any]:
+    """Train the body SGDM and the Face SGDM on `sources` [(identity, ingest dir, render_mesh dir, frames dir)],
+    from the base weights or from the checkpoints under `start`; write both to out/body and out/face."""
+    from models import base
+    from models.sgdm import SGDM
+    from tasks.base_models import quiet
+    from tasks.training_data import ClipBatches, load_identity
+
+    quiet()
+    prof = section.for_profile(settings.profile)
+    vae, encoder = base.load_vae(base_paths).eval(), base.load_image_encoder(base_paths).eval()
+    noise_scheduler = base.load_scheduler(base_paths)
+    summary: dict[str, Any] = {"profile": settings.profile}
+    for which, face in (("body", False), ("face", True)):
+        ids = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]),
+                             video_length=section.video_length, face=face, face_res=int(prof["face_resolution"]))
+               for name, ingest, render, frames in sources]
+        data = ClipBatches([i for i in ids if i is not None], vae, encoder, section.video_length,
+                           section.perturbed_share, face)
+        model = SGDM.from_pretrained(start / which) if start else base.new_sgdm(base_paths, face=face,
+                                                                                 seed=section.seed)
+        steps = int(prof["face_steps" if face else "steps"])
+        cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
+                          batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=section.save_every,
+                          seed=section.seed, mixed_precision=section.mixed_precision,
+                          gradient_checkpointing=section.gradient_checkpointing)
+        progress.start(f"training {which} SGDM", steps)
+        result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
+        model.save_pretrained(out / which)
+        losses = result["losses"]
+        (out / which / "train_log.json").write_text(json.dumps({"started_at_step": result["started_at_step"],
+                                                                 "losses": losses}) + "\n")
+        k = max(1, len(losses) // 10)
+        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
+                          "identities": sum(i is not None for i in ids),
+                          "samples": sum(len(i.starts) for i in ids if i is not None),
+                          "loss_first": round(sum(losses[:k]) / k, 5) if losses else None,
+                          "loss_last": round(sum(losses[-k:]) / k, 5) if losses else None}
+    return summary

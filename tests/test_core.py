@@ -518,18 +518,29 @@ def test_render_stages() -> None:
     for name in expected:
         spec = STAGES[name]
         stage = doc["stages"][name]
+        if spec.shared:
+            assert stage["cmd"] == f"anchor stage run {name}" and "foreach" not in stage
+            assert stage["deps"] == ["data/identities"]
+            assert stage["outs"] == [f"data/checkpoints/{name}"]
+            continue
         assert stage["foreach"] == "${identities}"
         do = stage["do"]
         assert do["cmd"] == f"anchor stage run {name} ${{item}}"
-        assert do["deps"] == [f"data/identities/${{item}}/{up}" for up in spec.inputs]
-        assert do["params"] == [spec.params] + (["body_model"] if spec.body_model else [])
-        assert do["outs"] == [f"data/identities/${{item}}/{name}"]
+        assert do["deps"] == [f"data/checkpoints/{up}" if STAGES[up].shared else f"data/identities/${{item}}/{up}"
+                              for up in spec.inputs]
+        extra = (["body_model"] if spec.body_model else []) + (
+            [*spec.extra_params, "profile"] if spec.extra_params else [])
+        assert do["params"] == [spec.params] + extra
         assert do["desc"] == spec.description
     assert doc["stages"]["keypoints"]["do"]["deps"] == ["data/identities/${item}/ingest"]
     assert doc["stages"]["ingest"]["do"]["params"] == ["ingest"]
+    assert doc["stages"]["ingest"]["do"]["outs"] == ["data/identities/${item}/ingest"]
     assert doc["stages"]["smplx_fit"]["do"]["params"] == ["smplx_fit", "body_model"]
     assert doc["stages"]["render_mesh"]["do"]["deps"] == ["data/identities/${item}/smplx_fit",
                                                           "data/identities/${item}/perturb"]
+    # checkpoints live apart from data so that pretraining on the whole identities tree is not a cycle
+    assert doc["stages"]["finetune"]["do"]["outs"] == ["data/checkpoints/identities/${item}/finetune"]
+    assert "data/checkpoints/pretrain" in doc["stages"]["finetune"]["do"]["deps"]
 
 
 def test_cache_key_changes_with_each_ingredient() -> None:
@@ -559,7 +570,8 @@ def test_cache_key_uses_params_digest() -> None:
 
 
 def test_downstream() -> None:
-    assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh"]
-    assert downstream("source") == ["ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"]
-    assert downstream("matting") == []
-    assert downstream("smplx_fit") == ["perturb", "render_mesh"]
+    assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain",
+                                    "finetune"]
+    assert downstream("matting") == ["pretrain", "finetune"]
+    assert downstream("smplx_fit") == ["perturb", "render_mesh", "pretrain", "finetune"]
+    assert downstream("finetune") == []

@@ -94,9 +94,15 @@ def test_second_run_with_nothing_changed_runs_no_stage_body(onboarded: tuple[Pat
 
 def test_dvc_sees_the_flow_outputs_as_up_to_date(onboarded: tuple[Path, dict]) -> None:
     root, _ = onboarded
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True)
+    targets = [f"{s}@demo" for s in STAGES[1:]]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", *targets], cwd=root, capture_output=True,
+                            text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
-    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True)
+    # training has not run yet: DVC knows the stages and says they are due
+    whole = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True)
+    assert whole.returncode == 0 and "pretrain:" in whole.stdout and "render_mesh@demo" not in whole.stdout
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=root, capture_output=True,
+                           text=True)
     assert repro.returncode == 0, repro.stderr
     assert "Running stage" not in repro.stdout
     for stage in STAGES[1:]:

@@ -106,3 +106,25 @@ def test_face_model_trains_with_mask_inputs(paths: base.BasePaths, tmp_path: Pat
                             training.TrainConfig(steps=3, lr=1e-3), tmp_path)
     assert len(result["losses"]) == 3 and all(loss > 0 for loss in result["losses"])
     assert all(torch.equal(temporal[n], p) for n, p in face.temporal_parameters().items())
+
+
+def test_gpu_options_run_on_cpu_with_small_shapes(paths: base.BasePaths, tmp_path: Path) -> None:
+    """bf16 autocast and gradient checkpointing are GPU options; their code paths must stay correct on a CPU."""
+    sched = base.load_scheduler(paths)
+    data = FixedClips(1)
+    batch = data.batch(torch.Generator().manual_seed(0), 1)
+    plain, ckpt = base.new_sgdm(paths), base.new_sgdm(paths)
+    ckpt.enable_gradient_checkpointing()
+    plain.train()
+    ckpt.train()
+    losses = [training.loss_on(m, batch, sched, torch.Generator().manual_seed(1), 0.0, 1.0) for m in (plain, ckpt)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    g0 = dict(plain.named_parameters())["controlnet.conv_in.weight"].grad
+    g1 = dict(ckpt.named_parameters())["controlnet.conv_in.weight"].grad
+    torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-4)
+    result = training.train(base.new_sgdm(paths), data, sched,
+                            training.TrainConfig(steps=2, lr=1e-3, mixed_precision="bf16",
+                                                 gradient_checkpointing=True), tmp_path)
+    assert len(result["losses"]) == 2 and all(0 < x < 10 for x in result["losses"])

@@ -1,0 +1,41 @@
+"""Training flows: pretrain once over every onboarded identity, then finetune each identity from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.context import get_run_context
+
+from core.workspace import SHARED, Workspace
+from flows.stage_task import StageRunner
+from flows.versioning import commit_identity, commit_shared
+
+
+def _runner(ws: Workspace, name: str) -> StageRunner:
+    ctx = get_run_context()
+    return StageRunner(ws, str(ctx.flow_run.id), flow=name)  # type: ignore[union-attr]
+
+
+def _summary(stages: StageRunner, committed: list[str]) -> dict[str, Any]:
+    return {"run_id": stages.run_id,
+            "stages": {f"{stage}[{ident}]": {**result, "cache_hit": stages.cache_hits[(stage, ident)]}
+                       for (stage, ident), result in stages.results.items()},
+            "dvc": committed}
+
+
+@flow(name="pretrain", log_prints=False)
+def pretrain(workspace: str) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    stages = _runner(ws, "pretrain")
+    stages.run("pretrain", SHARED)
+    return _summary(stages, commit_shared(ws, "pretrain"))
+
+
+@flow(name="finetune", flow_run_name="finetune-{identity}", log_prints=False)
+def finetune(workspace: str, identity: str) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    stages = _runner(ws, "finetune")
+    stages.run("finetune", identity)
+    return _summary(stages, commit_identity(ws, identity))

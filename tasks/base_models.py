@@ -1,0 +1,66 @@
+"""Which base weights the training stages start from, per profile, and their content hash.
+
+`tiny` (and, until it has its own configs, `cpu`) are random-initialised small models written on first use into
+the workspace's cache under a name carrying the generator code's hash; `sd15` reads the folders set in the
+`models` section. Either way they are then loaded with `from_pretrained`, and their files' hash is a stage input.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from core.errors import ParamsError, StageError
+from core.hashing import hash_tree
+from core.params import Params
+from core.registry import code_hash_of
+from models import base
+
+
+def quiet() -> None:
+    """No per-file progress bars or advice from diffusers/transformers inside our own progress display."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
+def resolve(settings: Params, root: Path, cache: Path) -> base.BasePaths:
+    if settings.profile == "sd15":
+        m = settings.models
+        unset = [n for n in ("sd15", "sd15_inpaint", "image_encoder", "motion_adapter") if not getattr(m, n)]
+        if unset:
+            raise ParamsError(f"profile sd15 needs local model folders: set models.{', models.'.join(unset)} in "
+                              "params.yaml (no weights are downloaded)")
+
+        def local(v: str) -> Path:
+            p = Path(v).expanduser()
+            return p if p.is_absolute() else root / p
+
+        paths = base.BasePaths(local(m.sd15), local(m.sd15_inpaint), local(m.image_encoder), local(m.motion_adapter))
+        try:
+            base.check(paths)
+        except base.ModelFilesError as exc:
+            raise StageError(f"models.{exc}") from None
+        return paths
+    target = cache / f"tiny-{code_hash_of('models.base', 'models.sgdm')[:16]}"
+    if not (target / ".complete").is_file():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        base.write_tiny(tmp)
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return base.BasePaths(target / "sd15", target / "sd15_inpaint", target / "image_encoder",
+                          target / "motion_adapter")
+
+
+def fingerprint(paths: base.BasePaths) -> str:
+    """Content hash of every base folder (read in full: a multi-GB SD folder takes seconds)."""
+    from core.hashing import hash_obj
+
+    return hash_obj({f: hash_tree(Path(getattr(paths, f))) for f in ("sd15", "inpaint", "image_encoder",
+                                                                      "motion_adapter")})

@@ -1,0 +1,161 @@
+"""pretrain and finetune on the tiny profile, on real artifacts: outputs, frozen prior, learning, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from core.artifacts import read_manifest
+from core.errors import StageError
+from core.workspace import SHARED, Workspace
+from models import base, pipeline
+from models.sgdm import SGDM
+from tasks import runner, training
+from tests.conftest import TEST_PARAMS, make_workspace
+
+pytestmark = pytest.mark.slow
+ID = "demo"
+TRAIN = {"steps": {"tiny": 60, "cpu": 1, "sd15": 1}, "face_steps": {"tiny": 6, "cpu": 1, "sd15": 1},
+         "save_every": 20}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Workspace:
+    params = {**TEST_PARAMS, "pretrain": TRAIN, "finetune": {**TRAIN, "steps": {"tiny": 120, "cpu": 1, "sd15": 1}}}
+    ws = Workspace(make_workspace(tmp_path_factory.mktemp("train") / "ws", params))
+    with pytest.raises(StageError, match="needs at least one onboarded identity"):
+        runner.execute(ws, "pretrain", SHARED)
+    ws.register_identity(ID)
+    runner.execute(ws, "source", ID, external=short_video)
+    for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"):
+        runner.execute(ws, stage, ID)
+    runner.execute(ws, "pretrain", SHARED)
+    runner.execute(ws, "finetune", ID)
+    return ws
+
+
+def test_checkpoints_and_manifests(trained: Workspace) -> None:
+    pre = trained.artifact_dir("pretrain", SHARED)
+    fine = trained.artifact_dir("finetune", ID)
+    assert pre == trained.root / "data/checkpoints/pretrain"
+    assert fine == trained.root / "data/checkpoints/identities/demo/finetune"
+    for root in (pre, fine):
+        for which in ("body", "face"):
+            assert (root / which / "unet/diffusion_pytorch_model.safetensors").is_file()
+            assert (root / which / "controlnet/config.json").is_file()
+    m = read_manifest(fine)
+    kinds = {i.get("kind") for i in m["inputs"]}
+    assert "base_models" in kinds
+    assert any(i.get("stage") == "pretrain" and i.get("identity") == SHARED for i in m["inputs"])
+    pm = read_manifest(pre)
+    assert pm["summary"]["identities"] == [ID]
+    assert {i["stage"] for i in pm["inputs"] if "stage" in i} == {"ingest", "matting", "render_mesh"}
+    assert json.loads((fine / "face" / "sgdm_config.json").read_text())["inpaint"] is True
+    # resumable state is dropped once the artifact is complete
+    assert not any((trained.state / "scratch").rglob("step.json"))
+
+
+def test_losses_fall_and_the_prior_stays_frozen(trained: Workspace) -> None:
+    s = read_manifest(trained.artifact_dir("pretrain", SHARED))["summary"]
+    assert s["body"]["loss_last"] < 0.5 * s["body"]["loss_first"]
+    paths = runner.base_paths(trained)
+    fresh = base.new_sgdm(paths)
+    tuned = SGDM.from_pretrained(trained.artifact_dir("finetune", ID) / "body")
+    t0, t1 = fresh.temporal_parameters(), tuned.temporal_parameters()
+    assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
+    s0, s1 = fresh.spatial_parameters(), tuned.spatial_parameters()
+    assert sum(not torch.equal(s0[k], s1[k]) for k in s0) > 0.9 * len(s0)
+
+
+def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_one(trained: Workspace) -> None:
+    """The same training frame, condition, reference and noise: the identity's own model recovers the frame from
+    a half-noised latent better than the pretrained one (trained on foregrounds only), and both beat the prior."""
+    from tasks.training_data import ClipBatches, load_identity
+
+    paths = runner.base_paths(trained)
+    vae, enc = base.load_vae(paths).eval(), base.load_image_encoder(paths).eval()
+    ident = load_identity(ID, trained.artifact_dir("ingest", ID), trained.artifact_dir("render_mesh", ID),
+                          trained.artifact_dir("ingest", ID), res=64, video_length=4)
+    sched = base.load_scheduler(paths)
+    gen = torch.Generator().manual_seed(0)
+    batches = [ClipBatches([ident], vae, enc, 4, 0.0).batch(gen, 1) for _ in range(3)]
+
+    def error(model: SGDM) -> float:
+        model.eval()
+        errs = []
+        for k, batch in enumerate(batches):
+            noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(10 + k))
+            t = torch.tensor([400])
+            noisy = sched.add_noise(batch["latents"], noise, t)
+            alpha = sched.alphas_cumprod[400]
+            with torch.no_grad():
+                eps = pipeline.predict_noise(model, noisy, t, batch["tokens"], batch["cond"], 1.0, 1.0)
+            x0 = (noisy - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+            errs.append(float((x0 - batch["latents"]).square().mean()))
+        return sum(errs) / len(errs)
+
+    fresh = error(base.new_sgdm(paths))
+    pre = error(SGDM.from_pretrained(trained.artifact_dir("pretrain", SHARED) / "body"))
+    fine = error(SGDM.from_pretrained(trained.artifact_dir("finetune", ID) / "body"))
+    assert fine < pre < fresh, (fine, pre, fresh)
+
+
+def test_finetune_killed_midway_resumes_from_its_saved_state(trained: Workspace, monkeypatch) -> None:
+    params = yaml.safe_load(trained.params_path.read_text())
+    params["finetune"]["seed"] = 7  # a new cache key: a new version of the identity's models
+    trained.params_path.write_text(yaml.safe_dump(params))
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    real_train = training.train
+
+    def interrupted(*args, **kwargs):
+        progress = kwargs.get("progress") or args[5]
+
+        def tick(done: int, loss: float) -> None:
+            progress(done, loss)
+            calls["n"] += 1
+            if done == 50:
+                raise Stop
+
+        if len(args) > 5:
+            args = (*args[:5], tick)
+        else:
+            kwargs["progress"] = tick
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", interrupted)
+    before = read_manifest(trained.artifact_dir("finetune", ID))["output_hash"]
+    with pytest.raises(Stop):
+        runner.execute(trained, "finetune", ID)
+    # the old version is untouched and the partial state waits in scratch
+    assert read_manifest(trained.artifact_dir("finetune", ID))["output_hash"] == before
+    states = list((trained.state / "scratch" / "finetune" / ID).rglob("step.json"))
+    assert [json.loads(p.read_text())["step"] for p in states] == [40]
+    monkeypatch.setattr(training, "train", real_train)
+    result = runner.execute(trained, "finetune", ID)
+    assert result.summary["body"]["resumed_at"] == 40
+    assert result.output_hash != before
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_pretrain_flow_reproduces_the_checkpoint_and_records_it_in_dvc(trained: Workspace) -> None:
+    import subprocess
+    import sys
+
+    from flows.train import pretrain
+
+    before = read_manifest(trained.artifact_dir("pretrain", SHARED))["output_hash"]
+    summary = pretrain(str(trained.root))
+    (key, result), = summary["stages"].items()
+    assert key == f"pretrain[{SHARED}]" and summary["dvc"] == ["pretrain"]
+    assert result["output_hash"] == before  # seeded training on a CPU: the same bytes again
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "pretrain"], cwd=trained.root,
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
