@@ -70,11 +70,14 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
                     run = []
                     continue
                 m = np.asarray(visible[(name_, i)], np.float64).reshape(2, 3)
-                size = cv2.imread(str(render / "face" / name_ / png)).shape[0]
+                mesh_face = cv2.imread(str(render / "face" / name_ / png))
                 full = cv2.imread(str(source / sub / name_ / fname))
+                if mesh_face is None or full is None:
+                    raise StageError(f"training data: cannot read the frame or face crop {name_}/{png}")
+                size = mesh_face.shape[0]  # the transform maps frames into crops of this side
                 crop = cv2.warpAffine(full, m, (size, size), flags=cv2.INTER_LINEAR)
                 frames.append(cv2.resize(crop, (face_res, face_res), interpolation=cv2.INTER_AREA)[:, :, ::-1])
-                conds.append(_load(render / "face" / name_ / png, face_res))
+                conds.append(cv2.resize(mesh_face, (face_res, face_res), interpolation=cv2.INTER_AREA)[:, :, ::-1])
                 masks.append(_load(render / "face_mask" / name_ / png, face_res, cv2.IMREAD_GRAYSCALE))
             else:
                 frames.append(_load(source / sub / name_ / fname, res))
