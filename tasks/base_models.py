@@ -48,6 +48,7 @@ def resolve(settings: Params, root: Path, cache: Path) -> base.BasePaths:
         return paths
     target = cache / f"tiny-{code_hash_of('models.base', 'models.sgdm')[:16]}"
     if not (target / ".complete").is_file():
+        quiet()
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         base.write_tiny(tmp)
