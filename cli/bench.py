@@ -118,8 +118,6 @@ class _RandomClips:
 def train_tiny(steps: int = 20) -> dict[str, Any]:
     """Steps/s of the real training loop on the tiny profile: pretrain (from the base weights) and finetune (from
     a saved checkpoint, loaded with from_pretrained), body model, at the profile's resolution and clip length."""
-    import json as _json
-
     from core.params import FinetuneParams, PretrainParams
     from models import base
     from models.sgdm import SGDM
@@ -131,7 +129,7 @@ def train_tiny(steps: int = 20) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp, PeakRSS() as mem:
         root = Path(tmp)
         paths = base.write_tiny(root / "base")
-        factor = 2 ** (len(_json.loads((paths.sd15 / "vae/config.json").read_text())["block_out_channels"]) - 1)
+        factor = base.vae_factor_from_config(paths.sd15 / "vae")
         sched = base.load_scheduler(paths)
         for stage, section in (("pretrain", PretrainParams()), ("finetune", FinetuneParams())):
             prof = section.for_profile("tiny")

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from core.errors import ParamsError, StageError
-from core.hashing import hash_tree
+from core.hashing import hash_obj, hash_tree
 from core.params import Params
 from core.registry import code_hash_of
 from models import base
@@ -59,9 +59,15 @@ def resolve(settings: Params, root: Path, cache: Path) -> base.BasePaths:
                           target / "motion_adapter")
 
 
-def fingerprint(paths: base.BasePaths) -> str:
-    """Content hash of every base folder (read in full: a multi-GB SD folder takes seconds)."""
-    from core.hashing import hash_obj
+_FINGERPRINTS: dict[tuple, str] = {}
 
-    return hash_obj({f: hash_tree(Path(getattr(paths, f))) for f in ("sd15", "inpaint", "image_encoder",
-                                                                      "motion_adapter")})
+
+def fingerprint(paths: base.BasePaths) -> str:
+    """Content hash of every base folder. A multi-GB SD folder takes seconds to read, and a flow asks twice per
+    stage (cache key, then the run), so the hash is remembered for as long as no file's size or mtime changes."""
+    folders = {f: Path(getattr(paths, f)) for f in ("sd15", "inpaint", "image_encoder", "motion_adapter")}
+    stamp = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                         for root in folders.values() for p in root.rglob("*") if p.is_file()))
+    if stamp not in _FINGERPRINTS:
+        _FINGERPRINTS[stamp] = hash_obj({f: hash_tree(root) for f, root in folders.items()})
+    return _FINGERPRINTS[stamp]

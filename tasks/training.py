@@ -23,7 +23,10 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from models import base
 from models.sgdm import SGDM
+from tasks.base_models import quiet
+from tasks.training_data import ClipBatches, load_identity
 
 STATE = "train_state"
 
@@ -157,11 +160,6 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                  out: Path, scratch: Path, progress: Any, start: Path | None = None) -> dict[str, Any]:
     """Train the body SGDM and the Face SGDM on `sources` [(identity, ingest dir, render_mesh dir, frames dir)],
     from the base weights or from the checkpoints under `start`; write both to out/body and out/face."""
-    from models import base
-    from models.sgdm import SGDM
-    from tasks.base_models import quiet
-    from tasks.training_data import ClipBatches, load_identity
-
     quiet()
     prof = section.for_profile(settings.profile)
     vae, encoder = base.load_vae(base_paths).eval(), base.load_image_encoder(base_paths).eval()
