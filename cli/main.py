@@ -145,15 +145,22 @@ def onboard(name: Annotated[str, typer.Argument(help="Identity name: a-z, 0-9, '
             and source_file(known).is_file()):
         check_person(video, params.ingest)
 
+    _print_summary(ws, _run_flow(ws, "flows.onboard", "onboard", str(ws.root), name, str(video)))
+
+
+def _run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
+    """A Prefect flow on the workspace's embedded server, with progress bars. Prefect reads its settings when
+    imported, so the flow module is imported only after the environment is set."""
+    import importlib
+
     _prefect_env(ws)
     _start_ephemeral_server()
     from flows import stage_task
-    from flows.onboard import onboard as onboard_flow
 
+    flow = getattr(importlib.import_module(module), name)
     with _progress() as factory:
         stage_task.progress_factory = factory
-        summary = onboard_flow(str(ws.root), name, str(video))
-    _print_summary(ws, summary)
+        return flow(*args)
 
 
 class _progress:
@@ -373,15 +380,7 @@ def ledger(identity: Annotated[str | None, typer.Option(help="Only this identity
 def pretrain() -> None:
     """Stage 1: train the body and face SGDMs once on every onboarded identity (motion modules frozen)."""
     ws = _ws()
-    _prefect_env(ws)
-    _start_ephemeral_server()
-    from flows import stage_task
-    from flows.train import pretrain as pretrain_flow
-
-    with _progress() as factory:
-        stage_task.progress_factory = factory
-        summary = pretrain_flow(str(ws.root))
-    _print_training(summary)
+    _print_training(_run_flow(ws, "flows.train", "pretrain", str(ws.root)))
 
 
 @app.command()
@@ -389,15 +388,7 @@ def finetune(name: Annotated[str, typer.Argument(help="Identity to finetune.")])
     """Stage 2: the identity's own body and face SGDMs, from the pretrained ones (a new version each run)."""
     check_identity_name(name)
     ws = _ws()
-    _prefect_env(ws)
-    _start_ephemeral_server()
-    from flows import stage_task
-    from flows.train import finetune as finetune_flow
-
-    with _progress() as factory:
-        stage_task.progress_factory = factory
-        summary = finetune_flow(str(ws.root), name)
-    _print_training(summary)
+    _print_training(_run_flow(ws, "flows.train", "finetune", str(ws.root), name))
 
 
 def _print_training(summary: dict[str, Any]) -> None:
@@ -434,14 +425,8 @@ def motion_import(
         from tasks import video as vio
 
         vio.probe(motion)
-        _prefect_env(ws)
-        _start_ephemeral_server()
-        from flows import stage_task
-        from flows.motion import import_motion
-
-        with _progress() as factory:
-            stage_task.progress_factory = factory
-            info = import_motion(str(ws.root), identity, str(motion.resolve()), str(target), clip)
+        info = _run_flow(ws, "flows.motion", "import_motion", str(ws.root), identity, str(motion.resolve()),
+                         str(target), clip)
     else:
         from flows.motion import import_motion
 

@@ -84,9 +84,7 @@ def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Pr
 
     keys = {"clip": tab["clip"].to_numpy(), "split": tab["split"].to_numpy(), "frame": tab["frame"].to_numpy()}
     t = len(tab)
-    blocks = {k: result[k] for k in smplx_table.BLOCKS if k in result}
-    blocks["expression"] = result["expression"]
-    smplx_table.write(out / smplx_table.TABLE, keys, blocks)
+    smplx_table.write(out / smplx_table.TABLE, keys, {k: result[k] for k in smplx_table.BLOCKS})
     focal = cfg.focal
     smplx_table.write_identity(out / smplx_table.IDENTITY, {
         "betas": [round(float(b), 6) for b in result["betas"][0]],
