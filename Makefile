@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test lint constraints clean-state help
 
 help:
-	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as identity '$(NAME)' and print a summary"
+	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as '$(NAME)', train, render its held-out clip"
 	@echo "make test                           run the whole test suite"
 	@echo "make lint                           ruff"
 	@echo "make check-system                   the EGL/Mesa libraries the mesh renderer needs"
@@ -44,6 +44,9 @@ check-system:
 demo: check-system $(STAMP)
 	@test -n "$(VIDEO)" || { echo "usage: make demo VIDEO=path/to/video.mp4 [NAME=demo]" >&2; exit 2; }
 	$(BIN)/anchor onboard $(NAME) --video "$(VIDEO)"
+	$(BIN)/anchor pretrain
+	$(BIN)/anchor finetune $(NAME)
+	$(BIN)/anchor render $(NAME) --motion $(NAME):test --out data/renders/$(NAME)-test.mp4
 
 test: check-system $(STAMP)
 	$(BIN)/ruff check .

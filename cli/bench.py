@@ -149,3 +149,83 @@ def train_tiny(steps: int = 20) -> dict[str, Any]:
             out["video_length"] = section.video_length
     out["peak_rss_mb"] = mem.peak_mb
     return out
+
+
+
+def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
+    """A synthetic identity for render_body: the mannequin gesturing for `frames` frames in front of a 512 px
+    camera, a fresh tiny SGDM saved as its checkpoint, and one rendered frame as its reference image."""
+    import cv2
+    import numpy as np
+
+    from models import base, body
+    from models.render import MeshRenderer
+    from tasks import motion, smplx_table, training
+    from tasks.frames import META, frame_name
+
+    ws = Workspace(root / "ws")
+    ws.root.mkdir()
+    ws.params_path.write_text(default_params_yaml())
+    body_file = runner.body_model_path(ws)
+    paths = runner.base_paths(ws)
+    ckpt = root / "finetune" / "body"
+    base.new_sgdm(paths).save_pretrained(ckpt)
+    (ckpt / training.TRAIN_LOG).write_text('{"resolution": 64}\n')
+    t = np.arange(frames, dtype=np.float32)
+    blocks = {k: np.zeros((frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
+    blocks["global_orient"][:, 0] = np.pi  # facing the camera
+    blocks["transl"][:] = (0.0, 0.3, 2.6)
+    blocks["body_pose"][:, 15 * 3 + 2] = -1.2 + 0.3 * np.sin(t / 9)  # left shoulder: arm down, swinging
+    blocks["body_pose"][:, 16 * 3 + 2] = 1.2 + 0.3 * np.cos(t / 7)
+    (root / "motion").mkdir()
+    motion.write(root / "motion" / smplx_table.TABLE, blocks)
+    (root / "fit").mkdir()
+    smplx_table.write_identity(root / "fit" / smplx_table.IDENTITY,
+                               {"betas": [0.0] * 10, "camera": {"focal": 768.0, "size": 512}})
+    ingest = root / "ingest"
+    (ingest / "frames" / "train_000").mkdir(parents=True)
+    (ingest / META).write_text('{"clips": [{"name": "train_000", "split": "train", "frames": 1}]}\n')
+    model = body.load(body_file)
+    with MeshRenderer(model.faces.astype(np.int64), 512) as mesh:
+        import torch
+
+        with torch.no_grad():
+            v = model(**{k: torch.from_numpy(b[:1]) for k, b in blocks.items()}).vertices[0].numpy()
+        cv2.imwrite(str(ingest / "frames" / "train_000" / frame_name(0)), mesh.render(v, body.intrinsics(768, 512)))
+    return {"motion": root / "motion", "finetune": root / "finetune", "smplx_fit": root / "fit", "ingest": ingest,
+            "body_model": body_file, "_ws": ws.root}
+
+
+def _render_mode(frames: int, window: int, overlap: int, steps: int) -> dict[str, Any]:
+    """One render_body run in this (fresh) process: frames/s and this process's peak memory."""
+    from core.params import RenderBodyParams
+    from core.progress import NullProgress
+    from models.overlap import evaluations_per_step
+    from tasks import render_body
+
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
+        root = Path(tmp)
+        inputs = _render_inputs(root, frames)
+        ws = Workspace(inputs.pop("_ws"))
+        params = RenderBodyParams(steps=steps, window=window, overlap=overlap)
+        (root / "out").mkdir()
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            render_body.run(inputs, root / "out", params, NullProgress(), settings=ws.params(),
+                            base=runner.base_paths(ws))
+            seconds = time.perf_counter() - t0
+    return {"fps": round(frames / seconds, 2), "frame_evals_per_step": evaluations_per_step(frames, window, overlap),
+            "peak_rss_mb": mem.peak_mb, "seconds": round(seconds, 1)}
+
+
+def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4) -> dict[str, Any]:
+    """render_body on the tiny profile three ways, each in a fresh process so the peaks do not mix."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    layouts = {"overlapped": (window, overlap), "disjoint": (window, 0), "framewise": (1, 0)}
+    out: dict[str, Any] = {"frames": frames, "steps": steps, "window": window, "overlap": overlap}
+    for mode, (w, o) in layouts.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out[mode] = pool.submit(_render_mode, frames, w, o, steps).result()
+    return out

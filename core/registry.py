@@ -28,6 +28,7 @@ class StageSpec:
     base_models: bool = False  # starts from the profile's base weights (hashed as an input)
     shared: bool = False  # one artifact from every identity's inputs (pretraining), not one per identity
     extra_params: tuple[str, ...] = ()  # further params sections the stage reads (e.g. the model paths)
+    render: bool = False  # owned by a render (identity × motion); reads the identity's artifacts as well
 
     def code_hash(self) -> str:
         return _code_hash((self.module, *self.helpers))

@@ -14,6 +14,7 @@ from core.params import Params, load_params
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+MOTION_KEY_RE = re.compile(r"[0-9a-f]{12}")
 IDENTITIES_FILE = "identities.yaml"
 
 
@@ -34,6 +35,23 @@ def check_identity_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def render_subject(identity: str, motion_key: str) -> str:
+    """The owner of a render's artifacts: one identity driven by one motion (named by the motion's content hash)."""
+    check_identity_name(identity)
+    if not MOTION_KEY_RE.fullmatch(motion_key):
+        raise InputError(f"invalid motion key {motion_key!r}: expected 12 hex digits")
+    return f"{identity}/{motion_key}"
+
+
+def split_render_subject(subject: str) -> tuple[str, str] | None:
+    """(identity, motion key) of a render subject; None for an identity or the shared owner."""
+    if "/" not in subject:
+        return None
+    identity, key = subject.split("/", 1)
+    render_subject(identity, key)
+    return identity, key
 
 
 @dataclass(frozen=True)
@@ -76,9 +94,13 @@ class Workspace:
 
     def artifact_dir(self, stage: str, identity: str) -> Path:
         """data/identities/<identity>/<stage> for data; trained models live apart, under data/checkpoints, so that
-        pretraining can depend on the whole identities tree without depending on its own descendants."""
+        pretraining can depend on the whole identities tree without depending on its own descendants; renders
+        (identity × motion) under data/renders/<identity>/<motion key>/<stage>."""
         if identity == SHARED:
             return self.data / "checkpoints" / stage
+        render = split_render_subject(identity)
+        if render is not None:
+            return self.data / "renders" / render[0] / render[1] / stage
         if stage in CHECKPOINT_STAGES:
             return self.data / "checkpoints" / "identities" / check_identity_name(identity) / stage
         return self.identity_dir(identity) / stage

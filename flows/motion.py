@@ -17,12 +17,25 @@ from core.errors import InputError
 from core.hashing import sha256_file
 from core.workspace import Workspace
 from flows.stage_task import StageRunner
+from models.motion_io import Motion
 from tasks import motion as motion_task
 from tasks.runner import body_model_path
 
 
 def motion_name(video: Path) -> str:
     return f"motion-{sha256_file(video)[:12]}"
+
+
+def fit_video(ws: Workspace, stages: StageRunner, video: Path) -> tuple[Motion, Path]:
+    """A driving video through source → ingest → keypoints → smplx_fit (cached) under its motion name; returns
+    its fit as a motion and its ingest directory (which holds its audio)."""
+    name = motion_name(video)
+    stages.run("source", name, external=video)
+    stages.run("ingest", name)
+    stages.run("keypoints", name)
+    stages.run("smplx_fit", name)
+    ingest = ws.artifact_dir("ingest", name)
+    return motion_task.fit_as_motion(ws.artifact_dir("smplx_fit", name), ingest), ingest
 
 
 @flow(name="import-motion", flow_run_name="motion-{identity}", log_prints=False)
@@ -36,13 +49,8 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
     if motion_task.is_video(path):
         ctx = get_run_context()
         stages = StageRunner(ws, str(ctx.flow_run.id), flow="import-motion")  # type: ignore[union-attr]
-        name = motion_name(path)
-        stages.run("source", name, external=path)
-        stages.run("ingest", name)
-        stages.run("keypoints", name)
-        stages.run("smplx_fit", name)
-        loaded = motion_task.fit_as_motion(ws.artifact_dir("smplx_fit", name), ws.artifact_dir("ingest", name))
-        info["motion_fit"] = ws.rel(ws.artifact_dir("smplx_fit", name))
+        loaded, _ = fit_video(ws, stages, path)
+        info["motion_fit"] = ws.rel(ws.artifact_dir("smplx_fit", motion_name(path)))
     else:
         loaded = motion_task.load_file(path, clip)
     ref = motion_task.reference(fit_dir, body_model_path(ws))

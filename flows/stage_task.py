@@ -29,15 +29,15 @@ class ContentHashPolicy(CachePolicy):
                     **kwargs: Any) -> str | None:
         ws = Workspace(Path(inputs["workspace"]))
         spec = registry.get(inputs["stage"])
-        return runner.cache_key(ws, spec, inputs["identity"], inputs["input_hashes"])
+        return runner.cache_key(ws, spec, inputs["identity"], inputs["input_hashes"], inputs.get("overrides"))
 
 
 @task(name="stage", cache_policy=ContentHashPolicy(), persist_result=True, task_run_name="{stage}[{identity}]")
 def stage_task(workspace: str, stage: str, identity: str, input_hashes: dict[str, str],
-               external: str | None = None) -> dict[str, Any]:
+               external: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
     result = runner.execute(ws, stage, identity, external=Path(external) if external else None,
-                            progress=progress_factory(stage, identity))
+                            progress=progress_factory(stage, identity), overrides=overrides)
     if result.input_hashes != input_hashes:
         raise StageError(f"{stage} of {identity!r}: inputs changed while it ran; run again")
     return result.to_dict()
@@ -56,21 +56,24 @@ class StageRunner:
         self.results: dict[tuple[str, str], dict[str, Any]] = {}
         self.cache_hits: dict[tuple[str, str], bool] = {}
 
-    def _args(self, stage: str, identity: str, external: Path | None) -> dict[str, Any]:
+    def _args(self, stage: str, identity: str, external: Path | None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = registry.get(stage)
         hashes = runner.input_hashes(self.ws, spec, identity, external, check=False)
         return {"workspace": str(self.ws.root), "stage": stage, "identity": identity, "input_hashes": hashes,
-                "external": str(external) if external else None}
+                "external": str(external) if external else None, "overrides": overrides or None}
 
-    def run(self, stage: str, identity: str, external: Path | None = None) -> dict[str, Any]:
-        return self.run_many([stage], identity, {stage: external})[stage]
+    def run(self, stage: str, identity: str, external: Path | None = None,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.run_many([stage], identity, {stage: external}, {stage: overrides or {}})[stage]
 
-    def run_many(self, stages: list[str], identity: str,
-                 external: dict[str, Path | None] | None = None) -> dict[str, dict[str, Any]]:
+    def run_many(self, stages: list[str], identity: str, external: dict[str, Path | None] | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
         """Run independent stages concurrently; a cache hit whose artifact is gone or altered is recomputed."""
         external = external or {}
+        overrides = overrides or {}
         started = {s: (now_iso(), time.perf_counter()) for s in stages}
-        args = {s: self._args(s, identity, external.get(s)) for s in stages}
+        args = {s: self._args(s, identity, external.get(s), overrides.get(s)) for s in stages}
         futures = {s: self.task.submit(**args[s]) for s in stages}
         out: dict[str, dict[str, Any]] = {}
         errors: list[BaseException] = []

@@ -6,6 +6,7 @@ mesh, not a face detector: it exists for every frame whose face is in view, and 
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 # canonical positions in a unit square crop: eyes, nose tip, mouth corners (person's right first, image left)
@@ -44,3 +45,31 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 def align(points5: np.ndarray, size: int) -> np.ndarray:
     """The 2×3 transform from image pixels to a `size` face crop."""
     return similarity(points5.astype(np.float64), TEMPLATE * size)
+
+
+def _resize_map(src: int, dst: int) -> np.ndarray:
+    """Pixel coordinates of an image of side `src` in the same image resized to side `dst` (pixel centres kept)."""
+    k = dst / src
+    return np.array([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5], [0, 0, 1]])
+
+
+def rescale(m: np.ndarray, image_from: int, image_to: int, crop_from: int, crop_to: int) -> np.ndarray:
+    """`m` takes an image of side image_from into a crop of side crop_from; the same crop region for an image of
+    side image_to, sampled at side crop_to."""
+    m3 = np.vstack([m, [0, 0, 1]])
+    return (_resize_map(crop_from, crop_to) @ m3 @ _resize_map(image_to, image_from))[:2]
+
+
+def paste(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray, m: np.ndarray, feather: float) -> np.ndarray:
+    """Blend `crop` (taken from `frame` by the 2×3 `m`) back into the frame inside `mask` (uint8, crop-sized),
+    its edge softened by a Gaussian of `feather` crop pixels. Pixels the mask does not reach are left exactly."""
+    h, w = frame.shape[:2]
+    alpha = mask.astype(np.float32) / 255
+    if feather > 0:
+        alpha = cv2.GaussianBlur(alpha, (0, 0), feather)
+    inv = cv2.invertAffineTransform(m)
+    back = cv2.warpAffine(crop, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    a = cv2.warpAffine(alpha, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    a = a[..., None]
+    out = frame.astype(np.float32) * (1 - a) + back.astype(np.float32) * a
+    return np.where(a > 0, np.round(out), frame).astype(np.uint8)

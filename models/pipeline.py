@@ -76,6 +76,15 @@ def inpaint_inputs(vae: AutoencoderKL, mask: torch.Tensor, masked_image: torch.T
     return torch.cat([_per_video(small, b), latent], dim=1)
 
 
+def initial_latents(shape: tuple[int, ...], generator: torch.Generator, shared: bool = False) -> torch.Tensor:
+    """Gaussian noise (B, C, F, h, w). `shared`: one draw repeated over the frames (the official code's choice)."""
+    if shared:
+        b, c, _, h, w = shape
+        one = torch.randn((b, c, 1, h, w), generator=generator, device=generator.device)
+        return one.expand(shape).contiguous()
+    return torch.randn(shape, generator=generator, device=generator.device)
+
+
 def predict_noise(model: SGDM, latents: torch.Tensor, t: torch.Tensor | int, tokens: torch.Tensor,
                   cond: torch.Tensor, guidance: float, control_scale: float,
                   inpaint_extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,8 +120,7 @@ def sample(model: SGDM, vae: AutoencoderKL, scheduler: DDIMScheduler, tokens: to
     sched = type(scheduler).from_config(scheduler.config)  # the caller's scheduler keeps its own timesteps
     sched.set_timesteps(steps, device=p.device)
     shape = (b, vae.config.latent_channels, f, height // factor, width // factor)
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(p.device, p.dtype)
-    latents = latents * sched.init_noise_sigma
+    latents = initial_latents(shape, generator).to(p.device, p.dtype) * sched.init_noise_sigma
     for t in sched.timesteps:
         eps = predict_noise(model, sched.scale_model_input(latents, t), t, tokens, cond, guidance, control_scale,
                             extra)

@@ -37,6 +37,25 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("finetune", "tasks.finetune", inputs=("ingest", "render_mesh", "pretrain"), params="finetune",
                   extra_params=("models",), base_models=True, helpers=_TRAINING,
                   description="stage 2: the identity's own body and face SGDMs from the pretrained ones"),
+        # A render: one identity driven by one motion; owned by `<identity>/<motion key>` (data/renders/...).
+        StageSpec("motion", "tasks.motion", external_input="motion", in_dvc=False, render=True,
+                  helpers=("tasks.smplx_table",),
+                  description="the motion a render follows (SMPL-X per frame, fitted to the identity) and its audio"),
+        StageSpec("render_body", "tasks.render_body", inputs=("motion", "finetune", "smplx_fit", "ingest"),
+                  params="render_body", in_dvc=False, render=True, body_model=True, base_models=True,
+                  extra_params=("models", "render_mesh"),
+                  helpers=(*_TRAINING, "models.overlap", "models.body", "models.render", "tasks.render_mesh"),
+                  description="batch-overlapped temporal denoising over the whole motion (Algorithm 1)"),
+        StageSpec("face", "tasks.face",
+                  inputs=("motion", "render_body", "finetune", "smplx_fit", "ingest", "render_mesh"),
+                  params="face", in_dvc=False, render=True, body_model=True, base_models=True,
+                  extra_params=("models", "render_mesh"),
+                  helpers=(*_TRAINING, "models.overlap", "models.body", "models.render", "models.face_align",
+                           "tasks.render_mesh", "tasks.render_body"),
+                  description="face crop → Face SGDM inpainting → feathered blend; hidden faces pass through"),
+        StageSpec("assemble", "tasks.assemble", inputs=("motion", "render_body", "face"), params="assemble",
+                  in_dvc=False, render=True, helpers=("tasks.motion", "tasks.render_body", "tasks.face"),
+                  description="H.264 mp4 at 30 fps with the driving audio; render.json says what shaped it"),
     )
 }
 

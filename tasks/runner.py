@@ -30,7 +30,7 @@ from core.monitor import PeakRSS
 from core.params import Section
 from core.progress import NullProgress, Progress
 from core.registry import StageSpec
-from core.workspace import SHARED, Workspace, check_identity_name
+from core.workspace import SHARED, Workspace, check_identity_name, split_render_subject
 from models.base import BasePaths
 from tasks import base_models, body_model, registry
 
@@ -57,8 +57,17 @@ def module_of(spec: StageSpec) -> Any:
     return importlib.import_module(spec.module)
 
 
-def _section(ws: Workspace, spec: StageSpec) -> Section | None:
-    return ws.params().section(spec.params) if spec.params else None
+def _section(ws: Workspace, spec: StageSpec, overrides: dict[str, Any] | None = None) -> Section | None:
+    """The stage's params section, with per-run `overrides` (e.g. `anchor render --seed`) validated like the file."""
+    if not spec.params:
+        return None
+    section = ws.params().section(spec.params)
+    if overrides:
+        try:
+            section = type(section).model_validate({**section.model_dump(), **overrides})
+        except ValueError as exc:
+            raise StageError(f"{spec.params}: invalid override {overrides}: {exc}") from None
+    return section
 
 
 def resolve_path(ws: Workspace, value: str) -> Path:
@@ -86,8 +95,15 @@ def input_dirs(ws: Workspace, spec: StageSpec, identity: str) -> dict[str, tuple
             for name in spec.inputs:
                 out[f"{name}@{ident}"] = (name, ident, ws.artifact_dir(name, ident))
         return out
+    render = split_render_subject(identity) if spec.render else None
     for name in spec.inputs:
-        owner = SHARED if registry.get(name).shared else identity
+        upstream = registry.get(name)
+        if upstream.shared:
+            owner = SHARED
+        elif render is not None and not upstream.render:
+            owner = render[0]  # a render reads its identity's models and fit
+        else:
+            owner = identity
         out[name] = (name, owner, ws.artifact_dir(name, owner))
     return out
 
@@ -129,26 +145,36 @@ def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path |
     if spec.external_input:
         if external is None:
             raise StageError(f"stage {spec.name} needs --{spec.external_input}")
-        hashes[spec.external_input] = sha256_file(external)
+        hashes[spec.external_input] = hash_tree(external) if external.is_dir() else sha256_file(external)
     return hashes
 
 
-def cache_key(ws: Workspace, spec: StageSpec, identity: str, hashes: dict[str, str]) -> str:
-    section = _section(ws, spec)
+def cache_key(ws: Workspace, spec: StageSpec, identity: str, hashes: dict[str, str],
+              overrides: dict[str, Any] | None = None) -> str:
+    section = _section(ws, spec, overrides)
     return spec.cache_key(identity, section.digest() if section else None, hashes)
 
 
-def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None = None,
-            progress: Progress | None = None) -> StageResult:
-    """Compute the artifact of `stage` for `identity` from its current inputs and params, atomically."""
-    spec = registry.get(stage)
+def check_owner(spec: StageSpec, identity: str) -> str:
+    """The artifact owner the stage takes: the shared owner, a render subject, or an identity name."""
     if spec.shared:
         if identity not in (SHARED, ""):
-            raise StageError(f"{stage} is built from all identities at once; run it without an identity")
-        identity = SHARED
-    else:
-        check_identity_name(identity)
-    section = _section(ws, spec)
+            raise StageError(f"{spec.name} is built from all identities at once; run it without an identity")
+        return SHARED
+    if spec.render:
+        if split_render_subject(identity) is None:
+            raise StageError(f"{spec.name} belongs to a render: use `anchor render IDENTITY --motion ...`")
+        return identity
+    return check_identity_name(identity)
+
+
+def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None = None,
+            progress: Progress | None = None, overrides: dict[str, Any] | None = None) -> StageResult:
+    """Compute the artifact of `stage` for `identity` from its current inputs and params, atomically.
+    `overrides` replace values of the stage's params section for this run (and its cache key)."""
+    spec = registry.get(stage)
+    identity = check_owner(spec, identity)
+    section = _section(ws, spec, overrides)
     params_hash = section.digest() if section else None
     hashes = input_hashes(ws, spec, identity, external)
     key = spec.cache_key(identity, params_hash, hashes)

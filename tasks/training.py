@@ -29,6 +29,15 @@ from tasks.base_models import quiet
 from tasks.training_data import ClipBatches, load_identity
 
 STATE = "train_state"
+TRAIN_LOG = "train_log.json"  # beside each checkpoint: the resolution it was trained at, and its losses
+
+
+def trained_resolution(checkpoint: Path) -> int:
+    """The frame side a checkpoint was trained at: sampling must use the same."""
+    try:
+        return int(json.loads((checkpoint / TRAIN_LOG).read_text())["resolution"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise FileNotFoundError(f"{checkpoint}: no {TRAIN_LOG} with the training resolution ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -182,8 +191,11 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
         result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
         model.save_pretrained(out / which)
         losses = result["losses"]
-        (out / which / "train_log.json").write_text(json.dumps({"started_at_step": result["started_at_step"],
-                                                                 "losses": losses}) + "\n")
+        res = int(prof["face_resolution" if face else "resolution"])
+        (out / which / TRAIN_LOG).write_text(json.dumps({"profile": settings.profile, "resolution": res,
+                                                         "video_length": section.video_length,
+                                                         "started_at_step": result["started_at_step"],
+                                                         "losses": losses}) + "\n")
         k = max(1, len(losses) // 10)
         summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
                           "identities": sum(i is not None for i in ids),

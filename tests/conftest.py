@@ -67,6 +67,36 @@ def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cut_clip(shared_video("anchor_seated_hevc.mp4"), out, 63, 360, 640)
 
 
+ONBOARDED_ID = "demo"
+
+
+@pytest.fixture(scope="session")
+def onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Path:
+    """A workspace (TEST_PARAMS) with the short clip onboarded as `demo` up to render_mesh: a template that tests
+    copy with `copy_workspace` rather than onboard again."""
+    from core.workspace import Workspace
+    from tasks import runner
+
+    ws = Workspace(make_workspace(tmp_path_factory.mktemp("onboarded") / "ws"))
+    ws.register_identity(ONBOARDED_ID)
+    runner.execute(ws, "source", ONBOARDED_ID, external=short_video)
+    for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"):
+        runner.execute(ws, stage, ONBOARDED_ID)
+    return ws.root
+
+
+def copy_workspace(template: Path, dest: Path, overrides: dict | None = None) -> Path:
+    """A private copy of a template workspace, with params sections updated by `overrides`."""
+    import shutil
+
+    shutil.copytree(template, dest, symlinks=True)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness

@@ -570,8 +570,11 @@ def test_cache_key_uses_params_digest() -> None:
 
 
 def test_downstream() -> None:
+    render = ["render_body", "face", "assemble"]
     assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain",
-                                    "finetune"]
-    assert downstream("matting") == ["pretrain", "finetune"]
-    assert downstream("smplx_fit") == ["perturb", "render_mesh", "pretrain", "finetune"]
-    assert downstream("finetune") == []
+                                    "finetune", *render]
+    assert downstream("matting") == ["pretrain", "finetune", *render]
+    assert downstream("smplx_fit") == ["perturb", "render_mesh", "pretrain", "finetune", *render]
+    assert downstream("finetune") == render
+    assert downstream("motion") == render
+    assert downstream("assemble") == []

@@ -1,0 +1,105 @@
+"""Render one identity driven by one motion: motion → render_body → face → assemble, then copy the video out.
+
+A render's artifacts live under data/renders/<identity>/<motion key>/, where the key is the content hash of the
+staged motion (its SMPL-X parameters and audio), so the same identity, motion and params render once: a second run
+is all cache hits. `--seed` and `--no-face` are per-run overrides of the params sections, part of the cache key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.context import get_run_context
+
+from core.errors import InputError
+from core.workspace import Workspace, check_identity_name, render_subject
+from flows.motion import fit_video
+from flows.stage_task import StageRunner
+from tasks import assemble
+from tasks import motion as motion_task
+from tasks.runner import body_model_path
+
+TEST_SUFFIX = ":test"
+
+
+def _require(ws: Workspace, stage: str, identity: str, how: str) -> Path:
+    art = ws.artifact_dir(stage, identity)
+    if not (art / "manifest.json").is_file():
+        raise InputError(f"identity {identity!r} has no {stage} yet: {how}")
+    return art
+
+
+def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
+                 frames: int | None) -> tuple[str, Path]:
+    """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory)."""
+    fit = _require(ws, "smplx_fit", identity, f"run `anchor onboard {identity} --video ...`")
+    staging = ws.state / "motions"
+    if spec.endswith(TEST_SUFFIX):
+        other = check_identity_name(spec[: -len(TEST_SUFFIX)])
+        other_fit = _require(ws, "smplx_fit", other, f"run `anchor onboard {other} --video ...`")
+        other_ingest = ws.artifact_dir("ingest", other)
+        audio = other_ingest / "audio.wav"
+        if other == identity:
+            blocks, start = motion_task.held_out(fit, other_ingest)  # its own fit: no retargeting
+            info = {"kind": "held_out", "source": spec}
+        else:
+            _, start = motion_task.held_out(other_fit, other_ingest)
+            loaded = motion_task.fit_as_motion(other_fit, other_ingest, split="test")
+            blocks, described = motion_task.prepare(loaded, motion_task.reference(fit, body_model_path(ws)))
+            info = {"kind": "other_identity", "source": spec, **described}
+        return motion_task.stage(staging, blocks, info, audio, start, frames)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise InputError(f"--motion {spec}: expected NAME:test, a video file or a motion file; no such file")
+    ref = motion_task.reference(fit, body_model_path(ws))
+    if motion_task.is_video(path):
+        loaded, ingest = fit_video(ws, stages, path.resolve())
+        blocks, described = motion_task.prepare(loaded, ref)
+        info = {"kind": "video", "source": str(path.resolve()), **described}
+        return motion_task.stage(staging, blocks, info, ingest / "audio.wav", 0.0, frames)
+    blocks, described = motion_task.prepare(motion_task.load_file(path), ref)
+    info = {"kind": "file", "source": str(path.resolve()), **described}
+    return motion_task.stage(staging, blocks, info, None, 0.0, frames)
+
+
+def copy_out(video: Path, out: Path) -> None:
+    """Copy beside the target and rename, so a reader never sees half a video."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.copyfile(video, tmp)
+    tmp.replace(out)
+
+
+@flow(name="render", flow_run_name="render-{identity}", log_prints=False)
+def render(workspace: str, identity: str, motion: str, out: str | None = None, frames: int | None = None,
+           seed: int | None = None, face: bool = True) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    check_identity_name(identity)
+    _require(ws, "finetune", identity, f"run `anchor pretrain` and `anchor finetune {identity}`")
+    ctx = get_run_context()
+    stages = StageRunner(ws, str(ctx.flow_run.id), flow="render")  # type: ignore[union-attr]
+    key, staged = stage_motion(ws, stages, identity, motion, frames)
+    subject = render_subject(identity, key)
+    seeded = {"seed": seed} if seed is not None else {}
+    stages.run("motion", subject, external=staged)
+    stages.run("render_body", subject, overrides=seeded)
+    stages.run("face", subject, overrides={**seeded, **({} if face else {"enabled": False})})
+    result = stages.run("assemble", subject)
+    video = ws.root / result["path"] / assemble.VIDEO
+    if out:
+        copy_out(video, Path(out))
+    return {
+        "identity": identity,
+        "motion": motion,
+        "motion_key": key,
+        "run_id": stages.run_id,
+        "video": str(Path(out).resolve()) if out else str(video),
+        "artifact": result["path"],
+        "summary": result["summary"],
+        "stages": {stage: {**res, "cache_hit": stages.cache_hits[(stage, ident)]}
+                   for (stage, ident), res in stages.results.items()},
+    }
