@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.errors import AnchorError
@@ -271,7 +272,8 @@ def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor
             raise
     runner.record(ws, run_id=run_id, flow=flow, stage=stage, identity=identity, status="completed",
                   cache_hit=False, result=result.to_dict())
-    out.print(f"{stage}[{identity}] → {result.path}  {result.output_hash[:12]}  {result.duration_s:.1f} s")
+    out.print(f"{stage}[{identity}] → {result.path}  {result.output_hash[:12]}  {result.duration_s:.1f} s",
+              markup=False, highlight=False)
 
 
 @stage_app.command("list")
@@ -348,7 +350,8 @@ def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or dire
         return
     for i, step in enumerate(steps):
         mark = "ok" if step["verified"] else "[red]MODIFIED[/red]"
-        out.print(f"{'  ' * i}[bold]{step['stage']}[/bold] [{step['identity']}] {step['path']}  {mark}")
+        where = escape(f"[{step['identity']}] {step['path']}")
+        out.print(f"{'  ' * i}[bold]{step['stage']}[/bold] {where}  {mark}")
         out.print(f"{'  ' * i}  output {step['output_hash'][:16]}  params {step['params_section']} "
                   f"{(step['params_hash'] or '-')[:12]}  code {step['code_version'].get('commit', '?')[:12]}"
                   f"{'+dirty' if step['code_version'].get('dirty') else ''}  at {step['finished_at']}")
@@ -421,13 +424,13 @@ def render(
     out.print(f"{s['frames']} frames at {s['fps']} fps, audio {'yes' if s['audio'] else 'no'}, "
               f"{s['faces_enhanced']} faces enhanced; model {str(s['model_version'])[:12]}, "
               f"motion {str(s['motion_hash'])[:12]}")
-    out.print(f"video: {summary['video']}", highlight=False, soft_wrap=True)
+    out.print(f"video: {summary['video']}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_training(summary: dict[str, Any]) -> None:
     for key, res in summary["stages"].items():
         status = "cached" if res["cache_hit"] else f"ran {res.get('duration_s', 0):.1f} s"
-        out.print(f"{key}: {status} → {res['path']}")
+        out.print(f"{key}: {status} → {res['path']}", markup=False, highlight=False)
         for which in ("body", "face"):
             s = (res.get("summary") or {}).get(which)
             if s:

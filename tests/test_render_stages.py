@@ -20,7 +20,7 @@ from core.artifacts import read_manifest
 from core.errors import InputError, StageError
 from core.workspace import SHARED, Workspace, render_subject
 from tasks import motion as motion_task
-from tasks import runner
+from tasks import runner, smplx_table
 from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace
 
 pytestmark = pytest.mark.slow
@@ -176,3 +176,46 @@ def test_anchor_render_command_caches_and_copies_the_video_out(ws: Workspace, tm
     assert missing.returncode != 0 and "no such file" in missing.stderr
     stranger = _cli(ws, "render", "nobody", "--motion", "nobody:test")
     assert stranger.returncode != 0 and "has no finetune yet" in stranger.stderr
+
+
+def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path) -> None:
+    import shutil
+
+    from flows.render import stage_motion
+
+    own, _ = _held_out(ws)
+    key, staged = stage_motion(ws, None, ID, f"{ID}:test", None)  # type: ignore[arg-type]
+    _, blocks = smplx_table.read(staged / smplx_table.TABLE)
+    assert all(np.array_equal(blocks[k], own[k]) for k in own)  # its own fit, not retargeted
+    assert motion_task.read_info(staged)["kind"] == "held_out"
+    assert stage_motion(ws, None, ID, f"{ID}:test", None)[0] == key  # content-addressed: same motion, same key
+    assert stage_motion(ws, None, ID, f"{ID}:test", 5)[0] != key
+
+    # another identity's held-out clips (a copy of this one's artifacts under a second name) are retargeted
+    for stage in ("ingest", "smplx_fit"):
+        shutil.copytree(ws.artifact_dir(stage, ID), ws.artifact_dir(stage, "other"))
+    _, other = stage_motion(ws, None, ID, "other:test", None)  # type: ignore[arg-type]
+    info = motion_task.read_info(other)
+    assert info["kind"] == "other_identity" and info["frames"] == 19
+    _, moved = smplx_table.read(other / smplx_table.TABLE)
+    assert np.allclose(moved["body_pose"], own["body_pose"], atol=1e-5)  # the same person: the pose carries over
+
+    # a motion file (this project's own fit format)
+    path = tmp_path / "dance.parquet"
+    motion_task.write(path, own)
+    _, staged_file = stage_motion(ws, None, ID, str(path), None)  # type: ignore[arg-type]
+    assert motion_task.read_info(staged_file)["kind"] == "file"
+    with pytest.raises(InputError, match="no such file"):
+        stage_motion(ws, None, ID, str(tmp_path / "missing.npz"), None)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="has no smplx_fit yet"):
+        stage_motion(ws, None, ID, "nobody:test", None)  # type: ignore[arg-type]
+
+
+def test_training_commands_run_the_flows(ws: Workspace) -> None:
+    done = _cli(ws, "finetune", ID)
+    assert done.returncode == 0, done.stderr
+    assert f"finetune[{ID}]: ran" in done.stdout and "body: 2 steps (from 0)" in done.stdout
+    again = _cli(ws, "finetune", ID)
+    assert again.returncode == 0 and f"finetune[{ID}]: cached" in again.stdout, again.stdout + again.stderr
+    bad = _cli(ws, "finetune", "Not A Name")
+    assert bad.returncode != 0 and "invalid identity name" in bad.stderr
