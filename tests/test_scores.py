@@ -1,0 +1,57 @@
+"""Landmark distance and flicker on synthetic inputs with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.scores import landmark_distance, temporal_flicker
+
+
+def test_known_offset_gives_the_offset() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0, 512, (30, 21, 2))
+    moved = real + np.array([3.0, 4.0])  # 5 px away everywhere
+    assert landmark_distance(moved, real)["mean_px"] == pytest.approx(5.0)
+    assert landmark_distance(real, real)["mean_px"] == 0.0
+
+
+def test_points_missing_on_either_side_are_left_out() -> None:
+    real = np.zeros((4, 3, 2))
+    gen = np.full((4, 3, 2), 2.0)  # every point 2√2 away ...
+    gen[0, 0] = (30.0, 40.0)  # ... but this one 50 px away
+    gen[1] = np.nan  # a frame where the generated part was not found
+    real[2, 1] = np.nan  # a point the real frame lacks
+    res = landmark_distance(gen, real)
+    assert res["points"] == 12 - 3 - 1 and res["frames"] == 3
+    assert res["mean_px"] == pytest.approx((50 + 7 * 2 * np.sqrt(2)) / 8)
+
+
+def test_hand_outliers_are_dropped_by_the_rule_and_counted() -> None:
+    real = np.zeros((5, 21, 2))
+    gen = np.ones((5, 21, 2))  # √2 px
+    gen[3] += 100.0  # a swapped hand: ~143 px
+    kept = landmark_distance(gen, real, outlier=50.0)
+    assert kept["dropped_frames"] == 1 and kept["frames"] == 4
+    assert kept["mean_px"] == pytest.approx(np.sqrt(2))
+    assert landmark_distance(gen, real)["mean_px"] > 20
+
+
+def test_shape_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match="of one shape"):
+        landmark_distance(np.zeros((2, 3, 2)), np.zeros((2, 4, 2)))
+
+
+def test_flicker_is_zero_when_the_change_matches_and_measures_added_flicker() -> None:
+    rng = np.random.default_rng(1)
+    real = [rng.integers(0, 200, (8, 8, 3), dtype=np.uint8) for _ in range(6)]
+    same_change = [(f.astype(int) + 20).astype(np.uint8) for f in real]  # brighter, but changes identically
+    res = temporal_flicker(same_change, real)
+    assert res["flicker"] == pytest.approx(0.0, abs=1e-7)
+    assert res["change_generated"] == pytest.approx(res["change_real"])
+    steady = [np.full((8, 8, 3), 100, np.uint8)] * 6
+    blinking = [np.full((8, 8, 3), 100 + 51 * (i % 2), np.uint8) for i in range(6)]
+    res = temporal_flicker(blinking, steady)
+    assert res["flicker"] == pytest.approx(51 / 255) and res["change_real"] == 0.0
+    with pytest.raises(ValueError):
+        temporal_flicker(steady[:3], steady)
