@@ -160,6 +160,18 @@ class AssembleParams(Section):
     audio: bool = Field(True, description="mux the driving audio when the motion has some")
 
 
+class MetricsParams(Section):
+    """Scores of a render against the real frames of the same motion (paper Table I, DESIGN §7)."""
+
+    inception_weights: str | None = Field(None, description="local FID Inception-v3 weights (pytorch-fid's "
+                                          "pt_inception-2015-12-05-6726825d.pth); empty = FID not computed")
+    i3d_weights: str | None = Field(None, description="local TorchScript I3D for FVD (i3d_torchscript.pt); empty = "
+                                    "FVD not computed")
+    hand_outlier: float = Field(0.1, gt=0, le=1, description="a hand whose mean landmark distance exceeds this "
+                                "share of the frame side counts as a detector failure and is left out of LMD hand")
+    workers: int = Field(1, ge=1, le=64, description="MediaPipe processes")
+
+
 PROFILES = ("tiny", "cpu", "sd15")
 
 
@@ -237,6 +249,7 @@ class Params(BaseModel):
     render_body: RenderBodyParams = RenderBodyParams()
     face: FaceParams = FaceParams()
     assemble: AssembleParams = AssembleParams()
+    metrics: MetricsParams = MetricsParams()
 
     def section(self, name: str) -> Section:
         value = getattr(self, name)

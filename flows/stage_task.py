@@ -59,7 +59,7 @@ class StageRunner:
     def _args(self, stage: str, identity: str, external: Path | None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = registry.get(stage)
-        hashes = runner.input_hashes(self.ws, spec, identity, external, check=False)
+        hashes = runner.input_hashes(self.ws, spec, identity, external, check=False, overrides=overrides)
         return {"workspace": str(self.ws.root), "stage": stage, "identity": identity, "input_hashes": hashes,
                 "external": str(external) if external else None, "overrides": overrides or None}
 

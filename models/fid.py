@@ -13,6 +13,7 @@ loading path as the real weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -57,11 +58,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
 
     product = s1 @ s2
-    root = scipy.linalg.sqrtm(product)
+    with warnings.catch_warnings():  # a singular product (fewer samples than dims) is handled just below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(product)
     if not np.isfinite(root).all() or _sqrtm_residual(root, product) > 1e-4:
         offset = np.eye(d) * eps
         product = (s1 + offset) @ (s2 + offset)
-        root = scipy.linalg.sqrtm(product)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            root = scipy.linalg.sqrtm(product)
     if not np.isfinite(root).all():
         raise ValueError("matrix square root of the covariance product is not finite, even with eps·I added")
     if np.iscomplexobj(root):

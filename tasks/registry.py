@@ -56,6 +56,11 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("assemble", "tasks.assemble", inputs=("motion", "render_body", "face"), params="assemble",
                   in_dvc=False, render=True, helpers=("tasks.motion", "tasks.render_body", "tasks.face"),
                   description="H.264 mp4 at 30 fps with the driving audio; render.json says what shaped it"),
+        StageSpec("metrics", "tasks.metrics", inputs=("motion", "render_body", "face", "ingest", "keypoints"),
+                  params="metrics", in_dvc=False, render=True, weight_params=("inception_weights", "i3d_weights"),
+                  helpers=("models.fid", "models.fvd", "models.scores", "tasks.keypoints", "tasks.render_body",
+                           "tasks.face"),
+                  description="FID, FVD, landmark distance face/body/hand, flicker against the real frames"),
     )
 }
 

@@ -114,7 +114,7 @@ def extra_params_digest(ws: Workspace, spec: StageSpec) -> str:
 
 
 def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path | None = None,
-                 check: bool = True) -> dict[str, str]:
+                 check: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, str]:
     """Content hashes of everything the stage reads; with `check`, each upstream artifact is re-hashed first."""
     hashes: dict[str, str] = {}
     for key, (name, owner, art) in input_dirs(ws, spec, identity).items():
@@ -130,7 +130,7 @@ def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path |
         hashes[key] = manifest["output_hash"]
     if spec.extra_params:
         hashes["params:" + "+".join(("profile", *spec.extra_params))] = extra_params_digest(ws, spec)
-    section = _section(ws, spec)
+    section = _section(ws, spec, overrides)
     for param in spec.weight_params:
         value = getattr(section, param, None)
         if value:
@@ -176,7 +176,7 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
     identity = check_owner(spec, identity)
     section = _section(ws, spec, overrides)
     params_hash = section.digest() if section else None
-    hashes = input_hashes(ws, spec, identity, external)
+    hashes = input_hashes(ws, spec, identity, external, overrides=overrides)
     key = spec.cache_key(identity, params_hash, hashes)
     target = ws.artifact_dir(stage, identity)
     sweep_partials(target.parent, target.name)

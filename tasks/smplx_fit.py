@@ -7,6 +7,7 @@ points against the raw detections'.
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,30 @@ def report(projected: np.ndarray, targets: fitting.Targets, segs: list[tuple[int
     out["jitter_fit_px"], out["jitter_detections_px"] = round(jf, 4), round(jd, 4)
     out["jitter_ratio"] = round(jf / jd, 4) if jd > 0 else None
     return out
+
+
+ERRORS = "fit_error.csv"  # per frame, for the report's plot (DVC plots format: one row per frame)
+
+
+def write_errors(path: Path, projected: np.ndarray, targets: fitting.Targets, keys: dict[str, np.ndarray],
+                 size: int) -> None:
+    """Median reprojection error per part and frame, % of the crop; empty where a part was not detected."""
+    ok = targets.conf > 0
+    err = np.linalg.norm(projected - targets.xy, axis=-1)
+    columns = {}
+    for k, part in enumerate(fitting.PARTS):
+        sel = targets.part == k
+        e = np.where(ok[:, sel], err[:, sel], np.nan)
+        with np.errstate(all="ignore"):
+            columns[part] = np.nanmedian(np.where(np.isnan(e).all(1, keepdims=True), 0, e), axis=1) * 100 / size
+        columns[part][~ok[:, sel].any(1)] = np.nan
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "clip", "frame", *(f"{p}_pct" for p in fitting.PARTS)])
+        for i in range(len(err)):
+            writer.writerow([i, keys["clip"][i], int(keys["frame"][i]),
+                             *("" if np.isnan(columns[p][i]) else round(float(columns[p][i]), 4)
+                               for p in fitting.PARTS)])
 
 
 def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Progress) -> dict[str, Any]:
@@ -93,6 +118,7 @@ def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Pr
         "axes": "OpenCV camera coordinates: x right, y down, z forward; camera at the origin",
     })
     summary = report(result["projected"], targets, segs, size)
+    write_errors(out / ERRORS, result["projected"], targets, keys, size)
     summary.update({"frames": t, "clips": len(segs), "fit_seconds": round(seconds, 3),
                     "fit_fps": round(t / seconds, 2) if seconds > 0 else None,
                     "betas": [round(float(b), 4) for b in result["betas"][0]], "focal_px": focal})

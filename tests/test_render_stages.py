@@ -43,8 +43,8 @@ def _held_out(ws: Workspace) -> tuple[dict[str, np.ndarray], float]:
 
 
 def _render(ws: Workspace, blocks: dict[str, np.ndarray], audio: Path | None = None,
-            overrides: dict[str, dict] | None = None) -> str:
-    key, staged = motion_task.stage(ws.state / "motions", blocks, {"kind": "test"}, audio)
+            overrides: dict[str, dict] | None = None, kind: str = "test") -> str:
+    key, staged = motion_task.stage(ws.state / "motions", blocks, {"kind": kind}, audio)
     subject = render_subject(ID, key)
     runner.execute(ws, "motion", subject, external=staged)
     for stage in ("render_body", "face", "assemble"):
@@ -219,3 +219,46 @@ def test_training_commands_run_the_flows(ws: Workspace) -> None:
     assert again.returncode == 0 and f"finetune[{ID}]: cached" in again.stdout, again.stdout + again.stderr
     bad = _cli(ws, "finetune", "Not A Name")
     assert bad.returncode != 0 and "invalid identity name" in bad.stderr
+
+
+def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp_path: Path) -> None:
+    import torch
+
+    from models import fid
+
+    blocks, _ = _held_out(ws)
+    subject = _render(ws, blocks, kind="held_out")
+    result = runner.execute(ws, "metrics", subject)
+    art = ws.artifact_dir("metrics", subject)
+    data = json.loads((art / "metrics.json").read_text())
+    assert data["fid"] == {"value": None, "note": data["fid"]["note"]}
+    assert data["fid"]["note"].startswith("not computed: no Inception weights")
+    assert data["fvd"]["note"].startswith("not computed: no I3D weights")
+    assert "OpenPose" in data["detector"] and "0.1 of the frame side" in data["hand_outlier_rule"]
+    for part in ("face", "body", "hand"):
+        row = data[f"lmd_{part}"]
+        assert (row["value"] is None and row["note"].startswith("not computed")) or row["value"] >= 0
+    assert set(data["detection_rate_generated"]) == {"body", "face", "left_hand", "right_hand"}
+    assert data["flicker"]["value"] >= 0 and data["flicker"]["change_real"] > 0
+    assert len((art / "lmd_per_frame.csv").read_text().splitlines()) == 1 + 19
+    assert result.summary["ground_truth"] is True
+
+    # with a (small, random) Inception network saved to disk, FID is a number from the same loading code
+    weights = tmp_path / "inception.pth"
+    torch.manual_seed(0)
+    torch.save(fid.InceptionV3Pool(width=0.125).state_dict(), weights)
+    scored = runner.execute(ws, "metrics", subject, overrides={"inception_weights": str(weights)})
+    assert scored.summary["fid"] is not None and scored.summary["fid"] >= 0
+    assert any(i.get("param") == "metrics.inception_weights" for i in read_manifest(art)["inputs"])
+
+
+def test_metrics_of_a_foreign_motion_are_not_computed(ws: Workspace, tmp_path: Path) -> None:
+    blocks, _ = _held_out(ws)
+    key, staged = motion_task.stage(ws.state / "motions", {k: v[:6] for k, v in blocks.items()},
+                                    {"kind": "file"}, None)
+    subject = render_subject(ID, key)
+    runner.execute(ws, "motion", subject, external=staged)
+    for stage in ("render_body", "face", "metrics"):
+        runner.execute(ws, stage, subject)
+    data = json.loads((ws.artifact_dir("metrics", subject) / "metrics.json").read_text())
+    assert all(data[k]["note"].startswith("not computed: no ground truth") for k in ("fid", "fvd", "lmd_body"))

@@ -69,6 +69,14 @@ def test_fit_report_and_outputs(fitted: Workspace) -> None:
     facing = Rotation.from_rotvec(blocks["global_orient"]).apply(forward)
     assert (facing[:, 2] < -0.8).all()
     assert (blocks["transl"][:, 2] > 0.5).all()
+    # the per-frame error table behind the report's plot: one row per frame, its median near the summary's
+    import pandas as pd
+
+    errors = pd.read_csv(art / "fit_error.csv")
+    assert list(errors.columns) == ["index", "clip", "frame", "body_pct", "hands_pct", "face_pct"]
+    assert len(errors) == 63 and errors["index"].tolist() == list(range(63))
+    assert errors["body_pct"].notna().all()
+    assert errors["body_pct"].median() == pytest.approx(s["error_pct"]["body"], rel=0.5)
 
 
 def test_fit_manifest_records_the_body_model(fitted: Workspace) -> None:

@@ -1,0 +1,164 @@
+"""metrics: a render scored against the real frames of the same motion (paper Table I, DESIGN §7).
+
+Ground truth exists when the render follows the identity's own held-out clips: the real frames are the ingest
+crops of those clips, their landmarks the keypoints stage's. For any other motion every row says why it was not
+computed. FID and FVD run the standard networks from local weight files named in params.yaml; without them the
+row says "not computed: …", never a number. LMD uses MediaPipe Holistic (the paper used OpenPose) on the generated
+frames, compared with the real frames' landmarks in crop pixels; flicker compares frame-to-frame change.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.params import MetricsParams
+from core.progress import Progress
+from models import fid, fvd, scores
+from tasks import face, keypoints, motion, render_body
+from tasks.frames import clip_frame_paths, frame_name, read_meta
+from tasks.workers import run_parallel
+
+RESULT = "metrics.json"
+PER_FRAME = "lmd_per_frame.csv"
+PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
+
+
+def generated_frames(inputs: dict[str, Path], n: int) -> list[Path]:
+    """The render's final frames: the face stage's where it redid the face, else render_body's."""
+    body_dir, face_dir = inputs["render_body"] / render_body.FRAMES, inputs["face"] / face.FRAMES
+    return [face_dir / frame_name(i, "png") if (face_dir / frame_name(i, "png")).is_file()
+            else body_dir / frame_name(i, "png") for i in range(n)]
+
+
+def real_frames(ingest: Path, n: int) -> list[Path]:
+    clips = sorted((c for c in read_meta(ingest)["clips"] if c["split"] == "test"), key=lambda c: c["start"])
+    return [p for c in clips for p in clip_frame_paths(ingest, c)][:n]
+
+
+def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
+    """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found."""
+    out = np.full((len(rows), k, 2), np.nan)
+    for t, row in enumerate(rows):
+        value = row[part] if isinstance(row, dict) else row
+        if value is not None:
+            arr = np.asarray(value, np.float64)
+            out[t] = arr.reshape(k, -1)[:, :2]
+    return out
+
+
+def _real_landmarks(keypoints_dir: Path, ingest: Path, n: int) -> list[dict[str, Any]]:
+    table = keypoints.load(keypoints_dir).to_pylist()
+    order = {c["name"]: c["start"] for c in read_meta(ingest)["clips"] if c["split"] == "test"}
+    rows = sorted((r for r in table if r["clip"] in order), key=lambda r: (order[r["clip"]], r["frame"]))
+    return rows[:n]
+
+
+def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]], side: int, hand_outlier: float
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """LMD per part (mean px at the crop side, and % of it), and per frame for the plot."""
+    out: dict[str, Any] = {}
+    per_frame: list[dict[str, Any]] = [{"frame": t} for t in range(len(real))]
+    for name, (part, k) in PARTS.items():
+        if name == "hand":
+            results = [scores.landmark_distance(_points(generated, p, k), _points(real, p, k),
+                                                outlier=hand_outlier * side) for p in part]
+            pts = sum(r["points"] for r in results)
+            mean = sum(r["mean_px"] * r["points"] for r in results if r["points"]) / pts if pts else float("nan")
+            res = {"mean_px": mean, "points": pts, "frames": sum(r["frames"] for r in results),
+                   "dropped_frames": sum(r["dropped_frames"] for r in results)}
+        else:
+            g, r = _points(generated, part, k), _points(real, part, k)
+            res = scores.landmark_distance(g, r)
+            d = np.linalg.norm(g - r, axis=-1)
+            for t in range(len(real)):
+                row_ok = np.isfinite(d[t])
+                per_frame[t][f"lmd_{name}_px"] = round(float(d[t][row_ok].mean()), 4) if row_ok.any() else ""
+        value = res["mean_px"]
+        out[f"lmd_{name}"] = ({"value": round(value, 4), "pct": round(100 * value / side, 4), "frames": res["frames"],
+                               **({"dropped_frames": res["dropped_frames"]} if name == "hand" else {})}
+                              if np.isfinite(value) else {"value": None,
+                                                          "note": f"not computed: no {name} found in both videos"})
+    return out, per_frame
+
+
+def _detect(paths: list[Path], side: int, workers: int, progress: Progress) -> list[dict[str, Any]]:
+    """MediaPipe Holistic on the generated frames (in spawned workers, as the keypoints stage), in crop pixels."""
+    params = {"model_complexity": 1, "refine_face_landmarks": True, "min_detection_confidence": 0.5,
+              "min_tracking_confidence": 0.5}
+    job = ({"name": "generated", "split": "test", "start": 0}, [str(p) for p in paths], side, params)
+    progress.start("metrics: landmarks on generated frames", len(paths))
+    return run_parallel(keypoints._clip, [job], workers, progress)[0]
+
+
+def _not(reason: str) -> dict[str, Any]:
+    return {"value": None, "note": f"not computed: {reason}"}
+
+
+def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Progress) -> dict[str, Any]:
+    info = motion.read_info(inputs["motion"])
+    n = int(info["frames"])
+    gen_paths = generated_frames(inputs, n)
+    result: dict[str, Any] = {"frames": n, "motion": info.get("source"), "detector": "MediaPipe Holistic "
+                              "(the paper used OpenPose)", "hand_outlier_rule": f"a hand whose mean distance exceeds "
+                              f"{params.hand_outlier:g} of the frame side is a detector failure and left out"}
+    if info.get("kind") != "held_out":
+        reason = "no ground truth: the motion is not the identity's own held-out clips"
+        for key in ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker"):
+            result[key] = _not(reason)
+        (out / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return {"ground_truth": False}
+
+    side = int(read_meta(inputs["ingest"])["resolution"])
+    real_paths = real_frames(inputs["ingest"], n)
+    res = render_body.read_image(gen_paths[0]).shape[0]
+
+    def gen_images() -> list[np.ndarray]:
+        return [render_body.read_image(p) for p in gen_paths]
+
+    def real_images() -> list[np.ndarray]:
+        return [render_body.read_image(p, res) for p in real_paths]  # the real frames at the render's size
+
+    generated_lm = _detect(gen_paths, side, params.workers, progress)
+    lmd, per_frame = landmark_scores(generated_lm, _real_landmarks(inputs["keypoints"], inputs["ingest"], n), side,
+                                     params.hand_outlier)
+    result.update(lmd)
+    found = {part: round(sum(r[part] is not None for r in generated_lm) / n, 4)
+             for part in ("body", "face", "left_hand", "right_hand")}
+    result["detection_rate_generated"] = found
+    flick = scores.temporal_flicker(iter(gen_images()), iter(real_images())) if n > 1 else None
+    result["flicker"] = ({"value": round(flick["flicker"], 6), "change_generated": round(flick["change_generated"], 6),
+                          "change_real": round(flick["change_real"], 6)} if flick else _not("one frame"))
+
+    progress.start("metrics: FID / FVD", 2)
+    if params.inception_weights is None:
+        result["fid"] = _not("no Inception weights (set metrics.inception_weights to pytorch-fid's file)")
+    else:
+        net = fid.load_inception(inputs["inception_weights"])
+        g, r = fid.inception_features(net, gen_images()), fid.inception_features(net, real_images())
+        result["fid"] = {"value": round(fid.frechet_distance(*fid.statistics(g), *fid.statistics(r)), 4),
+                         "frames": n}
+    progress.advance(1)
+    if params.i3d_weights is None:
+        result["fvd"] = _not("no I3D weights (set metrics.i3d_weights to the TorchScript I3D file)")
+    elif n < 2 * fvd.CLIP_LENGTH:
+        result["fvd"] = _not(f"{n} frames make fewer than two {fvd.CLIP_LENGTH}-frame clips")
+    else:
+        net = fvd.load_i3d(inputs["i3d_weights"])
+        g = fvd.i3d_features(net, fvd.clips_of(gen_images()))
+        r = fvd.i3d_features(net, fvd.clips_of(real_images()))
+        result["fvd"] = {"value": round(fvd.fvd(g, r), 4), "clips": len(g)}
+    progress.advance(1)
+
+    (out / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    with open(out / PER_FRAME, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["frame", "lmd_face_px", "lmd_body_px"])
+        writer.writeheader()
+        writer.writerows(per_frame)
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in result.items()
+            if k in ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker")} | {"ground_truth": True}
+
