@@ -570,7 +570,7 @@ def test_cache_key_uses_params_digest() -> None:
 
 
 def test_downstream() -> None:
-    render = ["render_body", "face", "assemble"]
+    render = ["render_body", "face", "assemble", "metrics"]
     assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain",
                                     "finetune", *render]
     assert downstream("matting") == ["pretrain", "finetune", *render]
