@@ -113,14 +113,25 @@ class RenderMeshParams(Section):
     workers: int = Field(2, ge=1, le=64, description="threads encoding images")
 
 
-class RenderBodyParams(Section):
+class _Windows(Section):
+    """Algorithm 1's window layout, shared by the body and face denoising."""
+
+    window: int = Field(16, ge=1, le=128, description="frames per denoising window")
+    overlap: int = Field(4, ge=0, le=127, description="frames shared by neighbouring windows")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> _Windows:
+        if self.overlap >= self.window:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
+        return self
+
+
+class RenderBodyParams(_Windows):
     """Algorithm 1 over the whole motion. Paper defaults: window 16, overlap 4, 20 DDIM steps, CFG 3.5, W_c 2."""
 
     steps: int = Field(20, ge=1, le=1000, description="DDIM steps")
     guidance: float = Field(3.5, ge=1, le=20, description="classifier-free guidance scale on the reference image")
     control_scale: float = Field(2.0, ge=0, le=10, description="W_c, weight of the mesh branch")
-    window: int = Field(16, ge=1, le=128, description="frames per denoising window")
-    overlap: int = Field(4, ge=0, le=127, description="frames shared by neighbouring windows")
     noise: Literal["independent", "shared"] = Field(
         "independent", description="initial noise per frame: independent (default: training noised every frame "
         "independently, and so were the frozen motion modules) or shared, one draw for all frames as the official "
@@ -128,30 +139,16 @@ class RenderBodyParams(Section):
     reference_frame: int = Field(0, ge=0, description="index of the identity's training frame used as reference")
     seed: int = Field(0, ge=0)
 
-    @model_validator(mode="after")
-    def _overlap(self) -> RenderBodyParams:
-        if self.overlap >= self.window:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
-        return self
 
-
-class FaceParams(Section):
+class FaceParams(_Windows):
     """Algorithm 2: crop the generated face, inpaint it with the Face SGDM, blend it back."""
 
     enabled: bool = Field(True, description="false: frames pass through unchanged (`anchor render --no-face`)")
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(3.5, ge=1, le=20)
     control_scale: float = Field(2.0, ge=0, le=10)
-    window: int = Field(16, ge=1, le=128)
-    overlap: int = Field(4, ge=0, le=127)
     feather: float = Field(0.06, ge=0, le=0.5, description="blend edge width, share of the face crop side")
     seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _overlap(self) -> FaceParams:
-        if self.overlap >= self.window:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
-        return self
 
 
 class AssembleParams(Section):

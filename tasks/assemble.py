@@ -21,8 +21,8 @@ from core.hashing import sha256_file
 from core.params import AssembleParams
 from core.progress import Progress
 from models.motion_io import FIT_FPS
-from tasks import face, motion, render_body
-from tasks.frames import frame_name
+from tasks import face, motion
+from tasks.frames import read_rgb
 
 VIDEO = "video.mp4"
 RECORD = "render.json"
@@ -42,7 +42,7 @@ def _audio(container: av.container.OutputContainer, wav: Path) -> tuple[Any, np.
 
 def encode(frames: list[Path], out: Path, params: AssembleParams, wav: Path | None, progress: Progress) -> int:
     """Frames (PNG paths, in order) → H.264 mp4; returns the number of video frames written."""
-    first = render_body.read_image(frames[0])
+    first = read_rgb(frames[0])
     h, w = first.shape[:2]
     with av.open(str(out), "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=FPS)
@@ -52,7 +52,7 @@ def encode(frames: list[Path], out: Path, params: AssembleParams, wav: Path | No
         audio = _audio(container, wav) if wav is not None else None
         progress.start("encoding video", len(frames))
         for i, path in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(render_body.read_image(path), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(read_rgb(path), format="rgb24")
             frame.pts = i
             for packet in video.encode(frame):
                 container.mux(packet)
@@ -77,9 +77,8 @@ def encode(frames: list[Path], out: Path, params: AssembleParams, wav: Path | No
 def run(inputs: dict[str, Path], out: Path, params: AssembleParams, progress: Progress) -> dict[str, Any]:
     info = motion.read_info(inputs["motion"])
     n = int(info["frames"])
-    body_dir, face_dir = inputs["render_body"] / render_body.FRAMES, inputs["face"] / face.FRAMES
-    frames = [face_dir / frame_name(i, "png") if (face_dir / frame_name(i, "png")).is_file()
-              else body_dir / frame_name(i, "png") for i in range(n)]
+    frames = face.final_frames(inputs["render_body"], inputs["face"], n)
+    face_dir = inputs["face"] / face.FRAMES
     wav = inputs["motion"] / motion.AUDIO
     use_audio = params.audio and wav.is_file()
     encode(frames, out / VIDEO, params, wav if use_audio else None, progress)

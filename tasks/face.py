@@ -29,7 +29,7 @@ from models.render import MeshRenderer
 from models.sgdm import SGDM
 from tasks import render_body, smplx_table
 from tasks.base_models import quiet
-from tasks.frames import frame_name, read_meta
+from tasks.frames import frame_name, read_meta, read_rgb, write_png
 from tasks.render_mesh import FACES, face_state, head_faces, pose_chunks
 from tasks.training import trained_resolution
 
@@ -47,6 +47,13 @@ def _write_table(out: Path, reasons: list[str | None], transforms: list[np.ndarr
         "transform": pa.array([None if m is None else m.ravel().astype(np.float32).tolist() for m in transforms],
                               pa.list_(pa.float32())),
     }), out / TABLE)
+
+
+def final_frames(render_body_dir: Path, face_dir: Path, n: int) -> list[Path]:
+    """A render's finished frames: this stage's where it redid the face, render_body's everywhere else."""
+    body, redone = render_body_dir / render_body.FRAMES, face_dir / FRAMES
+    return [redone / frame_name(i, "png") if (redone / frame_name(i, "png")).is_file()
+            else body / frame_name(i, "png") for i in range(n)]
 
 
 def runs(visible: list[bool]) -> list[slice]:
@@ -71,7 +78,7 @@ def reference_face(ingest_dir: Path, render_dir: Path, fres: int) -> np.ndarray:
     row = rows.iloc[0]
     m = np.asarray(row["transform"], np.float64).reshape(2, 3)
     size = cv2.imread(str(render_dir / "face" / row["clip"] / frame_name(int(row["frame"]), "png"))).shape[0]
-    full = render_body.read_image(ingest_dir / "frames" / row["clip"] / frame_name(int(row["frame"])))
+    full = read_rgb(ingest_dir / "frames" / row["clip"] / frame_name(int(row["frame"])))
     crop = cv2.warpAffine(full, m, (size, size), flags=cv2.INTER_LINEAR)
     return cv2.resize(crop, (fres, fres), interpolation=cv2.INTER_AREA)
 
@@ -85,7 +92,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         return {"frames": n, "enhanced": 0, "disabled": True}
     quiet()
     generated = inputs["render_body"] / render_body.FRAMES
-    res = render_body.read_image(generated / frame_name(0, "png")).shape[0]
+    res = read_rgb(generated / frame_name(0, "png")).shape[0]
     checkpoint = inputs["finetune"] / "face"
     fres = trained_resolution(checkpoint)
     fsize = settings.render_mesh.face_size
@@ -113,7 +120,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                     crop = cv2.warpAffine(image, m, (fsize, fsize), flags=cv2.INTER_LINEAR)
                     crop = cv2.resize(crop, (fres, fres), interpolation=cv2.INTER_AREA)
                     if sub == COND:
-                        render_body.write_png(out / sub / name, crop)
+                        write_png(out / sub / name, crop)
                     elif not cv2.imwrite(str(out / sub / name), crop):
                         raise OSError(f"cannot write {out / sub / name}")
                 reasons.append(None)
@@ -138,7 +145,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     def crops(w: slice) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         frames, faces, masks = [], [], []
         for i in range(w.start, w.stop):
-            frame = render_body.read_image(generated / frame_name(i, "png"))
+            frame = read_rgb(generated / frame_name(i, "png"))
             frames.append(frame)
             faces.append(cv2.warpAffine(frame, transforms[i], (fres, fres), flags=cv2.INTER_LINEAR))
             mask = cv2.imread(str(out / MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
@@ -158,7 +165,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 
         def predict(x: torch.Tensor, t: torch.Tensor, w: slice, start: int = run_.start,
                     extra_t: torch.Tensor = extra_t) -> torch.Tensor:
-            cond = render_body.to_tensor([render_body.read_image(out / COND / frame_name(start + i, "png"))
+            cond = render_body.to_tensor([read_rgb(out / COND / frame_name(start + i, "png"))
                                           for i in range(w.start, w.stop)])
             return pipeline.predict_noise(face_model, x, t, tokens, cond, params.guidance, params.control_scale,
                                           extra_t[:, :, w])
@@ -174,7 +181,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
             frames, _, masks = crops(at)
             for k, i in enumerate(range(at.start, at.stop)):
                 blended = face_align.paste(frames[k], new[k], masks[k], transforms[i], feather)
-                render_body.write_png(out / FRAMES / frame_name(i, "png"), blended)
+                write_png(out / FRAMES / frame_name(i, "png"), blended)
     return {"frames": n, "enhanced": sum(r is None for r in reasons), "runs": len(stretches),
             "resolution": fres, "missing": _count(reasons)}
 

@@ -30,11 +30,20 @@ def write_png_gray(path: Path, gray: np.ndarray) -> None:
     path.write_bytes(buf.tobytes())
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
+    """RGB uint8; resized to size × size with INTER_AREA (as the training data is) when `size` is given."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise OSError(f"cannot read image {path}")
+    if size is not None and img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Lossless RGB frame (fast compression: these are intermediate frames)."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        raise OSError(f"cannot write {path}")
 
 
 def read_meta(ingest_dir: Path) -> dict[str, Any]:

@@ -19,20 +19,13 @@ import numpy as np
 from core.params import MetricsParams
 from core.progress import Progress
 from models import fid, fvd, scores
-from tasks import face, keypoints, motion, render_body
-from tasks.frames import clip_frame_paths, frame_name, read_meta
+from tasks import face, keypoints, motion
+from tasks.frames import clip_frame_paths, read_meta, read_rgb
 from tasks.workers import run_parallel
 
 RESULT = "metrics.json"
 PER_FRAME = "lmd_per_frame.csv"
 PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
-
-
-def generated_frames(inputs: dict[str, Path], n: int) -> list[Path]:
-    """The render's final frames: the face stage's where it redid the face, else render_body's."""
-    body_dir, face_dir = inputs["render_body"] / render_body.FRAMES, inputs["face"] / face.FRAMES
-    return [face_dir / frame_name(i, "png") if (face_dir / frame_name(i, "png")).is_file()
-            else body_dir / frame_name(i, "png") for i in range(n)]
 
 
 def real_frames(ingest: Path, n: int) -> list[Path]:
@@ -102,7 +95,7 @@ def _not(reason: str) -> dict[str, Any]:
 def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Progress) -> dict[str, Any]:
     info = motion.read_info(inputs["motion"])
     n = int(info["frames"])
-    gen_paths = generated_frames(inputs, n)
+    gen_paths = face.final_frames(inputs["render_body"], inputs["face"], n)
     result: dict[str, Any] = {"frames": n, "motion": info.get("source"), "detector": "MediaPipe Holistic "
                               "(the paper used OpenPose)", "hand_outlier_rule": f"a hand whose mean distance exceeds "
                               f"{params.hand_outlier:g} of the frame side is a detector failure and left out"}
@@ -115,13 +108,13 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
 
     side = int(read_meta(inputs["ingest"])["resolution"])
     real_paths = real_frames(inputs["ingest"], n)
-    res = render_body.read_image(gen_paths[0]).shape[0]
+    res = read_rgb(gen_paths[0]).shape[0]
 
     def gen_images() -> list[np.ndarray]:
-        return [render_body.read_image(p) for p in gen_paths]
+        return [read_rgb(p) for p in gen_paths]
 
     def real_images() -> list[np.ndarray]:
-        return [render_body.read_image(p, res) for p in real_paths]  # the real frames at the render's size
+        return [read_rgb(p, res) for p in real_paths]  # the real frames at the render's size
 
     generated_lm = _detect(gen_paths, side, params.workers, progress)
     lmd, per_frame = landmark_scores(generated_lm, _real_landmarks(inputs["keypoints"], inputs["ingest"], n), side,

@@ -24,7 +24,7 @@ from models.render import MeshRenderer
 from models.sgdm import SGDM
 from tasks import smplx_table
 from tasks.base_models import quiet
-from tasks.frames import frame_name, read_meta
+from tasks.frames import frame_name, read_meta, read_rgb, write_png
 from tasks.render_mesh import pose_chunks
 from tasks.training import trained_resolution
 
@@ -38,21 +38,6 @@ def camera(fit_dir: Path, settings: Params) -> tuple[np.ndarray, int, np.ndarray
     cam = ident["camera"]
     side = settings.render_mesh.resolution or int(cam["size"])
     return np.asarray(ident["betas"], np.float32)[None], side, body.intrinsics(cam["focal"] * side / cam["size"], side)
-
-
-def read_image(path: Path, size: int | None = None) -> np.ndarray:
-    """RGB uint8, resized (INTER_AREA, as the training data) when `size` is given."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise StageError(f"cannot read {path}")
-    if size is not None and img.shape[:2] != (size, size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(img[:, :, ::-1])
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-        raise OSError(f"cannot write {path}")
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -108,10 +93,10 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
     model = SGDM.from_pretrained(checkpoint).eval()
     vae, encoder, scheduler = load_vae(base).eval(), load_image_encoder(base).eval(), load_scheduler(base)
     ref = reference_path(inputs["ingest"], params.reference_frame)
-    tokens = pipeline.encode_reference(encoder, to_tensor([read_image(ref, res)])[:, :, 0])
+    tokens = pipeline.encode_reference(encoder, to_tensor([read_rgb(ref, res)])[:, :, 0])
 
     def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
-        cond = to_tensor([read_image(out / COND / frame_name(i, "png")) for i in range(w.start, w.stop)])
+        cond = to_tensor([read_rgb(out / COND / frame_name(i, "png")) for i in range(w.start, w.stop)])
         return pipeline.predict_noise(model, x, t, tokens, cond, params.guidance, params.control_scale)
 
     f = pipeline.vae_factor(vae)
