@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test lint constraints clean-state help
 
 help:
-	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as '$(NAME)', train, render its held-out clip"
+	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as '$(NAME)', train, render and report its held-out clip"
 	@echo "make test                           run the whole test suite"
 	@echo "make lint                           ruff"
 	@echo "make check-system                   the EGL/Mesa libraries the mesh renderer needs"
@@ -47,6 +47,7 @@ demo: check-system $(STAMP)
 	$(BIN)/anchor pretrain
 	$(BIN)/anchor finetune $(NAME)
 	$(BIN)/anchor render $(NAME) --motion $(NAME):test --out data/renders/$(NAME)-test.mp4
+	@test -f data/reports/$(NAME)/report.html && echo "report: $(CURDIR)/data/reports/$(NAME)/report.html"
 
 test: check-system $(STAMP)
 	$(BIN)/ruff check .

@@ -108,7 +108,7 @@ def init(directory: Annotated[Path, typer.Argument(help="Directory to make a wor
         _dvc(root, "config", "core.analytics", "false")
     for path, text in ((ws.params_path, default_params_yaml()),
                        (ws.identities_path, "identities: []\n"),
-                       (root / ".gitignore", ".anchor/\ndata/renders/\n")):
+                       (root / ".gitignore", ".anchor/\ndata/renders/\ndvc_plots/\n")):
         if not path.exists():
             path.write_text(text)
     ws.dvc_yaml.write_text(render(STAGES.values()))
@@ -251,7 +251,10 @@ def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor
     from tasks import registry, runner
 
     ws = _ws()
-    if registry.get(stage).shared:
+    spec = registry.get(stage)
+    if spec.command and spec.external_input:
+        raise InputError(f"{stage} is made by `{spec.command.format(item=identity or 'NAME')}`")
+    if spec.shared:
         if identity:
             raise InputError(f"{stage} is built from all identities at once: run `anchor stage run {stage}`")
         identity = SHARED
@@ -387,11 +390,37 @@ def pretrain() -> None:
 
 
 @app.command()
-def finetune(name: Annotated[str, typer.Argument(help="Identity to finetune.")]) -> None:
-    """Stage 2: the identity's own body and face SGDMs, from the pretrained ones (a new version each run)."""
+def finetune(name: Annotated[str, typer.Argument(help="Identity to finetune.")],
+             evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Then render the held-out "
+                                                    "clips, score them and write the report.")] = True) -> None:
+    """Stage 2: the identity's own body and face SGDMs, from the pretrained ones; then its evaluation report."""
     check_identity_name(name)
     ws = _ws()
-    _print_training(_run_flow(ws, "flows.train", "finetune", str(ws.root), name))
+    summary = _run_flow(ws, "flows.train", "finetune", str(ws.root), name, evaluate)
+    _print_training(summary)
+    if "report" in summary:
+        _print_report(summary["report_summary"], summary["report"])
+
+
+@app.command()
+def evaluate(name: Annotated[str, typer.Argument(help="Identity to evaluate (finetuned).")]) -> None:
+    """Render NAME's own held-out clips, score them (FID, FVD, LMD, flicker) and write data/reports/NAME/."""
+    check_identity_name(name)
+    ws = _ws()
+    under_dvc = bool(os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"))  # dvc repro records outputs itself
+    summary = _run_flow(ws, "flows.evaluate", "evaluate", str(ws.root), name, not under_dvc)
+    for key, res in summary["stages"].items():
+        status = "cached" if res["cache_hit"] else f"ran {res.get('duration_s', 0):.1f} s"
+        out.print(f"{key}: {status}", markup=False, highlight=False)
+    _print_report(summary["summary"], summary["report"])
+
+
+def _print_report(summary: dict[str, Any], path: str) -> None:
+    shown = []
+    for key, value in summary.get("metrics", {}).items():
+        shown.append(f"{key} {value:.4g}" if isinstance(value, int | float) else f"{key} not computed")
+    out.print(f"held-out {summary.get('frames')} frames: " + ", ".join(shown), markup=False, highlight=False)
+    out.print(f"report: {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

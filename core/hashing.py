@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+# Written by DVC beside the files it tracks one by one (a report's outs sit inside its artifact), never by a stage.
+NOT_CONTENT = frozenset({MANIFEST, ".gitignore"})
 _CHUNK = 1 << 20
 
 
@@ -34,8 +36,8 @@ def hash_obj(obj: Any) -> str:
 
 
 def artifact_files(root: Path) -> list[Path]:
-    """Files that make up an artifact's content: everything but its manifest, in a stable order."""
-    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != MANIFEST]
+    """Files that make up an artifact's content: everything but its manifest (and DVC's .gitignore), stably ordered."""
+    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in NOT_CONTENT]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

@@ -169,6 +169,13 @@ class MetricsParams(Section):
     workers: int = Field(1, ge=1, le=64, description="MediaPipe processes")
 
 
+class ReportParams(Section):
+    """The per-identity report (data/reports/<identity>/): what a person opens after onboarding and training."""
+
+    frames_per_clip: int = Field(3, ge=1, le=12, description="sample frames shown per held-out clip in the grid")
+    thumbnail: int = Field(192, ge=64, le=512, description="side of each image in the grid and contact sheet, px")
+
+
 PROFILES = ("tiny", "cpu", "sd15")
 
 
@@ -247,6 +254,7 @@ class Params(BaseModel):
     face: FaceParams = FaceParams()
     assemble: AssembleParams = AssembleParams()
     metrics: MetricsParams = MetricsParams()
+    report: ReportParams = ReportParams()
 
     def section(self, name: str) -> Section:
         value = getattr(self, name)

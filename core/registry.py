@@ -29,6 +29,10 @@ class StageSpec:
     shared: bool = False  # one artifact from every identity's inputs (pretraining), not one per identity
     extra_params: tuple[str, ...] = ()  # further params sections the stage reads (e.g. the model paths)
     render: bool = False  # owned by a render (identity × motion); reads the identity's artifacts as well
+    command: str | None = None  # dvc.yaml's cmd when not `anchor stage run` ({item} = the identity)
+    dvc_outs: tuple[str, ...] = ()  # files of the artifact DVC tracks one by one (so metrics/plots sit beside them)
+    dvc_metrics: tuple[str, ...] = ()  # files of the artifact that are DVC metrics (`dvc metrics show/diff`)
+    dvc_plots: tuple[str, ...] = ()  # files or folders of the artifact that are DVC plots (x = the "frame" column)
 
     def code_hash(self) -> str:
         return _code_hash((self.module, *self.helpers))

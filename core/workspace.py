@@ -25,6 +25,8 @@ SHARED = "_shared"
 
 # Per-identity stages whose artifacts are model checkpoints (kept under data/checkpoints/identities/<id>/).
 CHECKPOINT_STAGES = frozenset({"finetune"})
+# Per-identity stages read by people rather than by stages (kept under data/reports/<id>/, the artifact itself).
+REPORT_STAGES = frozenset({"report"})
 
 
 def check_identity_name(name: str) -> str:
@@ -95,7 +97,8 @@ class Workspace:
     def artifact_dir(self, stage: str, identity: str) -> Path:
         """data/identities/<identity>/<stage> for data; trained models live apart, under data/checkpoints, so that
         pretraining can depend on the whole identities tree without depending on its own descendants; renders
-        (identity × motion) under data/renders/<identity>/<motion key>/<stage>."""
+        (identity × motion) under data/renders/<identity>/<motion key>/<stage>; an identity's report is
+        data/reports/<identity>."""
         if identity == SHARED:
             return self.data / "checkpoints" / stage
         render = split_render_subject(identity)
@@ -103,6 +106,8 @@ class Workspace:
             return self.data / "renders" / render[0] / render[1] / stage
         if stage in CHECKPOINT_STAGES:
             return self.data / "checkpoints" / "identities" / check_identity_name(identity) / stage
+        if stage in REPORT_STAGES:
+            return self.data / "reports" / check_identity_name(identity)
         return self.identity_dir(identity) / stage
 
     def rel(self, path: Path) -> str:

@@ -74,32 +74,44 @@ def copy_out(video: Path, out: Path) -> None:
     tmp.replace(out)
 
 
-@flow(name="render", flow_run_name="render-{identity}", log_prints=False)
-def render(workspace: str, identity: str, motion: str, out: str | None = None, frames: int | None = None,
-           seed: int | None = None, face: bool = True) -> dict[str, Any]:
-    ws = Workspace(Path(workspace))
-    check_identity_name(identity)
+def render_stages(ws: Workspace, stages: StageRunner, identity: str, motion: str, frames: int | None = None,
+                  seed: int | None = None, face: bool = True) -> tuple[str, dict[str, Any]]:
+    """motion → render_body → face → assemble for `identity` (finetuned); returns (render subject, assemble's
+    result). The evaluation flow renders the held-out clips through here too, so both share one cache."""
     _require(ws, "finetune", identity, f"run `anchor pretrain` and `anchor finetune {identity}`")
-    ctx = get_run_context()
-    stages = StageRunner(ws, str(ctx.flow_run.id), flow="render")  # type: ignore[union-attr]
     key, staged = stage_motion(ws, stages, identity, motion, frames)
     subject = render_subject(identity, key)
     seeded = {"seed": seed} if seed is not None else {}
     stages.run("motion", subject, external=staged)
     stages.run("render_body", subject, overrides=seeded)
     stages.run("face", subject, overrides={**seeded, **({} if face else {"enabled": False})})
-    result = stages.run("assemble", subject)
+    return subject, stages.run("assemble", subject)
+
+
+def stage_summary(stages: StageRunner, qualified: bool = False) -> dict[str, dict[str, Any]]:
+    """Results by stage (`stage[owner]` when `qualified`: a flow that runs stages of several owners)."""
+    return {f"{stage}[{ident}]" if qualified else stage: {**res, "cache_hit": stages.cache_hits[(stage, ident)]}
+            for (stage, ident), res in stages.results.items()}
+
+
+@flow(name="render", flow_run_name="render-{identity}", log_prints=False)
+def render(workspace: str, identity: str, motion: str, out: str | None = None, frames: int | None = None,
+           seed: int | None = None, face: bool = True) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    check_identity_name(identity)
+    ctx = get_run_context()
+    stages = StageRunner(ws, str(ctx.flow_run.id), flow="render")  # type: ignore[union-attr]
+    subject, result = render_stages(ws, stages, identity, motion, frames, seed, face)
     video = ws.root / result["path"] / assemble.VIDEO
     if out:
         copy_out(video, Path(out))
     return {
         "identity": identity,
         "motion": motion,
-        "motion_key": key,
+        "motion_key": subject.split("/")[1],
         "run_id": stages.run_id,
         "video": str(Path(out).resolve()) if out else str(video),
         "artifact": result["path"],
         "summary": result["summary"],
-        "stages": {stage: {**res, "cache_hit": stages.cache_hits[(stage, ident)]}
-                   for (stage, ident), res in stages.results.items()},
+        "stages": stage_summary(stages),
     }

@@ -9,8 +9,10 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from core.workspace import SHARED, Workspace
+from flows.evaluate import evaluation
 from flows.stage_task import StageRunner
 from flows.versioning import commit_identity, commit_shared
+from tasks.report import HTML as REPORT_HTML
 
 
 def _runner(ws: Workspace, name: str) -> StageRunner:
@@ -34,8 +36,14 @@ def pretrain(workspace: str) -> dict[str, Any]:
 
 
 @flow(name="finetune", flow_run_name="finetune-{identity}", log_prints=False)
-def finetune(workspace: str, identity: str) -> dict[str, Any]:
+def finetune(workspace: str, identity: str, evaluate: bool = True) -> dict[str, Any]:
+    """Then, unless told not to, the evaluation protocol: the held-out clips rendered, scored and reported."""
     ws = Workspace(Path(workspace))
     stages = _runner(ws, "finetune")
     stages.run("finetune", identity)
-    return _summary(stages, commit_identity(ws, identity))
+    report = evaluation(ws, stages, identity) if evaluate else None
+    out = _summary(stages, commit_identity(ws, identity))
+    if report is not None:
+        out["report"] = str(ws.root / report["path"] / REPORT_HTML)
+        out["report_summary"] = report["summary"]
+    return out

@@ -62,6 +62,17 @@ STAGES: dict[str, StageSpec] = {
                   helpers=("models.fid", "models.fvd", "models.scores", "tasks.keypoints", "tasks.face",
                            "tasks.frames"),
                   description="FID, FVD, landmark distance face/body/hand, flicker against the real frames"),
+        # An identity's report: reads its artifacts and the render of its own held-out clips (`anchor evaluate`).
+        StageSpec("report", "tasks.report",
+                  inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh",
+                          "finetune"),
+                  params="report", external_input="evaluation", body_model=True,
+                  extra_params=("models", "render_mesh", "render_body", "face", "assemble", "metrics"),
+                  command="anchor evaluate {item}", dvc_outs=("report.html", "manifest.json"),
+                  dvc_metrics=("metrics.json",), dvc_plots=("contact_sheet.png", "plots"),
+                  helpers=("tasks.metrics", "tasks.face", "tasks.render_body", "tasks.frames", "tasks.keypoints",
+                           "tasks.motion", "tasks.training", "core.ledger"),
+                  description="the identity's HTML report: held-out renders scored, fit, detection, time per stage"),
     )
 }
 

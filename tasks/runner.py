@@ -194,6 +194,8 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
         kwargs["settings"] = ws.params()
     if spec.base_models:
         kwargs["base"] = base_paths(ws)
+    if getattr(module_of(spec), "READS_LEDGER", False):
+        kwargs["ledger_dir"] = ws.ledger_dir  # a report shows how long the runs that made its inputs took
     if getattr(module_of(spec), "RESUMABLE", False):
         # partial work (e.g. training state) survives a kill under the cache key, outside the atomic artifact
         kwargs["scratch"] = ws.state / "scratch" / stage / identity / key[:16]

@@ -14,7 +14,7 @@ from core.dvcfile import render
 from core.errors import InputError, ParamsError
 from core.hashing import MANIFEST, hash_tree
 from core.params import IngestParams, MattingParams, Params, default_params_yaml, load_params, parse_params
-from core.workspace import IDENTITIES_FILE, Workspace, check_identity_name
+from core.workspace import IDENTITIES_FILE, SHARED, Workspace, check_identity_name
 from tasks.registry import STAGES, downstream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +185,17 @@ def test_hash_tree_equal_for_equal_trees(tmp_path: Path) -> None:
     a = make_tree(tmp_path / "a")
     b = make_tree(tmp_path / "b")
     assert hash_tree(a) == hash_tree(b)
+
+
+def test_hash_tree_leaves_out_the_manifest_and_dvcs_gitignore_only(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "a")
+    before = hash_tree(root)
+    (root / MANIFEST).write_text("{}")
+    (root / ".gitignore").write_text("/report.html\n")  # DVC writes it beside outs tracked one by one
+    assert hash_tree(root) == before
+    (root / "sub" / ".gitignore").parent.mkdir(exist_ok=True)
+    (root / "sub" / ".gitignore").write_text("x\n")  # only the artifact's own top level is DVC's
+    assert hash_tree(root) != before
 
 
 def test_hash_tree_changes_when_one_byte_flips(tmp_path: Path) -> None:
@@ -525,15 +536,23 @@ def test_render_stages() -> None:
             continue
         assert stage["foreach"] == "${identities}"
         do = stage["do"]
-        assert do["cmd"] == f"anchor stage run {name} ${{item}}"
-        assert do["deps"] == [f"data/checkpoints/{up}" if STAGES[up].shared else f"data/identities/${{item}}/{up}"
-                              for up in spec.inputs]
+        assert do["cmd"] == (spec.command or f"anchor stage run {name} {{item}}").replace("{item}", "${item}")
+        # dvc.yaml's paths are where the workspace puts each artifact
+        layout = Workspace(Path("/w"))
+        assert do["deps"] == [layout.rel(layout.artifact_dir(up, SHARED if STAGES[up].shared else "item"))
+                              .replace("/item", "/${item}") for up in spec.inputs]
         extra = (["body_model"] if spec.body_model else []) + (
             [*spec.extra_params, "profile"] if spec.extra_params else [])
         assert do["params"] == [spec.params] + extra
         assert do["desc"] == spec.description
     assert doc["stages"]["keypoints"]["do"]["deps"] == ["data/identities/${item}/ingest"]
     assert doc["stages"]["ingest"]["do"]["params"] == ["ingest"]
+    report = doc["stages"]["report"]["do"]
+    assert report["cmd"] == "anchor evaluate ${item}"
+    assert "data/checkpoints/identities/${item}/finetune" in report["deps"]
+    assert report["outs"] == ["data/reports/${item}/report.html", "data/reports/${item}/manifest.json"]
+    assert report["metrics"] == ["data/reports/${item}/metrics.json"]
+    assert report["plots"] == ["data/reports/${item}/contact_sheet.png", {"data/reports/${item}/plots": {"x": "frame"}}]
     assert doc["stages"]["ingest"]["do"]["outs"] == ["data/identities/${item}/ingest"]
     assert doc["stages"]["smplx_fit"]["do"]["params"] == ["smplx_fit", "body_model"]
     assert doc["stages"]["render_mesh"]["do"]["deps"] == ["data/identities/${item}/smplx_fit",
@@ -572,9 +591,9 @@ def test_cache_key_uses_params_digest() -> None:
 def test_downstream() -> None:
     render = ["render_body", "face", "assemble", "metrics"]
     assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain",
-                                    "finetune", *render]
-    assert downstream("matting") == ["pretrain", "finetune", *render]
-    assert downstream("smplx_fit") == ["perturb", "render_mesh", "pretrain", "finetune", *render]
-    assert downstream("finetune") == render
+                                    "finetune", *render, "report"]
+    assert downstream("matting") == ["pretrain", "finetune", *render, "report"]
+    assert downstream("smplx_fit") == ["perturb", "render_mesh", "pretrain", "finetune", *render, "report"]
+    assert downstream("finetune") == [*render, "report"]
     assert downstream("motion") == render
     assert downstream("assemble") == []

@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from scipy.spatial.transform import Rotation
 
 from core.artifacts import read_manifest
@@ -215,6 +216,11 @@ def test_training_commands_run_the_flows(ws: Workspace) -> None:
     done = _cli(ws, "finetune", ID)
     assert done.returncode == 0, done.stderr
     assert f"finetune[{ID}]: ran" in done.stdout and "body: 2 steps (from 0)" in done.stdout
+    # then the evaluation protocol: the held-out clips rendered, scored, reported
+    for stage in ("render_body", "face", "assemble", "metrics"):
+        assert f"{stage}[{ID}/" in done.stdout, done.stdout
+    assert f"report: {ws.root / 'data/reports' / ID / 'report.html'}" in done.stdout
+    assert "fid not computed" in done.stdout
     again = _cli(ws, "finetune", ID)
     assert again.returncode == 0 and f"finetune[{ID}]: cached" in again.stdout, again.stdout + again.stderr
     bad = _cli(ws, "finetune", "Not A Name")
@@ -262,3 +268,77 @@ def test_metrics_of_a_foreign_motion_are_not_computed(ws: Workspace, tmp_path: P
         runner.execute(ws, stage, subject)
     data = json.loads((ws.artifact_dir("metrics", subject) / "metrics.json").read_text())
     assert all(data[k]["note"].startswith("not computed: no ground truth") for k in ("fid", "fvd", "lmd_body"))
+
+
+def _dvc(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True)
+
+
+def test_evaluate_writes_a_self_contained_report_that_dvc_reads(ws: Workspace) -> None:
+    import re
+
+    import cv2
+
+    first = _cli(ws, "evaluate", ID)
+    assert first.returncode == 0, first.stderr
+    report = ws.root / "data" / "reports" / ID
+    assert f"report: {report / 'report.html'}" in first.stdout
+    page = (report / "report.html").read_text()
+    # self-contained: every image is embedded, nothing is fetched
+    assert not re.search(r"(src|href)=\"(https?:|//)", page) and "<link" not in page and "<script" not in page
+    test_clips = [c for c in json.loads((ws.artifact_dir("ingest", ID) / "meta.json").read_text())["clips"]
+                  if c["split"] == "test"]
+    rows = sum(min(3, c["frames"]) for c in test_clips)
+    assert page.count('src="data:image/jpeg;base64,') == 4 * rows
+    assert "<svg" in page and "35.91" in page and "53.38" in page and "OpenPose" in page
+    assert "not computed: no Inception weights" in page and "not computed: no I3D weights" in page
+    assert "pictures are noise" in page  # the tiny profile says so
+    sheet = cv2.imread(str(report / "contact_sheet.png"))
+    assert sheet.shape == (22 + rows * (22 + 192), 4 * 192, 3)
+    # time per stage from the ledger: the rows of the runs that made these artifacts. The fixture built the
+    # identity without flows (no ledger rows); `anchor finetune` above ran finetune and the evaluation render.
+    assert read_manifest(report)["summary"]["stages_timed"] == 6  # finetune, motion, render_body, face, ...
+    assert page.count("not in this workspace&#39;s ledger") == 8  # source … render_mesh, pretrain
+    scored = json.loads((report / "metrics.json").read_text())
+    assert scored["fid"] is None and scored["fvd"] is None and scored["frames"] == 19
+    assert scored["flicker"] > 0 and set(scored["detection_rate"]) == {"body", "left_hand", "right_hand", "face"}
+    fit = (report / "plots" / "fit_error_body_pct.csv").read_text().splitlines()
+    assert fit[0] == "frame,body_pct" and len(fit) > 20
+    assert sorted(p.name for p in (report / "plots").iterdir()) == [
+        "fit_error_body_pct.csv", "fit_error_face_pct.csv", "fit_error_hands_pct.csv", "lmd_body_px.csv",
+        "lmd_face_px.csv"]
+
+    again = _cli(ws, "evaluate", ID)
+    assert again.returncode == 0 and f"report[{ID}]: cached" in again.stdout, again.stdout + again.stderr
+    # recorded in DVC: up to date, and `dvc metrics show` / `dvc plots show` read it
+    status = _dvc(ws, "status", f"report@{ID}")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    shown = json.loads(_dvc(ws, "metrics", "show", "--json").stdout)
+    metrics_file = f"data/reports/{ID}/metrics.json"
+    workspace = next(iter(shown.values()))  # keyed "" before the first git commit, "workspace" after
+    assert workspace["data"][metrics_file]["data"]["flicker"] == scored["flicker"]
+    plots = json.loads(_dvc(ws, "plots", "show", "--json").stdout)["data"]
+    assert f"data/reports/{ID}/contact_sheet.png" in plots and f"data/reports/{ID}/plots/lmd_face_px.csv" in plots
+
+    # a second version of the identity (another render seed): `dvc metrics diff` compares the two
+    subprocess.run(["git", "add", "dvc.lock", "dvc.yaml", "params.yaml", "identities.yaml"], cwd=ws.root,
+                   check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1"], cwd=ws.root,
+                   check=True, capture_output=True)
+    params = yaml.safe_load((ws.root / "params.yaml").read_text())
+    params["render_body"]["seed"] = 7
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        second = _cli(ws, "evaluate", ID)
+        assert second.returncode == 0, second.stderr
+        diff = json.loads(_dvc(ws, "metrics", "diff", "--json").stdout)
+        changed = diff[metrics_file]
+        assert changed["flicker"]["old"] == scored["flicker"] and changed["flicker"]["new"] != scored["flicker"]
+    finally:
+        params["render_body"]["seed"] = 0
+        (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_report_is_made_by_evaluate_not_stage_run(ws: Workspace) -> None:
+    done = _cli(ws, "stage", "run", "report", ID)
+    assert done.returncode != 0 and f"report is made by `anchor evaluate {ID}`" in done.stderr

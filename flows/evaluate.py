@@ -1,0 +1,41 @@
+"""Evaluate one identity: render its own held-out clips with its finetuned model, score them, write its report.
+
+This is the evaluation protocol of the paper (Table I) run per identity, and what `anchor finetune` does after
+training. The render goes through the same cached stages as `anchor render NAME --motion NAME:test`, so either one
+makes the other a cache hit. The report (data/reports/<identity>/) is a DVC stage whose metrics and plots
+`dvc metrics show/diff` and `dvc plots show` read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.context import get_run_context
+
+from core.workspace import Workspace, check_identity_name
+from flows.render import TEST_SUFFIX, render_stages, stage_summary
+from flows.stage_task import StageRunner
+from flows.versioning import commit_identity
+from tasks import report
+
+
+def evaluation(ws: Workspace, stages: StageRunner, identity: str) -> dict[str, Any]:
+    """held-out render → metrics → report; returns the report stage's result."""
+    subject, _ = render_stages(ws, stages, identity, identity + TEST_SUFFIX)
+    stages.run("metrics", subject)
+    return stages.run("report", identity, external=ws.artifact_dir("motion", subject).parent)
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{identity}", log_prints=False)
+def evaluate(workspace: str, identity: str, commit: bool = True) -> dict[str, Any]:
+    """`commit=False` under `dvc repro`, which records the outputs itself (and holds DVC's lock meanwhile)."""
+    ws = Workspace(Path(workspace))
+    check_identity_name(identity)
+    ctx = get_run_context()
+    stages = StageRunner(ws, str(ctx.flow_run.id), flow="evaluate")  # type: ignore[union-attr]
+    result = evaluation(ws, stages, identity)
+    return {"identity": identity, "run_id": stages.run_id, "report": str(ws.root / result["path"] / report.HTML),
+            "summary": result["summary"], "stages": stage_summary(stages, qualified=True),
+            "dvc": commit_identity(ws, identity) if commit else []}
