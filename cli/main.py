@@ -341,7 +341,30 @@ def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")]) -> None
 
 # ---------------------------------------------------------------------------------------------------- audit
 @app.command()
-def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or directory.")],
+def audit(name: Annotated[str | None, typer.Argument(help="Only this identity (and its renders).")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Machine-readable findings.")] = False) -> None:
+    """Re-hash every artifact against its manifest and every DVC-tracked output against dvc.lock; exit 1 on any
+    difference, naming the artifact and the stage that made it."""
+    from flows.audit import audit as run_audit
+
+    if name is not None:
+        check_identity_name(name)
+    ws = _ws()
+    checked, findings = run_audit(ws, name)
+    if as_json:
+        print(json.dumps({"checked": checked, "findings": [f.to_dict() for f in findings]}, indent=2))
+    else:
+        for f in findings:
+            err.print(f"{f.path}: {f.problem} (stage {f.stage}, {f.owner}; checked against {f.check})",
+                      markup=False, highlight=False)
+        out.print(f"{checked} artifacts checked, {len(findings)} problem(s)", highlight=False)
+    if findings:
+        raise typer.Exit(1)
+
+
+@app.command()
+def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or directory, or a video that `anchor render "
+                                                "--out` wrote anywhere (found by its content).")],
             as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list of steps.")] = False) -> None:
     """The chain from an artifact back to the source video: stage, hashes, params, code version, time."""
     from core.lineage import trace
@@ -351,6 +374,10 @@ def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or dire
     if as_json:
         print(json.dumps(steps, indent=2))
         return
+    if steps and steps[0]["stage"] == "copy":
+        copy = steps.pop(0)
+        out.print(f"{copy['path']}: a copy (sha256 {copy['output_hash'][:16]}) of {copy['copy_of']}", markup=False,
+                  highlight=False)
     for i, step in enumerate(steps):
         mark = "ok" if step["verified"] else "[red]MODIFIED[/red]"
         where = escape(f"[{step['identity']}] {step['path']}")

@@ -7,6 +7,7 @@ from typing import Any
 
 from core.artifacts import find_artifact, read_manifest, verify
 from core.errors import InputError
+from core.hashing import sha256_file
 from core.workspace import Workspace
 
 
@@ -16,9 +17,18 @@ def trace(ws: Workspace, path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     start = find_artifact(path, ws.root)
-    if start is None:
-        raise InputError(f"{path} is not part of an artifact in the workspace {ws.root}")
     steps: list[dict[str, Any]] = []
+    if start is None:
+        # a copy written outside data/ (`anchor render --out`): found by its content hash among the renders
+        digest = sha256_file(path) if path.is_file() else None
+        start = _render_with_video(ws, digest) if digest else None
+        if start is None:
+            raise InputError(f"{path} is not part of an artifact in the workspace {ws.root}, and no render there "
+                             f"made a file with its content" + (f" (sha256 {digest[:16]})" if digest else ""))
+        steps.append({"stage": "copy", "identity": None, "path": str(path.resolve()), "output_hash": digest,
+                      "verified": True, "copy_of": ws.rel(start), "inputs": [], "params_section": None,
+                      "params": None, "params_hash": None, "code_version": {}, "started_at": None,
+                      "finished_at": None, "host": None})
     queue, seen = [start], set()
     while queue:
         art = queue.pop(0)
@@ -50,3 +60,10 @@ def trace(ws: Workspace, path: Path) -> list[dict[str, Any]]:
             if "stage" in inp:
                 queue.append((ws.root / inp["path"]).resolve())
     return steps
+
+
+def _render_with_video(ws: Workspace, digest: str) -> Path | None:
+    """The assemble artifact whose video has this sha256 (recorded in its manifest summary), newest first."""
+    hits = [m.parent for m in (ws.data / "renders").glob("*/*/assemble/manifest.json")
+            if ((read_manifest(m.parent) or {}).get("summary") or {}).get("video_sha256") == digest]
+    return max(hits, key=lambda p: (p / "manifest.json").stat().st_mtime) if hits else None

@@ -342,3 +342,44 @@ def test_evaluate_writes_a_self_contained_report_that_dvc_reads(ws: Workspace) -
 def test_report_is_made_by_evaluate_not_stage_run(ws: Workspace) -> None:
     done = _cli(ws, "stage", "run", "report", ID)
     assert done.returncode != 0 and f"report is made by `anchor evaluate {ID}`" in done.stderr
+
+
+def test_audit_names_a_flipped_byte_with_its_artifact_and_stage(ws: Workspace) -> None:
+    clean = _cli(ws, "audit", ID)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "0 problem(s)" in clean.stdout
+    frame = next((ws.artifact_dir("ingest", ID) / "frames").rglob("*.jpg"))
+    original = frame.read_bytes()
+    frame.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    try:
+        found = _cli(ws, "audit", ID, "--json")
+        assert found.returncode == 1, found.stdout + found.stderr
+        findings = json.loads(found.stdout)["findings"]
+        where = f"data/identities/{ID}/ingest"
+        assert {(f["path"], f["stage"], f["owner"], f["check"]) for f in findings} == {
+            (where, "ingest", ID, "manifest"), (where, "ingest", ID, "dvc.lock")}
+        shown = _cli(ws, "audit")  # every identity
+        assert shown.returncode == 1 and f"{where}: content differs from its manifest" in shown.stderr
+    finally:
+        frame.write_bytes(original)
+    assert _cli(ws, "audit", ID).returncode == 0
+
+
+def test_lineage_of_a_copy_outside_the_workspace_is_found_by_content(ws: Workspace, tmp_path: Path) -> None:
+    out = tmp_path / "delivery" / "spot.mp4"
+    done = _cli(ws, "render", ID, "--motion", f"{ID}:test", "--frames", "8", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    traced = _cli(ws, "lineage", str(out), "--json")
+    assert traced.returncode == 0, traced.stderr
+    steps = json.loads(traced.stdout)
+    assert steps[0]["stage"] == "copy" and steps[0]["path"] == str(out)
+    assert steps[0]["copy_of"].startswith(f"data/renders/{ID}/") and steps[0]["copy_of"].endswith("/assemble")
+    stages = [s["stage"] for s in steps]
+    for stage in ("assemble", "face", "render_body", "motion", "finetune", "pretrain", "smplx_fit", "source"):
+        assert stage in stages, stages
+    source = next(s for s in steps if s["stage"] == "source")
+    assert len(source["source_sha256"]) == 64 and all(s["verified"] for s in steps)
+    stranger = tmp_path / "other.mp4"
+    stranger.write_bytes(out.read_bytes()[:-1] + b"\0")
+    refused = _cli(ws, "lineage", str(stranger))
+    assert refused.returncode != 0 and "no render there made a file with its content" in refused.stderr
