@@ -27,6 +27,8 @@ class Section(BaseModel):
 class StorageParams(Section):
     remote: str = Field(".anchor/dvc-remote", description="DVC remote: a local directory (relative to the "
                         "workspace) or a URL such as s3://bucket/anchors")
+    lock_wait_s: float = Field(3600.0, ge=0, description="how long a run waits for another run writing the same "
+                               "artifact before it stops with a message (0 = stop at once)")
 
 
 class IngestParams(Section):

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from core import ledger
 from core.artifacts import (
     atomic_dir,
@@ -179,6 +181,34 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
     hashes = input_hashes(ws, spec, identity, external, overrides=overrides)
     key = spec.cache_key(identity, params_hash, hashes)
     target = ws.artifact_dir(stage, identity)
+    lock = FileLock(ws.state / "locks" / f"{stage}@{identity.replace('/', '@')}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        wait = ws.params().storage.lock_wait_s
+        (progress or NullProgress()).start(f"{stage}: waiting for another run writing {ws.rel(target)}", 0)
+        try:
+            lock.acquire(timeout=wait)
+        except Timeout:
+            raise StageError(f"{stage} of {identity!r}: another run is writing {ws.rel(target)} (waited {wait:g} s, "
+                             f"storage.lock_wait_s); run again when it has finished") from None
+        done = read_manifest(target)
+        if done and done.get("cache_key") == key and verify(target):
+            lock.release()  # the other run made exactly this artifact while we waited: take it
+            return StageResult(stage, identity, ws.rel(target), done["output_hash"], key, params_hash, hashes,
+                               done.get("started_at", ""), done.get("duration_s", 0.0), done.get("peak_rss_mb", 0.0),
+                               done.get("summary") or {})
+    try:
+        return _execute_locked(ws, spec, identity, target, section, params_hash, hashes, key, external, progress)
+    finally:
+        lock.release()
+
+
+def _execute_locked(ws: Workspace, spec: StageSpec, identity: str, target: Path, section: Section | None,
+                    params_hash: str | None, hashes: dict[str, str], key: str, external: Path | None,
+                    progress: Progress | None) -> StageResult:
+    """One writer per artifact (the caller holds its lock), so sweeping leftovers never hits a live run's work."""
+    stage = spec.name
     sweep_partials(target.parent, target.name)
 
     dirs = input_dirs(ws, spec, identity)
