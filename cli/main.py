@@ -341,6 +341,34 @@ def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")]) -> None
 
 # ---------------------------------------------------------------------------------------------------- audit
 @app.command()
+def status(name: Annotated[str | None, typer.Argument(help="Only this identity.")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """Identities, their model versions, last runs, and which renders are stale (older model or params)."""
+    from flows.versions import status as identity_status
+
+    if name is not None:
+        check_identity_name(name)
+    rows = identity_status(_ws(), name)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table("identity", "model", "versions", "last run", "renders", "stale")
+    for r in rows:
+        model = f"v{r['current_version']}" if r["current_version"] else ("-" if not r["current_model"] else
+                                                                          r["current_model"][:12])
+        last = r["last_run"]
+        stale = [x for x in r["renders"] if x["stale"]]
+        table.add_row(r["identity"], model, " ".join(f"v{v['version']}" for v in r["versions"]) or "-",
+                      f"{last['flow']}/{last['stage']} {last['status']} {last['at']}" if last else "-",
+                      str(len(r["renders"])), str(len(stale)))
+    out.print(table)
+    for r in rows:
+        for x in r["renders"]:
+            if x["stale"]:
+                out.print(f"stale: {x['subject']}: {'; '.join(x['why'])}", markup=False, highlight=False)
+
+
+@app.command()
 def audit(name: Annotated[str | None, typer.Argument(help="Only this identity (and its renders).")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable findings.")] = False) -> None:
     """Re-hash every artifact against its manifest and every DVC-tracked output against dvc.lock; exit 1 on any
@@ -425,6 +453,9 @@ def finetune(name: Annotated[str, typer.Argument(help="Identity to finetune.")],
     ws = _ws()
     summary = _run_flow(ws, "flows.train", "finetune", str(ws.root), name, evaluate)
     _print_training(summary)
+    v = summary["version"]
+    out.print(f"{name} model v{v['version']} ({'new' if v['new'] else 'unchanged'}, {v['finetune'][:12]})"
+              + (f", git tag {v['git_tag']}" if v.get("git_tag") else ""), markup=False, highlight=False)
     if "report" in summary:
         _print_report(summary["report_summary"], summary["report"])
 

@@ -12,6 +12,7 @@ from core.workspace import SHARED, Workspace
 from flows.evaluate import evaluation
 from flows.stage_task import StageRunner
 from flows.versioning import commit_identity, commit_shared
+from flows.versions import record_version
 from tasks.report import HTML as REPORT_HTML
 
 
@@ -43,6 +44,7 @@ def finetune(workspace: str, identity: str, evaluate: bool = True) -> dict[str, 
     stages.run("finetune", identity)
     report = evaluation(ws, stages, identity) if evaluate else None
     out = _summary(stages, commit_identity(ws, identity))
+    out["version"] = record_version(ws, identity, stages.run_id)
     if report is not None:
         out["report"] = str(ws.root / report["path"] / REPORT_HTML)
         out["report_summary"] = report["summary"]

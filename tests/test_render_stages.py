@@ -221,6 +221,7 @@ def test_training_commands_run_the_flows(ws: Workspace) -> None:
         assert f"{stage}[{ID}/" in done.stdout, done.stdout
     assert f"report: {ws.root / 'data/reports' / ID / 'report.html'}" in done.stdout
     assert "fid not computed" in done.stdout
+    assert f"{ID} model v1 (new" in done.stdout and f"git tag {ID}-v1" in done.stdout
     again = _cli(ws, "finetune", ID)
     assert again.returncode == 0 and f"finetune[{ID}]: cached" in again.stdout, again.stdout + again.stderr
     bad = _cli(ws, "finetune", "Not A Name")
@@ -323,8 +324,8 @@ def test_evaluate_writes_a_self_contained_report_that_dvc_reads(ws: Workspace) -
     # a second version of the identity (another render seed): `dvc metrics diff` compares the two
     subprocess.run(["git", "add", "dvc.lock", "dvc.yaml", "params.yaml", "identities.yaml"], cwd=ws.root,
                    check=True, capture_output=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1"], cwd=ws.root,
-                   check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", "v1"],
+                   cwd=ws.root, check=True, capture_output=True)
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     params["render_body"]["seed"] = 7
     (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -383,3 +384,38 @@ def test_lineage_of_a_copy_outside_the_workspace_is_found_by_content(ws: Workspa
     stranger.write_bytes(out.read_bytes()[:-1] + b"\0")
     refused = _cli(ws, "lineage", str(stranger))
     assert refused.returncode != 0 and "no render there made a file with its content" in refused.stderr
+
+
+def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -> None:
+    def status() -> dict:
+        done = _cli(ws, "status", ID, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)[0]
+
+    def finetune_steps(n: int) -> subprocess.CompletedProcess[str]:
+        params = yaml.safe_load((ws.root / "params.yaml").read_text())
+        params["finetune"]["steps"]["tiny"] = n
+        (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+        return _cli(ws, "finetune", ID, "--no-evaluate")
+
+    first = status()
+    assert first["current_version"] == 1 and [v["version"] for v in first["versions"]] == [1]
+    assert first["renders"] and not any(r["stale"] for r in first["renders"] if r["model_version"] == 1
+                                        and not r["why"])
+    tags = subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True).stdout.split()
+    assert f"{ID}-v1" in tags
+
+    newer = finetune_steps(3)
+    assert newer.returncode == 0 and f"{ID} model v2 (new" in newer.stdout, newer.stdout + newer.stderr
+    second = status()
+    assert second["current_version"] == 2
+    assert all(r["stale"] and any("made by model v1, now v2" in w for w in r["why"]) for r in second["renders"])
+    assert f"{ID}-v2" in subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True).stdout
+    lock_v2 = subprocess.run(["git", "show", f"{ID}-v2:dvc.lock"], cwd=ws.root, capture_output=True, text=True)
+    assert second["current_model"] not in subprocess.run(["git", "show", f"{ID}-v1:versions.yaml"], cwd=ws.root,
+                                                         capture_output=True, text=True).stdout
+    assert lock_v2.returncode == 0 and f"finetune@{ID}" in lock_v2.stdout
+
+    back = finetune_steps(2)  # the old params again: the same weights, so the same version, nothing new
+    assert back.returncode == 0 and f"{ID} model v1 (unchanged" in back.stdout, back.stdout + back.stderr
+    assert status()["current_version"] == 1

@@ -1,0 +1,140 @@
+"""Model versions of an identity (v1, v2, …) and which renders are stale.
+
+A version is one finetune output (its content hash). Each new one is numbered in versions.yaml (tracked in git
+beside dvc.lock), recorded in the run ledger, and, when the workspace is a git repository, committed with dvc.lock
+and tagged `<identity>-v<N>`, so `git checkout <identity>-v1 -- dvc.lock && anchor pull <identity>` brings it back.
+A render is stale when the identity's current model or the current render params differ from what made it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core import ledger
+from core.artifacts import code_version, host, now_iso, read_manifest
+from core.workspace import Workspace, render_subject
+from flows.versioning import source_target
+
+VERSIONS_FILE = "versions.yaml"
+RENDER_STAGES = ("render_body", "face", "assemble")
+PER_RUN = ("seed", "enabled")  # `anchor render --seed/--no-face` choices, not params that went stale
+
+
+def versions(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
+    path = ws.root / VERSIONS_FILE
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def current_model(ws: Workspace, identity: str) -> str | None:
+    return (read_manifest(ws.artifact_dir("finetune", identity)) or {}).get("output_hash")
+
+
+def version_of(ws: Workspace, identity: str, model_hash: str | None) -> int | None:
+    return next((v["version"] for v in versions(ws).get(identity, []) if v["finetune"] == model_hash), None)
+
+
+def record_version(ws: Workspace, identity: str, run_id: str) -> dict[str, Any]:
+    """Number the identity's current finetune output, if new; commit and tag it in git when there is a repository."""
+    model = current_model(ws, identity)
+    if model is None:
+        raise ValueError(f"{identity!r} has no finetune to version")
+    table = versions(ws)
+    known = next((v for v in table.get(identity, []) if v["finetune"] == model), None)
+    if known is not None:
+        return {**known, "new": False}
+    entry = {"version": len(table.get(identity, [])) + 1, "finetune": model, "made_at": now_iso(), "run_id": run_id}
+    table.setdefault(identity, []).append(entry)
+    tmp = ws.root / (VERSIONS_FILE + ".tmp")
+    tmp.write_text("# Model versions per identity: vN = the Nth distinct finetune output (content hash).\n"
+                   + yaml.safe_dump(table, sort_keys=True))
+    tmp.replace(ws.root / VERSIONS_FILE)
+    ledger.append(ws.ledger_dir, {"run_id": run_id, "flow": "finetune", "stage": "version", "identity": identity,
+                                  "status": f"v{entry['version']}", "cache_hit": False, "output_hash": model,
+                                  "code_version": code_version(), "started_at": entry["made_at"], "host": host()})
+    tag = _git_commit_and_tag(ws, identity, entry["version"])
+    return {**entry, "new": True, "git_tag": tag}
+
+
+def _git(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True)
+
+
+def _git_commit_and_tag(ws: Workspace, identity: str, number: int) -> str | None:
+    """Commit only the pipeline's records (never the user's other changes) and tag them; None without git."""
+    if _git(ws, "rev-parse", "--show-toplevel").returncode:
+        return None
+    paths = [p for p in ("dvc.lock", "dvc.yaml", "params.yaml", VERSIONS_FILE, "identities.yaml",
+                         source_target(ws, identity)) if (ws.root / p).exists()]
+    paths += [ws.rel(p) for p in ws.data.rglob(".gitignore")]
+    who = [] if _git(ws, "config", "user.email").stdout.strip() else ["-c", "user.name=anchor",
+                                                                       "-c", "user.email=anchor@localhost"]
+    _git(ws, "add", "--", *paths)
+    commit = _git(ws, *who, "commit", "-q", "--allow-empty", "-m", f"{identity} v{number}", "--", *paths)
+    if commit.returncode:
+        raise RuntimeError(f"git commit of {identity} v{number} failed: {commit.stderr.strip()}")
+    tag = f"{identity}-v{number}"
+    made = _git(ws, "tag", "-f", tag)
+    return tag if made.returncode == 0 else None
+
+
+def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
+    """Every render of the identity with why it is stale (older model version, older params), if it is."""
+    root = ws.data / "renders" / identity
+    model = current_model(ws, identity)
+    params = ws.params()
+    out = []
+    for motion_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []:
+        subject = render_subject(identity, motion_dir.name)
+        manifests = {s: read_manifest(ws.artifact_dir(s, subject)) for s in RENDER_STAGES}
+        body = manifests["render_body"]
+        if body is None:
+            continue
+        made_by = next((i["output_hash"] for i in body.get("inputs", []) if i.get("stage") == "finetune"), None)
+        reasons = []
+        if made_by != model:
+            was = version_of(ws, identity, made_by)
+            reasons.append(f"made by model {'v' + str(was) if was else (made_by or '?')[:12]}, now "
+                           f"v{version_of(ws, identity, model) or '?'}")
+        for stage, m in manifests.items():
+            if m is None:
+                reasons.append(f"{stage} missing")
+            elif _settled(m.get("params") or {}) != _settled(params.section(stage).model_dump(mode="json")):
+                reasons.append(f"{stage} params changed")
+        assemble = manifests["assemble"] or {}
+        out.append({"identity": identity, "motion_key": motion_dir.name, "subject": subject,
+                    "model_version": version_of(ws, identity, made_by), "stale": bool(reasons), "why": reasons,
+                    "finished_at": assemble.get("finished_at") or body.get("finished_at"),
+                    "motion": ((read_manifest(ws.artifact_dir("motion", subject)) or {}).get("summary") or {})})
+    return out
+
+
+def _settled(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in PER_RUN}
+
+
+def status(ws: Workspace, identity: str | None = None) -> list[dict[str, Any]]:
+    names = [identity] if identity else ws.identities()
+    table = ledger.read(ws.ledger_dir)
+    out = []
+    for name in names:
+        rows = table[(table["identity"] == name) | table["identity"].str.startswith(name + "/")]
+        last = rows.iloc[-1] if len(rows) else None
+        model = current_model(ws, name)
+        out.append({
+            "identity": name,
+            "onboarded": (read_manifest(ws.artifact_dir("render_mesh", name)) is not None),
+            "versions": versions(ws).get(name, []),
+            "current_version": version_of(ws, name, model),
+            "current_model": model,
+            "last_run": None if last is None else {"flow": last["flow"], "stage": last["stage"],
+                                                   "status": last["status"], "at": last["started_at"]},
+            "renders": renders(ws, name),
+            "report": str(Path(ws.artifact_dir("report", name)) / "report.html")
+            if read_manifest(ws.artifact_dir("report", name)) else None,
+        })
+    return out
