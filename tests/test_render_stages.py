@@ -409,7 +409,11 @@ def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -
     assert newer.returncode == 0 and f"{ID} model v2 (new" in newer.stdout, newer.stdout + newer.stderr
     second = status()
     assert second["current_version"] == 2
-    assert all(r["stale"] and any("made by model v1, now v2" in w for w in r["why"]) for r in second["renders"])
+    # every earlier render is stale now; those v1 made say so (others were made before versioning, by hash)
+    assert all(r["stale"] and any(w.startswith("made by model ") and w.endswith(", now v2") for w in r["why"])
+               for r in second["renders"])
+    by_v1 = [r for r in second["renders"] if r["model_version"] == 1]
+    assert by_v1 and all("made by model v1, now v2" in r["why"] for r in by_v1)
     assert f"{ID}-v2" in subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True).stdout
     lock_v2 = subprocess.run(["git", "show", f"{ID}-v2:dvc.lock"], cwd=ws.root, capture_output=True, text=True)
     assert second["current_model"] not in subprocess.run(["git", "show", f"{ID}-v1:versions.yaml"], cwd=ws.root,
