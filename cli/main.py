@@ -263,7 +263,7 @@ def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor
     else:
         check_identity_name(identity)
     run_id, started, t0 = uuid.uuid4().hex, now_iso(), time.perf_counter()
-    flow = "dvc" if os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT") else "cli"
+    flow = "dvc" if _under_dvc() else "cli"
     with _progress() as factory:
         try:
             result = runner.execute(ws, stage, identity, external=video.resolve() if video else None,
@@ -465,12 +465,16 @@ def evaluate(name: Annotated[str, typer.Argument(help="Identity to evaluate (fin
     """Render NAME's own held-out clips, score them (FID, FVD, LMD, flicker) and write data/reports/NAME/."""
     check_identity_name(name)
     ws = _ws()
-    under_dvc = bool(os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"))  # dvc repro records outputs itself
-    summary = _run_flow(ws, "flows.evaluate", "evaluate", str(ws.root), name, not under_dvc)
+    # under `dvc repro`, DVC records the outputs itself (and holds its lock meanwhile)
+    summary = _run_flow(ws, "flows.evaluate", "evaluate", str(ws.root), name, not _under_dvc())
     for key, res in summary["stages"].items():
         status = "cached" if res["cache_hit"] else f"ran {res.get('duration_s', 0):.1f} s"
         out.print(f"{key}: {status}", markup=False, highlight=False)
     _print_report(summary["summary"], summary["report"])
+
+
+def _under_dvc() -> bool:
+    return bool(os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"))
 
 
 def _print_report(summary: dict[str, Any], path: str) -> None:

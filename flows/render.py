@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from core.errors import InputError
-from core.workspace import Workspace, check_identity_name, render_subject
+from core.workspace import Workspace, check_identity_name, render_subject, split_render_subject
 from flows.motion import fit_video
 from flows.stage_task import StageRunner
 from tasks import assemble
@@ -108,7 +108,7 @@ def render(workspace: str, identity: str, motion: str, out: str | None = None, f
     return {
         "identity": identity,
         "motion": motion,
-        "motion_key": subject.split("/")[1],
+        "motion_key": split_render_subject(subject)[1],  # type: ignore[index]
         "run_id": stages.run_id,
         "video": str(Path(out).resolve()) if out else str(video),
         "artifact": result["path"],

@@ -10,6 +10,7 @@ from prefect.context import get_run_context
 
 from core.workspace import SHARED, Workspace
 from flows.evaluate import evaluation
+from flows.render import stage_summary
 from flows.stage_task import StageRunner
 from flows.versioning import commit_identity, commit_shared
 from flows.versions import record_version
@@ -22,10 +23,7 @@ def _runner(ws: Workspace, name: str) -> StageRunner:
 
 
 def _summary(stages: StageRunner, committed: list[str]) -> dict[str, Any]:
-    return {"run_id": stages.run_id,
-            "stages": {f"{stage}[{ident}]": {**result, "cache_hit": stages.cache_hits[(stage, ident)]}
-                       for (stage, ident), result in stages.results.items()},
-            "dvc": committed}
+    return {"run_id": stages.run_id, "stages": stage_summary(stages, qualified=True), "dvc": committed}
 
 
 @flow(name="pretrain", log_prints=False)

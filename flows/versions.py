@@ -9,7 +9,6 @@ A render is stale when the identity's current model or the current render params
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,6 +17,7 @@ from core import ledger
 from core.artifacts import code_version, host, now_iso, read_manifest
 from core.workspace import Workspace, render_subject
 from flows.versioning import source_target
+from tasks import report
 
 VERSIONS_FILE = "versions.yaml"
 RENDER_STAGES = ("render_body", "face", "assemble")
@@ -33,8 +33,8 @@ def current_model(ws: Workspace, identity: str) -> str | None:
     return (read_manifest(ws.artifact_dir("finetune", identity)) or {}).get("output_hash")
 
 
-def version_of(ws: Workspace, identity: str, model_hash: str | None) -> int | None:
-    return next((v["version"] for v in versions(ws).get(identity, []) if v["finetune"] == model_hash), None)
+def version_of(table: dict[str, list[dict[str, Any]]], identity: str, model_hash: str | None) -> int | None:
+    return next((v["version"] for v in table.get(identity, []) if v["finetune"] == model_hash), None)
 
 
 def record_version(ws: Workspace, identity: str, run_id: str) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def _git_commit_and_tag(ws: Workspace, identity: str, number: int) -> str | None
     if commit.returncode:
         raise RuntimeError(f"git commit of {identity} v{number} failed: {commit.stderr.strip()}")
     tag = f"{identity}-v{number}"
-    made = _git(ws, "tag", "-f", tag)
+    made = _git(ws, "tag", tag)  # an existing tag is never moved
     return tag if made.returncode == 0 else None
 
 
@@ -86,6 +86,7 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
     root = ws.data / "renders" / identity
     model = current_model(ws, identity)
     params = ws.params()
+    table = versions(ws)
     out = []
     for motion_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []:
@@ -97,9 +98,9 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
         made_by = next((i["output_hash"] for i in body.get("inputs", []) if i.get("stage") == "finetune"), None)
         reasons = []
         if made_by != model:
-            was = version_of(ws, identity, made_by)
+            was = version_of(table, identity, made_by)
             reasons.append(f"made by model {'v' + str(was) if was else (made_by or '?')[:12]}, now "
-                           f"v{version_of(ws, identity, model) or '?'}")
+                           f"v{version_of(table, identity, model) or '?'}")
         for stage, m in manifests.items():
             if m is None:
                 reasons.append(f"{stage} missing")
@@ -107,7 +108,7 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
                 reasons.append(f"{stage} params changed")
         assemble = manifests["assemble"] or {}
         out.append({"identity": identity, "motion_key": motion_dir.name, "subject": subject,
-                    "model_version": version_of(ws, identity, made_by), "stale": bool(reasons), "why": reasons,
+                    "model_version": version_of(table, identity, made_by), "stale": bool(reasons), "why": reasons,
                     "finished_at": assemble.get("finished_at") or body.get("finished_at"),
                     "motion": ((read_manifest(ws.artifact_dir("motion", subject)) or {}).get("summary") or {})})
     return out
@@ -119,22 +120,23 @@ def _settled(values: dict[str, Any]) -> dict[str, Any]:
 
 def status(ws: Workspace, identity: str | None = None) -> list[dict[str, Any]]:
     names = [identity] if identity else ws.identities()
-    table = ledger.read(ws.ledger_dir)
+    runs = ledger.read(ws.ledger_dir)
+    table = versions(ws)
     out = []
     for name in names:
-        rows = table[(table["identity"] == name) | table["identity"].str.startswith(name + "/")]
+        rows = runs[(runs["identity"] == name) | runs["identity"].str.startswith(name + "/")]
         last = rows.iloc[-1] if len(rows) else None
         model = current_model(ws, name)
         out.append({
             "identity": name,
             "onboarded": (read_manifest(ws.artifact_dir("render_mesh", name)) is not None),
-            "versions": versions(ws).get(name, []),
-            "current_version": version_of(ws, name, model),
+            "versions": table.get(name, []),
+            "current_version": version_of(table, name, model),
             "current_model": model,
             "last_run": None if last is None else {"flow": last["flow"], "stage": last["stage"],
                                                    "status": last["status"], "at": last["started_at"]},
             "renders": renders(ws, name),
-            "report": str(Path(ws.artifact_dir("report", name)) / "report.html")
+            "report": str(ws.artifact_dir("report", name) / report.HTML)
             if read_manifest(ws.artifact_dir("report", name)) else None,
         })
     return out

@@ -182,6 +182,7 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
     key = spec.cache_key(identity, params_hash, hashes)
     target = ws.artifact_dir(stage, identity)
     lock = FileLock(ws.state / "locks" / f"{stage}@{identity.replace('/', '@')}.lock")
+    waited = False
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -192,13 +193,14 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
         except Timeout:
             raise StageError(f"{stage} of {identity!r}: another run is writing {ws.rel(target)} (waited {wait:g} s, "
                              f"storage.lock_wait_s); run again when it has finished") from None
-        done = read_manifest(target)
+        waited = True
+    try:
+        done = read_manifest(target) if waited else None
         if done and done.get("cache_key") == key and verify(target):
-            lock.release()  # the other run made exactly this artifact while we waited: take it
+            # the other run made exactly this artifact while we waited: take it
             return StageResult(stage, identity, ws.rel(target), done["output_hash"], key, params_hash, hashes,
                                done.get("started_at", ""), done.get("duration_s", 0.0), done.get("peak_rss_mb", 0.0),
                                done.get("summary") or {})
-    try:
         return _execute_locked(ws, spec, identity, target, section, params_hash, hashes, key, external, progress)
     finally:
         lock.release()
