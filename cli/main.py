@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,10 +26,13 @@ stage_app = typer.Typer(no_args_is_help=True, help="Run or list single stages (d
 dvc_app = typer.Typer(no_args_is_help=True, help="Keep dvc.yaml in step with the stage registry.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (figures, not tests).")
 motion_app = typer.Typer(no_args_is_help=True, help="Bring SMPL-X motion (files or another video) to an identity.")
+schedule_app = typer.Typer(no_args_is_help=True, help="Register scheduled flows (Prefect deployments); "
+                           "`anchor serve` runs them.")
 app.add_typer(stage_app, name="stage")
 app.add_typer(dvc_app, name="dvc")
 app.add_typer(bench_app, name="bench")
 app.add_typer(motion_app, name="motion")
+app.add_typer(schedule_app, name="schedule")
 
 out = Console()
 err = Console(stderr=True)
@@ -59,9 +63,10 @@ def _prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if STATE["verbose"] else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
     os.environ.setdefault("ANCHOR_NATIVE_LOG", str(ws.state / "logs" / "native.log"))
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if STATE["verbose"] else "error")
 
 
-def _start_ephemeral_server() -> None:
+def _start_ephemeral_server() -> str | None:
     """Start Prefect's embedded server outside the terminal's process group, tied to this process's life.
 
     Prefect would start the same server lazily in the terminal's group, where Ctrl-C kills it first and the
@@ -69,15 +74,17 @@ def _start_ephemeral_server() -> None:
     signal ends it with this process however that ends (even SIGKILL). Prefect reuses this default instance.
     """
     if os.environ.get("PREFECT_API_URL"):
-        return  # a shared Prefect server: nothing to start
+        return None  # a shared Prefect server: nothing to start
     from prefect.server.api import server
 
     popen = subprocess.Popen
     subprocess.Popen = functools.partial(popen, preexec_fn=_detach_but_die_with_parent)  # type: ignore[misc]
     try:
-        server.SubprocessASGIServer().start()
+        embedded = server.SubprocessASGIServer()
+        embedded.start()
     finally:
         subprocess.Popen = popen  # type: ignore[misc]
+    return embedded.api_url
 
 
 def _detach_but_die_with_parent() -> None:
@@ -124,44 +131,150 @@ def _dvc(root: Path, *args: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- onboard
 @app.command()
-def onboard(name: Annotated[str, typer.Argument(help="Identity name: a-z, 0-9, '_' or '-', up to 64.")],
-            video: Annotated[Path, typer.Option("--video", help="The anchor's video (any common format).")]) -> None:
-    """Onboard one anchor from a video: source → ingest → keypoints ∥ matting, cached and recorded in DVC."""
+def onboard(
+        targets: Annotated[list[str] | None, typer.Argument(
+            help="NAME with --video, or NAME=VIDEO pairs (several identities at once). A name: a-z, 0-9, '_' or "
+                 "'-', up to 64.", show_default=False)] = None,
+        video: Annotated[Path | None, typer.Option("--video", help="The anchor's video (any common format), for "
+                                                   "one NAME.")] = None,
+        manifest: Annotated[Path | None, typer.Option("--manifest", help="A CSV with columns name,video (paths "
+                                                      "relative to the CSV); added to the pairs.")] = None,
+        train: Annotated[bool, typer.Option("--train", help="Then pretrain once over every identity and finetune "
+                                            "each new one (several identities only).")] = False,
+        evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="With --train: render, score and "
+                                               "report each identity's held-out clips.")] = True,
+) -> None:
+    """Onboard anchors from videos: source → ingest → keypoints ∥ matting → SMPL-X fit → perturb → mesh conditions,
+    cached and recorded in DVC. Several identities run concurrently (`a=a.mp4 b=b.mp4` or --manifest)."""
+    from core.errors import InputError
+
+    targets = targets or []
+    if video is not None:
+        if len(targets) != 1 or "=" in targets[0] or manifest is not None or train:
+            raise InputError("--video goes with exactly one NAME; for several identities give NAME=VIDEO pairs "
+                             "or --manifest (and --train to train them)")
+        name = check_identity_name(targets[0])
+        ws = _ws()
+        path = _check_video(ws, name, video)
+        _print_summary(ws, _run_flow(ws, "flows.onboard", "onboard", str(ws.root), name, str(path)))
+        return
+    pairs = _pairs(targets, manifest)
+    ws = _ws()
+    videos = {name: str(_check_video(ws, name, path)) for name, path in pairs.items()}
+    summary = _run_flow(ws, "flows.onboard", "onboard_many", str(ws.root), videos, train, evaluate)
+    failed = _print_many(summary)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _pairs(targets: list[str], manifest: Path | None) -> dict[str, Path]:
+    """NAME=VIDEO arguments and the manifest's rows, names unique."""
+    from core.errors import InputError
+
+    rows: list[tuple[str, Path]] = []
+    for arg in targets:
+        name, sep, path = arg.partition("=")
+        if not sep or not path:
+            raise InputError(f"{arg!r}: expected NAME=VIDEO (or one NAME with --video)")
+        rows.append((name, Path(path)))
+    if manifest is not None:
+        import pandas as pd
+
+        if not manifest.is_file():
+            raise InputError(f"--manifest {manifest}: no such file")
+        try:
+            table = pd.read_csv(manifest, dtype=str, skipinitialspace=True)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise InputError(f"--manifest {manifest}: not a CSV ({exc})") from None
+        missing = {"name", "video"} - set(table.columns)
+        if missing:
+            raise InputError(f"--manifest {manifest}: needs columns name,video (missing {', '.join(sorted(missing))})")
+        for i, row in enumerate(table.itertuples(index=False), start=2):
+            if not isinstance(row.name, str) or not isinstance(row.video, str):
+                raise InputError(f"--manifest {manifest} line {i}: empty name or video")
+            path = Path(row.video.strip()).expanduser()
+            rows.append((row.name.strip(), path if path.is_absolute() else manifest.parent / path))
+    if not rows:
+        raise InputError("nothing to onboard: give NAME --video VIDEO, NAME=VIDEO pairs or --manifest CSV")
+    out: dict[str, Path] = {}
+    for name, path in rows:
+        check_identity_name(name)
+        if name in out:
+            raise InputError(f"identity {name!r} is named twice")
+        out[name] = path
+    return out
+
+
+def _check_video(ws: Workspace, name: str, video: Path) -> Path:
+    """Readable, and (unless already onboarded from the same file) showing a person: fail before any work."""
+    from core.artifacts import read_manifest
+    from core.hashing import sha256_file
     from tasks import video as vio
     from tasks.ingest import check_person
     from tasks.source import source_file
 
-    check_identity_name(name)
-    ws = _ws()
-    params = ws.params()
     video = video.expanduser()
     vio.probe(video)
     video = video.resolve()
     known = ws.artifact_dir("source", name)
-    from core.artifacts import read_manifest
-    from core.hashing import sha256_file
-
     manifest = read_manifest(known)
     if not (manifest and manifest.get("summary", {}).get("source_sha256") == sha256_file(video)
             and source_file(known).is_file()):
-        check_person(video, params.ingest)
+        check_person(video, ws.params().ingest)
+    return video
 
-    _print_summary(ws, _run_flow(ws, "flows.onboard", "onboard", str(ws.root), name, str(video)))
+
+def _print_many(summary: dict[str, Any]) -> list[str]:
+    """One row per identity; returns the names that failed."""
+    table = Table(title=f"onboard {len(summary['identities'])} identities  (run {summary['run_id'][:8]})")
+    for col in ("identity", "status", "stages ran / cached", "model", "details"):
+        table.add_column(col)
+    failed = []
+    for name, o in summary["identities"].items():
+        own = [r for key, r in summary["stages"].items() if key.endswith(f"[{name}]")
+               or f"[{name}/" in key]
+        ran = sum(not r["cache_hit"] for r in own)
+        version = o.get("version")
+        model = f"v{version['version']}" + ("" if version["new"] else " (unchanged)") if version else "-"
+        details = o.get("error") or o.get("report") or ""
+        if o["status"] == "failed":
+            failed.append(name)
+        table.add_row(name, o["status"], f"{ran} / {len(own) - ran}", model, escape(details))
+    out.print(table)
+    if isinstance(summary.get("pretrain"), list):
+        from core.workspace import SHARED
+
+        shared = summary["stages"].get(f"pretrain[{SHARED}]", {})
+        out.print(f"pretrain: {'cached' if shared.get('cache_hit') else 'ran'} once for all identities")
+    return failed
 
 
 def _run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
-    """A Prefect flow on the workspace's embedded server, with progress bars. Prefect reads its settings when
-    imported, so the flow module is imported only after the environment is set."""
+    """A Prefect flow on the workspace's embedded server, with progress bars, on the engine params.yaml chooses.
+    Prefect reads its settings when imported, so the flow module is imported only after the environment is set."""
     import importlib
 
-    _prefect_env(ws)
-    _start_ephemeral_server()
-    from flows import stage_task
+    with _prefect_api(ws):
+        from flows import stage_task
+        from flows.execution import task_runner
 
-    flow = getattr(importlib.import_module(module), name)
-    with _progress() as factory:
-        stage_task.progress_factory = factory
-        return flow(*args)
+        flow = getattr(importlib.import_module(module), name)
+        flow = flow.with_options(task_runner=task_runner(ws.params().execution))
+        with _progress() as factory:
+            stage_task.progress_factory = factory
+            return flow(*args)
+
+
+@contextlib.contextmanager
+def _prefect_api(ws: Workspace) -> Iterator[None]:
+    """The workspace's embedded Prefect server (or the shared one PREFECT_API_URL names), its address a setting so
+    that other processes (Dask workers, served runs) reach the same server."""
+    _prefect_env(ws)
+    api_url = _start_ephemeral_server()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}) if api_url else contextlib.nullcontext():
+        yield
 
 
 class _progress:
@@ -277,6 +390,13 @@ def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor
                   cache_hit=False, result=result.to_dict())
     out.print(f"{stage}[{identity}] → {result.path}  {result.output_hash[:12]}  {result.duration_s:.1f} s",
               markup=False, highlight=False)
+    if stage == "finetune":  # every new model is a version, however it was made (`dvc repro` calls this)
+        from flows.versions import record_version
+
+        v = record_version(ws, identity, run_id, commit=not _under_dvc())
+        out.print(f"{identity} model v{v['version']} ({'new' if v['new'] else 'unchanged'})"
+                  + ("; commit dvc.lock and versions.yaml after `dvc repro`" if v["new"] and _under_dvc() else ""),
+                  markup=False, highlight=False)
 
 
 @stage_app.command("list")
@@ -527,6 +647,66 @@ def _print_training(summary: dict[str, Any]) -> None:
             if s:
                 out.print(f"  {which}: {s['steps']} steps (from {s['resumed_at']}), loss {s['loss_first']} → "
                           f"{s['loss_last']}, {s['samples']} clips of {s['identities']} identities")
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+@app.command()
+def rerender(name: Annotated[str | None, typer.Argument(help="Only this identity's renders.")] = None) -> None:
+    """Re-render every stale render (newer model version or changed render params) now; current ones stay."""
+    if name:
+        check_identity_name(name)
+    ws = _ws()
+    summary = _run_flow(ws, "flows.rerender", "rerender", str(ws.root), name)
+    for subject, why in summary["redone"].items():
+        out.print(f"redone {subject}: {'; '.join(why)}", markup=False, highlight=False)
+    out.print(f"{len(summary['redone'])} re-rendered, {len(summary['current'])} already current")
+
+
+@schedule_app.command("rerender")
+def schedule_rerender(
+        cron: Annotated[str, typer.Option("--cron", help='When, as a cron line, e.g. "0 3 * * *" (03:00 daily).')],
+        timezone: Annotated[str | None, typer.Option("--timezone", help="IANA zone of the cron line (default "
+                                                     "UTC), e.g. Europe/Paris.")] = None,
+        name: Annotated[str | None, typer.Option("--identity", help="Only this identity's renders.")] = None,
+) -> None:
+    """Register the re-render of stale renders as a Prefect deployment on a cron schedule."""
+    from core.errors import InputError
+
+    if name:
+        check_identity_name(name)
+    try:
+        from prefect.schedules import Cron
+
+        Cron(cron, timezone=timezone)
+    except ValueError as exc:
+        raise InputError(f"--cron {cron!r} / --timezone {timezone!r}: {exc}") from None
+    ws = _ws()
+    from flows.rerender import deployments, save_schedule
+
+    save_schedule(ws, cron, timezone, name)
+    with _prefect_api(ws):
+        for deployment in deployments(ws):
+            deployment_id = deployment.apply()
+            out.print(f"deployment rerender/{deployment.name} ({deployment_id}): {cron}"
+                      f"{' ' + timezone if timezone else ' UTC'}; run it with `anchor serve`",
+                      markup=False, highlight=False)
+
+
+@app.command()
+def serve() -> None:
+    """Serve the workspace's scheduled flows with Prefect until stopped (Ctrl-C); runs appear in Prefect's UI."""
+    from core.errors import InputError
+    from flows.rerender import deployments
+
+    ws = _ws()
+    found = deployments(ws)
+    if not found:
+        raise InputError("nothing is scheduled here; first `anchor schedule rerender --cron \"0 3 * * *\"`")
+    with _prefect_api(ws):
+        from prefect import serve as prefect_serve
+
+        out.print(f"serving {', '.join('rerender/' + d.name for d in found)}", markup=False, highlight=False)
+        prefect_serve(*found)
 
 
 # ---------------------------------------------------------------------------------------------------- motion

@@ -31,6 +31,27 @@ class StorageParams(Section):
                                "artifact before it stops with a message (0 = stop at once)")
 
 
+class ExecutionParams(Section):
+    engine: Literal["threads", "dask"] = Field("threads", description="where stage tasks run: threads of this "
+                                               "process, or Dask workers through prefect-dask")
+    threads: int | None = Field(None, ge=1, le=256, description="threads engine: most stage tasks at once "
+                                "(empty = Prefect's default)")
+    dask_address: str | None = Field(None, description="dask engine: a running scheduler (tcp://host:8786); empty = "
+                                     "a local cluster for the run")
+    dask_workers: int = Field(2, ge=1, le=256, description="dask engine: worker processes of the local cluster")
+    limits: dict[str, int] = Field({"gpu": 1, "cpu": 2}, description="most tasks at once per resource tag "
+                                   "(Prefect tag concurrency limits anchor-<tag>; a tag left out has none)")
+    retries: int = Field(2, ge=0, le=20, description="retries of a stage that failed on a transient I/O error")
+    retry_delay_s: float = Field(2.0, ge=0, le=3600, description="seconds between those retries")
+
+    @model_validator(mode="after")
+    def _limits(self) -> ExecutionParams:
+        bad = [k for k, v in self.limits.items() if v < 1 or not k.replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"limits: tag names are letters, digits and '-', limits >= 1 (bad: {', '.join(bad)})")
+        return self
+
+
 class IngestParams(Section):
     fps: int = Field(30, ge=1, le=120, description="constant output frame rate")
     resolution: int = Field(512, ge=64, le=2048, description="side of the square crop, pixels")
@@ -242,6 +263,7 @@ class Params(BaseModel):
 
     profile: Literal["tiny", "cpu", "sd15"] = Field("tiny", description="model profile (DESIGN §6)")
     storage: StorageParams = StorageParams()
+    execution: ExecutionParams = ExecutionParams()
     ingest: IngestParams = IngestParams()
     keypoints: KeypointsParams = KeypointsParams()
     matting: MattingParams = MattingParams()

@@ -33,6 +33,7 @@ class StageSpec:
     dvc_outs: tuple[str, ...] = ()  # files of the artifact DVC tracks one by one (so metrics/plots sit beside them)
     dvc_metrics: tuple[str, ...] = ()  # files of the artifact that are DVC metrics (`dvc metrics show/diff`)
     dvc_plots: tuple[str, ...] = ()  # files or folders of the artifact that are DVC plots (x = the "frame" column)
+    resource: str | None = None  # what the stage is heavy on ("gpu", "cpu"): a Prefect tag with a concurrency limit
 
     def code_hash(self) -> str:
         return _code_hash((self.module, *self.helpers))

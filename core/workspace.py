@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from core.errors import InputError
 from core.params import Params, load_params
@@ -120,17 +121,25 @@ class Workspace:
         data = yaml.safe_load(self.identities_path.read_text()) or {}
         return list(data.get("identities") or [])
 
+    def records_lock(self) -> FileLock:
+        """Serialises writers of the workspace's records (identities.yaml, versions.yaml, DVC and git commands)
+        across threads and processes; re-entrant in one thread."""
+        path = self.state / "locks" / "records.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(path, is_singleton=True)
+
     def register_identity(self, identity: str) -> None:
         """Add the name to identities.yaml, over which dvc.yaml's stages iterate (foreach)."""
-        names = self.identities()
-        if identity in names:
-            return
-        names = sorted({*names, check_identity_name(identity)})
-        text = "# Identities onboarded in this workspace; dvc.yaml's stages run once per name.\n"
-        text += yaml.safe_dump({"identities": names}, default_flow_style=False)
-        tmp = self.identities_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.identities_path)
+        check_identity_name(identity)
+        with self.records_lock():
+            names = self.identities()
+            if identity in names:
+                return
+            text = "# Identities onboarded in this workspace; dvc.yaml's stages run once per name.\n"
+            text += yaml.safe_dump({"identities": sorted({*names, identity})}, default_flow_style=False)
+            tmp = self.identities_path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.identities_path)
 
 
 def find_workspace(explicit: str | Path | None = None) -> Workspace:

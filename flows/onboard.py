@@ -1,5 +1,6 @@
-"""Onboard one identity: source → ingest → (keypoints ∥ matting) → smplx_fit → perturb → render_mesh, then record
-the outputs in DVC."""
+"""Onboard identities: source → ingest → (keypoints ∥ matting) → smplx_fit → perturb → render_mesh, then record
+the outputs in DVC. `onboard_many` does several identities at once and, if asked, trains them: the shared pretrain
+once, after every identity is preprocessed, then the finetunes."""
 
 from __future__ import annotations
 
@@ -9,28 +10,68 @@ from typing import Any
 from prefect import flow
 from prefect.context import get_run_context
 
-from core.workspace import Workspace
+from core.workspace import Workspace, check_identity_name
+from flows.execution import concurrently
+from flows.render import stage_summary
 from flows.stage_task import StageRunner
+from flows.train import finetune_identity, pretrain_shared
 from flows.versioning import commit_identity
+
+AFTER_INGEST = (("keypoints", "matting"), ("smplx_fit",), ("perturb",), ("render_mesh",))
+
+
+def preprocess(ws: Workspace, stages: StageRunner, identity: str, video: Path) -> list[str]:
+    """The identity's stages up to render_mesh, then its name in identities.yaml and its outputs in dvc.lock (a
+    name is listed only once it is whole, so a failed onboarding never breaks the shared pretrain)."""
+    check_identity_name(identity)
+    stages.run("source", identity, external=video)
+    stages.run("ingest", identity)
+    for step in AFTER_INGEST:
+        stages.run_many(list(step), identity)
+    ws.register_identity(identity)
+    return commit_identity(ws, identity)
+
+
+def _runner(ws: Workspace, name: str) -> StageRunner:
+    ctx = get_run_context()
+    return StageRunner(ws, str(ctx.flow_run.id), flow=name)  # type: ignore[union-attr]
 
 
 @flow(name="onboard", flow_run_name="onboard-{identity}", log_prints=False)
 def onboard(workspace: str, identity: str, video: str) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
-    ws.register_identity(identity)
-    ctx = get_run_context()
-    stages = StageRunner(ws, str(ctx.flow_run.id), flow="onboard")  # type: ignore[union-attr]
-    stages.run("source", identity, external=Path(video))
-    stages.run("ingest", identity)
-    stages.run_many(["keypoints", "matting"], identity)
-    stages.run("smplx_fit", identity)
-    stages.run("perturb", identity)
-    stages.run("render_mesh", identity)
-    committed = commit_identity(ws, identity)
-    return {
-        "identity": identity,
-        "run_id": stages.run_id,
-        "stages": {stage: {**result, "cache_hit": stages.cache_hits[(stage, ident)]}
-                   for (stage, ident), result in stages.results.items()},
-        "dvc": committed,
-    }
+    stages = _runner(ws, "onboard")
+    committed = preprocess(ws, stages, identity, Path(video))
+    return {"identity": identity, "run_id": stages.run_id, "stages": stage_summary(stages), "dvc": committed}
+
+
+@flow(name="onboard-many", log_prints=False)
+def onboard_many(workspace: str, videos: dict[str, str], train: bool = False,
+                 evaluate: bool = True) -> dict[str, Any]:
+    """Every identity concurrently; one that fails is reported and the others go on. With `train`, the shared
+    pretrain runs once over every whole identity of the workspace, then each new one is finetuned (and, unless
+    `evaluate` is off, evaluated and versioned)."""
+    ws = Workspace(Path(workspace))
+    for name in videos:
+        check_identity_name(name)
+    stages = _runner(ws, "onboard")
+    outcome: dict[str, dict[str, Any]] = {}
+    for name, res in concurrently(lambda name: preprocess(ws, stages, name, Path(videos[name])), videos).items():
+        outcome[name] = ({"status": "failed", "error": f"{type(res).__name__}: {res}"}
+                         if isinstance(res, BaseException) else {"status": "onboarded", "dvc": res})
+    whole = [name for name, o in outcome.items() if o["status"] != "failed"]
+    pretrained: list[str] | str | None = None
+    if train and whole:
+        try:
+            pretrained = pretrain_shared(ws, stages)
+        except Exception as exc:  # noqa: BLE001 - reported per identity below
+            pretrained = f"{type(exc).__name__}: {exc}"
+            for name in whole:
+                outcome[name] = {"status": "failed", "error": f"pretrain: {pretrained}"}
+        else:
+            tuned = concurrently(lambda name: finetune_identity(ws, stages, name, evaluate), whole)
+            for name, res in tuned.items():
+                outcome[name] = ({"status": "failed", "error": f"{type(res).__name__}: {res}"}
+                                 if isinstance(res, BaseException) else {"status": "trained", **res})
+    return {"run_id": stages.run_id, "identities": outcome, "pretrain": pretrained,
+            "stages": stage_summary(stages, qualified=True)}

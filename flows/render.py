@@ -75,17 +75,24 @@ def copy_out(video: Path, out: Path) -> None:
 
 
 def render_stages(ws: Workspace, stages: StageRunner, identity: str, motion: str, frames: int | None = None,
-                  seed: int | None = None, face: bool = True) -> tuple[str, dict[str, Any]]:
+                  seed: int | None = None, face: bool | None = None) -> tuple[str, dict[str, Any]]:
     """motion → render_body → face → assemble for `identity` (finetuned); returns (render subject, assemble's
     result). The evaluation flow renders the held-out clips through here too, so both share one cache."""
     _require(ws, "finetune", identity, f"run `anchor pretrain` and `anchor finetune {identity}`")
     key, staged = stage_motion(ws, stages, identity, motion, frames)
     subject = render_subject(identity, key)
+    return subject, render_staged(stages, subject, staged, seed, face)
+
+
+def render_staged(stages: StageRunner, subject: str, staged: Path, seed: int | None = None,
+                  face: bool | None = None) -> dict[str, Any]:
+    """The render stages of one subject from its staged motion; `seed`/`face` override the params for this render
+    (None: as params.yaml says). Returns assemble's result."""
     seeded = {"seed": seed} if seed is not None else {}
     stages.run("motion", subject, external=staged)
     stages.run("render_body", subject, overrides=seeded)
-    stages.run("face", subject, overrides={**seeded, **({} if face else {"enabled": False})})
-    return subject, stages.run("assemble", subject)
+    stages.run("face", subject, overrides={**seeded, **({"enabled": face} if face is not None else {})})
+    return stages.run("assemble", subject)
 
 
 def stage_summary(stages: StageRunner, qualified: bool = False) -> dict[str, dict[str, Any]]:
@@ -101,7 +108,7 @@ def render(workspace: str, identity: str, motion: str, out: str | None = None, f
     check_identity_name(identity)
     ctx = get_run_context()
     stages = StageRunner(ws, str(ctx.flow_run.id), flow="render")  # type: ignore[union-attr]
-    subject, result = render_stages(ws, stages, identity, motion, frames, seed, face)
+    subject, result = render_stages(ws, stages, identity, motion, frames, seed, None if face else False)
     video = ws.root / result["path"] / assemble.VIDEO
     if out:
         copy_out(video, Path(out))

@@ -16,6 +16,7 @@ from core.artifacts import now_iso, verify
 from core.errors import AnchorError, StageError
 from core.progress import NullProgress, Progress
 from core.workspace import Workspace
+from flows import execution
 from tasks import registry, runner
 
 # Set by the command line to draw progress bars; stages run the same without it.
@@ -32,15 +33,20 @@ class ContentHashPolicy(CachePolicy):
         return runner.cache_key(ws, spec, inputs["identity"], inputs["input_hashes"], inputs.get("overrides"))
 
 
-@task(name="stage", cache_policy=ContentHashPolicy(), persist_result=True, task_run_name="{stage}[{identity}]")
-def stage_task(workspace: str, stage: str, identity: str, input_hashes: dict[str, str],
-               external: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_stage(workspace: str, stage: str, identity: str, input_hashes: dict[str, str],
+              external: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task body. A module-level function of its own, so Dask workers import it by name rather than receive
+    it by value with this process's progress display (which cannot cross processes; there they report nothing)."""
     ws = Workspace(Path(workspace))
     result = runner.execute(ws, stage, identity, external=Path(external) if external else None,
                             progress=progress_factory(stage, identity), overrides=overrides)
     if result.input_hashes != input_hashes:
         raise StageError(f"{stage} of {identity!r}: inputs changed while it ran; run again")
     return result.to_dict()
+
+
+stage_task = task(name="stage", cache_policy=ContentHashPolicy(), persist_result=True,
+                  task_run_name="{stage}[{identity}]")(run_stage)
 
 
 class StageRunner:
@@ -52,7 +58,11 @@ class StageRunner:
         self.flow = flow
         # cache records live in the workspace's state directory, so workspaces never share a cache
         policy = ContentHashPolicy().configure(key_storage=str(ws.state / "prefect-cache"))
-        self.task = stage_task.with_options(cache_policy=policy)
+        p = ws.params().execution
+        self.task = stage_task.with_options(cache_policy=policy, retries=p.retries,
+                                            retry_delay_seconds=p.retry_delay_s,
+                                            retry_condition_fn=execution.retry_transient)
+        execution.apply_limits(p)
         self.results: dict[tuple[str, str], dict[str, Any]] = {}
         self.cache_hits: dict[tuple[str, str], bool] = {}
 
@@ -74,7 +84,7 @@ class StageRunner:
         overrides = overrides or {}
         started = {s: (now_iso(), time.perf_counter()) for s in stages}
         args = {s: self._args(s, identity, external.get(s), overrides.get(s)) for s in stages}
-        futures = {s: self.task.submit(**args[s]) for s in stages}
+        futures = {s: self.task.with_options(tags=execution.tags(registry.get(s))).submit(**args[s]) for s in stages}
         out: dict[str, dict[str, Any]] = {}
         errors: list[BaseException] = []
         for stage, fut in futures.items():
@@ -94,7 +104,8 @@ class StageRunner:
             result = state.result()
             if cached and not verify(self.ws.root / result["path"], result["output_hash"]):
                 # Prefect remembers a result whose artifact was deleted or changed: never trust it, recompute.
-                state = self.task.with_options(refresh_cache=True)(**args, return_state=True)
+                state = self.task.with_options(refresh_cache=True, tags=execution.tags(registry.get(stage)))(
+                    **args, return_state=True)
                 cached = False
                 if state.is_completed():
                     result = state.result()

@@ -22,16 +22,29 @@ def _runner(ws: Workspace, name: str) -> StageRunner:
     return StageRunner(ws, str(ctx.flow_run.id), flow=name)  # type: ignore[union-attr]
 
 
-def _summary(stages: StageRunner, committed: list[str]) -> dict[str, Any]:
-    return {"run_id": stages.run_id, "stages": stage_summary(stages, qualified=True), "dvc": committed}
+def pretrain_shared(ws: Workspace, stages: StageRunner) -> list[str]:
+    stages.run("pretrain", SHARED)
+    return commit_shared(ws, "pretrain")
+
+
+def finetune_identity(ws: Workspace, stages: StageRunner, identity: str, evaluate: bool = True) -> dict[str, Any]:
+    """finetune → (held-out render, metrics, report) → dvc.lock → a version number for the new weights."""
+    stages.run("finetune", identity)
+    report = evaluation(ws, stages, identity) if evaluate else None
+    out: dict[str, Any] = {"dvc": commit_identity(ws, identity), "version": record_version(ws, identity,
+                                                                                           stages.run_id)}
+    if report is not None:
+        out["report"] = str(ws.root / report["path"] / REPORT_HTML)
+        out["report_summary"] = report["summary"]
+    return out
 
 
 @flow(name="pretrain", log_prints=False)
 def pretrain(workspace: str) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
     stages = _runner(ws, "pretrain")
-    stages.run("pretrain", SHARED)
-    return _summary(stages, commit_shared(ws, "pretrain"))
+    committed = pretrain_shared(ws, stages)
+    return {"run_id": stages.run_id, "stages": stage_summary(stages, qualified=True), "dvc": committed}
 
 
 @flow(name="finetune", flow_run_name="finetune-{identity}", log_prints=False)
@@ -39,11 +52,5 @@ def finetune(workspace: str, identity: str, evaluate: bool = True) -> dict[str, 
     """Then, unless told not to, the evaluation protocol: the held-out clips rendered, scored and reported."""
     ws = Workspace(Path(workspace))
     stages = _runner(ws, "finetune")
-    stages.run("finetune", identity)
-    report = evaluation(ws, stages, identity) if evaluate else None
-    out = _summary(stages, commit_identity(ws, identity))
-    out["version"] = record_version(ws, identity, stages.run_id)
-    if report is not None:
-        out["report"] = str(ws.root / report["path"] / REPORT_HTML)
-        out["report_summary"] = report["summary"]
-    return out
+    out = finetune_identity(ws, stages, identity, evaluate)
+    return {"run_id": stages.run_id, "stages": stage_summary(stages, qualified=True), **out}

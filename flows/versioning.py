@@ -25,7 +25,8 @@ SOURCE = "source"
 def dvc(ws: Workspace, *args: str) -> str:
     if not (ws.root / ".dvc").is_dir():
         raise AnchorError(f"{ws.root} is not a DVC workspace; create one with `anchor init DIR`")
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True)
+    with ws.records_lock():  # one DVC command at a time per workspace: they all rewrite dvc.lock
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True)
     if proc.returncode:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         raise AnchorError(f"dvc {args[0]} failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")

@@ -37,11 +37,17 @@ def version_of(table: dict[str, list[dict[str, Any]]], identity: str, model_hash
     return next((v["version"] for v in table.get(identity, []) if v["finetune"] == model_hash), None)
 
 
-def record_version(ws: Workspace, identity: str, run_id: str) -> dict[str, Any]:
-    """Number the identity's current finetune output, if new; commit and tag it in git when there is a repository."""
+def record_version(ws: Workspace, identity: str, run_id: str, commit: bool = True) -> dict[str, Any]:
+    """Number the identity's current finetune output, if new; commit and tag it in git when there is a repository
+    and `commit` (under `dvc repro`, dvc.lock is written after the stage: the user commits and tags then)."""
     model = current_model(ws, identity)
     if model is None:
         raise ValueError(f"{identity!r} has no finetune to version")
+    with ws.records_lock():
+        return _record(ws, identity, run_id, model, commit)
+
+
+def _record(ws: Workspace, identity: str, run_id: str, model: str, commit: bool) -> dict[str, Any]:
     table = versions(ws)
     known = next((v for v in table.get(identity, []) if v["finetune"] == model), None)
     if known is not None:
@@ -55,7 +61,7 @@ def record_version(ws: Workspace, identity: str, run_id: str) -> dict[str, Any]:
     ledger.append(ws.ledger_dir, {"run_id": run_id, "flow": "finetune", "stage": "version", "identity": identity,
                                   "status": f"v{entry['version']}", "cache_hit": False, "output_hash": model,
                                   "code_version": code_version(), "started_at": entry["made_at"], "host": host()})
-    tag = _git_commit_and_tag(ws, identity, entry["version"])
+    tag = _git_commit_and_tag(ws, identity, entry["version"]) if commit else None
     return {**entry, "new": True, "git_tag": tag}
 
 

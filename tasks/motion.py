@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from core.errors import InputError
-from core.hashing import hash_tree
+from core.hashing import NOT_CONTENT, hash_tree
 from core.progress import Progress
 from models import body
 from models.motion_io import FIT_FPS, Motion, read_motion, resample
@@ -148,6 +148,19 @@ def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], au
     else:
         tmp.rename(final)
     return key, final
+
+
+def restage(artifact: Path, staging: Path) -> Path:
+    """A motion artifact back in staging/<its key>, to drive the same render again (same content, same key)."""
+    key = hash_tree(artifact)[:12]
+    final = staging / key
+    if not final.exists():
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=staging))
+        shutil.copytree(artifact, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if Path(d) == artifact and n in NOT_CONTENT])
+        tmp.rename(final)
+    return final
 
 
 def read_info(motion_dir: Path) -> dict[str, Any]:

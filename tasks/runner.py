@@ -6,6 +6,7 @@ Both the Prefect flows and `dvc repro` (through `anchor stage run`) come here, s
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -267,6 +268,7 @@ def _execute_locked(ws: Workspace, spec: StageSpec, identity: str, target: Path,
             "duration_s": round(time.perf_counter() - t0, 3),
             "peak_rss_mb": mem.peak_mb,
             "host": host(),
+            "pid": os.getpid(),  # which worker process made it (threads share one; Dask workers do not)
             "summary": summary,
         })
     if "scratch" in kwargs:

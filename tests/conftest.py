@@ -18,6 +18,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="anchor-test-prefe
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.pop("ANCHOR_WORKSPACE", None)
 
 TEST_PARAMS = {"ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}

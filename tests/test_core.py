@@ -501,7 +501,9 @@ def test_register_identity_sorted_unique(tmp_path: Path) -> None:
     assert ws.identities() == ["alpha", "mid", "zeta"]
     data = yaml.safe_load((tmp_path / IDENTITIES_FILE).read_text())
     assert data == {"identities": ["alpha", "mid", "zeta"]}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [IDENTITIES_FILE]  # no temporary file left
+    # no temporary file left; the state directory holds the records lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".anchor", IDENTITIES_FILE]
+    assert [p.name for p in (tmp_path / ".anchor").rglob("*") if p.is_file()] == ["records.lock"]
 
 
 def test_register_identity_refuses_bad_name(tmp_path: Path) -> None:

@@ -1,18 +1,29 @@
-"""Studio operations on a real onboarded identity: one writer per artifact."""
+"""Studio operations: one writer per artifact; several identities at once on threads or a Dask cluster, the shared
+work done once; Prefect retries of transient I/O errors; resource tags with concurrency limits; the onboard command's
+pairs and manifest."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from filelock import FileLock
+from typer.testing import CliRunner
 
-from core.artifacts import read_manifest
+from cli.main import _pairs, app
+from core import ledger
+from core.artifacts import read_manifest, verify
+from core.errors import InputError, ParamsError
+from core.params import parse_params
 from core.workspace import Workspace
-from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace
+from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace, make_workspace
+
+PREPROCESS = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh")
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -55,3 +66,152 @@ def test_a_second_writer_stops_with_a_clear_message(onboarded: Path, tmp_path: P
     assert f"another run is writing data/identities/{ID}/perturb (waited 1 s" in stderr
     assert read_manifest(ws.artifact_dir("perturb", ID)) == before
     assert not list(ws.artifact_dir("perturb", ID).parent.glob(".perturb.tmp-*"))
+
+
+def _reference(onboarded: Path) -> dict[str, str]:
+    """Output hashes of the template, onboarded one stage after another by the runner (no Prefect, no threads)."""
+    ws = Workspace(onboarded)
+    return {stage: read_manifest(ws.artifact_dir(stage, ID))["output_hash"] for stage in PREPROCESS}
+
+
+def _hashes(ws: Workspace, identity: str) -> dict[str, str]:
+    return {stage: read_manifest(ws.artifact_dir(stage, identity))["output_hash"] for stage in PREPROCESS}
+
+
+def _set(root: Path, section: str, values: dict) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_four_identities_at_once_one_completed_row_per_stage_each(onboarded: Path, short_video: Path,
+                                                                   tmp_path: Path) -> None:
+    from flows.onboard import onboard_many
+
+    ws = Workspace(make_workspace(tmp_path / "ws"))
+    names = ["ann", "bob", "cy", "dee"]
+    summary = onboard_many(str(ws.root), {n: str(short_video) for n in names})
+    assert {n: o["status"] for n, o in summary["identities"].items()} == dict.fromkeys(names, "onboarded")
+    assert ws.identities() == names
+    rows = ledger.read(ws.ledger_dir)
+    rows = rows[rows["run_id"] == summary["run_id"]]
+    for name in names:
+        own = rows[rows["identity"] == name]
+        assert sorted(own["stage"]) == sorted(PREPROCESS), name
+        assert set(own["status"]) == {"completed"} and not own["cache_hit"].any()
+        # concurrency changed nothing: every artifact is the one a plain sequential run makes
+        assert _hashes(ws, name) == _reference(onboarded)
+    assert len(rows) == len(names) * len(PREPROCESS)
+    # the stages ran in this process's threads, side by side
+    assert {read_manifest(ws.artifact_dir("keypoints", n))["pid"] for n in names} == {__import__("os").getpid()}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_identities_on_a_two_worker_dask_cluster_match_a_sequential_run(onboarded: Path, short_video: Path,
+                                                                             tmp_path: Path) -> None:
+    import os
+
+    from flows.execution import task_runner
+    from flows.onboard import onboard_many
+
+    root = make_workspace(tmp_path / "ws")
+    _set(root, "execution", {"engine": "dask", "dask_workers": 2})
+    ws = Workspace(root)
+    runner = task_runner(ws.params().execution)
+    assert type(runner).__name__ == "DaskTaskRunner"
+    summary = onboard_many.with_options(task_runner=runner)(str(root), {"ann": str(short_video),
+                                                                         "bob": str(short_video)})
+    assert {n: o["status"] for n, o in summary["identities"].items()} == {"ann": "onboarded", "bob": "onboarded"}, summary["identities"]
+    reference = _reference(onboarded)
+    assert _hashes(ws, "ann") == reference and _hashes(ws, "bob") == reference
+    pids = {read_manifest(ws.artifact_dir(stage, n))["pid"] for n in ("ann", "bob") for stage in PREPROCESS}
+    made_by = {(n, stage): read_manifest(ws.artifact_dir(stage, n))["pid"] for n in ("ann", "bob") for stage in PREPROCESS}
+    assert os.getpid() not in pids and len(pids) == 2, made_by  # made by the two Dask worker processes, not here
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_transient_io_error_is_retried_by_prefect_and_the_flow_completes(onboarded: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    import tasks.perturb
+    from flows.stage_task import StageRunner
+
+    ws = Workspace(copy_workspace(onboarded, tmp_path / "ws", {"execution": {"retries": 2, "retry_delay_s": 0.0}}))
+    real = tasks.perturb.run
+    calls: list[int] = []
+    failure = {"exc": OSError(errno.EIO, "simulated I/O error")}
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise failure["exc"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.perturb, "run", flaky)
+
+    @flow
+    def one_stage(stage: str) -> str:
+        runner = StageRunner(ws, str(get_run_context().flow_run.id), flow="test")
+        runner.run(stage, ID)
+        return runner.run_id
+
+    run_id = one_stage("perturb")
+    assert len(calls) == 2  # failed once, retried once, done
+    rows = ledger.read(ws.ledger_dir)
+    rows = rows[rows["run_id"] == run_id]
+    assert list(rows["status"]) == ["completed"]
+    assert verify(ws.artifact_dir("perturb", ID))
+    assert not list(ws.identity_dir(ID).glob(".perturb.tmp-*"))
+
+    # a missing file is a mistake, not a hiccup: no retry, and the flow fails with it
+    calls.clear()
+    failure["exc"] = FileNotFoundError(errno.ENOENT, "no such file", "x.npz")
+    _set(ws.root, "perturb", {"seed": 7})  # a new cache key, so the stage really runs
+    with pytest.raises(FileNotFoundError):
+        one_stage("perturb")
+    assert len(calls) == 1
+
+    # heavy stages carry their resource tag; the limits come from params.yaml
+    tagged = one_stage("matting")
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name("tag:anchor-cpu")
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[tagged])),
+                                     task_run_filter=TaskRunFilter())
+    assert limit.limit == ws.params().execution.limits["cpu"] == 2
+    assert [set(r.tags) for r in runs] == [{"anchor", "anchor-cpu"}]
+
+
+def test_execution_params_are_checked() -> None:
+    assert parse_params({"execution": {"limits": {"gpu": 4}}}).execution.limits == {"gpu": 4}
+    with pytest.raises(ParamsError, match="limits >= 1"):
+        parse_params({"execution": {"limits": {"gpu": 0}}})
+    with pytest.raises(ParamsError, match="execution.engine"):
+        parse_params({"execution": {"engine": "ray"}})
+
+
+def test_onboard_pairs_and_manifest(tmp_path: Path) -> None:
+    (tmp_path / "clips").mkdir()
+    csv = tmp_path / "clips" / "anchors.csv"
+    csv.write_text("name,video\nann, ann.mp4\nbob,/abs/bob.mov\n")
+    pairs = _pairs(["cy=cy.mp4"], csv)
+    assert pairs == {"cy": Path("cy.mp4"), "ann": tmp_path / "clips" / "ann.mp4", "bob": Path("/abs/bob.mov")}
+    with pytest.raises(InputError, match="named twice"):
+        _pairs(["ann=a.mp4"], csv)
+    with pytest.raises(InputError, match="expected NAME=VIDEO"):
+        _pairs(["ann"], None)
+    with pytest.raises(InputError, match="invalid identity name"):
+        _pairs(["Bad Name=a.mp4"], None)
+    (tmp_path / "bad.csv").write_text("who,file\nann,a.mp4\n")
+    with pytest.raises(InputError, match="needs columns name,video"):
+        _pairs([], tmp_path / "bad.csv")
+    with pytest.raises(InputError, match="nothing to onboard"):
+        _pairs([], None)
+    refused = CliRunner().invoke(app, ["-w", str(tmp_path), "onboard", "a=x.mp4", "b=y.mp4", "--video", "z.mp4"])
+    assert refused.exit_code != 0
+    assert "--video goes with exactly one NAME" in str(refused.exception) + refused.output

@@ -1,0 +1,81 @@
+"""How a flow's stage tasks run, from params.yaml's `execution` section: Prefect's thread pool or Dask through
+prefect-dask (a local cluster or a scheduler address), Prefect tag concurrency limits on the heavy stages, and
+Prefect retries of transient I/O failures. Nothing here schedules work itself; it only configures Prefect."""
+
+from __future__ import annotations
+
+import contextvars
+import errno
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext
+from prefect.states import State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from core.params import ExecutionParams
+from core.registry import StageSpec
+
+T = TypeVar("T")
+TAG_PREFIX = "anchor-"
+# I/O errors a second attempt can outlive (a network filesystem or object store hiccup); a missing or
+# forbidden file is a mistake, and the stage's own errors are about the input: neither is retried.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ESTALE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOSPC}
+
+
+def task_runner(p: ExecutionParams) -> TaskRunner[Any]:
+    if p.engine == "dask":
+        import dask
+        from prefect_dask import DaskTaskRunner
+
+        # stages start worker processes of their own (MediaPipe, decoders): Dask's workers must not be daemons
+        dask.config.set({"distributed.worker.daemon": False})
+        if p.dask_address:
+            return DaskTaskRunner(address=p.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": p.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": ":0"})
+    return ThreadPoolTaskRunner(max_workers=p.threads)
+
+
+def tags(spec: StageSpec) -> set[str]:
+    return {"anchor", f"{TAG_PREFIX}{spec.resource}"} if spec.resource else {"anchor"}
+
+
+def apply_limits(p: ExecutionParams) -> None:
+    """Prefect enforces tag limits server-side (global limits named `tag:<tag>`); params.yaml is their source."""
+    with get_client(sync_client=True) as client:
+        for resource, limit in p.limits.items():
+            client.upsert_global_concurrency_limit_by_name(f"tag:{TAG_PREFIX}{resource}", limit)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and (exc.errno in TRANSIENT_ERRNOS
+                                         or isinstance(exc, TimeoutError | ConnectionError))
+
+
+def retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Prefect's retry_condition_fn: retry only what `is_transient` calls transient."""
+    exc = state.result(raise_on_failure=False)
+    return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+def concurrently(fn: Callable[[str], T], items: Iterable[str]) -> dict[str, T | BaseException]:
+    """fn(item) for every item at once, each in the flow run's context (so the stage tasks it submits belong to this
+    flow run and go to its task runner); an item's exception is its result, the others go on."""
+    items = list(items)
+    if not items:
+        return {}
+    engine = getattr(FlowRunContext.get(), "task_runner", None)
+    if isinstance(getattr(type(engine), "client", None), property):
+        engine.client  # noqa: B018 - prefect-dask connects on first use, racily: connect once, before the threads
+    with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="identity") as pool:
+        futures = {item: pool.submit(contextvars.copy_context().run, fn, item) for item in items}
+    out: dict[str, T | BaseException] = {}
+    for item, fut in futures.items():
+        exc = fut.exception()
+        out[item] = exc if exc is not None else fut.result()
+    return out

@@ -1,0 +1,100 @@
+"""Re-render what went stale, and the Prefect deployment that does it on a schedule.
+
+A render is stale when its identity has a newer model version or the render params changed (flows/versions.py).
+`rerender` redoes exactly those, each from its own motion and with the per-render choices it was made with
+(`--seed`, `--no-face`); current renders are left alone. `anchor schedule rerender --cron ...` registers the flow as
+a deployment of the workspace (schedules.yaml keeps it beside params.yaml); `anchor serve` serves it with Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+from prefect.client.schemas.objects import EntrypointType
+from prefect.context import get_run_context
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
+
+from core.artifacts import read_manifest
+from core.workspace import Workspace
+from flows.execution import concurrently
+from flows.render import render_staged
+from flows.stage_task import StageRunner
+from flows.versions import renders
+from tasks import motion as motion_task
+
+SCHEDULES_FILE = "schedules.yaml"
+
+
+def _choices(ws: Workspace, subject: str) -> tuple[int | None, bool | None]:
+    """The seed and face choice the render was made with, as overrides when they differ from params.yaml."""
+    params = ws.params()
+    body = (read_manifest(ws.artifact_dir("render_body", subject)) or {}).get("params") or {}
+    face = (read_manifest(ws.artifact_dir("face", subject)) or {}).get("params") or {}
+    seed = body.get("seed")
+    enabled = face.get("enabled")
+    return (seed if seed is not None and seed != params.render_body.seed else None,
+            enabled if enabled is not None and enabled != params.face.enabled else None)
+
+
+def rerender_one(ws: Workspace, stages: StageRunner, subject: str) -> dict[str, Any]:
+    staged = motion_task.restage(ws.artifact_dir("motion", subject), ws.state / "motions")
+    seed, face = _choices(ws, subject)
+    return render_staged(stages, subject, staged, seed, face)
+
+
+@flow(name="rerender", log_prints=False)
+def rerender(workspace: str, identity: str | None = None) -> dict[str, Any]:
+    """Every stale render of the workspace (or of one identity) again; the rest untouched."""
+    ws = Workspace(Path(workspace))
+    ctx = get_run_context()
+    stages = StageRunner(ws, str(ctx.flow_run.id), flow="rerender")  # type: ignore[union-attr]
+    listed = [r for name in ([identity] if identity else ws.identities()) for r in renders(ws, name)]
+    stale = {r["subject"]: r["why"] for r in listed if r["stale"]}
+    done = concurrently(lambda subject: rerender_one(ws, stages, subject), stale)
+    failed = {s: f"{type(r).__name__}: {r}" for s, r in done.items() if isinstance(r, BaseException)}
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(stale)} stale renders failed: "
+                           + "; ".join(f"{s}: {e}" for s, e in failed.items()))
+    return {"run_id": stages.run_id, "redone": {s: stale[s] for s in done},
+            "current": sorted(r["subject"] for r in listed if not r["stale"])}
+
+
+# ------------------------------------------------------------------------------------------------- deployments
+def deployment_name(ws: Workspace) -> str:
+    """Unique per workspace on a shared Prefect server: the directory name plus a hash of its path."""
+    return f"{ws.root.name}-{hashlib.sha256(str(ws.root).encode()).hexdigest()[:8]}"
+
+
+def schedules(ws: Workspace) -> dict[str, dict[str, Any]]:
+    path = ws.root / SCHEDULES_FILE
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def save_schedule(ws: Workspace, cron: str, timezone: str | None, identity: str | None) -> None:
+    with ws.records_lock():
+        table = schedules(ws)
+        table["rerender"] = {"cron": cron, "timezone": timezone, "identity": identity}
+        tmp = ws.root / (SCHEDULES_FILE + ".tmp")
+        tmp.write_text("# Scheduled flows of this workspace (`anchor schedule`); `anchor serve` runs them.\n"
+                       + yaml.safe_dump(table, sort_keys=True))
+        tmp.replace(ws.root / SCHEDULES_FILE)
+
+
+def deployments(ws: Workspace) -> list[RunnerDeployment]:
+    """The workspace's scheduled flows as Prefect deployments (imported by module path, so any directory works)."""
+    out = []
+    for name, entry in schedules(ws).items():
+        if name != "rerender":
+            continue
+        out.append(RunnerDeployment.from_flow(
+            rerender, name=deployment_name(ws), schedules=[Cron(entry["cron"], timezone=entry.get("timezone"))],
+            concurrency_limit=1,
+            parameters={"workspace": str(ws.root), "identity": entry.get("identity")},
+            entrypoint_type=EntrypointType.MODULE_PATH, tags=["anchor"],
+            description=f"re-render the stale renders of {ws.root}"))
+    return out
