@@ -274,7 +274,32 @@ def _prefect_api(ws: Workspace) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}) if api_url else contextlib.nullcontext():
+        if api_url and _alone_on_embedded_database():
+            from flows.execution import apply_limits
+
+            apply_limits(ws.params().execution, free_slots=True)
         yield
+
+
+_DATABASE_LOCK: list[int] = []
+
+
+def _alone_on_embedded_database() -> bool:
+    """True when no other anchor process uses this Prefect home's database: each holds a shared lock on it for
+    its life, so an exclusive one succeeds only alone (then becomes shared too)."""
+    import fcntl
+
+    path = Path(os.environ["PREFECT_HOME"]) / "anchor-embedded.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _DATABASE_LOCK.append(fd)  # held until the process ends
+    return alone
 
 
 class _progress:

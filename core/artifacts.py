@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -69,7 +70,7 @@ def sweep_partials(parent: Path, name: str) -> list[Path]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp = path.with_name(path.name + f".{os.getpid()}-{threading.get_ident()}.tmp")  # unique per writer thread
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
 

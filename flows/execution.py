@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext
 from prefect.states import State
@@ -45,11 +46,17 @@ def tags(spec: StageSpec) -> set[str]:
     return {"anchor", f"{TAG_PREFIX}{spec.resource}"} if spec.resource else {"anchor"}
 
 
-def apply_limits(p: ExecutionParams) -> None:
-    """Prefect enforces tag limits server-side (global limits named `tag:<tag>`); params.yaml is their source."""
+def apply_limits(p: ExecutionParams, free_slots: bool = False) -> None:
+    """Prefect enforces tag limits server-side (global limits named `tag:<tag>`); params.yaml is their source.
+
+    `free_slots`: an embedded server keeps its slot leases in memory, so a run killed with its server leaves its
+    slots taken in the database for good; a process alone on that database frees them before it starts."""
     with get_client(sync_client=True) as client:
         for resource, limit in p.limits.items():
-            client.upsert_global_concurrency_limit_by_name(f"tag:{TAG_PREFIX}{resource}", limit)
+            name = f"tag:{TAG_PREFIX}{resource}"
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+            if free_slots:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
 
 
 def is_transient(exc: BaseException | None) -> bool:

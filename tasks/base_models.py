@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 from core.errors import ParamsError, StageError
 from core.hashing import hash_obj, hash_tree
 from core.params import Params
@@ -48,13 +50,16 @@ def resolve(settings: Params, root: Path, cache: Path) -> base.BasePaths:
         return paths
     target = cache / f"tiny-{code_hash_of('models.base', 'models.sgdm')[:16]}"
     if not (target / ".complete").is_file():
-        quiet()
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        base.write_tiny(tmp)
-        (tmp / ".complete").write_text("")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(cache / f".{target.name}.lock"):  # several stages at once: one writes, the others wait
+            if not (target / ".complete").is_file():
+                quiet()
+                tmp = target.with_name(f".{target.name}.{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                base.write_tiny(tmp)
+                (tmp / ".complete").write_text("")
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
     return base.BasePaths(target / "sd15", target / "sd15_inpaint", target / "image_encoder",
                           target / "motion_adapter")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from filelock import FileLock
+
 from core.errors import StageError
 from core.params import BodyModelParams
 from core.registry import code_hash_of
@@ -24,5 +26,8 @@ def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
             raise StageError(str(exc)) from None
     target = cache / f"mannequin-{code_hash_of('models.mannequin')[:16]}" / "SMPLX_NEUTRAL.npz"
     if not target.is_file():
-        mannequin.write(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(target.parent / ".write.lock"):  # stages of several identities at once: one writes it
+            if not target.is_file():
+                mannequin.write(target)
     return target

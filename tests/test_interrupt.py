@@ -67,3 +67,37 @@ def test_interrupted_run_leaves_no_partial_artifact_and_resumes(tmp_path: Path, 
     assert summary["stages"]["ingest"]["output_hash"] == ingest_hash
     assert verify(ws.artifact_dir("keypoints", "demo"), summary["stages"]["keypoints"]["output_hash"])
     assert not [p.name for p in parent.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+
+
+def test_sigkill_at_a_random_point_of_a_multi_identity_run_then_rerun_equals_a_clean_run(
+        tmp_path: Path, short_video: Path, onboarded: Path) -> None:
+    import random
+
+    seed = int(os.environ.get("ANCHOR_TEST_KILL_SEED") or random.randrange(1 << 30))  # set it to replay a failure
+    when = random.Random(seed).uniform(0.0, 8.0)
+    names = ("ann", "bob")
+    root = make_workspace(tmp_path / "ws")
+    ws = Workspace(root)
+    cmd = [sys.executable, "-m", "cli.main", "-w", str(root), "onboard", *(f"{n}={short_video}" for n in names)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(ws.data.glob("identities/*/.*.tmp-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no stage started"
+        time.sleep(0.02)
+    time.sleep(when)  # somewhere in the run's stage work (seed below when it fails)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    time.sleep(1.0)  # let the killed workers go
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, f"seed {seed}, killed after {when:.2f} s: {rerun.stdout[-3000:]}{rerun.stderr[-999:]}"
+    template = Workspace(onboarded)
+    for name in names:
+        for stage in ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"):
+            clean = read_manifest(template.artifact_dir(stage, "demo"))["output_hash"]
+            art = ws.artifact_dir(stage, name)
+            assert read_manifest(art)["output_hash"] == clean, f"{stage}[{name}], seed {seed}, {when:.2f} s"
+            assert verify(art, clean), f"{stage}[{name}] differs from its manifest, seed {seed}"
+        assert not [p.name for p in ws.identity_dir(name).iterdir() if ".tmp-" in p.name], f"seed {seed}"
+    assert ws.identities() == list(names)

@@ -20,8 +20,8 @@ from core import ledger
 from core.artifacts import read_manifest, verify
 from core.errors import InputError, ParamsError
 from core.params import parse_params
-from core.workspace import Workspace
-from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace, make_workspace
+from core.workspace import SHARED, Workspace
+from tests.conftest import ONBOARDED_ID, ROOT, TEST_PARAMS, copy_workspace, make_workspace
 
 PREPROCESS = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh")
 
@@ -85,26 +85,38 @@ def _set(root: Path, section: str, values: dict) -> None:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_four_identities_at_once_one_completed_row_per_stage_each(onboarded: Path, short_video: Path,
-                                                                   tmp_path: Path) -> None:
+def test_four_identities_at_once_then_one_shared_pretrain_then_their_finetunes(onboarded: Path, short_video: Path,
+                                                                               tmp_path: Path) -> None:
+    import os
+
     from flows.onboard import onboard_many
 
-    ws = Workspace(make_workspace(tmp_path / "ws"))
+    few = {"steps": {"tiny": 2, "cpu": 1, "sd15": 1}, "face_steps": {"tiny": 2, "cpu": 1, "sd15": 1}}
+    ws = Workspace(make_workspace(tmp_path / "ws", {**TEST_PARAMS, "pretrain": few, "finetune": few}))
     names = ["ann", "bob", "cy", "dee"]
-    summary = onboard_many(str(ws.root), {n: str(short_video) for n in names})
-    assert {n: o["status"] for n, o in summary["identities"].items()} == dict.fromkeys(names, "onboarded")
+    summary = onboard_many(str(ws.root), {n: str(short_video) for n in names}, train=True, evaluate=False)
+    assert {n: o["status"] for n, o in summary["identities"].items()} == dict.fromkeys(names, "trained")
+    assert {n: o["version"]["version"] for n, o in summary["identities"].items()} == dict.fromkeys(names, 1)
     assert ws.identities() == names
     rows = ledger.read(ws.ledger_dir)
-    rows = rows[rows["run_id"] == summary["run_id"]]
+    rows = rows[(rows["run_id"] == summary["run_id"]) & (rows["stage"] != "version")]
     for name in names:
         own = rows[rows["identity"] == name]
-        assert sorted(own["stage"]) == sorted(PREPROCESS), name
+        assert sorted(own["stage"]) == sorted([*PREPROCESS, "finetune"]), name
         assert set(own["status"]) == {"completed"} and not own["cache_hit"].any()
         # concurrency changed nothing: every artifact is the one a plain sequential run makes
         assert _hashes(ws, name) == _reference(onboarded)
-    assert len(rows) == len(names) * len(PREPROCESS)
+    # the shared pretrain ran once, over all four, and every finetune started after it had finished
+    shared = rows[rows["stage"] == "pretrain"]
+    assert len(shared) == 1 and len(rows) == len(names) * (len(PREPROCESS) + 1) + 1
+    pretrain = read_manifest(ws.artifact_dir("pretrain", SHARED))
+    assert {i["identity"] for i in pretrain["inputs"] if "identity" in i} == set(names)
+    for name in names:
+        tuned = read_manifest(ws.artifact_dir("finetune", name))
+        assert tuned["started_at"] >= pretrain["finished_at"]
+        assert pretrain["output_hash"] in [i.get("output_hash") for i in tuned["inputs"]]
     # the stages ran in this process's threads, side by side
-    assert {read_manifest(ws.artifact_dir("keypoints", n))["pid"] for n in names} == {__import__("os").getpid()}
+    assert {read_manifest(ws.artifact_dir("keypoints", n))["pid"] for n in names} == {os.getpid()}
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -122,11 +134,12 @@ def test_two_identities_on_a_two_worker_dask_cluster_match_a_sequential_run(onbo
     assert type(runner).__name__ == "DaskTaskRunner"
     summary = onboard_many.with_options(task_runner=runner)(str(root), {"ann": str(short_video),
                                                                          "bob": str(short_video)})
-    assert {n: o["status"] for n, o in summary["identities"].items()} == {"ann": "onboarded", "bob": "onboarded"}, summary["identities"]
+    statuses = {n: o["status"] for n, o in summary["identities"].items()}
+    assert statuses == {"ann": "onboarded", "bob": "onboarded"}, summary["identities"]
     reference = _reference(onboarded)
     assert _hashes(ws, "ann") == reference and _hashes(ws, "bob") == reference
-    pids = {read_manifest(ws.artifact_dir(stage, n))["pid"] for n in ("ann", "bob") for stage in PREPROCESS}
-    made_by = {(n, stage): read_manifest(ws.artifact_dir(stage, n))["pid"] for n in ("ann", "bob") for stage in PREPROCESS}
+    made_by = {(n, s): read_manifest(ws.artifact_dir(s, n))["pid"] for n in ("ann", "bob") for s in PREPROCESS}
+    pids = set(made_by.values())
     assert os.getpid() not in pids and len(pids) == 2, made_by  # made by the two Dask worker processes, not here
 
 

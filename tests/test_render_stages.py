@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -423,3 +424,98 @@ def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -
     back = finetune_steps(2)  # the old params again: the same weights, so the same version, nothing new
     assert back.returncode == 0 and f"{ID} model v1 (unchanged" in back.stdout, back.stdout + back.stderr
     assert status()["current_version"] == 1
+
+
+def _set_param(root: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_scheduled_rerender_served_and_triggered_through_prefect_redoes_exactly_the_stale_renders(
+        ws: Workspace, tmp_path: Path) -> None:
+    import os
+    import shutil
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    w = Workspace(copy_workspace(ws.root, tmp_path / "ws"))
+    shutil.rmtree(w.data / "renders")
+    blocks, _ = _held_out(w)
+    short = {k: v[:6] for k, v in blocks.items()}
+    seeded = {"render_body": {"seed": 5}, "face": {"seed": 5}}
+    stale = _render(w, short, kind="old", overrides=seeded)  # made with crf 18 and a --seed of its own
+    _set_param(w.root, "assemble", "crf", 30)
+    fresh = _render(w, short, kind="new")  # made with today's params: current
+    before = {s: {st: read_manifest(w.artifact_dir(st, s)) for st in ("render_body", "face", "assemble")}
+              for s in (stale, fresh)}
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    made = subprocess.run([sys.executable, "-m", "cli.main", "-w", str(w.root), "schedule", "rerender", "--cron",
+                           "0 3 * * *"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert yaml.safe_load((w.root / "schedules.yaml").read_text())["rerender"]["cron"] == "0 3 * * *"
+    from flows.rerender import deployment_name
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"rerender/{deployment_name(w)}")
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        assert deployment.parameters == {"workspace": str(w.root), "identity": None}
+        serving = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(w.root), "serve"], cwd=ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            run = client.create_flow_run_from_deployment(deployment.id)  # "run now", as the UI's button does
+            deadline = time.monotonic() + 600
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert serving.poll() is None, serving.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "the triggered run never finished"
+                time.sleep(1.0)
+        finally:
+            os.killpg(serving.pid, signal.SIGTERM)
+            serving.communicate(timeout=60)
+    assert state.is_completed(), state.message
+
+    after = {s: {st: read_manifest(w.artifact_dir(st, s)) for st in ("render_body", "face", "assemble")}
+             for s in (stale, fresh)}
+    assert after[fresh] == before[fresh]  # current: not touched
+    for stage in ("render_body", "face", "assemble"):  # stale: made again, under today's params
+        assert after[stale][stage]["finished_at"] > before[stale][stage]["finished_at"]
+    assert after[stale]["assemble"]["params"]["crf"] == 30
+    # with the seed it was made with, so the same model gives the same frames
+    assert after[stale]["render_body"]["params"]["seed"] == 5
+    assert after[stale]["render_body"]["output_hash"] == before[stale]["render_body"]["output_hash"]
+    from flows.versions import renders
+
+    assert not any(r["stale"] for r in renders(w, ID))
+
+
+def test_pulling_an_old_version_reproduces_its_video_byte_for_byte(ws: Workspace, tmp_path: Path) -> None:
+    import shutil
+
+    from flows.versions import current_model, versions
+
+    def render(out: Path) -> bytes:
+        done = _cli(ws, "render", ID, "--motion", f"{ID}:test", "--frames", "6", "--seed", "11", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        return out.read_bytes()
+
+    table = versions(ws)[ID]
+    assert current_model(ws, ID) == table[0]["finetune"]  # v1 (the version test went back to it)
+    first = render(tmp_path / "v1.mp4")
+    assert _cli(ws, "push", ID).returncode == 0
+    _set_param(ws.root, "finetune", "steps", {**FEW["steps"], "tiny": 3})
+    assert _cli(ws, "finetune", ID, "--no-evaluate").returncode == 0
+    assert current_model(ws, ID) == table[1]["finetune"]  # v2 again
+    assert _cli(ws, "push", ID).returncode == 0
+
+    checkout = subprocess.run(["git", "checkout", f"{ID}-v1", "--", "dvc.lock"], cwd=ws.root, capture_output=True,
+                              text=True)
+    assert checkout.returncode == 0, checkout.stderr
+    pulled = _cli(ws, "pull", ID)
+    assert pulled.returncode == 0, pulled.stderr
+    assert current_model(ws, ID) == table[0]["finetune"]
+    shutil.rmtree(ws.data / "renders" / ID)  # nothing cached: the render is made again from the pulled weights
+    assert render(tmp_path / "v1-again.mp4") == first
