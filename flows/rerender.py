@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 from prefect import flow
-from prefect.client.schemas.objects import EntrypointType
 from prefect.context import get_run_context
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
+from prefect.types.entrypoint import EntrypointType
 
 from core.artifacts import read_manifest
 from core.workspace import Workspace
