@@ -419,9 +419,8 @@ def stage_run(stage: Annotated[str, typer.Argument(help="Stage name (see `anchor
         from flows.versions import record_version
 
         v = record_version(ws, identity, run_id, commit=not _under_dvc())
-        out.print(f"{identity} model v{v['version']} ({'new' if v['new'] else 'unchanged'})"
-                  + ("; commit dvc.lock and versions.yaml after `dvc repro`" if v["new"] and _under_dvc() else ""),
-                  markup=False, highlight=False)
+        _print_version(identity, v, "; commit dvc.lock and versions.yaml after `dvc repro`"
+                       if v["new"] and _under_dvc() else "")
 
 
 @stage_app.command("list")
@@ -598,9 +597,7 @@ def finetune(name: Annotated[str, typer.Argument(help="Identity to finetune.")],
     ws = _ws()
     summary = _run_flow(ws, "flows.train", "finetune", str(ws.root), name, evaluate)
     _print_training(summary)
-    v = summary["version"]
-    out.print(f"{name} model v{v['version']} ({'new' if v['new'] else 'unchanged'}, {v['finetune'][:12]})"
-              + (f", git tag {v['git_tag']}" if v.get("git_tag") else ""), markup=False, highlight=False)
+    _print_version(name, summary["version"])
     if "report" in summary:
         _print_report(summary["report_summary"], summary["report"])
 
@@ -616,6 +613,11 @@ def evaluate(name: Annotated[str, typer.Argument(help="Identity to evaluate (fin
         status = "cached" if res["cache_hit"] else f"ran {res.get('duration_s', 0):.1f} s"
         out.print(f"{key}: {status}", markup=False, highlight=False)
     _print_report(summary["summary"], summary["report"])
+
+
+def _print_version(name: str, v: dict[str, Any], then: str = "") -> None:
+    out.print(f"{name} model v{v['version']} ({'new' if v['new'] else 'unchanged'}, {v['finetune'][:12]})"
+              + (f", git tag {v['git_tag']}" if v.get("git_tag") else "") + then, markup=False, highlight=False)
 
 
 def _under_dvc() -> bool:
@@ -706,10 +708,10 @@ def schedule_rerender(
     except ValueError as exc:
         raise InputError(f"--cron {cron!r} / --timezone {timezone!r}: {exc}") from None
     ws = _ws()
-    from flows.rerender import deployments, save_schedule
+    with _prefect_api(ws):  # flows.rerender imports Prefect, which reads its settings at import: after this
+        from flows.rerender import deployments, save_schedule
 
-    save_schedule(ws, cron, timezone, name)
-    with _prefect_api(ws):
+        save_schedule(ws, cron, timezone, name)
         for deployment in deployments(ws):
             deployment_id = deployment.apply()
             out.print(f"deployment rerender/{deployment.name} ({deployment_id}): {cron}"
@@ -721,15 +723,16 @@ def schedule_rerender(
 def serve() -> None:
     """Serve the workspace's scheduled flows with Prefect until stopped (Ctrl-C); runs appear in Prefect's UI."""
     from core.errors import InputError
-    from flows.rerender import deployments
 
     ws = _ws()
-    found = deployments(ws)
-    if not found:
-        raise InputError("nothing is scheduled here; first `anchor schedule rerender --cron \"0 3 * * *\"`")
-    with _prefect_api(ws):
+    with _prefect_api(ws):  # flows.rerender imports Prefect, which reads its settings at import: after this
         from prefect import serve as prefect_serve
 
+        from flows.rerender import deployments
+
+        found = deployments(ws)
+        if not found:
+            raise InputError("nothing is scheduled here; first `anchor schedule rerender --cron \"0 3 * * *\"`")
         out.print(f"serving {', '.join('rerender/' + d.name for d in found)}", markup=False, highlight=False)
         prefect_serve(*found)
 

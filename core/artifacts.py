@@ -69,10 +69,15 @@ def sweep_partials(parent: Path, name: str) -> list[Path]:
     return removed
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Written beside the target and renamed over it, so a reader never sees half a file."""
     tmp = path.with_name(path.name + f".{os.getpid()}-{threading.get_ident()}.tmp")  # unique per writer thread
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_manifest(artifact: Path) -> dict[str, Any] | None:

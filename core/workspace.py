@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
+from core.artifacts import write_text
 from core.errors import InputError
 from core.params import Params, load_params
 
@@ -137,9 +138,7 @@ class Workspace:
                 return
             text = "# Identities onboarded in this workspace; dvc.yaml's stages run once per name.\n"
             text += yaml.safe_dump({"identities": sorted({*names, identity})}, default_flow_style=False)
-            tmp = self.identities_path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(self.identities_path)
+            write_text(self.identities_path, text)
 
 
 def find_workspace(explicit: str | Path | None = None) -> Workspace:

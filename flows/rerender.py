@@ -19,7 +19,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
-from core.artifacts import read_manifest
+from core.artifacts import read_manifest, write_text
 from core.workspace import Workspace
 from flows.execution import concurrently
 from flows.render import render_staged
@@ -79,22 +79,18 @@ def save_schedule(ws: Workspace, cron: str, timezone: str | None, identity: str 
     with ws.records_lock():
         table = schedules(ws)
         table["rerender"] = {"cron": cron, "timezone": timezone, "identity": identity}
-        tmp = ws.root / (SCHEDULES_FILE + ".tmp")
-        tmp.write_text("# Scheduled flows of this workspace (`anchor schedule`); `anchor serve` runs them.\n"
-                       + yaml.safe_dump(table, sort_keys=True))
-        tmp.replace(ws.root / SCHEDULES_FILE)
+        write_text(ws.root / SCHEDULES_FILE,
+                   "# Scheduled flows of this workspace (`anchor schedule`); `anchor serve` runs them.\n"
+                   + yaml.safe_dump(table, sort_keys=True))
 
 
 def deployments(ws: Workspace) -> list[RunnerDeployment]:
     """The workspace's scheduled flows as Prefect deployments (imported by module path, so any directory works)."""
-    out = []
-    for name, entry in schedules(ws).items():
-        if name != "rerender":
-            continue
-        out.append(RunnerDeployment.from_flow(
-            rerender, name=deployment_name(ws), schedules=[Cron(entry["cron"], timezone=entry.get("timezone"))],
-            concurrency_limit=1,
-            parameters={"workspace": str(ws.root), "identity": entry.get("identity")},
-            entrypoint_type=EntrypointType.MODULE_PATH, tags=["anchor"],
-            description=f"re-render the stale renders of {ws.root}"))
-    return out
+    entry = schedules(ws).get("rerender")
+    if entry is None:
+        return []
+    return [RunnerDeployment.from_flow(
+        rerender, name=deployment_name(ws), schedules=[Cron(entry["cron"], timezone=entry.get("timezone"))],
+        concurrency_limit=1, parameters={"workspace": str(ws.root), "identity": entry.get("identity")},
+        entrypoint_type=EntrypointType.MODULE_PATH, tags=["anchor"],
+        description=f"re-render the stale renders of {ws.root}")]

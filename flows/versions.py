@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from core import ledger
-from core.artifacts import code_version, host, now_iso, read_manifest
+from core.artifacts import code_version, host, now_iso, read_manifest, write_text
 from core.workspace import Workspace, render_subject
 from flows.versioning import source_target
 from tasks import report
@@ -54,10 +54,9 @@ def _record(ws: Workspace, identity: str, run_id: str, model: str, commit: bool)
         return {**known, "new": False}
     entry = {"version": len(table.get(identity, [])) + 1, "finetune": model, "made_at": now_iso(), "run_id": run_id}
     table.setdefault(identity, []).append(entry)
-    tmp = ws.root / (VERSIONS_FILE + ".tmp")
-    tmp.write_text("# Model versions per identity: vN = the Nth distinct finetune output (content hash).\n"
-                   + yaml.safe_dump(table, sort_keys=True))
-    tmp.replace(ws.root / VERSIONS_FILE)
+    write_text(ws.root / VERSIONS_FILE,
+               "# Model versions per identity: vN = the Nth distinct finetune output (content hash).\n"
+               + yaml.safe_dump(table, sort_keys=True))
     ledger.append(ws.ledger_dir, {"run_id": run_id, "flow": "finetune", "stage": "version", "identity": identity,
                                   "status": f"v{entry['version']}", "cache_hit": False, "output_hash": model,
                                   "code_version": code_version(), "started_at": entry["made_at"], "host": host()})
