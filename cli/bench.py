@@ -1,4 +1,4 @@
-"""`anchor bench preprocess`: the preprocessing stages timed on one video in a throw-away workspace."""
+"""`anchor bench …`: speed, memory and quality figures, each measured in a throw-away workspace."""
 
 from __future__ import annotations
 
@@ -229,3 +229,61 @@ def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             out[mode] = pool.submit(_render_mode, frames, w, o, steps).result()
     return out
+
+
+QUALITY_KEYS = ("pose_rate", "face_rate", "lmd_body_pct", "ssim_person", "nn_lmd_body_pct", "nn_ssim_person",
+                "train_min", "resolution")
+
+
+def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None) -> dict[str, Any]:
+    """What `make demo` does, in `workspace`, with the first 70% of the video for training and the last 30% held
+    out: onboard, pretrain, finetune, then the evaluation render of the held-out part, scored against the real
+    frames. Each step is the `anchor` command a user runs (its progress goes to `log`); training minutes are the
+    wall time of `anchor pretrain` and `anchor finetune` together."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    anchor = [sys.executable, "-m", "cli.main"]
+    env = {**os.environ, "ANCHOR_WORKSPACE": str(workspace)}
+    name = "bench"
+
+    def run(*args: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([*anchor, *args], env=env, check=True, stdout=log, stderr=log)
+        return time.perf_counter() - t
+
+    run("init", str(workspace))
+    params = yaml.safe_load((workspace / "params.yaml").read_text()) or {}
+    params["profile"] = profile
+    # every second of the video counts as "short", so exactly the last 30% is held out
+    params["ingest"] = {**params.get("ingest", {}), "train_seconds": 1e9, "short_test_fraction": 0.3}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    t_all = time.perf_counter()
+    run("onboard", name, "--video", str(video))
+    train_s = run("pretrain") + run("finetune", name, "--no-evaluate")
+    run("evaluate", name)
+    total_s = time.perf_counter() - t_all
+    ws = Workspace(workspace)
+    found = sorted((ws.data / "renders" / name).glob("*/metrics/metrics.json"))
+    scored = next((json.loads(p.read_text()) for p in found
+                   if json.loads(p.read_text()).get("motion") == f"{name}:test"), None)
+    if scored is None:
+        raise FileNotFoundError(f"{workspace}: the evaluation render left no metrics.json")
+    log_path = ws.artifact_dir("finetune", name) / "body" / "train_log.json"
+    resolution = json.loads(log_path.read_text())["resolution"] if log_path.is_file() else None
+
+    def value(key: str, field: str = "value") -> float | None:
+        row = scored.get(key) or {}
+        return row.get(field)
+
+    rates, nn_rates = scored.get("detection_rate_generated", {}), scored.get("baseline_detection_rate", {})
+    return {"pose_rate": rates.get("body"), "face_rate": rates.get("face"), "lmd_body_pct": value("lmd_body", "pct"),
+            "ssim_person": value("ssim_person"), "nn_lmd_body_pct": value("baseline_lmd_body", "pct"),
+            "nn_ssim_person": value("baseline_ssim_person"), "train_min": round(train_s / 60, 2),
+            "resolution": resolution, "total_min": round(total_s / 60, 2), "frames": scored.get("frames"),
+            "nn_pose_rate": nn_rates.get("body"), "nn_face_rate": nn_rates.get("face"), "profile": profile,
+            "report": str(ws.data / "reports" / name / "report.html")}

@@ -136,6 +136,9 @@ class RenderMeshParams(Section):
     workers: int = Field(2, ge=1, le=64, description="threads encoding images")
 
 
+PROFILES = ("tiny", "cpu", "sd15")
+
+
 class _Windows(Section):
     """Algorithm 1's window layout, shared by the body and face denoising."""
 
@@ -146,14 +149,25 @@ class _Windows(Section):
     def _overlap(self) -> _Windows:
         if self.overlap >= self.window:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
+        guidance = getattr(self, "guidance", None)
+        if guidance is not None:
+            if sorted(guidance) != sorted(PROFILES):
+                raise ValueError(f"guidance needs one value per profile ({', '.join(PROFILES)}), got "
+                                 f"{', '.join(guidance) or 'none'}")
+            if not all(1 <= v <= 20 for v in guidance.values()):
+                raise ValueError(f"guidance: scales must be between 1 and 20, got {guidance}")
         return self
 
 
 class RenderBodyParams(_Windows):
-    """Algorithm 1 over the whole motion. Paper defaults: window 16, overlap 4, 20 DDIM steps, CFG 3.5, W_c 2."""
+    """Algorithm 1 over the whole motion. Paper defaults: window 16, overlap 4, 20 DDIM steps, CFG 3.5, W_c 2
+    (CFG 1 on the cpu profile)."""
 
     steps: int = Field(20, ge=1, le=1000, description="DDIM steps")
-    guidance: float = Field(3.5, ge=1, le=20, description="classifier-free guidance scale on the reference image")
+    guidance: dict[str, float] = Field(
+        {"tiny": 3.5, "cpu": 1.0, "sd15": 3.5}, description="classifier-free guidance scale on the reference image, "
+        "per profile (1 = the conditional branch only, half the cost: cpu's model learns one person, whose "
+        "reference adds little)")
     control_scale: float = Field(2.0, ge=0, le=10, description="W_c, weight of the mesh branch")
     noise: Literal["independent", "shared"] = Field(
         "independent", description="initial noise per frame: independent (default: training noised every frame "
@@ -168,7 +182,7 @@ class FaceParams(_Windows):
 
     enabled: bool = Field(True, description="false: frames pass through unchanged (`anchor render --no-face`)")
     steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(3.5, ge=1, le=20)
+    guidance: dict[str, float] = Field({"tiny": 3.5, "cpu": 1.0, "sd15": 3.5}, description="per profile")
     control_scale: float = Field(2.0, ge=0, le=10)
     feather: float = Field(0.06, ge=0, le=0.5, description="blend edge width, share of the face crop side")
     seed: int = Field(0, ge=0)
@@ -199,13 +213,6 @@ class ReportParams(Section):
     thumbnail: int = Field(192, ge=64, le=512, description="side of each image in the grid and contact sheet, px")
 
 
-PROFILES = ("tiny", "cpu", "sd15")
-
-
-def _per_profile(tiny: float, cpu: float, sd15: float) -> dict[str, float]:
-    return {"tiny": tiny, "cpu": cpu, "sd15": sd15}
-
-
 class ModelsParams(Section):
     sd15: str | None = Field(None, description="local Stable Diffusion 1.5 folder (unet/, vae/, scheduler/); "
                              "profile sd15 only")
@@ -214,14 +221,20 @@ class ModelsParams(Section):
     motion_adapter: str | None = Field(None, description="local AnimateDiff motion adapter folder (diffusers)")
 
 
+PER_PROFILE = ("steps", "face_steps", "lr", "resolution", "face_resolution", "ema")
+
+
 class TrainParams(Section):
     """Shared by pretrain and finetune; numbers keyed by profile so one file serves every machine."""
 
-    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 300000}, description="body model steps")
-    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 300000}, description="face model steps")
-    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 1e-4, "sd15": 1e-5})
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="body model steps (cpu: "
+                                  "nothing shared to learn before the identity, so its pretrain only initialises)")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="face model steps")
+    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 2e-4, "sd15": 1e-5})
     resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px")
     face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 128, "sd15": 256}, description="face crops, px")
+    ema: dict[str, float] = Field({"tiny": 0.0, "cpu": 0.995, "sd15": 0.0}, description="decay of the weight "
+                                  "average kept as the result (0 = the last weights)")
     video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
     batch_size: int = Field(1, ge=1, le=256)
     grad_accum: int = Field(1, ge=1, le=1024)
@@ -236,17 +249,19 @@ class TrainParams(Section):
 
     @model_validator(mode="after")
     def _profiles(self) -> TrainParams:
-        for name in ("steps", "face_steps", "lr", "resolution", "face_resolution"):
+        for name in PER_PROFILE:
             table = getattr(self, name)
             missing = [p for p in PROFILES if p not in table]
             unknown = [p for p in table if p not in PROFILES]
             if missing or unknown:
                 raise ValueError(f"{name} needs one value per profile ({', '.join(PROFILES)}); "
                                  f"missing {missing}, unknown {unknown}")
+            if name == "ema" and not all(0 <= v < 1 for v in table.values()):
+                raise ValueError(f"ema: decays must be in [0, 1), got {table}")
         return self
 
     def for_profile(self, profile: str) -> dict[str, float]:
-        return {n: getattr(self, n)[profile] for n in ("steps", "face_steps", "lr", "resolution", "face_resolution")}
+        return {n: getattr(self, n)[profile] for n in PER_PROFILE}
 
 
 class PretrainParams(TrainParams):
@@ -254,14 +269,16 @@ class PretrainParams(TrainParams):
 
 
 class FinetuneParams(TrainParams):
-    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 50000}, description="body model steps")
-    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 80000}, description="face model steps")
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 1600, "sd15": 50000}, description="body model steps")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 900, "sd15": 80000}, description="face model steps")
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    profile: Literal["tiny", "cpu", "sd15"] = Field("tiny", description="model profile (DESIGN §6)")
+    profile: Literal["tiny", "cpu", "sd15"] = Field("cpu", description="model profile: cpu learns one person "
+                                                    "from scratch on a laptop CPU; sd15 needs local SD 1.5 "
+                                                    "weights and a GPU; tiny proves the plumbing in seconds")
     storage: StorageParams = StorageParams()
     execution: ExecutionParams = ExecutionParams()
     ingest: IngestParams = IngestParams()

@@ -1,8 +1,16 @@
 """Base weights the SGDMs start from, always read with `from_pretrained` from local diffusers-layout folders.
 
 `sd15` points at real local directories (Stable Diffusion 1.5, SD inpainting, a CLIP vision encoder, an
-AnimateDiff motion adapter). `tiny` is a set of small random-initialised configs written in the same layout on
-first use, so tests and the tiny profile go through exactly the loading code a GPU machine uses.
+AnimateDiff motion adapter). `tiny` and `cpu` are written in the same layout on first use, so every profile goes
+through exactly the loading code a GPU machine uses:
+
+- `tiny`: small random-initialised configs, milliseconds per step; proves the plumbing, its pictures are noise.
+- `cpu`: the architecture sized to learn one person from scratch on a 2-core CPU at 256 px (docs/cpu-profile.md).
+  Nothing in it needs pretrained weights: the VAE is the lossless `SpaceToDepth` codec, the image encoder is
+  `PatchTokens`, the UNets start random, and the motion modules are written with zero output projections, so the
+  frozen video prior is the identity until real AnimateDiff weights replace it (none exist that fit these widths).
+  Its scheduler predicts x0 ("sample") on a cosine schedule with trailing timesteps: what small models trained
+  briefly in pixel space learn fastest and sample best in few steps.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from models.codec import PatchTokens, SpaceToDepth
 from models.sgdm import SGDM
 
 
@@ -37,6 +46,7 @@ EXPECT = {
     "image_encoder": ("config.json",),
     "motion_adapter": ("config.json",),
 }
+BRANCH_FILE = "mesh_branch.json"  # optional, in the sd15 folder: the mesh branch's image stem channels
 
 
 def check(paths: BasePaths) -> None:
@@ -80,16 +90,69 @@ def write_tiny(root: Path, seed: int = 0) -> BasePaths:
     return paths
 
 
-def load_vae(paths: BasePaths, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(paths.sd15 / "vae", torch_dtype=dtype)
+def write_cpu(root: Path, seed: int = 0, factor: int = 8) -> BasePaths:
+    """The `cpu` profile's starting point: 256 px frames as (3·f²)×(256/f)² lossless latents, a three-level UNet
+    (64, 128, 128) with one layer per block and attention (reference cross-attention) only at the lowest level."""
+    torch.manual_seed(seed)
+    paths = BasePaths(root / "sd15", root / "sd15_inpaint", root / "image_encoder", root / "motion_adapter")
+    codec = SpaceToDepth(factor=factor)
+    latent = codec.config.latent_channels
+    unet_cfg = dict(sample_size=256 // factor, out_channels=latent, layers_per_block=1,
+                    block_out_channels=(64, 128, 128),
+                    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=128,
+                    attention_head_dim=32, norm_num_groups=32)
+    UNet2DConditionModel(in_channels=latent, **unet_cfg).save_pretrained(paths.sd15 / "unet")
+    UNet2DConditionModel(in_channels=2 * latent + 1, **unet_cfg).save_pretrained(paths.inpaint / "unet")
+    codec.save_pretrained(paths.sd15 / "vae")
+    (paths.sd15 / BRANCH_FILE).write_text(json.dumps({"stem": [16, 32, 64, 128][: int(math.log2(factor)) + 1]}) + "\n")
+    DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=True,
+                  clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing"
+                  ).save_pretrained(paths.sd15 / "scheduler")
+    PatchTokens(image_size=64, patch_size=8).save_pretrained(paths.image_encoder)
+    adapter = MotionAdapter(block_out_channels=(64, 128, 128), motion_layers_per_block=1,
+                            motion_num_attention_heads=4, motion_norm_num_groups=32, motion_max_seq_length=32)
+    with torch.no_grad():  # identity at start: a frozen random temporal layer would only add fixed noise
+        for name, p in adapter.named_parameters():
+            if ".proj_out." in name:
+                p.zero_()
+    adapter.save_pretrained(paths.motion_adapter)
+    return paths
+
+
+def _class_name(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _weightless(cls: type, folder: Path, dtype: torch.dtype) -> SpaceToDepth | PatchTokens:
+    """The codecs have a config and no weights: `from_pretrained` would look for a weights file."""
+    return cls.from_config(cls.load_config(folder)).to(dtype)
+
+
+def load_vae(paths: BasePaths, dtype: torch.dtype = torch.float32) -> AutoencoderKL | SpaceToDepth:
+    folder = paths.sd15 / "vae"
+    if _class_name(folder) == SpaceToDepth.__name__:
+        return _weightless(SpaceToDepth, folder, dtype)
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
 
 
 def load_scheduler(paths: BasePaths) -> DDIMScheduler:
     return DDIMScheduler.from_pretrained(paths.sd15 / "scheduler")
 
 
-def load_image_encoder(paths: BasePaths, dtype: torch.dtype = torch.float32) -> CLIPVisionModel:
+def load_image_encoder(paths: BasePaths, dtype: torch.dtype = torch.float32) -> CLIPVisionModel | PatchTokens:
+    if _class_name(paths.image_encoder) == PatchTokens.__name__:
+        return _weightless(PatchTokens, paths.image_encoder, dtype)
     return CLIPVisionModel.from_pretrained(paths.image_encoder, torch_dtype=dtype)
+
+
+def _token_dim(paths: BasePaths) -> int:
+    if _class_name(paths.image_encoder) == PatchTokens.__name__:
+        return int(PatchTokens.load_config(paths.image_encoder)["hidden_size"])
+    return CLIPVisionConfig.from_pretrained(paths.image_encoder).hidden_size
 
 
 def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> SGDM:
@@ -97,20 +160,27 @@ def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch
     branch's image stem is newly initialised from `seed`, so the same call builds the same model."""
     check(paths)
     unet2d = UNet2DConditionModel.from_pretrained((paths.inpaint if face else paths.sd15) / "unet", torch_dtype=dtype)
-    if face and unet2d.config.in_channels != 9:
+    latent = int(json.loads((paths.sd15 / "vae" / "config.json").read_text())["latent_channels"])
+    if face and unet2d.config.in_channels != 2 * latent + 1:
         raise ModelFilesError(f"inpaint: {paths.inpaint / 'unet'} has {unet2d.config.in_channels} input channels; "
-                              "an inpainting UNet has 9 (latent, mask, masked latent)")
+                              f"an inpainting UNet has {2 * latent + 1} (latent, mask, masked latent)")
     adapter = MotionAdapter.from_pretrained(paths.motion_adapter, torch_dtype=dtype)
-    token_dim = CLIPVisionConfig.from_pretrained(paths.image_encoder).hidden_size
     factor = int(vae_factor_from_config(paths.sd15 / "vae"))
     # the mesh branch's input stem must shrink images by the VAE's factor to meet the latents
-    stem = (16, 32, 96, 256)[: int(math.log2(factor)) + 1]
+    branch = paths.sd15 / BRANCH_FILE
+    stem = tuple(json.loads(branch.read_text())["stem"]) if branch.is_file() else \
+        (16, 32, 96, 256)[: int(math.log2(factor)) + 1]
+    if len(stem) != int(math.log2(factor)) + 1:
+        raise ModelFilesError(f"{branch}: a stem of {len(stem)} stages shrinks images by {2 ** (len(stem) - 1)}, "
+                              f"the VAE by {factor}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SGDM.from_parts(unet2d, adapter, token_dim, stem)
+        model = SGDM.from_parts(unet2d, adapter, _token_dim(paths), stem)
     return model if dtype == torch.float32 else model.to(dtype)
 
 
 def vae_factor_from_config(vae_dir: Path) -> int:
-    blocks = json.loads((vae_dir / "config.json").read_text())["block_out_channels"]
-    return 2 ** (len(blocks) - 1)
+    config = json.loads((vae_dir / "config.json").read_text())
+    if "factor" in config:
+        return int(config["factor"])
+    return 2 ** (len(config["block_out_channels"]) - 1)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import CLIPVisionModel
 
+from models.codec import device_dtype
 from models.sgdm import SGDM
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,20 +21,21 @@ VAE_CHUNK = 4  # frames through the VAE at once: its activations at full size dw
 
 
 def vae_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Image side / latent side: the codec's own factor, or one halving per VAE block after the first."""
+    return int(getattr(vae.config, "factor", None) or 2 ** (len(vae.config.block_out_channels) - 1))
 
 
 @torch.no_grad()
 def encode_reference(encoder: CLIPVisionModel, image: torch.Tensor) -> torch.Tensor:
     """CLIP tokens of reference images (B, 3, H, W) in [0, 1]: all tokens before pooling, since the SGDM's
     cross-attention reads the spatial detail that pooling would throw away. Returns (B, 1 + patches, hidden)."""
-    p = next(encoder.parameters())
+    device, dtype = device_dtype(encoder)
     size = encoder.config.image_size
-    x = F.interpolate(image.to(p.device, torch.float32), size=(size, size), mode="bilinear", antialias=True,
+    x = F.interpolate(image.to(device, torch.float32), size=(size, size), mode="bilinear", antialias=True,
                       align_corners=False)
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return encoder(pixel_values=((x - mean) / std).to(p.dtype)).last_hidden_state
+    return encoder(pixel_values=((x - mean) / std).to(dtype)).last_hidden_state
 
 
 def _per_frame(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +53,8 @@ def _per_video(x: torch.Tensor, b: int) -> torch.Tensor:
 def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
     """Frames (B, 3, F, H, W) in [0, 1] → latents (B, 4, F, H/f, W/f), the distribution's mean (deterministic, so
     training data and sampling see the same latents) times the scaling factor."""
-    p = next(vae.parameters())
-    flat = _per_frame(frames).to(p.device, p.dtype) * 2 - 1
+    device, dtype = device_dtype(vae)
+    flat = _per_frame(frames).to(device, dtype) * 2 - 1
     means = [vae.encode(flat[i:i + chunk]).latent_dist.mean for i in range(0, flat.shape[0], chunk)]
     return _per_video(torch.cat(means) * vae.config.scaling_factor, frames.shape[0])
 
@@ -60,8 +62,8 @@ def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, chunk: int = VAE_CHU
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
     """Latents (B, 4, F, h, w) → frames (B, 3, F, h·f, w·f) in [0, 1], a few frames at a time."""
-    p = next(vae.parameters())
-    flat = _per_frame(latents).to(p.device, p.dtype) / vae.config.scaling_factor
+    device, dtype = device_dtype(vae)
+    flat = _per_frame(latents).to(device, dtype) / vae.config.scaling_factor
     images = [vae.decode(flat[i:i + chunk]).sample for i in range(0, flat.shape[0], chunk)]
     return _per_video(((torch.cat(images).float() + 1) / 2).clamp(0, 1), latents.shape[0])
 

@@ -1,4 +1,5 @@
-"""Frame-level scores of a generated video against the real one: landmark mean distance and temporal flicker.
+"""Frame-level scores of a generated video against the real one: landmark mean distance, SSIM inside the person,
+temporal flicker, and the "nearest training frame" baseline a trained model must beat.
 
 LMD follows the paper (Table I) with MediaPipe in place of OpenPose: landmarks are found on generated and real
 frames of the same motion, and the mean Euclidean distance over the points found in both is reported in pixels at
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from skimage.metrics import structural_similarity
 
 
 def landmark_distance(generated: np.ndarray, real: np.ndarray, outlier: float | None = None) -> dict[str, float]:
@@ -56,3 +58,31 @@ def temporal_flicker(generated: Iterable[np.ndarray], real: Iterable[np.ndarray]
     if not steps:
         raise ValueError("flicker needs at least two frames")
     return {"flicker": total / steps, "change_generated": change_g / steps, "change_real": change_r / steps}
+
+
+def ssim_in_mask(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004: 11-tap Gaussian window, σ 1.5) of two (H, W, 3) uint8 images, averaged over the
+    colour channels and over the pixels where `mask` (H, W, in [0, 1]) is above one half: the person, not the
+    background that any copy gets right. NaN when the mask is empty."""
+    if generated.shape != real.shape or mask.shape != real.shape[:2]:
+        raise ValueError(f"shapes differ: generated {generated.shape}, real {real.shape}, mask {mask.shape}")
+    _, full = structural_similarity(real, generated, channel_axis=-1, data_range=255, gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False, full=True)
+    inside = mask > 0.5
+    return float(full.mean(axis=-1)[inside].mean()) if inside.any() else float("nan")
+
+
+def nearest_frames(query: np.ndarray, pool: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """For each query pose (T, K, 2) the index of the pool pose (N, K, 2) at the smallest mean distance over the
+    points found in both (NaN = not found). A pool frame sharing no point with a query is never chosen; -1 when
+    no pool frame shares one."""
+    if query.ndim != 3 or pool.ndim != 3 or query.shape[1:] != pool.shape[1:]:
+        raise ValueError(f"poses must be (T, K, 2) and (N, K, 2), got {query.shape} and {pool.shape}")
+    out = np.full(len(query), -1, np.int64)
+    for a in range(0, len(query), chunk):
+        d = np.linalg.norm(query[a:a + chunk, None] - pool[None], axis=-1)  # (t, N, K)
+        found = np.isfinite(d)
+        mean = np.where(found.any(-1), np.where(found, d, 0).sum(-1) / np.maximum(found.sum(-1), 1), np.inf)
+        best = mean.argmin(axis=1)
+        out[a:a + chunk] = np.where(np.isfinite(mean.min(axis=1)), best, -1)
+    return out

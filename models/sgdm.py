@@ -45,7 +45,7 @@ class SGDM(nn.Module):
         controlnet = ControlNetModel.from_unet(unet2d, conditioning_channels=3,
                                                conditioning_embedding_out_channels=stem)
         unet = UNetMotionModel.from_unet2d(unet2d, adapter)
-        return cls(unet, controlnet, token_dim, inpaint=unet2d.config.in_channels == 9)
+        return cls(unet, controlnet, token_dim, inpaint=unet2d.config.in_channels == 2 * unet2d.config.out_channels + 1)
 
     def save_pretrained(self, path: Path) -> None:
         path = Path(path)

@@ -1,7 +1,7 @@
 """Which base weights the training stages start from, per profile, and their content hash.
 
-`tiny` (and, until it has its own configs, `cpu`) are random-initialised small models written on first use into
-the workspace's cache under a name carrying the generator code's hash; `sd15` reads the folders set in the
+`tiny` and `cpu` are written on first use (models.base.write_tiny / write_cpu) into the workspace's cache under a
+name carrying the generator code's hash; `sd15` reads the folders set in the
 `models` section. Either way they are then loaded with `from_pretrained`, and their files' hash is a stage input.
 """
 
@@ -48,7 +48,8 @@ def resolve(settings: Params, root: Path, cache: Path) -> base.BasePaths:
         except base.ModelFilesError as exc:
             raise StageError(f"models.{exc}") from None
         return paths
-    target = cache / f"tiny-{code_hash_of('models.base', 'models.sgdm')[:16]}"
+    profile = settings.profile
+    target = cache / f"{profile}-{code_hash_of('models.base', 'models.sgdm', 'models.codec')[:16]}"
     if not (target / ".complete").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with FileLock(cache / f".{target.name}.lock"):  # several stages at once: one writes, the others wait
@@ -56,7 +57,7 @@ def resolve(settings: Params, root: Path, cache: Path) -> base.BasePaths:
                 quiet()
                 tmp = target.with_name(f".{target.name}.{os.getpid()}")
                 shutil.rmtree(tmp, ignore_errors=True)
-                base.write_tiny(tmp)
+                (base.write_cpu if profile == "cpu" else base.write_tiny)(tmp)
                 (tmp / ".complete").write_text("")
                 shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)

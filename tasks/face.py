@@ -167,8 +167,8 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                     extra_t: torch.Tensor = extra_t) -> torch.Tensor:
             cond = render_body.to_tensor([read_rgb(out / COND / frame_name(start + i, "png"))
                                           for i in range(w.start, w.stop)])
-            return pipeline.predict_noise(face_model, x, t, tokens, cond, params.guidance, params.control_scale,
-                                          extra_t[:, :, w])
+            return pipeline.predict_noise(face_model, x, t, tokens, cond, params.guidance[settings.profile],
+                                          params.control_scale, extra_t[:, :, w])
 
         latents = pipeline.initial_latents((1, vae.config.latent_channels, length, fres // f, fres // f), gen)
         scheduler.set_timesteps(params.steps)

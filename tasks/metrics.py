@@ -4,7 +4,12 @@ Ground truth exists when the render follows the identity's own held-out clips: t
 crops of those clips, their landmarks the keypoints stage's. For any other motion every row says why it was not
 computed. FID and FVD run the standard networks from local weight files named in params.yaml; without them the
 row says "not computed: …", never a number. LMD uses MediaPipe Holistic (the paper used OpenPose) on the generated
-frames, compared with the real frames' landmarks in crop pixels; flicker compares frame-to-frame change.
+frames, compared with the real frames' landmarks in crop pixels; flicker compares frame-to-frame change; SSIM is
+taken inside the real frame's person matte, where a model has to get the person right.
+
+A model must beat copying: the baseline replaces every held-out frame by the training frame whose body and hand
+keypoints are nearest, and is scored by the same detector and the same formulas (`baseline_*` rows); its frames
+are kept in nearest/ for the report's grid.
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from core.params import MetricsParams
 from core.progress import Progress
 from models import fid, fvd, scores
 from tasks import face, keypoints, motion
-from tasks.frames import clip_frame_paths, read_meta, read_rgb
+from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
 from tasks.workers import run_parallel
 
 RESULT = "metrics.json"
 PER_FRAME = "lmd_per_frame.csv"
+NEAREST = "nearest"  # the baseline's frames, one PNG per render frame
+NEAREST_TABLE = "nearest.csv"  # which training frame each one copies, and both SSIMs per frame
+SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "baseline_lmd_body",
+          "baseline_ssim_person")
 PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
 
 
@@ -79,6 +89,34 @@ def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]],
     return out, per_frame
 
 
+def _pose(rows: list[Any]) -> np.ndarray:
+    """(T, 75, 2): the 33 body and 2 × 21 hand points the baseline matches on."""
+    return np.concatenate([_points(rows, "body", 33), _points(rows, "left_hand", 21),
+                           _points(rows, "right_hand", 21)], axis=1)
+
+
+def training_poses(keypoints_dir: Path, ingest: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The training frames' keypoint rows and image paths, in one order."""
+    clips = {c["name"]: c for c in read_meta(ingest)["clips"] if c["split"] == "train"}
+    rows = sorted((r for r in keypoints.load(keypoints_dir).to_pylist() if r["clip"] in clips),
+                  key=lambda r: (clips[r["clip"]]["start"], r["frame"]))
+    paths = {name: clip_frame_paths(ingest, clip) for name, clip in clips.items()}
+    return rows, [paths[r["clip"]][r["frame"]] for r in rows]
+
+
+def person_masks(matting: Path, ingest: Path, n: int, size: int) -> list[np.ndarray]:
+    """The held-out frames' alpha mattes in [0, 1] at `size`, in render order."""
+    clips = sorted((c for c in read_meta(ingest)["clips"] if c["split"] == "test"), key=lambda c: c["start"])
+    paths = [matting / "alpha" / c["name"] / frame_name(i, "png") for c in clips for i in range(c["frames"])][:n]
+    out = []
+    for p in paths:
+        alpha = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        if alpha is None:
+            raise FileNotFoundError(f"metrics: no person matte {p}")
+        out.append(cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255)
+    return out
+
+
 def _detect(paths: list[Path], side: int, workers: int, progress: Progress) -> list[dict[str, Any]]:
     """MediaPipe Holistic on the generated frames (in spawned workers, as the keypoints stage), in crop pixels."""
     params = {"model_complexity": 1, "refine_face_landmarks": True, "min_detection_confidence": 0.5,
@@ -86,6 +124,11 @@ def _detect(paths: list[Path], side: int, workers: int, progress: Progress) -> l
     job = ({"name": "generated", "split": "test", "start": 0}, [str(p) for p in paths], side, params)
     progress.start("metrics: landmarks on generated frames", len(paths))
     return run_parallel(keypoints._clip, [job], workers, progress)[0]
+
+
+def _rates(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {part: round(sum(r[part] is not None for r in rows) / max(len(rows), 1), 4)
+            for part in ("body", "face", "left_hand", "right_hand")}
 
 
 def _not(reason: str) -> dict[str, Any]:
@@ -101,7 +144,7 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
                               f"{params.hand_outlier:g} of the frame side is a detector failure and left out"}
     if info.get("kind") != "held_out":
         reason = "no ground truth: the motion is not the identity's own held-out clips"
-        for key in ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker"):
+        for key in SCORES:
             result[key] = _not(reason)
         (out / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         return {"ground_truth": False}
@@ -116,13 +159,42 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     def real_images() -> list[np.ndarray]:
         return [read_rgb(p, res) for p in real_paths]  # the real frames at the render's size
 
+    real_lm = _real_landmarks(inputs["keypoints"], inputs["ingest"], n)
     generated_lm = _detect(gen_paths, side, params.workers, progress)
-    lmd, per_frame = landmark_scores(generated_lm, _real_landmarks(inputs["keypoints"], inputs["ingest"], n), side,
-                                     params.hand_outlier)
+    lmd, per_frame = landmark_scores(generated_lm, real_lm, side, params.hand_outlier)
     result.update(lmd)
-    found = {part: round(sum(r[part] is not None for r in generated_lm) / n, 4)
-             for part in ("body", "face", "left_hand", "right_hand")}
-    result["detection_rate_generated"] = found
+    result["detection_rate_generated"] = _rates(generated_lm)
+
+    # the baseline: copy the training frame whose keypoints are nearest, scored exactly like the model
+    train_rows, train_paths = training_poses(inputs["keypoints"], inputs["ingest"])
+    picks = scores.nearest_frames(_pose(real_lm), _pose(train_rows))
+    (out / NEAREST).mkdir()
+    nn_paths = [out / NEAREST / frame_name(t, "png") for t in range(n)]
+    for t, i in enumerate(picks):
+        write_png(nn_paths[t], read_rgb(train_paths[max(int(i), 0)], res))  # no real pose: the first frame
+    nn_lm = _detect(nn_paths, side, params.workers, progress)
+    nn_lmd, _ = landmark_scores(nn_lm, real_lm, side, params.hand_outlier)
+    result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
+    result["baseline_detection_rate"] = _rates(nn_lm)
+    result["baseline"] = ("each held-out frame replaced by the training frame whose body and hand keypoints are "
+                          "nearest (mean distance over the points found in both)")
+
+    progress.start("metrics: SSIM inside the person", n)
+    masks = person_masks(inputs["matting"], inputs["ingest"], n, res)
+    ssim_g, ssim_nn = [], []
+    with open(out / NEAREST_TABLE, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["frame", "train_clip", "train_frame", "ssim_person_generated", "ssim_person_nearest"])
+        for t, (real, mask) in enumerate(zip(real_images(), masks, strict=True)):
+            ssim_g.append(scores.ssim_in_mask(read_rgb(gen_paths[t]), real, mask))
+            ssim_nn.append(scores.ssim_in_mask(read_rgb(nn_paths[t]), real, mask))
+            row = train_rows[max(int(picks[t]), 0)]
+            writer.writerow([t, row["clip"], row["frame"], round(ssim_g[-1], 5), round(ssim_nn[-1], 5)])
+            progress.advance(1)
+    for key, values in (("ssim_person", ssim_g), ("baseline_ssim_person", ssim_nn)):
+        ok = [v for v in values if np.isfinite(v)]
+        result[key] = {"value": round(float(np.mean(ok)), 4), "frames": len(ok)} if ok else \
+            _not("no person in the real frames' mattes")
     flick = scores.temporal_flicker(iter(gen_images()), iter(real_images())) if n > 1 else None
     result["flicker"] = ({"value": round(flick["flicker"], 6), "change_generated": round(flick["change_generated"], 6),
                           "change_real": round(flick["change_real"], 6)} if flick else _not("one frame"))
@@ -153,5 +225,5 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
         writer.writeheader()
         writer.writerows(per_frame)
     return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in result.items()
-            if k in ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker")} | {"ground_truth": True}
+            if k in SCORES} | {"ground_truth": True}
 

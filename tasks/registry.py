@@ -6,7 +6,7 @@ from core.errors import InputError
 from core.registry import StageSpec
 
 _TRAINING = ("tasks.training", "tasks.training_data", "tasks.base_models", "models.sgdm", "models.base",
-             "models.pipeline")
+             "models.pipeline", "models.codec")
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -64,7 +64,7 @@ STAGES: dict[str, StageSpec] = {
                   in_dvc=False, render=True, helpers=("tasks.motion", "tasks.face", "tasks.frames"),
                   description="H.264 mp4 at 30 fps with the driving audio; render.json says what shaped it"),
         StageSpec("metrics", "tasks.metrics", resource="gpu",
-                  inputs=("motion", "render_body", "face", "ingest", "keypoints"),
+                  inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"),
                   params="metrics", in_dvc=False, render=True, weight_params=("inception_weights", "i3d_weights"),
                   helpers=("models.fid", "models.fvd", "models.scores", "tasks.keypoints", "tasks.face",
                            "tasks.frames"),

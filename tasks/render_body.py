@@ -97,7 +97,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
 
     def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
         cond = to_tensor([read_rgb(out / COND / frame_name(i, "png")) for i in range(w.start, w.stop)])
-        return pipeline.predict_noise(model, x, t, tokens, cond, params.guidance, params.control_scale)
+        return pipeline.predict_noise(model, x, t, tokens, cond, params.guidance[settings.profile],
+                                      params.control_scale)
 
     f = pipeline.vae_factor(vae)
     gen = torch.Generator().manual_seed(params.seed)

@@ -36,8 +36,10 @@ PLOTS = "plots"
 # Paper Table I, "Ours" (DESIGN §7). Their LMD is in pixels at their crop; their detector was OpenPose.
 PAPER = {"fid": 35.91, "fvd": 53.38, "lmd_face": 1.45, "lmd_body": 5.14, "lmd_hand": 5.12}
 ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lmd_body": "LMD body (px) ↓",
-        "lmd_hand": "LMD hand (px) ↓", "flicker": "temporal flicker ↓"}
-COLUMNS = ("source", "mesh condition", "generated", "face-enhanced")
+        "lmd_hand": "LMD hand (px) ↓", "flicker": "temporal flicker ↓", "ssim_person": "SSIM in the person ↑",
+        "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
+        "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑"}
+COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame (baseline)")
 IDENTITY_STAGES = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "finetune")
 RENDER_STAGES = ("motion", "render_body", "face", "assemble", "metrics")
 
@@ -73,10 +75,15 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
 def contact_sheet(grid: list[tuple[str, list[np.ndarray]]]) -> np.ndarray:
     """Rows of equally sized thumbnails, the column names on top and each row's name above its first image."""
     side = grid[0][1][0].shape[0]
-    head = np.concatenate([_label(np.full((0, side, 3), 255, np.uint8), c) for c in COLUMNS], axis=1)
+    head = np.concatenate([_label(np.full((0, side, 3), 255, np.uint8), c) for c in COLUMNS[:len(grid[0][1])]], axis=1)
     rows = [np.concatenate([_label(img, name if j == 0 else "") for j, img in enumerate(images)], axis=1)
             for name, images in grid]
     return np.concatenate([head, *rows])
+
+
+def _nearest(path: Path, side: int) -> np.ndarray:
+    """The baseline's frame; grey when the metrics were made before the baseline existed."""
+    return read_rgb(path, side) if path.is_file() else np.full((side, side, 3), 200, np.uint8)
 
 
 def _data_uri(rgb: np.ndarray) -> str:
@@ -203,7 +210,8 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
     train_log = json.loads((inputs["finetune"] / "body" / TRAIN_LOG).read_text())
     fit_summary = (read_manifest(inputs["smplx_fit"]) or {}).get("summary", {})
 
-    # the grid: source | mesh condition | generated | face-enhanced, a few frames of each held-out clip
+    # the grid: source | mesh condition | generated | face-enhanced | the baseline's copy, a few frames of each
+    # held-out clip
     picks = [p for p in samples(test_clips, params.frames_per_clip) if p[2] < n]
     progress.start("report: sample frames", len(picks))
     final = face.final_frames(ev["render_body"], ev["face"], n)
@@ -215,13 +223,13 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         images = [read_rgb(clip_frame_paths(inputs["ingest"], clip)[k], side),
                   read_rgb(ev["render_body"] / render_body.COND / png, side),
                   read_rgb(ev["render_body"] / render_body.FRAMES / png, side),
-                  read_rgb(final[t], side)]
+                  read_rgb(final[t], side), _nearest(ev["metrics"] / metrics.NEAREST / png, side)]
         name = f"{clip['name']} #{k}"
         grid.append((name, images))
         cells.append({"name": name, "frame": t, "images": [_data_uri(i) for i in images],
                       "face_redone": final[t].is_relative_to(ev["face"])})
         progress.advance(1)
-    sheet = contact_sheet(grid) if grid else np.full((32, 4 * side, 3), 255, np.uint8)
+    sheet = contact_sheet(grid) if grid else np.full((32, len(COLUMNS) * side, 3), 255, np.uint8)
     write_png(out / SHEET, sheet)
 
     fit_rows = _read_csv(inputs["smplx_fit"] / "fit_error.csv")
@@ -287,7 +295,9 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}img{di
   code {{ code.get("commit", "?")[:12] }}{% if code.get("dirty") %} (uncommitted changes){% endif %}</span></td></tr>
 <tr><th>profile</th><td>{{ profile }} (trained at {{ train_resolution }} px)
 {% if profile == "tiny" %}<br><b>The tiny profile uses small random-initialised models: its pictures are noise by
-design and its scores say nothing about quality.</b>{% endif %}</td></tr>
+design and its scores say nothing about quality.</b>{% elif profile == "cpu" %}<br>The cpu profile learns this
+person from scratch on a CPU, with no pretrained weights: judge it against the baseline rows and the last column of
+the grid, which copy the nearest training frame.{% endif %}</td></tr>
 <tr><th>evaluation</th><td>the identity's own held-out clips ({{ frames }} frames) rendered by this model</td></tr>
 </table>
 

@@ -1,8 +1,9 @@
 """The SGDM training loop shared by pretrain and finetune: plain functions, no orchestrator.
 
-Noise-prediction loss on VAE latents of `video_length`-frame clips, the reference image dropped at `ref_drop` so
-classifier-free guidance has a trained unconditional branch, AdamW with linear warm-up, gradient accumulation,
-optional mixed precision and gradient checkpointing (GPU). Temporal (motion-module) weights stay frozen.
+Denoising loss on VAE latents of `video_length`-frame clips, against what the scheduler's prediction_type names
+(noise, x0 or v); the reference image dropped at `ref_drop` so classifier-free guidance has a trained unconditional
+branch; AdamW with linear warm-up, gradient accumulation, optional mixed precision and gradient checkpointing (GPU),
+optionally an EMA of the weights kept as the result. Temporal (motion-module) weights stay frozen.
 
 Resumable and reproducible: every step's batch choice, dropout and noise come from generators seeded with
 (seed, step), never from a running random state, and a resume loads the saved weights into a model built the same
@@ -55,6 +56,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (autocast; fp16 with a grad scaler on CUDA)
     gradient_checkpointing: bool = False
     control_scale: float = 1.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights, saved as the result (0 = none)
 
 
 class Batches(Protocol):
@@ -70,7 +72,8 @@ def _step_gen(seed: int, step: int, micro: int, salt: int) -> torch.Generator:
 
 def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, gen: torch.Generator,
             ref_drop: float, control_scale: float) -> torch.Tensor:
-    """One noise-prediction loss. batch: latents (B,4,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), optionally
+    """One denoising loss, against what the scheduler says the model predicts (noise, x0 or v).
+    batch: latents (B,C,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), optionally
     mask (B,1,F,h,w) and masked (B,4,F,h,w) for the inpainting face model."""
     latents = batch["latents"]
     b = latents.shape[0]
@@ -82,19 +85,26 @@ def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, g
     keep = (torch.rand(b, generator=gen) >= ref_drop).to(batch["tokens"])
     tokens = batch["tokens"] * keep[:, None, None]
     pred = model(noisy, t, tokens, batch["cond"], control_scale=control_scale)
-    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+    kind = noise_scheduler.config.prediction_type
+    target = {"epsilon": lambda: noise, "sample": lambda: latents,
+              "v_prediction": lambda: noise_scheduler.get_velocity(latents, noise, t)}[kind]()
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
 def _trainable(model: SGDM) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _save_state(model: SGDM, opt: torch.optim.Optimizer, step: int, out: Path) -> None:
-    """Weights and optimiser state at `step`, written beside and renamed into place (a kill leaves the old one)."""
+def _save_state(model: SGDM, opt: torch.optim.Optimizer, step: int, out: Path,
+                ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights, optimiser state and weight average at `step`, written beside and renamed into place (a kill leaves
+    the old one)."""
     tmp = out / f".{STATE}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: p.detach().contiguous() for n, p in _trainable(model)}, str(tmp / "weights.safetensors"))
+    if ema is not None:
+        save_file({n: v.contiguous() for n, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
     final = out / STATE
@@ -105,7 +115,8 @@ def _save_state(model: SGDM, opt: torch.optim.Optimizer, step: int, out: Path) -
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path) -> int:
+def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path, ema: dict[str, torch.Tensor] | None = None
+                ) -> int:
     state = out / STATE
     if not (state / "step.json").is_file():
         return 0
@@ -114,6 +125,13 @@ def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path) -> int:
     with torch.no_grad():
         for n, v in weights.items():
             params[n].copy_(v)
+        if ema is not None:
+            saved = state / "ema.safetensors"
+            if not saved.is_file():
+                raise FileNotFoundError(f"{state}: no ema.safetensors to resume the weight average from (was the "
+                                        "run started with train.ema 0?)")
+            for n, v in load_file(str(saved)).items():
+                ema[n].copy_(v)
     opt.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
     return int(json.loads((state / "step.json").read_text())["step"])
 
@@ -128,7 +146,9 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
         model.enable_gradient_checkpointing()
     params = [p for _, p in _trainable(model)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _load_state(model, opt, out)
+    # the average, not the last weights, is the result: a few thousand noisy CPU steps end anywhere in a valley
+    ema = {n: p.detach().clone() for n, p in _trainable(model)} if cfg.ema else None
+    start = _load_state(model, opt, out, ema)
     for group in opt.param_groups:
         group.setdefault("initial_lr", cfg.lr)
 
@@ -156,12 +176,20 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in _trainable(model):
+                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
         losses.append(total)
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
-            _save_state(model, opt, done, out)
+            _save_state(model, opt, done, out, ema)
         if progress:
             progress(done, total)
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in _trainable(model):
+                p.copy_(ema[n])
     return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg)}
 
 
@@ -186,7 +214,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
                           batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=section.save_every,
                           seed=section.seed, mixed_precision=section.mixed_precision,
-                          gradient_checkpointing=section.gradient_checkpointing)
+                          gradient_checkpointing=section.gradient_checkpointing, ema=float(prof["ema"]))
         progress.start(f"training {which} SGDM", steps)
         result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
         model.save_pretrained(out / which)

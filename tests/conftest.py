@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.pop("ANCHOR_WORKSPACE", None)
 
-TEST_PARAMS = {"ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
+TEST_PARAMS = {"profile": "tiny", "ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
 
 
 def shared_video(name: str) -> Path:
@@ -37,10 +37,18 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
 
     init(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in (overrides if overrides is not None else TEST_PARAMS).items():
-        params.setdefault(section, {}).update(values)
+    merge_params(params, overrides if overrides is not None else TEST_PARAMS)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
+
+
+def merge_params(params: dict, overrides: dict) -> None:
+    """Sections are updated key by key; top-level values (`profile`) replaced."""
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params.setdefault(section, {}).update(values)
+        else:
+            params[section] = values
 
 
 def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int) -> Path:
@@ -92,8 +100,7 @@ def copy_workspace(template: Path, dest: Path, overrides: dict | None = None) ->
 
     shutil.copytree(template, dest, symlinks=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in (overrides or {}).items():
-        params.setdefault(section, {}).update(values)
+    merge_params(params, overrides or {})
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     return dest
 

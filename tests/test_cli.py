@@ -34,7 +34,7 @@ def test_dvc_check_passes_on_the_repository_and_fails_on_drift(tmp_path: Path) -
                                      ["bench", "preprocess"], ["render"], ["bench", "render"], ["pretrain"],
                                      ["finetune"], ["motion", "import"], ["bench", "train"], ["bench", "smplx"],
                                      ["evaluate"], ["status"], ["audit"], ["rerender"], ["serve"],
-                                     ["schedule", "rerender"]])
+                                     ["schedule", "rerender"], ["bench", "quality"]])
 def test_every_command_has_help(command: list[str]) -> None:
     res = CliRunner().invoke(app, [*command, "--help"])
     assert res.exit_code == 0

@@ -4,6 +4,7 @@ lengths, caching, seeds, faces that come and go, audio, and what the manifests r
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from core.errors import InputError, StageError
 from core.workspace import SHARED, Workspace, render_subject
 from tasks import motion as motion_task
 from tasks import runner, smplx_table
+from tasks.frames import read_rgb
 from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace
 
 pytestmark = pytest.mark.slow
@@ -250,6 +252,23 @@ def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp
     assert data["flicker"]["value"] >= 0 and data["flicker"]["change_real"] > 0
     assert len((art / "lmd_per_frame.csv").read_text().splitlines()) == 1 + 19
     assert result.summary["ground_truth"] is True
+    # SSIM inside the person and the nearest-training-frame baseline, scored the same way
+    assert -1 <= data["ssim_person"]["value"] <= 1 and data["ssim_person"]["frames"] == 19
+    assert -1 <= data["baseline_ssim_person"]["value"] <= 1
+    assert data["baseline_lmd_body"]["value"] >= 0 and set(data["baseline_detection_rate"]) == {
+        "body", "face", "left_hand", "right_hand"}
+    rows = list(csv.DictReader((art / "nearest.csv").read_text().splitlines()))
+    assert [int(r["frame"]) for r in rows] == list(range(19))
+    ingest = ws.artifact_dir("ingest", ID)
+    train_clips = {c["name"] for c in json.loads((ingest / "meta.json").read_text())["clips"]
+                   if c["split"] == "train"}
+    assert {r["train_clip"] for r in rows} <= train_clips
+    side = read_rgb(art / "nearest" / "000000.png").shape[0]
+    for r in rows[:3]:  # each baseline frame is the named training frame, at the render's size
+        copied = read_rgb(art / "nearest" / f"{int(r['frame']):06d}.png")
+        source = read_rgb(ingest / "frames" / r["train_clip"] / f"{int(r['train_frame']):06d}.jpg", side)
+        assert np.array_equal(copied, source)
+    assert sorted(p.name for p in (art / "nearest").iterdir()) == [f"{t:06d}.png" for t in range(19)]
 
     # with a (small, random) Inception network saved to disk, FID is a number from the same loading code
     weights = tmp_path / "inception.pth"
@@ -291,12 +310,13 @@ def test_evaluate_writes_a_self_contained_report_that_dvc_reads(ws: Workspace) -
     test_clips = [c for c in json.loads((ws.artifact_dir("ingest", ID) / "meta.json").read_text())["clips"]
                   if c["split"] == "test"]
     rows = sum(min(3, c["frames"]) for c in test_clips)
-    assert page.count('src="data:image/jpeg;base64,') == 4 * rows
+    assert page.count('src="data:image/jpeg;base64,') == 5 * rows  # … | nearest training frame
     assert "<svg" in page and "35.91" in page and "53.38" in page and "OpenPose" in page
     assert "not computed: no Inception weights" in page and "not computed: no I3D weights" in page
     assert "pictures are noise" in page  # the tiny profile says so
     sheet = cv2.imread(str(report / "contact_sheet.png"))
-    assert sheet.shape == (22 + rows * (22 + 192), 4 * 192, 3)
+    assert sheet.shape == (22 + rows * (22 + 192), 5 * 192, 3)
+    assert "nearest training frame" in page and "SSIM in the person" in page
     # time per stage from the ledger: the rows of the runs that made these artifacts. The fixture built the
     # identity without flows (no ledger rows); `anchor finetune` above ran finetune and the evaluation render.
     assert read_manifest(report)["summary"]["stages_timed"] == 6  # finetune, motion, render_body, face, ...

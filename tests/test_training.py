@@ -60,8 +60,9 @@ def test_loss_falls_on_a_fixed_small_batch(paths: base.BasePaths, tmp_path: Path
     assert after < 0.5 * before, (before, after)
 
 
-def test_killed_run_resumes_to_the_same_weights(paths: base.BasePaths, tmp_path: Path) -> None:
-    cfg = training.TrainConfig(steps=6, lr=1e-3, warmup=2, grad_accum=2, save_every=2, ref_drop=0.5, seed=3)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_killed_run_resumes_to_the_same_weights(paths: base.BasePaths, tmp_path: Path, ema: float) -> None:
+    cfg = training.TrainConfig(steps=6, lr=1e-3, warmup=2, grad_accum=2, save_every=2, ref_drop=0.5, seed=3, ema=ema)
     sched = base.load_scheduler(paths)
 
     straight = base.new_sgdm(paths, seed=1)
@@ -84,6 +85,13 @@ def test_killed_run_resumes_to_the_same_weights(paths: base.BasePaths, tmp_path:
     a, b = straight.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], base.new_sgdm(paths, seed=1).state_dict()[k]) for k in a)
+    if ema:  # the result is the average, not the last weights
+        plain = base.new_sgdm(paths, seed=1)
+        training.train(plain, FixedClips(3), sched, training.TrainConfig(**{**cfg.__dict__, "ema": 0.0}),
+                       tmp_path / "plain")
+        p = plain.state_dict()
+        assert any(not torch.equal(a[k], p[k]) for k in a)
+        assert all(torch.equal(a[k], p[k]) for k in a if "motion_modules" in k)
 
 
 def test_reference_drop_zeroes_the_tokens(paths: base.BasePaths) -> None:
