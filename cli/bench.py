@@ -268,9 +268,8 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
     run("evaluate", name)
     total_s = time.perf_counter() - t_all
     ws = Workspace(workspace)
-    found = sorted((ws.data / "renders" / name).glob("*/metrics/metrics.json"))
-    scored = next((json.loads(p.read_text()) for p in found
-                   if json.loads(p.read_text()).get("motion") == f"{name}:test"), None)
+    results = (json.loads(p.read_text()) for p in sorted((ws.data / "renders" / name).glob("*/metrics/metrics.json")))
+    scored = next((r for r in results if r.get("motion") == f"{name}:test"), None)
     if scored is None:
         raise FileNotFoundError(f"{workspace}: the evaluation render left no metrics.json")
     log_path = ws.artifact_dir("finetune", name) / "body" / "train_log.json"

@@ -117,12 +117,13 @@ def person_masks(matting: Path, ingest: Path, n: int, size: int) -> list[np.ndar
     return out
 
 
-def _detect(paths: list[Path], side: int, workers: int, progress: Progress) -> list[dict[str, Any]]:
+def _detect(paths: list[Path], side: int, workers: int, progress: Progress, what: str = "generated frames"
+            ) -> list[dict[str, Any]]:
     """MediaPipe Holistic on the generated frames (in spawned workers, as the keypoints stage), in crop pixels."""
     params = {"model_complexity": 1, "refine_face_landmarks": True, "min_detection_confidence": 0.5,
               "min_tracking_confidence": 0.5}
     job = ({"name": "generated", "split": "test", "start": 0}, [str(p) for p in paths], side, params)
-    progress.start("metrics: landmarks on generated frames", len(paths))
+    progress.start(f"metrics: landmarks on {what}", len(paths))
     return run_parallel(keypoints._clip, [job], workers, progress)[0]
 
 
@@ -172,7 +173,7 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     nn_paths = [out / NEAREST / frame_name(t, "png") for t in range(n)]
     for t, i in enumerate(picks):
         write_png(nn_paths[t], read_rgb(train_paths[max(int(i), 0)], res))  # no real pose: the first frame
-    nn_lm = _detect(nn_paths, side, params.workers, progress)
+    nn_lm = _detect(nn_paths, side, params.workers, progress, "the baseline's frames")
     nn_lmd, _ = landmark_scores(nn_lm, real_lm, side, params.hand_outlier)
     result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
     result["baseline_detection_rate"] = _rates(nn_lm)
