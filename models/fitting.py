@@ -108,6 +108,11 @@ _REST[(L_SHOULDER - 1) * 3 + 2] = -1.2
 _REST[(R_SHOULDER - 1) * 3 + 2] = 1.2
 _REST[(18 - 1) * 3 + 1] = -0.3
 _REST[(19 - 1) * 3 + 1] = 0.3
+# the start: forearms forward, where a talking anchor's hands mostly are; from arms down the optimiser often bends
+# a forearm backwards (the same 2D points) and the rendered torso hides the hand
+_START = _REST.copy()
+_START[(18 - 1) * 3 + 1] = -1.3
+_START[(19 - 1) * 3 + 1] = 1.3
 # prior weight per body joint (SMPL-X joints 1..21): the spine and neck barely bend in a talking anchor, legs are
 # mostly unseen; arms move freely
 _POSE_W = np.ones(21, np.float32)
@@ -148,7 +153,7 @@ def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cf
     params = {
         "root": torch.zeros(t, 3),
         "transl": torch.from_numpy(init),
-        "body_pose": torch.from_numpy(np.tile(_REST, (t, 1))),
+        "body_pose": torch.from_numpy(np.tile(_START, (t, 1))),
         "jaw_pose": torch.zeros(t, 3),
         "leye_pose": torch.zeros(t, 3),
         "reye_pose": torch.zeros(t, 3),

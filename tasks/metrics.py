@@ -4,8 +4,10 @@ Ground truth exists when the render follows the identity's own held-out clips: t
 crops of those clips, their landmarks the keypoints stage's. For any other motion every row says why it was not
 computed. FID and FVD run the standard networks from local weight files named in params.yaml; without them the
 row says "not computed: …", never a number. LMD uses MediaPipe Holistic (the paper used OpenPose) on the generated
-frames, compared with the real frames' landmarks in crop pixels; flicker compares frame-to-frame change; SSIM is
-taken inside the real frame's person matte, where a model has to get the person right.
+frames, compared with the real frames' landmarks in crop pixels, over the real landmarks inside the frame: outside
+it MediaPipe guesses (the legs below a seated anchor's crop), there is nothing in the picture to compare, and the
+paper's OpenPose reports no point there; how many were left out is reported. Flicker compares frame-to-frame
+change; SSIM is taken inside the real frame's person matte, where a model has to get the person right.
 
 A model must beat copying: the baseline replaces every held-out frame by the training frame whose body and hand
 keypoints are nearest, and is scored by the same detector and the same formulas (`baseline_*` rows); its frames
@@ -43,14 +45,19 @@ def real_frames(ingest: Path, n: int) -> list[Path]:
     return [p for c in clips for p in clip_frame_paths(ingest, c)][:n]
 
 
-def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
-    """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found."""
+def _points(rows: list[Any], part: str, k: int, side: int | None = None) -> np.ndarray:
+    """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found and,
+    given the frame `side`, where a point lies outside the frame."""
     out = np.full((len(rows), k, 2), np.nan)
     for t, row in enumerate(rows):
         value = row[part] if isinstance(row, dict) else row
         if value is not None:
             arr = np.asarray(value, np.float64)
             out[t] = arr.reshape(k, -1)[:, :2]
+    if side is not None:
+        with np.errstate(invalid="ignore"):
+            outside = ((out < 0) | (out >= side)).any(-1)
+        out[outside] = np.nan
     return out
 
 
@@ -61,38 +68,47 @@ def _real_landmarks(keypoints_dir: Path, ingest: Path, n: int) -> list[dict[str,
     return rows[:n]
 
 
+def _outside(rows: list[Any], part: str, k: int, side: int) -> int:
+    """Real points found but outside the frame: left out of LMD."""
+    found, inside = _points(rows, part, k), _points(rows, part, k, side)
+    return int(np.isfinite(found).all(-1).sum() - np.isfinite(inside).all(-1).sum())
+
+
 def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]], side: int, hand_outlier: float
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """LMD per part (mean px at the crop side, and % of it), and per frame for the plot."""
+    """LMD per part (mean px at the crop side, and % of it) over the real points inside the frame, and per frame for
+    the plot."""
     out: dict[str, Any] = {}
     per_frame: list[dict[str, Any]] = [{"frame": t} for t in range(len(real))]
     for name, (part, k) in PARTS.items():
         if name == "hand":
-            results = [scores.landmark_distance(_points(generated, p, k), _points(real, p, k),
+            results = [scores.landmark_distance(_points(generated, p, k), _points(real, p, k, side),
                                                 outlier=hand_outlier * side) for p in part]
             pts = sum(r["points"] for r in results)
             mean = sum(r["mean_px"] * r["points"] for r in results if r["points"]) / pts if pts else float("nan")
             res = {"mean_px": mean, "points": pts, "frames": sum(r["frames"] for r in results),
                    "dropped_frames": sum(r["dropped_frames"] for r in results)}
         else:
-            g, r = _points(generated, part, k), _points(real, part, k)
+            g, r = _points(generated, part, k), _points(real, part, k, side)
             res = scores.landmark_distance(g, r)
             d = np.linalg.norm(g - r, axis=-1)
             for t in range(len(real)):
                 row_ok = np.isfinite(d[t])
                 per_frame[t][f"lmd_{name}_px"] = round(float(d[t][row_ok].mean()), 4) if row_ok.any() else ""
         value = res["mean_px"]
+        outside = sum(_outside(real, p, k, side) for p in (part if name == "hand" else (part,)))
         out[f"lmd_{name}"] = ({"value": round(value, 4), "pct": round(100 * value / side, 4), "frames": res["frames"],
+                               "real_points_outside_frame": outside,
                                **({"dropped_frames": res["dropped_frames"]} if name == "hand" else {})}
                               if np.isfinite(value) else {"value": None,
                                                           "note": f"not computed: no {name} found in both videos"})
     return out, per_frame
 
 
-def _pose(rows: list[Any]) -> np.ndarray:
-    """(T, 75, 2): the 33 body and 2 × 21 hand points the baseline matches on."""
-    return np.concatenate([_points(rows, "body", 33), _points(rows, "left_hand", 21),
-                           _points(rows, "right_hand", 21)], axis=1)
+def _pose(rows: list[Any], side: int) -> np.ndarray:
+    """(T, 75, 2): the 33 body and 2 × 21 hand points the baseline matches on, those inside the frame."""
+    return np.concatenate([_points(rows, "body", 33, side), _points(rows, "left_hand", 21, side),
+                           _points(rows, "right_hand", 21, side)], axis=1)
 
 
 def training_poses(keypoints_dir: Path, ingest: Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -168,7 +184,7 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
 
     # the baseline: copy the training frame whose keypoints are nearest, scored exactly like the model
     train_rows, train_paths = training_poses(inputs["keypoints"], inputs["ingest"])
-    picks = scores.nearest_frames(_pose(real_lm), _pose(train_rows))
+    picks = scores.nearest_frames(_pose(real_lm, side), _pose(train_rows, side))
     (out / NEAREST).mkdir()
     nn_paths = [out / NEAREST / frame_name(t, "png") for t in range(n)]
     for t, i in enumerate(picks):

@@ -578,6 +578,17 @@ def test_fit_recovers_known_motion(model: smplx.SMPLX, npz_path: Path) -> None:
     true_gap = truth[:, body.LMK_START + 49, 1] - truth[:, body.LMK_START + 45, 1]
     fit_gap = result["projected"][:, lip_bottom, 1] - result["projected"][:, lip_top, 1]
     assert np.corrcoef(true_gap, fit_gap)[0, 1] > 0.8
+    # the forearms bend forward as in the truth, not backward behind the torso (the same 2D points): where the
+    # elbows bend most, both wrists are nearer the camera than the shoulders
+    blocks = {k: torch.from_numpy(result[k]) for k in ("global_orient", "body_pose", "jaw_pose", "leye_pose",
+                                                       "reye_pose", "left_hand_pose", "right_hand_pose")}
+    with torch.no_grad():
+        pts = sparse(torch.from_numpy(result["betas"]), torch.from_numpy(result["expression"]),
+                     body.full_pose(blocks), torch.from_numpy(result["transl"])).points.numpy()
+    ahead = (pts[:, [body.L_SHOULDER, body.R_SHOULDER], 2].mean(1, keepdims=True)
+             - pts[:, [body.L_WRIST, body.R_WRIST], 2])
+    bent = np.sin(2 * np.pi * np.arange(FIT_FRAMES) / FIT_FRAMES) > 0.5
+    assert (ahead[bent] > 0.05).all(), ahead[bent].min()
     # still facing the camera
     facing = Rotation.from_rotvec(FACING_CAMERA)
     angles = (Rotation.from_rotvec(result["global_orient"]) * facing.inv()).magnitude()

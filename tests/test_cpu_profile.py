@@ -13,7 +13,7 @@ from core.errors import ParamsError
 from core.params import parse_params
 from models import base, pipeline, scores
 from models.codec import PatchTokens, SpaceToDepth
-from tasks import training
+from tasks import metrics, training
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,20 @@ def test_nearest_frames_matches_on_points_found_in_both() -> None:
     assert scores.nearest_frames(query, pool).tolist() == [1, 0, -1]
     with pytest.raises(ValueError, match="poses must be"):
         scores.nearest_frames(query[:, :1], pool)
+
+
+def test_real_landmarks_outside_the_frame_are_left_out_of_lmd() -> None:
+    side = 100
+    real = np.zeros((33, 4))
+    real[:, :2] = 50.0
+    real[27:, 1] = side + 80  # ankles and feet below the crop: MediaPipe's guess, nothing in the picture
+    generated = real.copy()
+    generated[:, 0] += 3.0  # every point 3 px away ...
+    generated[27:, 1] += 40.0  # ... the guessed feet far away
+    rows = [{"body": real.ravel().tolist(), "face": None, "left_hand": None, "right_hand": None}] * 2
+    gen_rows = [dict(r, body=generated.ravel().tolist()) for r in rows]
+    lmd, per_frame = metrics.landmark_scores(gen_rows, rows, side, hand_outlier=0.1)
+    assert lmd["lmd_body"]["value"] == pytest.approx(3.0) and lmd["lmd_body"]["pct"] == pytest.approx(3.0)
+    assert lmd["lmd_body"]["real_points_outside_frame"] == 2 * 6
+    assert per_frame[0]["lmd_body_px"] == pytest.approx(3.0)
+    assert lmd["lmd_face"]["value"] is None
