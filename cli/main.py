@@ -303,7 +303,9 @@ def _alone_on_embedded_database() -> bool:
 
 
 class _progress:
-    """A rich progress display shared by the stages of a flow (they report from Prefect's worker threads)."""
+    """A rich progress display shared by the stages of a flow (they report from Prefect's worker threads). Without a
+    terminal (CI logs, pipes) the bars are off and each phase prints one line instead, so a log still says what a
+    run was doing, waiting for another run's lock included."""
 
     def __enter__(self) -> Any:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -320,6 +322,8 @@ class _progress:
 
             def start(self, description: str, total: int) -> None:
                 label = f"[{self.identity}] {description}"
+                if not err.is_terminal:
+                    err.print(label, markup=False, highlight=False, soft_wrap=True)
                 if self.task is None:
                     self.task = bar.add_task(label, total=total)
                 else:
