@@ -149,26 +149,30 @@ class _Windows(Section):
     def _overlap(self) -> _Windows:
         if self.overlap >= self.window:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
-        guidance = getattr(self, "guidance", None)
-        if guidance is not None:
-            if sorted(guidance) != sorted(PROFILES):
-                raise ValueError(f"guidance needs one value per profile ({', '.join(PROFILES)}), got "
-                                 f"{', '.join(guidance) or 'none'}")
-            if not all(1 <= v <= 20 for v in guidance.values()):
-                raise ValueError(f"guidance: scales must be between 1 and 20, got {guidance}")
+        for name, low, high in (("guidance", 1, 20), ("control_scale", 0, 10)):
+            table = getattr(self, name, None)
+            if table is None:
+                continue
+            if sorted(table) != sorted(PROFILES):
+                raise ValueError(f"{name} needs one value per profile ({', '.join(PROFILES)}), got "
+                                 f"{', '.join(table) or 'none'}")
+            if not all(low <= v <= high for v in table.values()):
+                raise ValueError(f"{name}: scales must be between {low} and {high}, got {table}")
         return self
 
 
 class RenderBodyParams(_Windows):
     """Algorithm 1 over the whole motion. Paper defaults: window 16, overlap 4, 20 DDIM steps, CFG 3.5, W_c 2
-    (CFG 1 on the cpu profile)."""
+    (CFG 1 and W_c 1 on the cpu profile)."""
 
     steps: int = Field(20, ge=1, le=1000, description="DDIM steps")
     guidance: dict[str, float] = Field(
         {"tiny": 3.5, "cpu": 1.0, "sd15": 3.5}, description="classifier-free guidance scale on the reference image, "
         "per profile (1 = the conditional branch only, half the cost: cpu's model learns one person, whose "
         "reference adds little)")
-    control_scale: float = Field(2.0, ge=0, le=10, description="W_c, weight of the mesh branch")
+    control_scale: dict[str, float] = Field(
+        {"tiny": 2.0, "cpu": 1.0, "sd15": 2.0}, description="W_c, weight of the mesh branch, per profile (training "
+        "uses 1; cpu's model, learnt from nothing, is driven off its training range at 2: dark blocks, more flicker)")
     noise: Literal["independent", "shared"] = Field(
         "independent", description="initial noise per frame: independent (default: training noised every frame "
         "independently, and so were the frozen motion modules) or shared, one draw for all frames as the official "
@@ -183,7 +187,7 @@ class FaceParams(_Windows):
     enabled: bool = Field(True, description="false: frames pass through unchanged (`anchor render --no-face`)")
     steps: int = Field(20, ge=1, le=1000)
     guidance: dict[str, float] = Field({"tiny": 3.5, "cpu": 1.0, "sd15": 3.5}, description="per profile")
-    control_scale: float = Field(2.0, ge=0, le=10)
+    control_scale: dict[str, float] = Field({"tiny": 2.0, "cpu": 1.0, "sd15": 2.0}, description="per profile")
     feather: float = Field(0.06, ge=0, le=0.5, description="blend edge width, share of the face crop side")
     seed: int = Field(0, ge=0)
 
@@ -269,7 +273,7 @@ class PretrainParams(TrainParams):
 
 
 class FinetuneParams(TrainParams):
-    steps: dict[str, int] = Field({"tiny": 30, "cpu": 1600, "sd15": 50000}, description="body model steps")
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 50000}, description="body model steps")
     face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 900, "sd15": 80000}, description="face model steps")
 
 

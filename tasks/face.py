@@ -133,6 +133,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 
     # 2. inpaint each run of visible faces as one video, then 3. blend back
     face_model = SGDM.from_pretrained(checkpoint).eval()
+    face_model.skip_identity_temporal()
     if not face_model.inpaint:
         raise StageError(f"{checkpoint}: not an inpainting (face) model")
     vae, encoder, scheduler = load_vae(base).eval(), load_image_encoder(base).eval(), load_scheduler(base)
@@ -168,7 +169,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
             cond = render_body.to_tensor([read_rgb(out / COND / frame_name(start + i, "png"))
                                           for i in range(w.start, w.stop)])
             return pipeline.predict_noise(face_model, x, t, tokens, cond, params.guidance[settings.profile],
-                                          params.control_scale, extra_t[:, :, w])
+                                          params.control_scale[settings.profile], extra_t[:, :, w])
 
         latents = pipeline.initial_latents((1, vae.config.latent_channels, length, fres // f, fres // f), gen)
         scheduler.set_timesteps(params.steps)

@@ -91,6 +91,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
                       progress)
 
     model = SGDM.from_pretrained(checkpoint).eval()
+    model.skip_identity_temporal()
     vae, encoder, scheduler = load_vae(base).eval(), load_image_encoder(base).eval(), load_scheduler(base)
     ref = reference_path(inputs["ingest"], params.reference_frame)
     tokens = pipeline.encode_reference(encoder, to_tensor([read_rgb(ref, res)])[:, :, 0])
@@ -98,7 +99,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
     def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
         cond = to_tensor([read_rgb(out / COND / frame_name(i, "png")) for i in range(w.start, w.stop)])
         return pipeline.predict_noise(model, x, t, tokens, cond, params.guidance[settings.profile],
-                                      params.control_scale)
+                                      params.control_scale[settings.profile])
 
     f = pipeline.vae_factor(vae)
     gen = torch.Generator().manual_seed(params.seed)

@@ -141,6 +141,7 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
     """Train `model` in place for cfg.steps optimiser steps, resuming from `out`'s saved state if there is one.
     Returns the loss history of this call and where it started."""
     model.freeze_temporal()
+    model.skip_identity_temporal()
     model.train()
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

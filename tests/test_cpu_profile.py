@@ -65,6 +65,15 @@ def test_cpu_base_builds_both_sgdms_with_identity_motion_modules(cpu_paths: base
         rev = body(x.flip(2), 500, tokens, cond.flip(2))
     assert out.shape == (1, 192, 4, 8, 8)
     assert torch.allclose(out.flip(2), rev, atol=1e-5)
+    # so their computation is skipped, exactly; a module that does something is kept
+    with torch.no_grad():
+        next(body.unet.mid_block.motion_modules[0].proj_out.parameters()).add_(0.01)
+        moved = body(x, 500, tokens, cond)
+    assert not torch.equal(moved, out)
+    assert body.skip_identity_temporal() == 9
+    with torch.no_grad():
+        assert torch.equal(body(x, 500, tokens, cond), moved)
+    assert not any(p.requires_grad for p in body.unet.up_blocks[0].motion_modules.parameters())
 
 
 def test_base_folder_with_a_stem_that_does_not_meet_the_latents_is_refused(tmp_path: Path) -> None:
@@ -142,3 +151,13 @@ def test_real_landmarks_outside_the_frame_are_left_out_of_lmd() -> None:
     assert lmd["lmd_body"]["real_points_outside_frame"] == 2 * 6
     assert per_frame[0]["lmd_body_px"] == pytest.approx(3.0)
     assert lmd["lmd_face"]["value"] is None
+
+
+def test_inference_scales_are_per_profile() -> None:
+    params = parse_params({})
+    assert params.render_body.control_scale["cpu"] == 1.0 and params.render_body.control_scale["sd15"] == 2.0
+    assert params.face.control_scale == params.render_body.control_scale
+    with pytest.raises(ParamsError, match="control_scale needs one value per profile"):
+        parse_params({"render_body": {"control_scale": {"cpu": 1.0}}})
+    with pytest.raises(ParamsError, match=r"control_scale: scales must be between 0 and 10"):
+        parse_params({"face": {"control_scale": {"tiny": 2.0, "cpu": 11.0, "sd15": 2.0}}})
