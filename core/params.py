@@ -273,8 +273,8 @@ class PretrainParams(TrainParams):
 
 
 class FinetuneParams(TrainParams):
-    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2000, "sd15": 50000}, description="body model steps")
-    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 900, "sd15": 80000}, description="face model steps")
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 3000, "sd15": 50000}, description="body model steps")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 1200, "sd15": 80000}, description="face model steps")
 
 
 class Params(BaseModel):

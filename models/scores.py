@@ -74,15 +74,18 @@ def ssim_in_mask(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> f
 
 def nearest_frames(query: np.ndarray, pool: np.ndarray, chunk: int = 64) -> np.ndarray:
     """For each query pose (T, K, 2) the index of the pool pose (N, K, 2) at the smallest mean distance over the
-    points found in both (NaN = not found). A pool frame sharing no point with a query is never chosen; -1 when
-    no pool frame shares one."""
+    points found in both (NaN = not found), among the pool frames that share the most of the query's points: a
+    frame whose hands are out of view must not win on the body alone against one that shows them. A pool frame
+    sharing no point with a query is never chosen; -1 when no pool frame shares one."""
     if query.ndim != 3 or pool.ndim != 3 or query.shape[1:] != pool.shape[1:]:
         raise ValueError(f"poses must be (T, K, 2) and (N, K, 2), got {query.shape} and {pool.shape}")
     out = np.full(len(query), -1, np.int64)
     for a in range(0, len(query), chunk):
         d = np.linalg.norm(query[a:a + chunk, None] - pool[None], axis=-1)  # (t, N, K)
         found = np.isfinite(d)
-        mean = np.where(found.any(-1), np.where(found, d, 0).sum(-1) / np.maximum(found.sum(-1), 1), np.inf)
+        shared = found.sum(-1)  # (t, N)
+        mean = np.where(shared > 0, np.where(found, d, 0).sum(-1) / np.maximum(shared, 1), np.inf)
+        mean = np.where(shared == shared.max(axis=1, keepdims=True), mean, np.inf)
         best = mean.argmin(axis=1)
         out[a:a + chunk] = np.where(np.isfinite(mean.min(axis=1)), best, -1)
     return out

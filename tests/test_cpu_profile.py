@@ -132,6 +132,9 @@ def test_nearest_frames_matches_on_points_found_in_both() -> None:
                       [[1, 1], [11, 11]],  # both points: pool 0
                       [[np.nan, np.nan], [np.nan, np.nan]]], float)  # nothing found: no match
     assert scores.nearest_frames(query, pool).tolist() == [1, 0, -1]
+    # a pool frame showing only part of what the query shows loses to one showing all of it, however close
+    partial = np.array([[[1, 1], [np.nan, np.nan]], [[9, 9], [19, 19]]], float)
+    assert scores.nearest_frames(query[1:2], partial).tolist() == [1]
     with pytest.raises(ValueError, match="poses must be"):
         scores.nearest_frames(query[:, :1], pool)
 
