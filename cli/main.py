@@ -885,7 +885,7 @@ def bench_quality(video: Annotated[Path, typer.Option("--video", help="Video of 
     """Learns the person from the first 70% of the video and renders the last 30% from its own fitted motion:
     MediaPipe pose/face found in the generated frames, body landmark distance (% of the frame) and SSIM inside the
     person against the real frames, the same for the "nearest training frame" baseline, and training minutes.
-    Runs the `make demo` commands (about 25 minutes on 2 cores for a 20 s clip); their progress goes to stderr."""
+    Runs the `make demo` commands (about 23 minutes on 2 cores for a 20 s clip); their progress goes to stderr."""
     import shutil
     import tempfile
 

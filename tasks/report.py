@@ -39,7 +39,7 @@ ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lm
         "lmd_hand": "LMD hand (px) ↓", "flicker": "temporal flicker ↓", "ssim_person": "SSIM in the person ↑",
         "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
         "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑"}
-COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame (baseline)")
+COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame")
 IDENTITY_STAGES = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "finetune")
 RENDER_STAGES = ("motion", "render_body", "face", "assemble", "metrics")
 
