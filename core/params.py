@@ -6,6 +6,7 @@ are recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +140,17 @@ class RenderMeshParams(Section):
 PROFILES = ("tiny", "cpu", "sd15")
 
 
+def _check_profiles(name: str, table: dict[str, float], ok: Callable[[float], bool], rule: str) -> None:
+    """A table keyed by profile: one value for each, every value passing `ok` (`rule` says what it asks)."""
+    missing = [p for p in PROFILES if p not in table]
+    unknown = [p for p in table if p not in PROFILES]
+    if missing or unknown:
+        raise ValueError(f"{name} needs one value per profile ({', '.join(PROFILES)}); "
+                         f"missing {missing}, unknown {unknown}")
+    if not all(ok(v) for v in table.values()):
+        raise ValueError(f"{name}: {rule}, got {table}")
+
+
 class _Windows(Section):
     """Algorithm 1's window layout, shared by the body and face denoising."""
 
@@ -150,14 +162,9 @@ class _Windows(Section):
         if self.overlap >= self.window:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
         for name, low, high in (("guidance", 1, 20), ("control_scale", 0, 10)):
-            table = getattr(self, name, None)
-            if table is None:
-                continue
-            if sorted(table) != sorted(PROFILES):
-                raise ValueError(f"{name} needs one value per profile ({', '.join(PROFILES)}), got "
-                                 f"{', '.join(table) or 'none'}")
-            if not all(low <= v <= high for v in table.values()):
-                raise ValueError(f"{name}: scales must be between {low} and {high}, got {table}")
+            if hasattr(self, name):
+                _check_profiles(name, getattr(self, name), lambda v, lo=low, hi=high: lo <= v <= hi,
+                                f"scales must be between {low} and {high}")
         return self
 
 
@@ -254,14 +261,10 @@ class TrainParams(Section):
     @model_validator(mode="after")
     def _profiles(self) -> TrainParams:
         for name in PER_PROFILE:
-            table = getattr(self, name)
-            missing = [p for p in PROFILES if p not in table]
-            unknown = [p for p in table if p not in PROFILES]
-            if missing or unknown:
-                raise ValueError(f"{name} needs one value per profile ({', '.join(PROFILES)}); "
-                                 f"missing {missing}, unknown {unknown}")
-            if name == "ema" and not all(0 <= v < 1 for v in table.values()):
-                raise ValueError(f"ema: decays must be in [0, 1), got {table}")
+            if name == "ema":
+                _check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
+            else:
+                _check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
         return self
 
     def for_profile(self, profile: str) -> dict[str, float]:

@@ -45,20 +45,26 @@ def real_frames(ingest: Path, n: int) -> list[Path]:
     return [p for c in clips for p in clip_frame_paths(ingest, c)][:n]
 
 
-def _points(rows: list[Any], part: str, k: int, side: int | None = None) -> np.ndarray:
-    """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found and,
-    given the frame `side`, where a point lies outside the frame."""
+def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
+    """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found."""
     out = np.full((len(rows), k, 2), np.nan)
     for t, row in enumerate(rows):
         value = row[part] if isinstance(row, dict) else row
         if value is not None:
             arr = np.asarray(value, np.float64)
             out[t] = arr.reshape(k, -1)[:, :2]
-    if side is not None:
-        with np.errstate(invalid="ignore"):
-            outside = ((out < 0) | (out >= side)).any(-1)
-        out[outside] = np.nan
     return out
+
+
+def _in_frame(points: np.ndarray, side: int) -> np.ndarray:
+    """`points` with those outside the frame [0, side)² set to NaN: there is nothing in the picture to compare."""
+    with np.errstate(invalid="ignore"):
+        outside = ((points < 0) | (points >= side)).any(-1)
+    return np.where(outside[..., None], np.nan, points)
+
+
+def _found(points: np.ndarray) -> int:
+    return int(np.isfinite(points).all(-1).sum())
 
 
 def _real_landmarks(keypoints_dir: Path, ingest: Path, n: int) -> list[dict[str, Any]]:
@@ -68,12 +74,6 @@ def _real_landmarks(keypoints_dir: Path, ingest: Path, n: int) -> list[dict[str,
     return rows[:n]
 
 
-def _outside(rows: list[Any], part: str, k: int, side: int) -> int:
-    """Real points found but outside the frame: left out of LMD."""
-    found, inside = _points(rows, part, k), _points(rows, part, k, side)
-    return int(np.isfinite(found).all(-1).sum() - np.isfinite(inside).all(-1).sum())
-
-
 def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]], side: int, hand_outlier: float
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """LMD per part (mean px at the crop side, and % of it) over the real points inside the frame, and per frame for
@@ -81,22 +81,24 @@ def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]],
     out: dict[str, Any] = {}
     per_frame: list[dict[str, Any]] = [{"frame": t} for t in range(len(real))]
     for name, (part, k) in PARTS.items():
+        seen = {p: _points(real, p, k) for p in (part if name == "hand" else (part,))}
+        inside = {p: _in_frame(v, side) for p, v in seen.items()}
+        outside = sum(_found(seen[p]) - _found(inside[p]) for p in seen)
         if name == "hand":
-            results = [scores.landmark_distance(_points(generated, p, k), _points(real, p, k, side),
-                                                outlier=hand_outlier * side) for p in part]
+            results = [scores.landmark_distance(_points(generated, p, k), inside[p], outlier=hand_outlier * side)
+                       for p in part]
             pts = sum(r["points"] for r in results)
             mean = sum(r["mean_px"] * r["points"] for r in results if r["points"]) / pts if pts else float("nan")
             res = {"mean_px": mean, "points": pts, "frames": sum(r["frames"] for r in results),
                    "dropped_frames": sum(r["dropped_frames"] for r in results)}
         else:
-            g, r = _points(generated, part, k), _points(real, part, k, side)
+            g, r = _points(generated, part, k), inside[part]
             res = scores.landmark_distance(g, r)
             d = np.linalg.norm(g - r, axis=-1)
             for t in range(len(real)):
                 row_ok = np.isfinite(d[t])
                 per_frame[t][f"lmd_{name}_px"] = round(float(d[t][row_ok].mean()), 4) if row_ok.any() else ""
         value = res["mean_px"]
-        outside = sum(_outside(real, p, k, side) for p in (part if name == "hand" else (part,)))
         out[f"lmd_{name}"] = ({"value": round(value, 4), "pct": round(100 * value / side, 4), "frames": res["frames"],
                                "real_points_outside_frame": outside,
                                **({"dropped_frames": res["dropped_frames"]} if name == "hand" else {})}
@@ -107,8 +109,8 @@ def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]],
 
 def _pose(rows: list[Any], side: int) -> np.ndarray:
     """(T, 75, 2): the 33 body and 2 × 21 hand points the baseline matches on, those inside the frame."""
-    return np.concatenate([_points(rows, "body", 33, side), _points(rows, "left_hand", 21, side),
-                           _points(rows, "right_hand", 21, side)], axis=1)
+    return _in_frame(np.concatenate([_points(rows, "body", 33), _points(rows, "left_hand", 21),
+                                     _points(rows, "right_hand", 21)], axis=1), side)
 
 
 def training_poses(keypoints_dir: Path, ingest: Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -194,7 +196,8 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
     result["baseline_detection_rate"] = _rates(nn_lm)
     result["baseline"] = ("each held-out frame replaced by the training frame whose body and hand keypoints are "
-                          "nearest (mean distance over the points found in both)")
+                          "nearest (mean distance over the points inside the frame found in both, among the "
+                          "training frames sharing the most of them)")
 
     progress.start("metrics: SSIM inside the person", n)
     masks = person_masks(inputs["matting"], inputs["ingest"], n, res)

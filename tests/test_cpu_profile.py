@@ -164,3 +164,6 @@ def test_inference_scales_are_per_profile() -> None:
         parse_params({"render_body": {"control_scale": {"cpu": 1.0}}})
     with pytest.raises(ParamsError, match=r"control_scale: scales must be between 0 and 10"):
         parse_params({"face": {"control_scale": {"tiny": 2.0, "cpu": 11.0, "sd15": 2.0}}})
+    # one check for every per-profile table, the training ones included
+    with pytest.raises(ParamsError, match="steps: values must not be negative"):
+        parse_params({"finetune": {"steps": {"tiny": 30, "cpu": -1, "sd15": 1}}})
