@@ -7,17 +7,19 @@ VIDEO  ?=
 NAME   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint constraints clean-state help
+.PHONY: setup demo test test-fast lint constraints clean-state help
 
 help:
 	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as '$(NAME)', train, render and report its held-out clip"
-	@echo "make test                           run the whole test suite"
+	@echo "make test                           run the whole test suite (what CI runs)"
+	@echo "make test-fast                      the edit loop: the suite without the tests marked slow"
 	@echo "make lint                           ruff"
 	@echo "make check-system                   the EGL/Mesa libraries the mesh renderer needs"
 
 setup: check-system $(STAMP)
 
-# torch goes in first so pip takes the local CPU wheel instead of pulling CUDA packages (DESIGN §8).
+# torch goes in first so pip takes the local CPU wheel instead of pulling CUDA packages (a plain `torch`
+# requirement resolves to a CUDA build of several GB).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
@@ -53,10 +55,14 @@ test: check-system $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-fast: check-system $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Re-pin after a deliberate dependency change.
 constraints: $(STAMP)
-	{ echo "# Exact versions known to work together on the project machines (DESIGN §8). Regenerate with \`make constraints\`."; \
+	{ echo "# Exact versions known to work together on the project machines. Regenerate with \`make constraints\`."; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt

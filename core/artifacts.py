@@ -1,4 +1,7 @@
-"""Artifacts: one directory per (stage, identity), written atomically, described by manifest.json (DESIGN §4)."""
+"""Artifacts: one directory per (stage, owner), written atomically, described by manifest.json.
+
+The stage contract they follow is in docs/architecture.md.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ PACKAGES = ("numpy", "opencv-contrib-python", "av", "mediapipe", "torch", "panda
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @contextlib.contextmanager

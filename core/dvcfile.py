@@ -1,4 +1,4 @@
-"""dvc.yaml as a pure function of the stage registry: `anchor dvc sync` writes it, `anchor dvc check` compares."""
+"""dvc.yaml as a pure function of the stage declarations: `anchor dvc sync` writes it, `anchor dvc check` compares."""
 
 from __future__ import annotations
 
@@ -6,63 +6,59 @@ from collections.abc import Iterable
 
 import yaml
 
-from core.registry import StageSpec
-from core.workspace import CHECKPOINT_STAGES, IDENTITIES_FILE, REPORT_STAGES
+from core.stage import Stage
+from core.workspace import IDENTITIES_FILE
 
-HEADER = ("# Generated from the stage registry (tasks/registry.py) by `anchor dvc sync`; do not edit by hand.\n"
+HEADER = ("# Generated from the stage declarations (tasks/stages/) by `anchor dvc sync`; do not edit by hand.\n"
           "# Each stage runs once per identity listed in identities.yaml.\n")
-IDENTITY_DIR = "data/identities/${item}"
-
-
 SHARED_DIR = "data/checkpoints"
-REPORT_DIR = "data/reports/${item}"
 
 
-def _dir(stage: str, shared: set[str]) -> str:
+def _dir(stage: Stage) -> str:
     """The artifact directory of `stage` for identity ${item}, as Workspace.artifact_dir lays it out."""
-    if stage in shared:
-        return f"{SHARED_DIR}/{stage}"
-    if stage in REPORT_STAGES:
-        return REPORT_DIR
-    if stage in CHECKPOINT_STAGES:
-        return f"{SHARED_DIR}/identities/${{item}}/{stage}"
-    return f"{IDENTITY_DIR}/{stage}"
+    if stage.shared:
+        return f"{SHARED_DIR}/{stage.name}"
+    if stage.home == "reports":
+        return "data/reports/${item}"
+    if stage.home == "checkpoints":
+        return f"{SHARED_DIR}/identities/${{item}}/{stage.name}"
+    return f"data/identities/${{item}}/{stage.name}"
 
 
-def render(specs: Iterable[StageSpec]) -> str:
-    specs = list(specs)
-    shared = {s.name for s in specs if s.shared}
-    stages: dict = {}
-    for spec in specs:
-        if not spec.in_dvc:
+def generate(stages: Iterable[Stage]) -> str:
+    stages = list(stages)
+    by_name = {s.name: s for s in stages}
+    out: dict = {}
+    for stage in stages:
+        if not stage.in_dvc:
             continue
-        params = [spec.params] if spec.params else []
-        if spec.body_model:
+        params = [stage.section] if stage.section else []
+        if stage.body_model:
             params.append("body_model")
-        params += [*spec.extra_params, *(["profile"] if spec.extra_params else [])]
-        if spec.shared:
+        params += [*stage.reads, *(["profile"] if stage.reads else [])]
+        if stage.shared:
             # built from every identity: depends on the whole identities tree, runs once
-            do: dict = {"desc": spec.description, "cmd": f"anchor stage run {spec.name}",
+            do: dict = {"desc": stage.description, "cmd": f"anchor stage run {stage.name}",
                         "deps": ["data/identities"]}
             if params:
                 do["params"] = params
-            do["outs"] = [f"{SHARED_DIR}/{spec.name}"]
-            stages[spec.name] = do
+            do["outs"] = [_dir(stage)]
+            out[stage.name] = do
             continue
         do = {
-            "desc": spec.description,
-            "cmd": (spec.command or f"anchor stage run {spec.name} {{item}}").replace("{item}", "${item}"),
-            "deps": [_dir(n, shared) for n in spec.inputs],
+            "desc": stage.description,
+            "cmd": (stage.command or f"anchor stage run {stage.name} {{item}}").replace("{item}", "${item}"),
+            "deps": [_dir(by_name[n]) for n in stage.inputs],
         }
         if params:
             do["params"] = params
-        home = _dir(spec.name, shared)
-        do["outs"] = [f"{home}/{f}" for f in spec.dvc_outs] or [home]
-        if spec.dvc_metrics:
-            do["metrics"] = [f"{home}/{f}" for f in spec.dvc_metrics]
-        if spec.dvc_plots:
+        home = _dir(stage)
+        do["outs"] = [f"{home}/{f}" for f in stage.dvc_outs] or [home]
+        if stage.dvc_metrics:
+            do["metrics"] = [f"{home}/{f}" for f in stage.dvc_metrics]
+        if stage.dvc_plots:
             do["plots"] = [f"{home}/{f}" if f.endswith(".png") else {f"{home}/{f}": {"x": "frame"}}
-                           for f in spec.dvc_plots]
-        stages[spec.name] = {"foreach": "${identities}", "do": do}
-    body = yaml.safe_dump({"vars": [IDENTITIES_FILE], "stages": stages}, sort_keys=False, width=120)
+                           for f in stage.dvc_plots]
+        out[stage.name] = {"foreach": "${identities}", "do": do}
+    body = yaml.safe_dump({"vars": [IDENTITIES_FILE], "stages": out}, sort_keys=False, width=120)
     return HEADER + body

@@ -1,4 +1,4 @@
-"""The run ledger: one Parquet row per stage execution, cached or not (DESIGN §4).
+"""The run ledger: one Parquet row per stage execution, cached or not (docs/architecture.md).
 
 Each row is its own small file, so concurrent writers never contend; readers see the directory as one table.
 """

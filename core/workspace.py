@@ -1,4 +1,8 @@
-"""Where a pipeline lives: params.yaml, dvc.yaml, data/ and the git-ignored state directory (DESIGN §9)."""
+"""Where a pipeline lives: params.yaml, dvc.yaml, data/ and the git-ignored state directory (.anchor/).
+
+The workspace is the project root by default; `--workspace DIR` (or ANCHOR_WORKSPACE) points elsewhere and
+`anchor init DIR` makes a new one. Tests always run in a temporary workspace.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ from filelock import FileLock
 
 from core.artifacts import write_text
 from core.errors import InputError
-from core.params import Params, load_params
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -23,12 +26,6 @@ IDENTITIES_FILE = "identities.yaml"
 # The owner of artifacts built from all identities at once (pretraining). No identity name can take it: names
 # start with a letter or digit.
 SHARED = "_shared"
-
-
-# Per-identity stages whose artifacts are model checkpoints (kept under data/checkpoints/identities/<id>/).
-CHECKPOINT_STAGES = frozenset({"finetune"})
-# Per-identity stages read by people rather than by stages (kept under data/reports/<id>/, the artifact itself).
-REPORT_STAGES = frozenset({"report"})
 
 
 def check_identity_name(name: str) -> str:
@@ -90,27 +87,26 @@ class Workspace:
     def identities_path(self) -> Path:
         return self.root / IDENTITIES_FILE
 
-    def params(self) -> Params:
-        return load_params(self.params_path)
-
     def identity_dir(self, identity: str) -> Path:
         return self.data / "identities" / check_identity_name(identity)
 
-    def artifact_dir(self, stage: str, identity: str) -> Path:
-        """data/identities/<identity>/<stage> for data; trained models live apart, under data/checkpoints, so that
-        pretraining can depend on the whole identities tree without depending on its own descendants; renders
-        (identity × motion) under data/renders/<identity>/<motion key>/<stage>; an identity's report is
-        data/reports/<identity>."""
-        if identity == SHARED:
+    def artifact_dir(self, stage: str, owner: str, home: str = "identities") -> Path:
+        """Where the artifact of `stage` for `owner` lives. An identity's under data/<home>/<identity>/<stage>, where
+        the stage declares its home: "identities" for data, "checkpoints" for its models (kept apart, so that
+        pretraining can depend on the whole identities tree without depending on its own descendants), "reports"
+        for what people read (data/reports/<identity>, the artifact itself). The shared owner's under
+        data/checkpoints/<stage>; a render's (identity × motion) under data/renders/<identity>/<motion key>/<stage>."""
+        if owner == SHARED:
             return self.data / "checkpoints" / stage
-        render = split_render_subject(identity)
+        render = split_render_subject(owner)
         if render is not None:
             return self.data / "renders" / render[0] / render[1] / stage
-        if stage in CHECKPOINT_STAGES:
-            return self.data / "checkpoints" / "identities" / check_identity_name(identity) / stage
-        if stage in REPORT_STAGES:
-            return self.data / "reports" / check_identity_name(identity)
-        return self.identity_dir(identity) / stage
+        check_identity_name(owner)
+        if home == "checkpoints":
+            return self.data / "checkpoints" / "identities" / owner / stage
+        if home == "reports":
+            return self.data / "reports" / owner
+        return self.identity_dir(owner) / stage
 
     def rel(self, path: Path) -> str:
         """Workspace-relative POSIX path: what manifests and the ledger record."""

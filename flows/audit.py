@@ -14,7 +14,7 @@ from typing import Any
 from core.artifacts import read_manifest
 from core.hashing import MANIFEST, hash_tree
 from core.workspace import Workspace
-from flows.versioning import dvc, source_target, stage_targets
+from flows.dvc_store import dvc, source_target, stage_targets
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,25 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from core.workspace import Workspace, check_identity_name
+from flows.dvc_store import commit_identity
 from flows.render import TEST_SUFFIX, render_stages, stage_summary
 from flows.stage_task import StageRunner
-from flows.versioning import commit_identity
-from tasks import report
+from tasks import registry
+from tasks.stages import report
 
 
 def evaluation(ws: Workspace, stages: StageRunner, identity: str) -> dict[str, Any]:
-    """held-out render → metrics → report; returns the report stage's result."""
+    """held-out render, then the evaluate flow's stages (metrics on the render, the identity's report); returns the
+    report's result."""
     subject, _ = render_stages(ws, stages, identity, identity + TEST_SUFFIX)
-    stages.run("metrics", subject)
-    return stages.run("report", identity, external=ws.artifact_dir("motion", subject).parent)
+    render_dir = registry.artifact_dir(ws, "motion", subject).parent
+    results: dict[str, Any] = {}
+    for step in registry.layers(registry.in_flow("evaluate")):
+        for name in step:
+            spec = registry.get(name)
+            owner = subject if spec.render else identity
+            results[name] = stages.run(name, owner, external=render_dir if spec.external == "evaluation" else None)
+    return results[report.STAGE.name]
 
 
 @flow(name="evaluate", flow_run_name="evaluate-{identity}", log_prints=False)

@@ -18,7 +18,7 @@ from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from core.params import ExecutionParams
-from core.registry import StageSpec
+from core.stage import Stage
 
 T = TypeVar("T")
 TAG_PREFIX = "anchor-"
@@ -42,7 +42,7 @@ def task_runner(p: ExecutionParams) -> TaskRunner[Any]:
     return ThreadPoolTaskRunner(max_workers=p.threads)
 
 
-def tags(spec: StageSpec) -> set[str]:
+def tags(spec: Stage) -> set[str]:
     return {"anchor", f"{TAG_PREFIX}{spec.resource}"} if spec.resource else {"anchor"}
 
 

@@ -18,8 +18,11 @@ from core.hashing import sha256_file
 from core.workspace import Workspace
 from flows.stage_task import StageRunner
 from models.motion_io import Motion
-from tasks import motion as motion_task
+from tasks import registry
 from tasks.runner import body_model_path
+from tasks.stages import motion as motion_task
+
+FIT = "smplx_fit"
 
 
 def motion_name(video: Path) -> str:
@@ -27,21 +30,20 @@ def motion_name(video: Path) -> str:
 
 
 def fit_video(ws: Workspace, stages: StageRunner, video: Path) -> tuple[Motion, Path]:
-    """A driving video through source → ingest → keypoints → smplx_fit (cached) under its motion name; returns
-    its fit as a motion and its ingest directory (which holds its audio)."""
+    """A driving video through the stages its SMPL-X fit needs (source → ingest → keypoints → smplx_fit, cached)
+    under its motion name; returns its fit as a motion and its ingest directory (which holds its audio)."""
     name = motion_name(video)
-    stages.run("source", name, external=video)
-    stages.run("ingest", name)
-    stages.run("keypoints", name)
-    stages.run("smplx_fit", name)
-    ingest = ws.artifact_dir("ingest", name)
-    return motion_task.fit_as_motion(ws.artifact_dir("smplx_fit", name), ingest), ingest
+    needed = [*registry.upstream(FIT), FIT]
+    stages.run_steps(registry.layers(needed), name,
+                     external={s: video for s in needed if registry.get(s).external == "video"})
+    ingest = registry.artifact_dir(ws, "ingest", name)
+    return motion_task.fit_as_motion(registry.artifact_dir(ws, "smplx_fit", name), ingest), ingest
 
 
 @flow(name="import-motion", flow_run_name="motion-{identity}", log_prints=False)
 def import_motion(workspace: str, identity: str, motion: str, out: str, clip: str | None = None) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
-    fit_dir = ws.artifact_dir("smplx_fit", identity)
+    fit_dir = registry.artifact_dir(ws, "smplx_fit", identity)
     if not (fit_dir / "manifest.json").is_file():
         raise InputError(f"identity {identity!r} has no smplx_fit yet: run `anchor onboard {identity} --video ...`")
     path = Path(motion)
@@ -50,7 +52,7 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
         ctx = get_run_context()
         stages = StageRunner(ws, str(ctx.flow_run.id), flow="import-motion")  # type: ignore[union-attr]
         loaded, _ = fit_video(ws, stages, path)
-        info["motion_fit"] = ws.rel(ws.artifact_dir("smplx_fit", motion_name(path)))
+        info["motion_fit"] = ws.rel(registry.artifact_dir(ws, "smplx_fit", motion_name(path)))
     else:
         loaded = motion_task.load_file(path, clip)
     ref = motion_task.reference(fit_dir, body_model_path(ws))

@@ -1,6 +1,7 @@
-"""Onboard identities: source → ingest → (keypoints ∥ matting) → smplx_fit → perturb → render_mesh, then record
-the outputs in DVC. `onboard_many` does several identities at once and, if asked, trains them: the shared pretrain
-once, after every identity is preprocessed, then the finetunes."""
+"""Onboard identities: the stages declared for the onboard flow (source → ingest → keypoints ∥ matting → smplx_fit →
+perturb → render_mesh, in the order their inputs give), then the outputs recorded in DVC. `onboard_many` does several
+identities at once and, if asked, trains them: the shared pretrain once, after every identity is preprocessed, then
+the finetunes."""
 
 from __future__ import annotations
 
@@ -11,25 +12,23 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from core.workspace import Workspace, check_identity_name
+from flows.dvc_store import commit_identity
 from flows.execution import concurrently
 from flows.render import stage_summary
 from flows.stage_task import StageRunner
 from flows.train import finetune_identity, pretrain_shared
-from flows.versioning import commit_identity
-
-AFTER_INGEST = (("keypoints", "matting"), ("smplx_fit",), ("perturb",), ("render_mesh",))
+from tasks import registry
 
 
 def preprocess(ws: Workspace, stages: StageRunner, identity: str, video: Path) -> list[str]:
-    """The identity's stages up to render_mesh, then its name in identities.yaml and its outputs in dvc.lock (a
-    name is listed only once it is whole, so a failed onboarding never breaks the shared pretrain)."""
+    """The identity's onboard stages, then its name in identities.yaml and its outputs in dvc.lock (a name is
+    listed only once it is whole, so a failed onboarding never breaks the shared pretrain)."""
     check_identity_name(identity)
-    stages.run("source", identity, external=video)
-    stages.run("ingest", identity)
-    for step in AFTER_INGEST:
-        stages.run_many(list(step), identity)
+    steps = registry.layers(registry.in_flow("onboard"))
+    results = stages.run_steps(steps, identity, external={s: video for s in registry.in_flow("onboard")
+                                                          if registry.get(s).external == "video"})
     ws.register_identity(identity)
-    return commit_identity(ws, identity)
+    return commit_identity(ws, identity, results)
 
 
 def _runner(ws: Workspace, name: str) -> StageRunner:

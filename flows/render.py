@@ -1,4 +1,5 @@
-"""Render one identity driven by one motion: motion → render_body → face → assemble, then copy the video out.
+"""Render one identity driven by one motion: the render flow's stages (motion → render_body → face → assemble, in
+the order their inputs give), then copy the video out.
 
 A render's artifacts live under data/renders/<identity>/<motion key>/, where the key is the content hash of the
 staged motion (its SMPL-X parameters and audio), so the same identity, motion and params render once: a second run
@@ -19,15 +20,16 @@ from core.errors import InputError
 from core.workspace import Workspace, check_identity_name, render_subject, split_render_subject
 from flows.motion import fit_video
 from flows.stage_task import StageRunner
-from tasks import assemble
-from tasks import motion as motion_task
+from tasks import registry
 from tasks.runner import body_model_path
+from tasks.stages import assemble
+from tasks.stages import motion as motion_task
 
 TEST_SUFFIX = ":test"
 
 
 def _require(ws: Workspace, stage: str, identity: str, how: str) -> Path:
-    art = ws.artifact_dir(stage, identity)
+    art = registry.artifact_dir(ws, stage, identity)
     if not (art / "manifest.json").is_file():
         raise InputError(f"identity {identity!r} has no {stage} yet: {how}")
     return art
@@ -41,7 +43,7 @@ def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
     if spec.endswith(TEST_SUFFIX):
         other = check_identity_name(spec[: -len(TEST_SUFFIX)])
         other_fit = _require(ws, "smplx_fit", other, f"run `anchor onboard {other} --video ...`")
-        other_ingest = ws.artifact_dir("ingest", other)
+        other_ingest = registry.artifact_dir(ws, "ingest", other)
         audio = other_ingest / "audio.wav"
         if other == identity:
             blocks, start = motion_task.held_out(fit, other_ingest)  # its own fit: no retargeting
@@ -84,15 +86,27 @@ def render_stages(ws: Workspace, stages: StageRunner, identity: str, motion: str
     return subject, render_staged(stages, subject, staged, seed, face)
 
 
+def render_overrides(seed: int | None = None, face: bool | None = None) -> dict[str, dict[str, Any]]:
+    """`--seed` for every render stage with a seed, `--no-face` for the face stage: per-run params overrides."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in registry.in_flow("render"):
+        fields = getattr(registry.get(name).params, "model_fields", {})
+        if seed is not None and "seed" in fields:
+            out.setdefault(name, {})["seed"] = seed
+        if face is not None and "enabled" in fields and name == "face":
+            out.setdefault(name, {})["enabled"] = face
+    return out
+
+
 def render_staged(stages: StageRunner, subject: str, staged: Path, seed: int | None = None,
                   face: bool | None = None) -> dict[str, Any]:
     """The render stages of one subject from its staged motion; `seed`/`face` override the params for this render
-    (None: as params.yaml says). Returns assemble's result."""
-    seeded = {"seed": seed} if seed is not None else {}
-    stages.run("motion", subject, external=staged)
-    stages.run("render_body", subject, overrides=seeded)
-    stages.run("face", subject, overrides={**seeded, **({"enabled": face} if face is not None else {})})
-    return stages.run("assemble", subject)
+    (None: as params.yaml says). Returns the result of the stage that makes the video."""
+    names = registry.in_flow("render")
+    results = stages.run_steps(registry.layers(names), subject,
+                               external={s: staged for s in names if registry.get(s).external == "motion"},
+                               overrides=render_overrides(seed, face))
+    return results[assemble.STAGE.name]
 
 
 def stage_summary(stages: StageRunner, qualified: bool = False) -> dict[str, dict[str, Any]]:

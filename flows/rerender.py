@@ -25,16 +25,17 @@ from flows.execution import concurrently
 from flows.render import render_staged
 from flows.stage_task import StageRunner
 from flows.versions import renders
-from tasks import motion as motion_task
+from tasks import registry
+from tasks.stages import motion as motion_task
 
 SCHEDULES_FILE = "schedules.yaml"
 
 
 def _choices(ws: Workspace, subject: str) -> tuple[int | None, bool | None]:
     """The seed and face choice the render was made with, as overrides when they differ from params.yaml."""
-    params = ws.params()
-    body = (read_manifest(ws.artifact_dir("render_body", subject)) or {}).get("params") or {}
-    face = (read_manifest(ws.artifact_dir("face", subject)) or {}).get("params") or {}
+    params = registry.params(ws)
+    body = (read_manifest(registry.artifact_dir(ws, "render_body", subject)) or {}).get("params") or {}
+    face = (read_manifest(registry.artifact_dir(ws, "face", subject)) or {}).get("params") or {}
     seed = body.get("seed")
     enabled = face.get("enabled")
     return (seed if seed is not None and seed != params.render_body.seed else None,
@@ -42,7 +43,7 @@ def _choices(ws: Workspace, subject: str) -> tuple[int | None, bool | None]:
 
 
 def rerender_one(ws: Workspace, stages: StageRunner, subject: str) -> dict[str, Any]:
-    staged = motion_task.restage(ws.artifact_dir("motion", subject), ws.state / "motions")
+    staged = motion_task.restage(registry.artifact_dir(ws, "motion", subject), ws.state / "motions")
     seed, face = _choices(ws, subject)
     return render_staged(stages, subject, staged, seed, face)
 

@@ -58,7 +58,7 @@ class StageRunner:
         self.flow = flow
         # cache records live in the workspace's state directory, so workspaces never share a cache
         policy = ContentHashPolicy().configure(key_storage=str(ws.state / "prefect-cache"))
-        p = ws.params().execution
+        p = registry.params(ws).execution
         self.task = stage_task.with_options(cache_policy=policy, retries=p.retries,
                                             retry_delay_seconds=p.retry_delay_s,
                                             retry_condition_fn=execution.retry_transient)
@@ -76,6 +76,15 @@ class StageRunner:
     def run(self, stage: str, identity: str, external: Path | None = None,
             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.run_many([stage], identity, {stage: external}, {stage: overrides or {}})[stage]
+
+    def run_steps(self, steps: list[list[str]], owner: str, external: dict[str, Path | None] | None = None,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """Steps in order, the stages of a step at once (`registry.layers` makes the steps)."""
+        out: dict[str, dict[str, Any]] = {}
+        for step in steps:
+            out.update(self.run_many(step, owner, {s: (external or {}).get(s) for s in step},
+                                     {s: (overrides or {}).get(s) or {} for s in step}))
+        return out
 
     def run_many(self, stages: list[str], identity: str, external: dict[str, Path | None] | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -118,6 +127,7 @@ class StageRunner:
             if isinstance(exc, BaseException):
                 raise exc
             raise AnchorError(f"{stage} of {identity!r}: {message}")
+        cached = cached or bool(result.get("reused"))
         runner.record(self.ws, run_id=self.run_id, flow=self.flow, stage=stage, identity=identity,
                       status="completed", cache_hit=cached, result=result, started_at=started[0],
                       duration_s=round(time.perf_counter() - started[1], 3) if cached else None)

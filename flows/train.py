@@ -9,12 +9,13 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from core.workspace import SHARED, Workspace
+from flows.dvc_store import commit_identity, commit_shared
 from flows.evaluate import evaluation
 from flows.render import stage_summary
 from flows.stage_task import StageRunner
-from flows.versioning import commit_identity, commit_shared
 from flows.versions import record_version
-from tasks.report import HTML as REPORT_HTML
+from tasks import registry
+from tasks.stages.report import HTML as REPORT_HTML
 
 
 def _runner(ws: Workspace, name: str) -> StageRunner:
@@ -23,13 +24,15 @@ def _runner(ws: Workspace, name: str) -> StageRunner:
 
 
 def pretrain_shared(ws: Workspace, stages: StageRunner) -> list[str]:
-    stages.run("pretrain", SHARED)
-    return commit_shared(ws, "pretrain")
+    """The pretrain flow's stages (shared: built once from every identity)."""
+    names = registry.in_flow("pretrain")
+    stages.run_steps(registry.layers(names), SHARED)
+    return [t for name in names for t in commit_shared(ws, name)]
 
 
 def finetune_identity(ws: Workspace, stages: StageRunner, identity: str, evaluate: bool = True) -> dict[str, Any]:
     """finetune → (held-out render, metrics, report) → dvc.lock → a version number for the new weights."""
-    stages.run("finetune", identity)
+    stages.run_steps(registry.layers(registry.in_flow("finetune")), identity)
     report = evaluation(ws, stages, identity) if evaluate else None
     out: dict[str, Any] = {"dvc": commit_identity(ws, identity), "version": record_version(ws, identity,
                                                                                            stages.run_id)}

@@ -16,11 +16,14 @@ import yaml
 from core import ledger
 from core.artifacts import code_version, host, now_iso, read_manifest, write_text
 from core.workspace import Workspace, render_subject
-from flows.versioning import source_target
-from tasks import report
+from flows.dvc_store import source_target
+from tasks import registry
+from tasks.stages import report
 
 VERSIONS_FILE = "versions.yaml"
-RENDER_STAGES = ("render_body", "face", "assemble")
+MODEL_STAGE = "finetune"  # each distinct output of this stage is a version of the identity's model
+# a render's stages whose params can go stale (the motion stage has none: its content names the render)
+RENDER_STAGES = tuple(s for s in registry.in_flow("render") if registry.get(s).params is not None)
 PER_RUN = ("seed", "enabled")  # `anchor render --seed/--no-face` choices, not params that went stale
 
 
@@ -30,11 +33,17 @@ def versions(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
 
 
 def current_model(ws: Workspace, identity: str) -> str | None:
-    return (read_manifest(ws.artifact_dir("finetune", identity)) or {}).get("output_hash")
+    return (read_manifest(registry.artifact_dir(ws, MODEL_STAGE, identity)) or {}).get("output_hash")
 
 
 def version_of(table: dict[str, list[dict[str, Any]]], identity: str, model_hash: str | None) -> int | None:
     return next((v["version"] for v in table.get(identity, []) if v["finetune"] == model_hash), None)
+
+
+def record_if_model(ws: Workspace, stage: str, identity: str, run_id: str, commit: bool = True
+                    ) -> dict[str, Any] | None:
+    """A version for the identity's model when `stage` made it (however it ran); None for any other stage."""
+    return record_version(ws, identity, run_id, commit) if stage == MODEL_STAGE else None
 
 
 def record_version(ws: Workspace, identity: str, run_id: str, commit: bool = True) -> dict[str, Any]:
@@ -90,13 +99,13 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
     """Every render of the identity with why it is stale (older model version, older params), if it is."""
     root = ws.data / "renders" / identity
     model = current_model(ws, identity)
-    params = ws.params()
+    params = registry.params(ws)
     table = versions(ws)
     out = []
     for motion_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []:
         subject = render_subject(identity, motion_dir.name)
-        manifests = {s: read_manifest(ws.artifact_dir(s, subject)) for s in RENDER_STAGES}
+        manifests = {s: read_manifest(registry.artifact_dir(ws, s, subject)) for s in RENDER_STAGES}
         body = manifests["render_body"]
         if body is None:
             continue
@@ -115,7 +124,7 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
         out.append({"identity": identity, "motion_key": motion_dir.name, "subject": subject,
                     "model_version": version_of(table, identity, made_by), "stale": bool(reasons), "why": reasons,
                     "finished_at": assemble.get("finished_at") or body.get("finished_at"),
-                    "motion": ((read_manifest(ws.artifact_dir("motion", subject)) or {}).get("summary") or {})})
+                    "motion": (read_manifest(registry.artifact_dir(ws, "motion", subject)) or {}).get("summary") or {}})
     return out
 
 
@@ -134,14 +143,14 @@ def status(ws: Workspace, identity: str | None = None) -> list[dict[str, Any]]:
         model = current_model(ws, name)
         out.append({
             "identity": name,
-            "onboarded": (read_manifest(ws.artifact_dir("render_mesh", name)) is not None),
+            "onboarded": (read_manifest(registry.artifact_dir(ws, "render_mesh", name)) is not None),
             "versions": table.get(name, []),
             "current_version": version_of(table, name, model),
             "current_model": model,
             "last_run": None if last is None else {"flow": last["flow"], "stage": last["stage"],
                                                    "status": last["status"], "at": last["started_at"]},
             "renders": renders(ws, name),
-            "report": str(ws.artifact_dir("report", name) / report.HTML)
-            if read_manifest(ws.artifact_dir("report", name)) else None,
+            "report": str(registry.artifact_dir(ws, "report", name) / report.HTML)
+            if read_manifest(registry.artifact_dir(ws, "report", name)) else None,
         })
     return out

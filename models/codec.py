@@ -11,7 +11,7 @@ budget. Both jobs have exact, weight-free answers:
   end to end like every other weight.
 
 Both are diffusers `ModelMixin`/`ConfigMixin` models, saved and read with `save_pretrained`/`from_pretrained` like
-the real parts, and the loaders in `models.base` pick the class from the saved config.
+the real parts, and the loaders in `models.parts` pick the class from the saved config.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ weights, J_regressor, shape and expression directions (300 + 100), pose correcti
 and the 79×17 dynamic contour table — so `smplx.create` loads it like the real thing, and every vertex id smplx
 uses for extra joints (nose, eyes, ears, fingertips, toes, heels) sits where its name says.
 
-Geometry is built from Winter's segment proportions (DESIGN §10) for a 1.70 m neutral adult in a T-pose, SMPL-X
-coordinates (y up, x to the person's left, z forward). Every joint owns a small sphere whose vertex mean *is* the
-joint, so J_regressor stays exact under any shape. Shape and expression directions are the generator's own
-derivatives with respect to named dimensions (height, girth, limb lengths…; mouth, brows…), so they are linear
-blend shapes by construction. Pose correctives are zero: rigid parts meeting at ball joints need none.
+Geometry is built from Winter's segment proportions (Biomechanics and Motor Control of Human Movement) for a 1.70 m
+neutral adult in a T-pose, SMPL-X coordinates (y up, x to the person's left, z forward). Every joint owns a small
+sphere whose vertex mean *is* the joint, so J_regressor stays exact under any shape. Shape and expression directions
+are the generator's own derivatives with respect to named dimensions (height, girth, limb lengths…; mouth, brows…),
+so they are linear blend shapes by construction. Pose correctives are zero: rigid parts meeting at ball joints need
+none.
 
 Deterministic: the same code gives the same bytes (no randomness but a fixed-seed completion of the hand PCA).
 """

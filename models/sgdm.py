@@ -52,6 +52,8 @@ class SGDM(nn.Module):
         path = Path(path)
         self.unet.save_pretrained(path / "unet")
         self.controlnet.save_pretrained(path / "controlnet")
+        for part in ("unet", "controlnet"):
+            _drop_origin(path / part / "config.json")
         save_file({k: v.contiguous() for k, v in self.image_proj.state_dict().items()}, str(path / PROJ_FILE))
         (path / CONFIG_FILE).write_text(json.dumps({"token_dim": self.token_dim, "inpaint": self.inpaint}) + "\n")
 
@@ -117,6 +119,14 @@ class SGDM(nn.Module):
                                     return_dict=False)
         return self.unet(sample, timestep, encoder_hidden_states=tokens, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
+
+
+def _drop_origin(config: Path) -> None:
+    """diffusers records where a model was loaded from (`_name_or_path`); a checkpoint's bytes must not depend on
+    the folder its parent sat in, or the same training in two workspaces would give two model versions."""
+    data = json.loads(config.read_text())
+    if data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _pass_through(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:

@@ -1,100 +1,181 @@
-"""The stage registry: the one source of truth for the DAG. dvc.yaml and the Prefect flows are built from it."""
+"""The stage registry: every `STAGE` declared in tasks/stages/, in the order their inputs give.
+
+It is the one source of truth for the DAG: dvc.yaml is generated from it, the flows run its stages in its order,
+params.yaml's model is assembled from the sections the stages declare, and the CLI lists and describes it.
+"""
 
 from __future__ import annotations
 
-from core.errors import InputError
-from core.registry import StageSpec
+import dataclasses
+import importlib
+import pkgutil
+import threading
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
-_TRAINING = ("tasks.training", "tasks.training_data", "tasks.base_models", "models.sgdm", "models.base",
-             "models.pipeline", "models.codec")
+from core import params as core_params
+from core.errors import InputError, StageError
+from core.params import Params
+from core.section import Section
+from core.stage import Stage
+from core.workspace import Workspace
+from tasks import stages as stages_package
 
-STAGES: dict[str, StageSpec] = {
-    spec.name: spec
-    for spec in (
-        StageSpec("source", "tasks.source", external_input="video", in_dvc=False, helpers=("tasks.video",),
-                  description="the video as given, copied in and hashed (tracked with `dvc add`)"),
-        StageSpec("ingest", "tasks.ingest", inputs=("source",), params="ingest",
-                  helpers=("tasks.video", "tasks.frames", "tasks.workers"),
-                  description="constant 30 fps, stable square crop, clips, train/test split, audio"),
-        StageSpec("keypoints", "tasks.keypoints", resource="cpu",
-                  inputs=("ingest",), params="keypoints",
-                  helpers=("tasks.frames", "tasks.workers"),
-                  description="MediaPipe Holistic body 33, hands 2x21, face 478 per frame (Parquet)"),
-        StageSpec("matting", "tasks.matting", resource="cpu",
-                  inputs=("ingest",), params="matting",
-                  helpers=("tasks.frames", "tasks.workers"), weight_params=("rvm_weights",),
-                  description="temporally smoothed alpha and foreground on black"),
-        StageSpec("smplx_fit", "tasks.smplx_fit", resource="cpu",
-                  inputs=("ingest", "keypoints"), params="smplx_fit", body_model=True,
-                  helpers=("models.body", "models.fitting", "tasks.smplx_table"),
-                  description="SMPL-X fitted to the keypoints of every clip at once: one shape, one camera"),
-        StageSpec("perturb", "tasks.perturb", inputs=("smplx_fit",), params="perturb",
-                  helpers=("tasks.smplx_table",),
-                  description="training augmentation: per-frame position (and pose) noise, seeded"),
-        StageSpec("render_mesh", "tasks.render_mesh", inputs=("smplx_fit", "perturb"), params="render_mesh",
-                  body_model=True, helpers=("models.body", "models.render", "models.face_align", "tasks.smplx_table"),
-                  description="mesh condition images, aligned face crops, face transforms and masks"),
-        StageSpec("pretrain", "tasks.pretrain", resource="gpu",
-                  inputs=("ingest", "matting", "render_mesh"), params="pretrain",
-                  shared=True, extra_params=("models",), base_models=True, helpers=_TRAINING,
-                  description="stage 1: body and face SGDMs on every identity's foreground frames (motion frozen)"),
-        StageSpec("finetune", "tasks.finetune", resource="gpu",
-                  inputs=("ingest", "render_mesh", "pretrain"), params="finetune",
-                  extra_params=("models",), base_models=True, helpers=_TRAINING,
-                  description="stage 2: the identity's own body and face SGDMs from the pretrained ones"),
-        # A render: one identity driven by one motion; owned by `<identity>/<motion key>` (data/renders/...).
-        StageSpec("motion", "tasks.motion", external_input="motion", in_dvc=False, render=True,
-                  helpers=("tasks.smplx_table",),
-                  description="the motion a render follows (SMPL-X per frame, fitted to the identity) and its audio"),
-        StageSpec("render_body", "tasks.render_body", resource="gpu",
-                  inputs=("motion", "finetune", "smplx_fit", "ingest"),
-                  params="render_body", in_dvc=False, render=True, body_model=True, base_models=True,
-                  extra_params=("models", "render_mesh"),
-                  helpers=(*_TRAINING, "models.overlap", "models.body", "models.render", "tasks.render_mesh",
-                           "tasks.frames"),
-                  description="batch-overlapped temporal denoising over the whole motion (Algorithm 1)"),
-        StageSpec("face", "tasks.face", resource="gpu",
-                  inputs=("motion", "render_body", "finetune", "smplx_fit", "ingest", "render_mesh"),
-                  params="face", in_dvc=False, render=True, body_model=True, base_models=True,
-                  extra_params=("models", "render_mesh"),
-                  helpers=(*_TRAINING, "models.overlap", "models.body", "models.render", "models.face_align",
-                           "tasks.render_mesh", "tasks.render_body", "tasks.frames"),
-                  description="face crop → Face SGDM inpainting → feathered blend; hidden faces pass through"),
-        StageSpec("assemble", "tasks.assemble", inputs=("motion", "render_body", "face"), params="assemble",
-                  in_dvc=False, render=True, helpers=("tasks.motion", "tasks.face", "tasks.frames"),
-                  description="H.264 mp4 at 30 fps with the driving audio; render.json says what shaped it"),
-        StageSpec("metrics", "tasks.metrics", resource="gpu",
-                  inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"),
-                  params="metrics", in_dvc=False, render=True, weight_params=("inception_weights", "i3d_weights"),
-                  helpers=("models.fid", "models.fvd", "models.scores", "tasks.keypoints", "tasks.face",
-                           "tasks.frames"),
-                  description="FID, FVD, landmark distance face/body/hand, flicker against the real frames"),
-        # An identity's report: reads its artifacts and the render of its own held-out clips (`anchor evaluate`).
-        StageSpec("report", "tasks.report",
-                  inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh",
-                          "finetune"),
-                  params="report", external_input="evaluation", body_model=True,
-                  extra_params=("models", "render_mesh", "render_body", "face", "assemble", "metrics"),
-                  command="anchor evaluate {item}", dvc_outs=("report.html", "manifest.json"),
-                  dvc_metrics=("metrics.json",), dvc_plots=("contact_sheet.png", "plots"),
-                  helpers=("tasks.metrics", "tasks.face", "tasks.render_body", "tasks.frames", "tasks.keypoints",
-                           "tasks.motion", "tasks.training", "core.ledger"),
-                  description="the identity's HTML report: held-out renders scored, fit, detection, time per stage"),
-    )
-}
+FLOWS = ("onboard", "pretrain", "finetune", "render", "evaluate")  # the order the flows run in a stage's life
 
 
-def get(name: str) -> StageSpec:
+def _collect() -> dict[str, Stage]:
+    found: dict[str, Stage] = {}
+    for info in sorted(pkgutil.iter_modules(stages_package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{stages_package.__name__}.{info.name}")
+        declared = getattr(module, "STAGE", None)
+        if not isinstance(declared, Stage):
+            raise TypeError(f"{module.__name__}: a stage module declares `STAGE = Stage(...)`")
+        if declared.name in found:
+            raise TypeError(f"stage {declared.name!r} is declared twice ({found[declared.name].module}, "
+                            f"{module.__name__})")
+        if declared.flow not in FLOWS:
+            raise TypeError(f"{module.__name__}: flow {declared.flow!r} is not one of {', '.join(FLOWS)}")
+        found[declared.name] = dataclasses.replace(declared, module=module.__name__)
+    return _ordered(found)
+
+
+def _ordered(stages: dict[str, Stage]) -> dict[str, Stage]:
+    """Topological order of the inputs; among stages ready together, the earlier flow, then the name."""
+    for stage in stages.values():
+        unknown = [i for i in stage.inputs if i not in stages]
+        if unknown:
+            raise TypeError(f"{stage.module}: unknown input stage(s) {', '.join(unknown)}")
+    done: dict[str, Stage] = {}
+    while len(done) < len(stages):
+        ready = [s for s in stages.values() if s.name not in done and all(i in done for i in s.inputs)]
+        if not ready:
+            raise TypeError(f"stage inputs form a cycle among {', '.join(sorted(set(stages) - set(done)))}")
+        first = min(ready, key=lambda s: (FLOWS.index(s.flow), s.name))
+        done[first.name] = first
+    return done
+
+
+STAGES: dict[str, Stage] = _collect()
+
+
+def get(name: str) -> Stage:
     try:
         return STAGES[name]
     except KeyError:
         raise InputError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
 
 
+def module_of(stage: Stage) -> ModuleType:
+    return importlib.import_module(stage.module)
+
+
 def downstream(name: str) -> list[str]:
     """Stages that depend on `name`, directly or not, in registry order."""
     hit = {name}
-    for spec in STAGES.values():
-        if hit.intersection(spec.inputs):
-            hit.add(spec.name)
+    for stage in STAGES.values():
+        if hit.intersection(stage.inputs):
+            hit.add(stage.name)
     return [s for s in STAGES if s in hit and s != name]
+
+
+def upstream(name: str) -> list[str]:
+    """Stages `name` depends on, directly or not, in registry order."""
+    need, todo = set(), list(get(name).inputs)
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo.extend(get(n).inputs)
+    return [s for s in STAGES if s in need]
+
+
+def layers(names: list[str]) -> list[list[str]]:
+    """`names` in steps: each step's stages need only stages of earlier steps (or none of `names`), so a flow runs
+    a step's stages at once."""
+    todo = [n for n in STAGES if n in names]
+    out: list[list[str]] = []
+    placed: set[str] = set()
+    while todo:
+        step = [n for n in todo if all(i in placed or i not in names for i in get(n).inputs)]
+        out.append(step)
+        placed.update(step)
+        todo = [n for n in todo if n not in placed]
+    return out
+
+
+def in_flow(flow: str) -> list[str]:
+    return [s.name for s in STAGES.values() if s.flow == flow]
+
+
+def artifact_dir(ws: Workspace, stage: str, owner: str) -> Path:
+    return ws.artifact_dir(stage, owner, get(stage).home)
+
+
+# ------------------------------------------------------------------------------------------------------ params
+def _file_order() -> list[tuple[str, type[Section]]]:
+    """Sections in params.yaml's order: storage and execution, then each stage's after the shared sections it is
+    the first to read."""
+    order: list[tuple[str, type[Section]]] = [(n, core_params.COMMON[n]) for n in core_params.HEAD]
+    placed = set(core_params.HEAD)
+    for stage in STAGES.values():
+        for name in (*stage.reads, *(("body_model",) if stage.body_model else ())):
+            if name in core_params.COMMON and name not in placed:
+                order.append((name, core_params.COMMON[name]))
+                placed.add(name)
+        if stage.params is not None:
+            order.append((stage.name, stage.params))
+            placed.add(stage.name)
+    order += [(n, cls) for n, cls in core_params.COMMON.items() if n not in placed]
+    return order
+
+
+PARAMS: type[Params] = core_params.params_model(_file_order())
+_LOADED: dict[Path, tuple[tuple[int, int], Params]] = {}
+_LOCK = threading.Lock()
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    return core_params.parse_params(data, PARAMS, source)
+
+
+def default_params_yaml() -> str:
+    return core_params.default_params_yaml(PARAMS)
+
+
+def params(ws: Workspace) -> Params:
+    """The workspace's params.yaml, validated; read again whenever the file changes."""
+    path = ws.params_path
+    try:
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return core_params.load_params(path, PARAMS)  # raises the one-line "not found"
+    with _LOCK:
+        hit = _LOADED.get(path)
+        if hit and hit[0] == stamp:
+            return hit[1]
+    loaded = core_params.load_params(path, PARAMS)
+    with _LOCK:
+        _LOADED[path] = (stamp, loaded)
+    return loaded
+
+
+def section(ws: Workspace, stage: Stage, overrides: dict[str, Any] | None = None) -> Section | None:
+    """The stage's params section, with per-run `overrides` (e.g. `anchor render --seed`) validated like the file."""
+    if stage.section is None:
+        return None
+    value = params(ws).section(stage.section)
+    if overrides:
+        try:
+            value = type(value).model_validate({**value.model_dump(), **overrides})
+        except ValueError as exc:
+            raise StageError(f"{stage.section}: invalid override {overrides}: {exc}") from None
+    return value
+
+
+def settings(ws: Workspace, stage: Stage) -> SimpleNamespace:
+    """What a stage may read of params.yaml beyond its own section: the profile and the sections it declares."""
+    p = params(ws)
+    return SimpleNamespace(profile=p.profile, **{name: p.section(name) for name in stage.reads})

@@ -1,11 +1,13 @@
-"""Runs one stage for one identity under the stage contract (DESIGN §4), with no orchestrator involved.
+"""Runs one stage for one owner under the stage contract, with no orchestrator involved.
 
-Both the Prefect flows and `dvc repro` (through `anchor stage run`) come here, so they produce the same artifacts.
+The contract (docs/architecture.md): a stage is a function of its input artifacts and its params section, writing
+one artifact directory atomically with a manifest; its cache key is hash(stage code, params section, input content
+hashes). Both the Prefect flows and `dvc repro` (through `anchor stage run`) come here, so they produce the same
+artifacts. An artifact already made under the same cache key, and still matching its manifest, is taken as it is.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import time
@@ -30,12 +32,12 @@ from core.artifacts import (
 from core.errors import StageError
 from core.hashing import MANIFEST, hash_obj, hash_tree, sha256_file
 from core.monitor import PeakRSS
-from core.params import Section
 from core.progress import NullProgress, Progress
-from core.registry import StageSpec
+from core.section import Section
+from core.stage import Stage
 from core.workspace import SHARED, Workspace, check_identity_name, split_render_subject
-from models.base import BasePaths
-from tasks import base_models, body_model, registry
+from models.parts import BasePaths
+from tasks import base_weights, body_file, registry
 
 
 @dataclass
@@ -51,26 +53,10 @@ class StageResult:
     duration_s: float = 0.0
     peak_rss_mb: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False  # an artifact made earlier under the same cache key, verified, taken as it is
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def module_of(spec: StageSpec) -> Any:
-    return importlib.import_module(spec.module)
-
-
-def _section(ws: Workspace, spec: StageSpec, overrides: dict[str, Any] | None = None) -> Section | None:
-    """The stage's params section, with per-run `overrides` (e.g. `anchor render --seed`) validated like the file."""
-    if not spec.params:
-        return None
-    section = ws.params().section(spec.params)
-    if overrides:
-        try:
-            section = type(section).model_validate({**section.model_dump(), **overrides})
-        except ValueError as exc:
-            raise StageError(f"{spec.params}: invalid override {overrides}: {exc}") from None
-    return section
 
 
 def resolve_path(ws: Workspace, value: str) -> Path:
@@ -79,14 +65,14 @@ def resolve_path(ws: Workspace, value: str) -> Path:
 
 
 def base_paths(ws: Workspace) -> BasePaths:
-    return base_models.resolve(ws.params(), ws.root, ws.state / "base_models")
+    return base_weights.resolve(registry.params(ws), ws.root, ws.state / "base_models")
 
 
 def body_model_path(ws: Workspace) -> Path:
-    return body_model.resolve(ws.params().body_model, ws.root, ws.state / "body_models")
+    return body_file.resolve(registry.params(ws).body_model, ws.root, ws.state / "body_models")
 
 
-def input_dirs(ws: Workspace, spec: StageSpec, identity: str) -> dict[str, tuple[str, str, Path]]:
+def input_dirs(ws: Workspace, spec: Stage, identity: str) -> dict[str, tuple[str, str, Path]]:
     """Upstream artifacts by input key: (stage, owner, directory). A shared stage reads its inputs from every
     identity (keys `stage@identity`); an identity's stage reads shared inputs from data/checkpoints."""
     out: dict[str, tuple[str, str, Path]] = {}
@@ -96,7 +82,7 @@ def input_dirs(ws: Workspace, spec: StageSpec, identity: str) -> dict[str, tuple
             raise StageError(f"{spec.name} needs at least one onboarded identity (identities.yaml is empty)")
         for ident in names:
             for name in spec.inputs:
-                out[f"{name}@{ident}"] = (name, ident, ws.artifact_dir(name, ident))
+                out[f"{name}@{ident}"] = (name, ident, registry.artifact_dir(ws, name, ident))
         return out
     render = split_render_subject(identity) if spec.render else None
     for name in spec.inputs:
@@ -107,16 +93,16 @@ def input_dirs(ws: Workspace, spec: StageSpec, identity: str) -> dict[str, tuple
             owner = render[0]  # a render reads its identity's models and fit
         else:
             owner = identity
-        out[name] = (name, owner, ws.artifact_dir(name, owner))
+        out[name] = (name, owner, registry.artifact_dir(ws, name, owner))
     return out
 
 
-def extra_params_digest(ws: Workspace, spec: StageSpec) -> str:
-    params = ws.params()
-    return hash_obj({"profile": params.profile, **{n: params.section(n).digest() for n in spec.extra_params}})
+def reads_digest(ws: Workspace, spec: Stage) -> str:
+    params = registry.params(ws)
+    return hash_obj({"profile": params.profile, **{n: params.section(n).digest() for n in spec.reads}})
 
 
-def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path | None = None,
+def input_hashes(ws: Workspace, spec: Stage, identity: str, external: Path | None = None,
                  check: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, str]:
     """Content hashes of everything the stage reads; with `check`, each upstream artifact is re-hashed first."""
     hashes: dict[str, str] = {}
@@ -131,34 +117,34 @@ def input_hashes(ws: Workspace, spec: StageSpec, identity: str, external: Path |
             raise StageError(f"{spec.name} of {identity!r}: input {ws.rel(art)} does not match its manifest "
                              f"(changed or damaged); rerun {name}")
         hashes[key] = manifest["output_hash"]
-    if spec.extra_params:
-        hashes["params:" + "+".join(("profile", *spec.extra_params))] = extra_params_digest(ws, spec)
-    section = _section(ws, spec, overrides)
-    for param in spec.weight_params:
+    if spec.reads:
+        hashes["params:" + "+".join(("profile", *spec.reads))] = reads_digest(ws, spec)
+    section = registry.section(ws, spec, overrides)
+    for param in spec.weights:
         value = getattr(section, param, None)
         if value:
             path = resolve_path(ws, value)
             if not path.is_file():
-                raise StageError(f"{spec.params}.{param}: no such file: {path}")
+                raise StageError(f"{spec.section}.{param}: no such file: {path}")
             hashes[param] = sha256_file(path)
     if spec.body_model:
         hashes["body_model"] = sha256_file(body_model_path(ws))
-    if spec.base_models:
-        hashes["base_models"] = base_models.fingerprint(base_paths(ws))
-    if spec.external_input:
+    if spec.base_weights:
+        hashes["base_models"] = base_weights.fingerprint(base_paths(ws))
+    if spec.external:
         if external is None:
-            raise StageError(f"stage {spec.name} needs --{spec.external_input}")
-        hashes[spec.external_input] = hash_tree(external) if external.is_dir() else sha256_file(external)
+            raise StageError(f"stage {spec.name} needs --{spec.external}")
+        hashes[spec.external] = hash_tree(external) if external.is_dir() else sha256_file(external)
     return hashes
 
 
-def cache_key(ws: Workspace, spec: StageSpec, identity: str, hashes: dict[str, str],
+def cache_key(ws: Workspace, spec: Stage, identity: str, hashes: dict[str, str],
               overrides: dict[str, Any] | None = None) -> str:
-    section = _section(ws, spec, overrides)
+    section = registry.section(ws, spec, overrides)
     return spec.cache_key(identity, section.digest() if section else None, hashes)
 
 
-def check_owner(spec: StageSpec, identity: str) -> str:
+def check_owner(spec: Stage, identity: str) -> str:
     """The artifact owner the stage takes: the shared owner, a render subject, or an identity name."""
     if spec.shared:
         if identity not in (SHARED, ""):
@@ -177,37 +163,35 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
     `overrides` replace values of the stage's params section for this run (and its cache key)."""
     spec = registry.get(stage)
     identity = check_owner(spec, identity)
-    section = _section(ws, spec, overrides)
+    section = registry.section(ws, spec, overrides)
     params_hash = section.digest() if section else None
     hashes = input_hashes(ws, spec, identity, external, overrides=overrides)
     key = spec.cache_key(identity, params_hash, hashes)
-    target = ws.artifact_dir(stage, identity)
+    target = registry.artifact_dir(ws, stage, identity)
     lock = FileLock(ws.state / "locks" / f"{stage}@{identity.replace('/', '@')}.lock")
-    waited = False
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        wait = ws.params().storage.lock_wait_s
+        wait = registry.params(ws).storage.lock_wait_s
         (progress or NullProgress()).start(f"{stage}: waiting for another run writing {ws.rel(target)}", 0)
         try:
             lock.acquire(timeout=wait)
         except Timeout:
             raise StageError(f"{stage} of {identity!r}: another run is writing {ws.rel(target)} (waited {wait:g} s, "
                              f"storage.lock_wait_s); run again when it has finished") from None
-        waited = True
     try:
-        done = read_manifest(target) if waited else None
+        done = read_manifest(target)
         if done and done.get("cache_key") == key and verify(target):
-            # the other run made exactly this artifact while we waited: take it
+            # made under this very cache key (earlier, by `dvc repro`, or by another run while we waited): take it
             return StageResult(stage, identity, ws.rel(target), done["output_hash"], key, params_hash, hashes,
                                done.get("started_at", ""), done.get("duration_s", 0.0), done.get("peak_rss_mb", 0.0),
-                               done.get("summary") or {})
+                               done.get("summary") or {}, reused=True)
         return _execute_locked(ws, spec, identity, target, section, params_hash, hashes, key, external, progress)
     finally:
         lock.release()
 
 
-def _execute_locked(ws: Workspace, spec: StageSpec, identity: str, target: Path, section: Section | None,
+def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, section: Section | None,
                     params_hash: str | None, hashes: dict[str, str], key: str, external: Path | None,
                     progress: Progress | None) -> StageResult:
     """One writer per artifact (the caller holds its lock), so sweeping leftovers never hits a live run's work."""
@@ -215,50 +199,56 @@ def _execute_locked(ws: Workspace, spec: StageSpec, identity: str, target: Path,
     sweep_partials(target.parent, target.name)
 
     dirs = input_dirs(ws, spec, identity)
-    inputs: dict[str, Path] = {key: art for key, (_, _, art) in dirs.items()}
-    for param in spec.weight_params:
+    inputs: dict[str, Any] = {}
+    for input_key, (name, owner, art) in dirs.items():
+        if spec.shared:
+            inputs.setdefault(owner, {})[name] = art  # a shared stage reads each identity's artifacts
+        else:
+            inputs[input_key] = art
+    files: dict[str, Path] = {}
+    for param in spec.weights:
         value = getattr(section, param, None)
         if value:
-            inputs[param] = resolve_path(ws, value)
+            files[param] = resolve_path(ws, value)
     if spec.body_model:
-        inputs["body_model"] = body_model_path(ws)
-    kwargs: dict[str, Any] = {spec.external_input: external} if spec.external_input else {}
-    if spec.extra_params:
-        kwargs["settings"] = ws.params()
-    if spec.base_models:
+        files["body_model"] = body_model_path(ws)
+    inputs.update(files)
+    kwargs: dict[str, Any] = {spec.external: external} if spec.external else {}
+    if spec.reads:
+        kwargs["settings"] = registry.settings(ws, spec)
+    if spec.base_weights:
         kwargs["base"] = base_paths(ws)
-    if getattr(module_of(spec), "READS_LEDGER", False):
-        kwargs["ledger_dir"] = ws.ledger_dir  # a report shows how long the runs that made its inputs took
-    if getattr(module_of(spec), "RESUMABLE", False):
+    if spec.resumable:
         # partial work (e.g. training state) survives a kill under the cache key, outside the atomic artifact
         kwargs["scratch"] = ws.state / "scratch" / stage / identity / key[:16]
-    module = module_of(spec)
+    module = registry.module_of(spec)
 
     started, t0 = now_iso(), time.perf_counter()
     with PeakRSS() as mem, atomic_dir(target) as tmp:
         summary = module.run(inputs, tmp, section, progress or NullProgress(), **kwargs) or {}
+        _check_outputs(spec, tmp)
         output_hash = hash_tree(tmp)
         manifest_inputs: list[dict[str, Any]] = [
             {"stage": name, "identity": owner, "path": ws.rel(art), "output_hash": hashes[key]}
             for key, (name, owner, art) in dirs.items()]
-        manifest_inputs += [{"kind": "weights", "param": f"{spec.params}.{p}", "path": str(inputs[p]),
-                             "sha256": hashes[p]} for p in spec.weight_params if p in inputs]
-        if spec.base_models:
+        manifest_inputs += [{"kind": "weights", "param": f"{spec.section}.{p}", "path": str(files[p]),
+                             "sha256": hashes[p]} for p in spec.weights if p in files]
+        if spec.base_weights:
             manifest_inputs.append({"kind": "base_models", "hash": hashes["base_models"],
                                     "paths": {k: str(v) for k, v in vars(kwargs["base"]).items()}})
         if spec.body_model:
-            manifest_inputs.append({"kind": "body_model", "path": str(inputs["body_model"]),
+            manifest_inputs.append({"kind": "body_model", "path": str(files["body_model"]),
                                     "sha256": hashes["body_model"]})
         if external is not None:
-            manifest_inputs.append({"kind": "external", "name": spec.external_input, "path": str(external.resolve()),
-                                    "sha256": hashes[spec.external_input]})
+            manifest_inputs.append({"kind": "external", "name": spec.external, "path": str(external.resolve()),
+                                    "sha256": hashes[spec.external]})
         write_json(tmp / MANIFEST, {
             "stage": stage,
             "identity": identity,
             "output_hash": output_hash,
             "cache_key": key,
             "inputs": manifest_inputs,
-            "params_section": spec.params,
+            "params_section": spec.section,
             "params": section.model_dump(mode="json") if section else None,
             "params_hash": params_hash,
             "code_version": {**code_version(), "stage_code_hash": spec.code_hash()},
@@ -275,6 +265,28 @@ def _execute_locked(ws: Workspace, spec: StageSpec, identity: str, target: Path,
         shutil.rmtree(kwargs["scratch"], ignore_errors=True)
     return StageResult(stage, identity, ws.rel(target), output_hash, key, params_hash, hashes, started,
                        round(time.perf_counter() - t0, 3), mem.peak_mb, summary)
+
+
+def _check_outputs(spec: Stage, out: Path) -> None:
+    """The stage wrote what it declares (a pattern ending in "?" may be absent)."""
+    missing = [o for o in spec.outputs if not o.endswith("?") and not any(out.glob(o.rstrip("/")))]
+    if missing:
+        raise StageError(f"{spec.name} did not write its declared output(s) {', '.join(missing)} ({spec.module})")
+
+
+def execute_recorded(ws: Workspace, stage: str, owner: str, *, run_id: str, flow: str, external: Path | None = None,
+                     progress: Progress | None = None) -> StageResult:
+    """`execute` outside a flow (`anchor stage run`, `dvc repro`), with its ledger row, failed or not."""
+    started, t0 = now_iso(), time.perf_counter()
+    try:
+        result = execute(ws, stage, owner, external=external, progress=progress)
+    except Exception as exc:
+        record(ws, run_id=run_id, flow=flow, stage=stage, identity=owner, status="failed", cache_hit=False,
+               started_at=started, duration_s=round(time.perf_counter() - t0, 3), error=str(exc))
+        raise
+    record(ws, run_id=run_id, flow=flow, stage=stage, identity=owner, status="completed", cache_hit=result.reused,
+           result=result.to_dict(), duration_s=round(time.perf_counter() - t0, 3) if result.reused else None)
+    return result
 
 
 def record(ws: Workspace, *, run_id: str, flow: str, stage: str, identity: str, status: str, cache_hit: bool,

@@ -19,15 +19,62 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from models import base
+from core.section import Section, check_profiles
+from models import parts
 from models.sgdm import SGDM
-from tasks.base_models import quiet
+from tasks.base_weights import quiet
 from tasks.training_data import ClipBatches, load_identity
+
+PER_PROFILE = ("steps", "face_steps", "lr", "resolution", "face_resolution", "ema")
+
+
+class TrainParams(Section):
+    """The sections of pretrain and finetune; numbers keyed by profile so one file serves every machine."""
+
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="body model steps (cpu: "
+                                  "nothing shared to learn before the identity, so its pretrain only initialises)")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="face model steps")
+    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 2e-4, "sd15": 1e-5})
+    resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px")
+    face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 128, "sd15": 256}, description="face crops, px")
+    ema: dict[str, float] = Field({"tiny": 0.0, "cpu": 0.995, "sd15": 0.0}, description="decay of the weight "
+                                  "average kept as the result (0 = the last weights)")
+    video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
+    batch_size: int = Field(1, ge=1, le=256)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    warmup: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    ref_drop: float = Field(0.1, ge=0, le=1, description="share of samples trained without the reference image, "
+                            "so classifier-free guidance has a trained unconditional branch")
+    perturbed_share: float = Field(0.5, ge=0, le=1, description="share of samples conditioned on a perturbed mesh")
+    save_every: int = Field(100, ge=1, description="steps between resumable training states")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs")
+    gradient_checkpointing: bool = False
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _profiles(self) -> TrainParams:
+        for name in PER_PROFILE:
+            if name == "ema":
+                check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
+            else:
+                check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
+        return self
+
+    def for_profile(self, profile: str) -> dict[str, float]:
+        return {n: getattr(self, n)[profile] for n in PER_PROFILE}
+
+
+def describe(s: dict[str, Any]) -> str:
+    """A training stage's summary: per model, steps and loss."""
+    return "; ".join(f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
+                     for which in ("body", "face") if isinstance(m := s.get(which), dict))
+
 
 STATE = "train_state"
 TRAIN_LOG = "train_log.json"  # beside each checkpoint: the resolution it was trained at, and its losses
@@ -200,8 +247,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
     from the base weights or from the checkpoints under `start`; write both to out/body and out/face."""
     quiet()
     prof = section.for_profile(settings.profile)
-    vae, encoder = base.load_vae(base_paths).eval(), base.load_image_encoder(base_paths).eval()
-    noise_scheduler = base.load_scheduler(base_paths)
+    vae, encoder = parts.load_vae(base_paths).eval(), parts.load_image_encoder(base_paths).eval()
+    noise_scheduler = parts.load_scheduler(base_paths)
     summary: dict[str, Any] = {"profile": settings.profile}
     for which, face in (("body", False), ("face", True)):
         ids = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]),
@@ -209,7 +256,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                for name, ingest, render, frames in sources]
         data = ClipBatches([i for i in ids if i is not None], vae, encoder, section.video_length,
                            section.perturbed_share, face)
-        model = SGDM.from_pretrained(start / which) if start else base.new_sgdm(base_paths, face=face,
+        model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(base_paths, face=face,
                                                                                  seed=section.seed)
         steps = int(prof["face_steps" if face else "steps"])
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,

@@ -33,7 +33,7 @@ def shared_video(name: str) -> Path:
 
 def make_workspace(root: Path, overrides: dict | None = None) -> Path:
     """`anchor init` into root, then small-and-fast params for tests."""
-    from cli.main import init
+    from cli.commands.workspace import init
 
     init(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -116,3 +116,68 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     return make_workspace(tmp_path / "ws")
+
+
+# ------------------------------------------------------------------------------------- a briefly trained identity
+FEW = {"steps": {"tiny": 2, "cpu": 1, "sd15": 1}, "face_steps": {"tiny": 2, "cpu": 1, "sd15": 1}}
+FAST = {"render_body": {"steps": 3}, "face": {"steps": 3}, "assemble": {"preset": "veryfast"}}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Path:
+    """The onboarded template, pretrained and finetuned for a few tiny steps (FEW) with fast render params (FAST):
+    a template that tests copy with `copy_workspace`, never change."""
+    from core.workspace import SHARED, Workspace
+    from tasks import runner
+
+    ws = Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("trained") / "ws",
+                                  {"pretrain": FEW, "finetune": FEW, **FAST}))
+    runner.execute(ws, "pretrain", SHARED)
+    runner.execute(ws, "finetune", ONBOARDED_ID)
+    return ws.root
+
+
+def held_out(ws) -> tuple[dict, float]:
+    """The trained identity's held-out clips as one motion (its own fit) and where its audio starts."""
+    from tasks import registry
+    from tasks.stages import motion
+
+    return motion.held_out(registry.artifact_dir(ws, "smplx_fit", ONBOARDED_ID),
+                           registry.artifact_dir(ws, "ingest", ONBOARDED_ID))
+
+
+def render(ws, blocks: dict, audio: Path | None = None, overrides: dict[str, dict] | None = None,
+           kind: str = "test") -> str:
+    """motion → render_body → face → assemble through the runner; returns the render subject."""
+    from core.workspace import render_subject
+    from tasks import runner
+    from tasks.stages import motion
+
+    key, staged = motion.stage(ws.state / "motions", blocks, {"kind": kind}, audio)
+    subject = render_subject(ONBOARDED_ID, key)
+    runner.execute(ws, "motion", subject, external=staged)
+    for stage in ("render_body", "face", "assemble"):
+        runner.execute(ws, stage, subject, overrides=(overrides or {}).get(stage))
+    return subject
+
+
+def video_frames(path: Path) -> list:
+    import av
+
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def cli(root: Path, *args: str, timeout: float = 900, env: dict | None = None):
+    """`anchor -w ROOT ARGS` in a subprocess, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cli.main", "-w", str(root), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def set_param(root: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -1,0 +1,290 @@
+"""`anchor bench …`: speed, memory and quality figures, each measured in a throw-away workspace."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core.monitor import PeakRSS
+from core.workspace import Workspace
+from tasks import registry, runner
+from tasks.registry import default_params_yaml
+
+
+def preprocess(video: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
+        ws = Workspace(Path(tmp))
+        ws.params_path.write_text(default_params_yaml())
+        name = "bench"
+        seconds: dict[str, float] = {}
+        peaks: dict[str, float] = {}
+        runner.execute(ws, "source", name, external=video)
+        with PeakRSS() as total_mem:
+            t_all = time.perf_counter()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                frames = runner.execute(ws, "ingest", name).summary["frames"]
+                seconds["ingest"] = time.perf_counter() - t0
+            peaks["ingest"] = mem.peak_mb
+
+            errors: list[BaseException] = []
+
+            def timed(stage: str) -> None:
+                t = time.perf_counter()
+                try:
+                    runner.execute(ws, stage, name)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    errors.append(exc)
+                seconds[stage] = time.perf_counter() - t
+
+            with PeakRSS() as mem:
+                threads = [threading.Thread(target=timed, args=(s,)) for s in ("keypoints", "matting")]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+            if errors:
+                raise errors[0]
+            peaks["keypoints"] = peaks["matting"] = mem.peak_mb  # they run side by side: one shared figure
+            seconds["total"] = time.perf_counter() - t_all
+    return {
+        "frames": frames,
+        "fps_total": round(frames / seconds["total"], 2),
+        "fps": {s: round(frames / seconds[s], 2) for s in ("ingest", "keypoints", "matting")},
+        "peak_rss_mb": total_mem.peak_mb,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "peak_rss_mb_by_stage": peaks,
+    }
+
+
+def smplx(video: Path) -> dict[str, Any]:
+    """Fit and render figures on one video: preprocessing runs first, untimed, in a throw-away workspace."""
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
+        ws = Workspace(Path(tmp))
+        ws.params_path.write_text(default_params_yaml())
+        name = "bench"
+        for stage in ("source", "ingest", "keypoints"):
+            runner.execute(ws, stage, name, external=video if stage == "source" else None)
+        runner.body_model_path(ws)  # build the mannequin outside the timings
+        t0 = time.perf_counter()
+        fit = runner.execute(ws, "smplx_fit", name).summary
+        fit_s = time.perf_counter() - t0
+        runner.execute(ws, "perturb", name)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            rendered = runner.execute(ws, "render_mesh", name).summary
+            render_s = time.perf_counter() - t0
+    images = rendered["frames"] + rendered["perturbed_frames"]
+    return {
+        "frames": fit["frames"],
+        "fit_fps": round(fit["frames"] / fit_s, 2),
+        "render_fps": round(images / render_s, 2),
+        "err_pct": fit["error_pct"],
+        "jitter_ratio": fit["jitter_ratio"],
+        "err_px": fit["error_px"],
+        "err_p90_pct": fit["error_p90_pct"],
+        "jitter_px": {"fit": fit["jitter_fit_px"], "detections": fit["jitter_detections_px"]},
+        "render": {"images": images, "resolution": rendered["resolution"], "face_size": rendered["face_size"],
+                   "faces_visible": rendered["faces_visible"], "peak_rss_mb": mem.peak_mb},
+    }
+
+
+class _RandomClips:
+    """In-memory clips at the profile's latent size: times the training loop itself, not data loading."""
+
+    def __init__(self, latent: int, image: int, frames: int, token_dim: int, inpaint: bool) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(4, 4, frames, latent, latent, generator=g)
+        self.cond = torch.rand(4, 3, frames, image, image, generator=g)
+        self.tokens = torch.randn(4, 17, token_dim, generator=g)
+        self.inpaint = inpaint
+
+    def batch(self, gen, size: int) -> dict:
+        import torch
+
+        idx = torch.randint(0, 4, (size,), generator=gen)
+        out = {"latents": self.latents[idx], "cond": self.cond[idx], "tokens": self.tokens[idx]}
+        if self.inpaint:
+            out["mask"] = torch.ones_like(out["latents"][:, :1])
+            out["masked"] = torch.zeros_like(out["latents"])
+        return out
+
+
+def train_tiny(steps: int = 20) -> dict[str, Any]:
+    """Steps/s of the real training loop on the tiny profile: pretrain (from the base weights) and finetune (from
+    a saved checkpoint, loaded with from_pretrained), body model, at the profile's resolution and clip length."""
+    from models import parts
+    from models.sgdm import SGDM
+    from tasks import training
+    from tasks.base_weights import quiet
+    from tasks.stages.finetune import FinetuneParams
+    from tasks.stages.pretrain import PretrainParams
+
+    quiet()
+    out: dict[str, Any] = {"profile": "tiny"}
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp, PeakRSS() as mem:
+        root = Path(tmp)
+        paths = parts.write_tiny(root / "base")
+        factor = parts.vae_factor_from_config(paths.sd15 / "vae")
+        sched = parts.load_scheduler(paths)
+        for stage, section in (("pretrain", PretrainParams()), ("finetune", FinetuneParams())):
+            prof = section.for_profile("tiny")
+            res = int(prof["resolution"])
+            model = parts.new_sgdm(paths) if stage == "pretrain" else SGDM.from_pretrained(root / "pretrain")
+            data = _RandomClips(res // factor, res, section.video_length, model.token_dim, inpaint=False)
+            cfg = training.TrainConfig(steps=steps, lr=float(prof["lr"]), batch_size=section.batch_size,
+                                       save_every=10 * steps)
+            t0 = time.perf_counter()
+            training.train(model, data, sched, cfg, root / f"state-{stage}")
+            seconds = time.perf_counter() - t0
+            if stage == "pretrain":
+                model.save_pretrained(root / "pretrain")
+            out[f"{stage}_steps_per_s"] = round(steps / seconds, 2)
+            out[f"{stage}_samples_per_s"] = round(steps * section.batch_size / seconds, 2)
+            out["resolution"] = res
+            out["video_length"] = section.video_length
+    out["peak_rss_mb"] = mem.peak_mb
+    return out
+
+
+
+def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
+    """A synthetic identity for render_body: the mannequin gesturing for `frames` frames in front of a 512 px
+    camera, a fresh tiny SGDM saved as its checkpoint, and one rendered frame as its reference image."""
+    import cv2
+    import numpy as np
+
+    from models import body, parts
+    from models.raster import MeshRasterizer
+    from tasks import smplx_table, training
+    from tasks.frames import META, frame_name
+    from tasks.stages import motion
+
+    ws = Workspace(root / "ws")
+    ws.root.mkdir()
+    ws.params_path.write_text(default_params_yaml())
+    body_file = runner.body_model_path(ws)
+    paths = runner.base_paths(ws)
+    ckpt = root / "finetune" / "body"
+    parts.new_sgdm(paths).save_pretrained(ckpt)
+    (ckpt / training.TRAIN_LOG).write_text('{"resolution": 64}\n')
+    t = np.arange(frames, dtype=np.float32)
+    blocks = {k: np.zeros((frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
+    blocks["global_orient"][:, 0] = np.pi  # facing the camera
+    blocks["transl"][:] = (0.0, 0.3, 2.6)
+    blocks["body_pose"][:, 15 * 3 + 2] = -1.2 + 0.3 * np.sin(t / 9)  # left shoulder: arm down, swinging
+    blocks["body_pose"][:, 16 * 3 + 2] = 1.2 + 0.3 * np.cos(t / 7)
+    (root / "motion").mkdir()
+    motion.write(root / "motion" / smplx_table.TABLE, blocks)
+    (root / "fit").mkdir()
+    smplx_table.write_identity(root / "fit" / smplx_table.IDENTITY,
+                               {"betas": [0.0] * 10, "camera": {"focal": 768.0, "size": 512}})
+    ingest = root / "ingest"
+    (ingest / "frames" / "train_000").mkdir(parents=True)
+    (ingest / META).write_text('{"clips": [{"name": "train_000", "split": "train", "frames": 1}]}\n')
+    model = body.load(body_file)
+    with MeshRasterizer(model.faces.astype(np.int64), 512) as mesh:
+        import torch
+
+        with torch.no_grad():
+            v = model(**{k: torch.from_numpy(b[:1]) for k, b in blocks.items()}).vertices[0].numpy()
+        cv2.imwrite(str(ingest / "frames" / "train_000" / frame_name(0)), mesh.render(v, body.intrinsics(768, 512)))
+    return {"motion": root / "motion", "finetune": root / "finetune", "smplx_fit": root / "fit", "ingest": ingest,
+            "body_model": body_file, "_ws": ws.root}
+
+
+def _render_mode(frames: int, window: int, overlap: int, steps: int) -> dict[str, Any]:
+    """One render_body run in this (fresh) process: frames/s and this process's peak memory."""
+    from core.progress import NullProgress
+    from models.overlap import evaluations_per_step
+    from tasks.stages import render_body
+
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
+        root = Path(tmp)
+        inputs = _render_inputs(root, frames)
+        ws = Workspace(inputs.pop("_ws"))
+        params = render_body.RenderBodyParams(steps=steps, window=window, overlap=overlap)
+        (root / "out").mkdir()
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            render_body.run(inputs, root / "out", params, NullProgress(),
+                            settings=registry.settings(ws, render_body.STAGE),
+                            base=runner.base_paths(ws))
+            seconds = time.perf_counter() - t0
+    return {"fps": round(frames / seconds, 2), "frame_evals_per_step": evaluations_per_step(frames, window, overlap),
+            "peak_rss_mb": mem.peak_mb, "seconds": round(seconds, 1)}
+
+
+def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4) -> dict[str, Any]:
+    """render_body on the tiny profile three ways, each in a fresh process so the peaks do not mix."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    layouts = {"overlapped": (window, overlap), "disjoint": (window, 0), "framewise": (1, 0)}
+    out: dict[str, Any] = {"frames": frames, "steps": steps, "window": window, "overlap": overlap}
+    for mode, (w, o) in layouts.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out[mode] = pool.submit(_render_mode, frames, w, o, steps).result()
+    return out
+
+
+QUALITY_KEYS = ("pose_rate", "face_rate", "lmd_body_pct", "ssim_person", "nn_lmd_body_pct", "nn_ssim_person",
+                "train_min", "resolution")
+
+
+def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None) -> dict[str, Any]:
+    """What `make demo` does, in `workspace`, with the first 70% of the video for training and the last 30% held
+    out: onboard, pretrain, finetune, then the evaluation render of the held-out part, scored against the real
+    frames. Each step is the `anchor` command a user runs (its progress goes to `log`); training minutes are the
+    wall time of `anchor pretrain` and `anchor finetune` together."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    anchor = [sys.executable, "-m", "cli.main"]
+    env = {**os.environ, "ANCHOR_WORKSPACE": str(workspace)}
+    name = "bench"
+
+    def run(*args: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([*anchor, *args], env=env, check=True, stdout=log, stderr=log)
+        return time.perf_counter() - t
+
+    run("init", str(workspace))
+    params = yaml.safe_load((workspace / "params.yaml").read_text()) or {}
+    params["profile"] = profile
+    # every second of the video counts as "short", so exactly the last 30% is held out
+    params["ingest"] = {**params.get("ingest", {}), "train_seconds": 1e9, "short_test_fraction": 0.3}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    t_all = time.perf_counter()
+    run("onboard", name, "--video", str(video))
+    train_s = run("pretrain") + run("finetune", name, "--no-evaluate")
+    run("evaluate", name)
+    total_s = time.perf_counter() - t_all
+    ws = Workspace(workspace)
+    results = (json.loads(p.read_text()) for p in sorted((ws.data / "renders" / name).glob("*/metrics/metrics.json")))
+    scored = next((r for r in results if r.get("motion") == f"{name}:test"), None)
+    if scored is None:
+        raise FileNotFoundError(f"{workspace}: the evaluation render left no metrics.json")
+    log_path = registry.artifact_dir(ws, "finetune", name) / "body" / "train_log.json"
+    resolution = json.loads(log_path.read_text())["resolution"] if log_path.is_file() else None
+
+    def value(key: str, field: str = "value") -> float | None:
+        row = scored.get(key) or {}
+        return row.get(field)
+
+    rates, nn_rates = scored.get("detection_rate_generated", {}), scored.get("baseline_detection_rate", {})
+    return {"pose_rate": rates.get("body"), "face_rate": rates.get("face"), "lmd_body_pct": value("lmd_body", "pct"),
+            "ssim_person": value("ssim_person"), "nn_lmd_body_pct": value("baseline_lmd_body", "pct"),
+            "nn_ssim_person": value("baseline_ssim_person"), "train_min": round(train_s / 60, 2),
+            "resolution": resolution, "total_min": round(total_s / 60, 2), "frames": scored.get("frames"),
+            "nn_pose_rate": nn_rates.get("body"), "nn_face_rate": nn_rates.get("face"), "profile": profile,
+            "report": str(ws.data / "reports" / name / "report.html")}

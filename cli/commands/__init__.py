@@ -1,0 +1,1 @@
+"""`anchor` commands by group; importing a module registers its commands on cli.app."""

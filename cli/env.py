@@ -1,0 +1,130 @@
+"""The environment commands run in: which workspace, Prefect's settings and its embedded server, DVC as a process.
+
+Prefect reads its settings when imported, so nothing here imports a flow module before `prefect_env` has pointed
+Prefect at the workspace's state directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cli.app import STATE, err
+from cli.progress import ProgressDisplay
+from core.errors import AnchorError
+from core.workspace import Workspace, find_workspace
+
+
+def workspace() -> Workspace:
+    return find_workspace(STATE["workspace"])
+
+
+def under_dvc() -> bool:
+    """True inside `dvc repro` (which records outputs itself and holds DVC's lock meanwhile)."""
+    return bool(os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"))
+
+
+def dvc(root: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        raise AnchorError(f"dvc {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def prefect_env(ws: Workspace) -> None:
+    """Point Prefect at the workspace's state directory, analytics off, quiet unless --verbose."""
+    (ws.state / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if STATE["verbose"] else "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    os.environ.setdefault("ANCHOR_NATIVE_LOG", str(ws.state / "logs" / "native.log"))
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if STATE["verbose"] else "error")
+
+
+def _start_ephemeral_server() -> str | None:
+    """Start Prefect's embedded server outside the terminal's process group, tied to this process's life.
+
+    Prefect would start the same server lazily in the terminal's group, where Ctrl-C kills it first and the
+    interrupted flow then retries a dead server for minutes. In its own session it survives Ctrl-C; the parent-death
+    signal ends it with this process however that ends (even SIGKILL). Prefect reuses this default instance.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None  # a shared Prefect server: nothing to start
+    from prefect.server.api import server
+
+    popen = subprocess.Popen
+    subprocess.Popen = functools.partial(popen, preexec_fn=_detach_but_die_with_parent)  # type: ignore[misc]
+    try:
+        embedded = server.SubprocessASGIServer()
+        embedded.start()
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
+    return embedded.api_url
+
+
+def _detach_but_die_with_parent() -> None:
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
+
+
+@contextlib.contextmanager
+def prefect_api(ws: Workspace) -> Iterator[None]:
+    """The workspace's embedded Prefect server (or the shared one PREFECT_API_URL names), its address a setting so
+    that other processes (Dask workers, served runs) reach the same server."""
+    prefect_env(ws)
+    api_url = _start_ephemeral_server()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks import registry
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}) if api_url else contextlib.nullcontext():
+        if api_url and _alone_on_embedded_database():
+            from flows.execution import apply_limits
+
+            apply_limits(registry.params(ws).execution, free_slots=True)
+        yield
+
+
+_DATABASE_LOCK: list[int] = []
+
+
+def _alone_on_embedded_database() -> bool:
+    """True when no other anchor process uses this Prefect home's database: each holds a shared lock on it for
+    its life, so an exclusive one succeeds only alone (then becomes shared too)."""
+    path = Path(os.environ["PREFECT_HOME"]) / "anchor-embedded.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _DATABASE_LOCK.append(fd)  # held until the process ends
+    return alone
+
+
+def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
+    """A Prefect flow on the workspace's embedded server, with progress bars, on the engine params.yaml chooses."""
+    with prefect_api(ws):
+        from flows import stage_task
+        from flows.execution import task_runner
+        from tasks import registry
+
+        flow = getattr(importlib.import_module(module), name)
+        flow = flow.with_options(task_runner=task_runner(registry.params(ws).execution))
+        with ProgressDisplay(err) as factory:
+            stage_task.progress_factory = factory
+            return flow(*args)

@@ -1,0 +1,33 @@
+"""finetune: from the pretrained checkpoints, one identity's full frames (foreground and background), body and face
+(stage 2). Each run is a new version of the identity's models, a DVC output of this stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import Field
+
+from core.progress import Progress
+from core.stage import Stage
+from models.parts import BasePaths
+from tasks.training import TrainParams, describe, train_models
+
+
+class FinetuneParams(TrainParams):
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 3000, "sd15": 50000}, description="body model steps")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 1200, "sd15": 80000}, description="face model steps")
+
+
+STAGE = Stage(
+    "finetune", flow="finetune", inputs=("ingest", "render_mesh", "pretrain"), params=FinetuneParams,
+    reads=("models",), base_weights=True, home="checkpoints", resource="gpu", resumable=True, describe=describe,
+    outputs=("body/", "face/"),
+    description="stage 2: the identity's own body and face SGDMs from the pretrained ones")
+
+
+def run(inputs: dict[str, Path], out: Path, params: FinetuneParams, progress: Progress, *,
+        settings: SimpleNamespace, base: BasePaths, scratch: Path) -> dict[str, Any]:
+    sources = [("identity", inputs["ingest"], inputs["render_mesh"], inputs["ingest"])]
+    return train_models(sources, settings, params, base, out, scratch, progress, start=inputs["pretrain"])

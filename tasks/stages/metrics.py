@@ -1,0 +1,277 @@
+"""metrics: a render scored against the real frames of the same motion (paper Table I).
+
+Ground truth exists when the render follows the identity's own held-out clips: the real frames are the ingest
+crops of those clips, their landmarks the keypoints stage's. For any other motion every row says why it was not
+computed. FID and FVD run the standard networks from local weight files named in params.yaml; without them the
+row says "not computed: …", never a number. LMD uses MediaPipe Holistic (the paper used OpenPose) on the generated
+frames, compared with the real frames' landmarks in crop pixels, over the real landmarks inside the frame: outside
+it MediaPipe guesses (the legs below a seated anchor's crop), there is nothing in the picture to compare, and the
+paper's OpenPose reports no point there; how many were left out is reported. Flicker compares frame-to-frame
+change; SSIM is taken inside the real frame's person matte, where a model has to get the person right.
+
+A model must beat copying: the baseline replaces every held-out frame by the training frame whose body and hand
+keypoints are nearest, and is scored by the same detector and the same formulas (`baseline_*` rows); its frames
+are kept in nearest/ for the report's grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from core.artifacts import read_manifest
+from core.progress import Progress
+from core.section import Section
+from core.stage import Stage
+from models import fid, fvd, scores
+from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
+from tasks.stages import face, keypoints, motion
+from tasks.workers import run_parallel
+
+RESULT = "metrics.json"
+PER_FRAME = "lmd_per_frame.csv"
+NEAREST = "nearest"  # the baseline's frames, one PNG per render frame
+NEAREST_TABLE = "nearest.csv"  # which training frame each one copies, and both SSIMs per frame
+SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "baseline_lmd_body",
+          "baseline_ssim_person")
+PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
+
+
+class MetricsParams(Section):
+    """Scores of a render against the real frames of the same motion (paper Table I)."""
+
+    inception_weights: str | None = Field(None, description="local FID Inception-v3 weights (pytorch-fid's "
+                                          "pt_inception-2015-12-05-6726825d.pth); empty = FID not computed")
+    i3d_weights: str | None = Field(None, description="local TorchScript I3D for FVD (i3d_torchscript.pt); empty = "
+                                    "FVD not computed")
+    hand_outlier: float = Field(0.1, gt=0, le=1, description="a hand whose mean landmark distance exceeds this "
+                                "share of the frame side counts as a detector failure and is left out of LMD hand")
+    workers: int = Field(1, ge=1, le=64, description="MediaPipe processes")
+
+
+def describe(s: dict[str, Any]) -> str:
+    if not s.get("ground_truth"):
+        return "no ground truth for this motion"
+    return ", ".join(f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, int | float) and not isinstance(v, bool))
+
+
+STAGE = Stage(
+    "metrics", flow="evaluate", scope="render",
+    inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"), params=MetricsParams,
+    weights=("inception_weights", "i3d_weights"), resource="gpu", in_dvc=False, describe=describe,
+    outputs=(RESULT, f"{PER_FRAME}?", f"{NEAREST}/?", f"{NEAREST_TABLE}?"),
+    description="FID, FVD, landmark distance face/body/hand, flicker against the real frames")
+
+
+def real_frames(ingest: Path, n: int) -> list[Path]:
+    clips = sorted((c for c in read_meta(ingest)["clips"] if c["split"] == "test"), key=lambda c: c["start"])
+    return [p for c in clips for p in clip_frame_paths(ingest, c)][:n]
+
+
+def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
+    """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found."""
+    out = np.full((len(rows), k, 2), np.nan)
+    for t, row in enumerate(rows):
+        value = row[part] if isinstance(row, dict) else row
+        if value is not None:
+            arr = np.asarray(value, np.float64)
+            out[t] = arr.reshape(k, -1)[:, :2]
+    return out
+
+
+def _in_frame(points: np.ndarray, side: int) -> np.ndarray:
+    """`points` with those outside the frame [0, side)² set to NaN: there is nothing in the picture to compare."""
+    with np.errstate(invalid="ignore"):
+        outside = ((points < 0) | (points >= side)).any(-1)
+    return np.where(outside[..., None], np.nan, points)
+
+
+def _found(points: np.ndarray) -> int:
+    return int(np.isfinite(points).all(-1).sum())
+
+
+def _real_landmarks(keypoints_dir: Path, ingest: Path, n: int) -> list[dict[str, Any]]:
+    table = keypoints.load(keypoints_dir).to_pylist()
+    order = {c["name"]: c["start"] for c in read_meta(ingest)["clips"] if c["split"] == "test"}
+    rows = sorted((r for r in table if r["clip"] in order), key=lambda r: (order[r["clip"]], r["frame"]))
+    return rows[:n]
+
+
+def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]], side: int, hand_outlier: float
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """LMD per part (mean px at the crop side, and % of it) over the real points inside the frame, and per frame for
+    the plot."""
+    out: dict[str, Any] = {}
+    per_frame: list[dict[str, Any]] = [{"frame": t} for t in range(len(real))]
+    for name, (part, k) in PARTS.items():
+        seen = {p: _points(real, p, k) for p in (part if name == "hand" else (part,))}
+        inside = {p: _in_frame(v, side) for p, v in seen.items()}
+        outside = sum(_found(seen[p]) - _found(inside[p]) for p in seen)
+        if name == "hand":
+            results = [scores.landmark_distance(_points(generated, p, k), inside[p], outlier=hand_outlier * side)
+                       for p in part]
+            pts = sum(r["points"] for r in results)
+            mean = sum(r["mean_px"] * r["points"] for r in results if r["points"]) / pts if pts else float("nan")
+            res = {"mean_px": mean, "points": pts, "frames": sum(r["frames"] for r in results),
+                   "dropped_frames": sum(r["dropped_frames"] for r in results)}
+        else:
+            g, r = _points(generated, part, k), inside[part]
+            res = scores.landmark_distance(g, r)
+            d = np.linalg.norm(g - r, axis=-1)
+            for t in range(len(real)):
+                row_ok = np.isfinite(d[t])
+                per_frame[t][f"lmd_{name}_px"] = round(float(d[t][row_ok].mean()), 4) if row_ok.any() else ""
+        value = res["mean_px"]
+        out[f"lmd_{name}"] = ({"value": round(value, 4), "pct": round(100 * value / side, 4), "frames": res["frames"],
+                               "real_points_outside_frame": outside,
+                               **({"dropped_frames": res["dropped_frames"]} if name == "hand" else {})}
+                              if np.isfinite(value) else {"value": None,
+                                                          "note": f"not computed: no {name} found in both videos"})
+    return out, per_frame
+
+
+def _pose(rows: list[Any], side: int) -> np.ndarray:
+    """(T, 75, 2): the 33 body and 2 × 21 hand points the baseline matches on, those inside the frame."""
+    return _in_frame(np.concatenate([_points(rows, "body", 33), _points(rows, "left_hand", 21),
+                                     _points(rows, "right_hand", 21)], axis=1), side)
+
+
+def training_poses(keypoints_dir: Path, ingest: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The training frames' keypoint rows and image paths, in one order."""
+    clips = {c["name"]: c for c in read_meta(ingest)["clips"] if c["split"] == "train"}
+    rows = sorted((r for r in keypoints.load(keypoints_dir).to_pylist() if r["clip"] in clips),
+                  key=lambda r: (clips[r["clip"]]["start"], r["frame"]))
+    paths = {name: clip_frame_paths(ingest, clip) for name, clip in clips.items()}
+    return rows, [paths[r["clip"]][r["frame"]] for r in rows]
+
+
+def person_masks(matting: Path, ingest: Path, n: int, size: int) -> list[np.ndarray]:
+    """The held-out frames' alpha mattes in [0, 1] at `size`, in render order."""
+    clips = sorted((c for c in read_meta(ingest)["clips"] if c["split"] == "test"), key=lambda c: c["start"])
+    paths = [matting / "alpha" / c["name"] / frame_name(i, "png") for c in clips for i in range(c["frames"])][:n]
+    out = []
+    for p in paths:
+        alpha = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        if alpha is None:
+            raise FileNotFoundError(f"metrics: no person matte {p}")
+        out.append(cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255)
+    return out
+
+
+def _detect(paths: list[Path], side: int, detector: dict[str, Any], workers: int, progress: Progress,
+            what: str = "generated frames") -> list[dict[str, Any]]:
+    """The keypoints stage's detector, with the settings that found the real landmarks, on other frames."""
+    job = ({"name": "generated", "split": "test", "start": 0}, [str(p) for p in paths], side, detector)
+    progress.start(f"metrics: landmarks on {what}", len(paths))
+    return run_parallel(keypoints.detect_clip, [job], workers, progress)[0]
+
+
+def _rates(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {part: round(sum(r[part] is not None for r in rows) / max(len(rows), 1), 4)
+            for part in ("body", "face", "left_hand", "right_hand")}
+
+
+def _not(reason: str) -> dict[str, Any]:
+    return {"value": None, "note": f"not computed: {reason}"}
+
+
+def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Progress) -> dict[str, Any]:
+    info = motion.read_info(inputs["motion"])
+    n = int(info["frames"])
+    gen_paths = face.final_frames(inputs["render_body"], inputs["face"], n)
+    result: dict[str, Any] = {"frames": n, "motion": info.get("source"), "detector": "MediaPipe Holistic "
+                              "(the paper used OpenPose)", "hand_outlier_rule": f"a hand whose mean distance exceeds "
+                              f"{params.hand_outlier:g} of the frame side is a detector failure and left out"}
+    if info.get("kind") != "held_out":
+        reason = "no ground truth: the motion is not the identity's own held-out clips"
+        for key in SCORES:
+            result[key] = _not(reason)
+        (out / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return {"ground_truth": False}
+
+    side = int(read_meta(inputs["ingest"])["resolution"])
+    real_paths = real_frames(inputs["ingest"], n)
+    res = read_rgb(gen_paths[0]).shape[0]
+
+    def gen_images() -> list[np.ndarray]:
+        return [read_rgb(p) for p in gen_paths]
+
+    def real_images() -> list[np.ndarray]:
+        return [read_rgb(p, res) for p in real_paths]  # the real frames at the render's size
+
+    real_lm = _real_landmarks(inputs["keypoints"], inputs["ingest"], n)
+    detector = (read_manifest(inputs["keypoints"]) or {}).get("params") or keypoints.KeypointsParams().model_dump()
+    generated_lm = _detect(gen_paths, side, detector, params.workers, progress)
+    lmd, per_frame = landmark_scores(generated_lm, real_lm, side, params.hand_outlier)
+    result.update(lmd)
+    result["detection_rate_generated"] = _rates(generated_lm)
+
+    # the baseline: copy the training frame whose keypoints are nearest, scored exactly like the model
+    train_rows, train_paths = training_poses(inputs["keypoints"], inputs["ingest"])
+    picks = scores.nearest_frames(_pose(real_lm, side), _pose(train_rows, side))
+    (out / NEAREST).mkdir()
+    nn_paths = [out / NEAREST / frame_name(t, "png") for t in range(n)]
+    for t, i in enumerate(picks):
+        write_png(nn_paths[t], read_rgb(train_paths[max(int(i), 0)], res))  # no real pose: the first frame
+    nn_lm = _detect(nn_paths, side, detector, params.workers, progress, "the baseline's frames")
+    nn_lmd, _ = landmark_scores(nn_lm, real_lm, side, params.hand_outlier)
+    result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
+    result["baseline_detection_rate"] = _rates(nn_lm)
+    result["baseline"] = ("each held-out frame replaced by the training frame whose body and hand keypoints are "
+                          "nearest (mean distance over the points inside the frame found in both, among the "
+                          "training frames sharing the most of them)")
+
+    progress.start("metrics: SSIM inside the person", n)
+    masks = person_masks(inputs["matting"], inputs["ingest"], n, res)
+    ssim_g, ssim_nn = [], []
+    with open(out / NEAREST_TABLE, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["frame", "train_clip", "train_frame", "ssim_person_generated", "ssim_person_nearest"])
+        for t, (real, mask) in enumerate(zip(real_images(), masks, strict=True)):
+            ssim_g.append(scores.ssim_in_mask(read_rgb(gen_paths[t]), real, mask))
+            ssim_nn.append(scores.ssim_in_mask(read_rgb(nn_paths[t]), real, mask))
+            row = train_rows[max(int(picks[t]), 0)]
+            writer.writerow([t, row["clip"], row["frame"], round(ssim_g[-1], 5), round(ssim_nn[-1], 5)])
+            progress.advance(1)
+    for key, values in (("ssim_person", ssim_g), ("baseline_ssim_person", ssim_nn)):
+        ok = [v for v in values if np.isfinite(v)]
+        result[key] = {"value": round(float(np.mean(ok)), 4), "frames": len(ok)} if ok else \
+            _not("no person in the real frames' mattes")
+    flick = scores.temporal_flicker(iter(gen_images()), iter(real_images())) if n > 1 else None
+    result["flicker"] = ({"value": round(flick["flicker"], 6), "change_generated": round(flick["change_generated"], 6),
+                          "change_real": round(flick["change_real"], 6)} if flick else _not("one frame"))
+
+    progress.start("metrics: FID / FVD", 2)
+    if params.inception_weights is None:
+        result["fid"] = _not("no Inception weights (set metrics.inception_weights to pytorch-fid's file)")
+    else:
+        net = fid.load_inception(inputs["inception_weights"])
+        g, r = fid.inception_features(net, gen_images()), fid.inception_features(net, real_images())
+        result["fid"] = {"value": round(fid.frechet_distance(*fid.statistics(g), *fid.statistics(r)), 4),
+                         "frames": n}
+    progress.advance(1)
+    if params.i3d_weights is None:
+        result["fvd"] = _not("no I3D weights (set metrics.i3d_weights to the TorchScript I3D file)")
+    elif n < 2 * fvd.CLIP_LENGTH:
+        result["fvd"] = _not(f"{n} frames make fewer than two {fvd.CLIP_LENGTH}-frame clips")
+    else:
+        net = fvd.load_i3d(inputs["i3d_weights"])
+        g = fvd.i3d_features(net, fvd.clips_of(gen_images()))
+        r = fvd.i3d_features(net, fvd.clips_of(real_images()))
+        result["fvd"] = {"value": round(fvd.fvd(g, r), 4), "clips": len(g)}
+    progress.advance(1)
+
+    (out / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    with open(out / PER_FRAME, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["frame", "lmd_face_px", "lmd_body_px"])
+        writer.writeheader()
+        writer.writerows(per_frame)
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in result.items()
+            if k in SCORES} | {"ground_truth": True}
+

@@ -1,0 +1,188 @@
+"""motion: the SMPL-X parameters (and driving audio) a render follows, already fitted to the identity.
+
+Sources: the identity's own held-out clips (its fit, as is), another identity's held-out clips or a driving video's
+fit (through ingest → keypoints → smplx_fit, flows.motion), or a motion file read by models.motion_io (AMASS/BEAT2
+.npz, TalkSHOW .npy, SHOW .pkl through a restricted unpickler, the project's own fit). Foreign motion is resampled
+to 30 fps and retargeted (models.retarget) onto the identity's shape, camera and framing.
+
+The flow stages a motion in a directory (params.parquet, motion.json, optional audio.wav) whose content hash names
+the render; this stage copies it into the render's artifacts, so a render is traceable to the exact motion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import InputError
+from core.hashing import NOT_CONTENT, hash_tree
+from core.progress import Progress
+from core.stage import Stage
+from models import body
+from models.motion_io import FIT_FPS, Motion, read_motion, resample
+from models.retarget import retarget
+from tasks import smplx_table
+from tasks.frames import read_meta
+
+INFO = "motion.json"
+AUDIO = "audio.wav"
+
+
+def describe(s: dict[str, Any]) -> str:
+    return f"{s['kind']}: {s['frames']} frames at {s['fps']} fps{', with audio' if s.get('audio') else ''}"
+
+
+STAGE = Stage(
+    "motion", flow="render", scope="render", external="motion", in_dvc=False, describe=describe,
+    outputs=(smplx_table.TABLE, INFO, f"{AUDIO}?"),
+    description="the motion a render follows (SMPL-X per frame, fitted to the identity) and its audio")
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mts", ".mpg", ".mpeg", ".wmv", ".flv"}
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _time_order(fit_dir: Path, ingest_dir: Path, split: str | None) -> tuple[list[int], list[dict[str, Any]]]:
+    """Rows of the fit in time order (the ingest meta's clip order, not alphabetical), optionally one split only."""
+    keys, _ = smplx_table.read(fit_dir / smplx_table.TABLE)
+    clips = [c for c in read_meta(ingest_dir)["clips"] if split is None or c["split"] == split]
+    rows: list[int] = []
+    for clip in sorted(clips, key=lambda c: c.get("start", 0)):
+        idx = np.flatnonzero(keys["clip"] == clip["name"])
+        rows += idx[np.argsort(keys["frame"][idx], kind="stable")].tolist()
+    return rows, clips
+
+
+def fit_as_motion(fit_dir: Path, ingest_dir: Path, split: str | None = None) -> Motion:
+    """A video's fit (or one split of it) as one motion, its clips in time order."""
+    rows, _ = _time_order(fit_dir, ingest_dir, split)
+    _, blocks = smplx_table.read(fit_dir / smplx_table.TABLE)
+    betas = np.asarray(smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)["betas"], np.float32)
+    return Motion(fps=FIT_FPS, betas=betas, source="video", **{k: v[rows] for k, v in blocks.items()})
+
+
+def reference(fit_dir: Path, body_model: Path) -> dict[str, np.ndarray]:
+    """The identity's rest pelvis and its fitted root orientations and pelvis positions (training clips)."""
+    keys, blocks = smplx_table.read(fit_dir / smplx_table.TABLE)
+    betas = np.asarray(smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)["betas"], np.float32)
+    model = body.load(body_model)
+    with torch.no_grad():
+        rest = model(betas=torch.from_numpy(betas)[None]).joints[0, body.PELVIS].numpy().astype(np.float64)
+    train = keys["split"] == "train" if "split" in keys else np.ones(len(keys["frame"]), bool)
+    if not train.any():
+        train[:] = True
+    return {"pelvis_rest": rest, "ref_orient": blocks["global_orient"][train],
+            "ref_pelvis": blocks["transl"][train].astype(np.float64) + rest}
+
+
+def prepare(motion: Motion, ref: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Resample to 30 fps and retarget; returns parameter blocks and a short description."""
+    src_fps, src_frames = motion.fps, motion.frames
+    motion = resample(motion, FIT_FPS)
+    blocks = retarget(motion, pelvis_rest=ref["pelvis_rest"], ref_orient=ref["ref_orient"],
+                      ref_pelvis=ref["ref_pelvis"])
+    info = {"source_format": motion.source, "source_fps": src_fps, "source_frames": src_frames,
+            "frames": motion.frames, "fps": FIT_FPS, "seconds": round(motion.frames / FIT_FPS, 3)}
+    return blocks, info
+
+
+def load_file(path: Path, clip: str | None = None) -> Motion:
+    return read_motion(path, clip=clip)
+
+
+def write(path: Path, blocks: dict[str, np.ndarray]) -> None:
+    t = len(blocks["transl"])
+    smplx_table.write(path, {"clip": np.array(["motion"] * t), "split": np.array(["motion"] * t),
+                             "frame": np.arange(t)}, blocks)
+
+
+def held_out(fit_dir: Path, ingest_dir: Path) -> tuple[dict[str, np.ndarray], float]:
+    """An identity's test clips as one motion in time order (its own fit, as is), and the second of the source
+    where it starts (for the audio)."""
+    rows, clips = _time_order(fit_dir, ingest_dir, "test")
+    if not rows:
+        raise InputError(f"{ingest_dir.parent.name} has no held-out (test) clips")
+    _, blocks = smplx_table.read(fit_dir / smplx_table.TABLE)
+    return {k: v[rows] for k, v in blocks.items()}, float(min(c["start_s"] for c in clips))
+
+
+def cut_audio(wav: Path, out: Path, start_s: float, frames: int, fps: int = FIT_FPS) -> bool:
+    """The part of `wav` under `frames` video frames from `start_s`, padded with silence; False if no wav."""
+    if not wav.is_file():
+        return False
+    with wave.open(str(wav), "rb") as src:
+        rate, channels, width = src.getframerate(), src.getnchannels(), src.getsampwidth()
+        begin = round(start_s * rate)
+        total = round(frames / fps * rate)
+        src.setpos(min(begin, src.getnframes()))
+        data = src.readframes(total)
+    data += b"\0" * (total * channels * width - len(data))
+    with wave.open(str(out), "wb") as dst:
+        dst.setnchannels(channels)
+        dst.setsampwidth(width)
+        dst.setframerate(rate)
+        dst.writeframes(data)
+    return True
+
+
+def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], audio: Path | None,
+          audio_start_s: float = 0.0, frames: int | None = None) -> tuple[str, Path]:
+    """Write a motion (cut to `frames` if given) to staging/<content key>; returns (key, directory)."""
+    total = len(blocks["transl"])
+    if frames is not None:
+        if frames < 1:
+            raise InputError(f"--frames must be at least 1, got {frames}")
+        if frames > total:
+            raise InputError(f"--frames {frames}: the motion has only {total} frames")
+        blocks = {k: v[:frames] for k, v in blocks.items()}
+        total = frames
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=staging))
+    write(tmp / smplx_table.TABLE, blocks)
+    has_audio = audio is not None and cut_audio(audio, tmp / AUDIO, audio_start_s, total)
+    (tmp / INFO).write_text(json.dumps({**info, "frames": total, "fps": FIT_FPS, "audio": has_audio},
+                                       indent=2, sort_keys=True) + "\n")
+    key = hash_tree(tmp)[:12]
+    final = staging / key
+    if final.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(final)
+    return key, final
+
+
+def restage(artifact: Path, staging: Path) -> Path:
+    """A motion artifact back in staging/<its key>, to drive the same render again (same content, same key)."""
+    key = hash_tree(artifact)[:12]
+    final = staging / key
+    if not final.exists():
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=staging))
+        shutil.copytree(artifact, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if Path(d) == artifact and n in NOT_CONTENT])
+        tmp.rename(final)
+    return final
+
+
+def read_info(motion_dir: Path) -> dict[str, Any]:
+    return json.loads((motion_dir / INFO).read_text())
+
+
+def run(inputs: dict[str, Path], out: Path, params: None, progress: Progress, *, motion: Path) -> dict[str, Any]:
+    """Copy the staged motion into the render's artifacts."""
+    for name in (smplx_table.TABLE, INFO, AUDIO):
+        if (motion / name).is_file():
+            shutil.copy2(motion / name, out / name)
+    if not (out / smplx_table.TABLE).is_file():
+        raise InputError(f"{motion}: not a staged motion (no {smplx_table.TABLE})")
+    info = read_info(out)
+    return {k: info.get(k) for k in ("kind", "source", "frames", "fps", "audio", "source_format")}

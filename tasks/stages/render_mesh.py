@@ -1,0 +1,156 @@
+"""render_mesh: the SMPL-X mesh rendered as the diffusion models' condition images.
+
+Per frame: the body condition (blue-grey mesh on black, the identity's camera), the face crop aligned by a 5-point
+similarity from projected mesh landmarks, that transform, and a face mask from the projected head. A frame whose
+face is out of view or turned away is marked in faces.parquet and gets no face crop; nothing fails on it (the
+official code crashes there). Perturbed parameter sets get body conditions too, for training.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import smplx
+import torch
+from pydantic import Field
+
+from core.progress import Progress
+from core.section import Section
+from core.stage import Stage
+from models import body, face_align
+from models.raster import MeshRasterizer
+from tasks import smplx_table
+from tasks.frames import frame_name
+
+FACES = "faces.parquet"
+
+
+class RenderMeshParams(Section):
+    resolution: int | None = Field(None, ge=32, le=2048, description="body condition side; empty = the ingest "
+                                   "crop side")
+    face_size: Literal[256, 512] = Field(256, description="side of the aligned face crop")
+    ambient: float = Field(0.3, ge=0, le=1)
+    max_face_yaw: float = Field(75.0, gt=0, le=180, description="degrees; a head turned further away is marked "
+                                "as having no visible face")
+    png_level: int = Field(1, ge=0, le=9, description="PNG compression level (speed over size)")
+    workers: int = Field(2, ge=1, le=64, description="threads encoding images")
+
+
+def describe(s: dict[str, Any]) -> str:
+    return (f"{s['frames']} + {s['perturbed_frames']} perturbed at {s['resolution']} px, "
+            f"faces visible {s['faces_visible']}")
+
+
+STAGE = Stage(
+    "render_mesh", flow="onboard", inputs=("smplx_fit", "perturb"), params=RenderMeshParams, body_model=True,
+    describe=describe, outputs=("body/", "face/?", "face_mask/?", "perturbed/?", FACES),
+    description="mesh condition images, aligned face crops, face transforms and masks")
+CHUNK = 32
+HEAD_JOINTS = (body.HEAD, body.JAW, body.L_EYE, body.R_EYE)
+
+
+def head_faces(model: smplx.SMPLX) -> np.ndarray:
+    """Faces whose three vertices all follow the head, jaw or eyes: the region the face mask covers."""
+    owner = model.lbs_weights.argmax(1).numpy()
+    faces = model.faces.astype(np.int64)
+    return faces[np.isin(owner[faces], HEAD_JOINTS).all(1)]
+
+
+def pose_chunks(model: smplx.SMPLX, betas: np.ndarray, blocks: dict[str, np.ndarray], rows: np.ndarray):
+    """Vertices and joints (smplx's 144, face landmarks included) for the given rows, CHUNK frames at a time."""
+    for start in range(0, len(rows), CHUNK):
+        idx = rows[start:start + CHUNK]
+        n = len(idx)
+        kw = {k: torch.from_numpy(blocks[k][idx]) for k in smplx_table.BLOCKS}
+        with torch.no_grad():
+            out = model(betas=torch.from_numpy(betas).expand(n, -1), **kw)
+        yield idx, out.vertices.numpy(), out.joints.numpy()
+
+
+def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
+    """('ok', five points) or the reason the face is not usable."""
+    lmk = joints[body.LMK_START:body.LMK_START + 51]
+    if (lmk[:, 2] <= 0.01).any():
+        return "behind_camera", None
+    uv = lmk[:, :2] / lmk[:, 2:3] * K[0, 0] + K[:2, 2]
+    pts = face_align.five_points(uv)
+    if (pts < 0).any() or (pts >= res).any():
+        return "out_of_view", None
+    ears = (joints[58] + joints[59]) / 2
+    forward = joints[55] - ears
+    to_camera = -ears
+    cos = forward @ to_camera / (np.linalg.norm(forward) * np.linalg.norm(to_camera) + 1e-9)
+    if np.degrees(np.arccos(np.clip(cos, -1, 1))) > max_yaw:
+        return "turned_away", None
+    return "ok", pts
+
+
+def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: Progress) -> dict[str, Any]:
+    ident = smplx_table.read_identity(inputs["smplx_fit"] / smplx_table.IDENTITY)
+    cam = ident["camera"]
+    res = params.resolution or int(cam["size"])
+    K = body.intrinsics(cam["focal"] * res / cam["size"], res)
+    betas = np.asarray(ident["betas"], np.float32)[None]
+    keys, blocks = smplx_table.read(inputs["smplx_fit"] / smplx_table.TABLE)
+    pkeys, pblocks = smplx_table.read(inputs["perturb"] / smplx_table.TABLE)
+    torch.set_num_threads(1)  # the forward pass is cheap next to rasterising; spare cores go to PNG encoding
+    model = body.load(inputs["body_model"])
+    fsize = params.face_size
+    progress.start("rendering mesh conditions", len(keys["frame"]) + len(pkeys["frame"]))
+
+    records: dict[str, list[Any]] = {"clip": [], "frame": [], "visible": [], "reason": [], "transform": []}
+    counts = {"ok": 0, "out_of_view": 0, "turned_away": 0, "behind_camera": 0}
+    with (MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient) as mesh,
+          MeshRasterizer(head_faces(model), res, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head,
+          ThreadPoolExecutor(params.workers) as pool):
+        pending = []
+
+        def save(path: Path, img: np.ndarray) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pending.append(pool.submit(cv2.imwrite, str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, params.png_level]))
+
+        for idx, verts, joints in pose_chunks(model, betas, blocks, np.arange(len(keys["frame"]))):
+            for i, v, j in zip(idx, verts, joints, strict=True):
+                clip, frame = str(keys["clip"][i]), int(keys["frame"][i])
+                name = frame_name(frame, "png")
+                image = mesh.render(v, K)
+                save(out / "body" / clip / name, image[:, :, ::-1])
+                state, pts = face_state(j, K, res, params.max_face_yaw)
+                counts[state] += 1
+                m = None
+                if pts is not None:
+                    m = face_align.align(pts, fsize)
+                    crop = cv2.warpAffine(image, m, (fsize, fsize), flags=cv2.INTER_LINEAR)
+                    mask = cv2.warpAffine(head.render(v, K)[:, :, 0], m, (fsize, fsize), flags=cv2.INTER_LINEAR)
+                    save(out / "face" / clip / name, crop[:, :, ::-1])
+                    save(out / "face_mask" / clip / name, mask)
+                records["clip"].append(clip)
+                records["frame"].append(frame)
+                records["visible"].append(state == "ok")
+                records["reason"].append(None if state == "ok" else state)
+                records["transform"].append(None if m is None else m.ravel().astype(np.float32).tolist())
+            progress.advance(len(idx))
+        copies = pkeys.get("copy", np.zeros(len(pkeys["frame"]), np.int32))
+        for idx, verts, _ in pose_chunks(model, betas, pblocks, np.arange(len(pkeys["frame"]))):
+            for i, v in zip(idx, verts, strict=True):
+                path = out / "perturbed" / str(int(copies[i])) / str(pkeys["clip"][i]) / frame_name(
+                    int(pkeys["frame"][i]), "png")
+                save(path, mesh.render(v, K)[:, :, ::-1])
+            progress.advance(len(idx))
+        for fut in pending:
+            if not fut.result():
+                raise OSError("could not write a condition image")
+    pq.write_table(pa.table({
+        "clip": pa.array(records["clip"], pa.string()), "frame": pa.array(records["frame"], pa.int32()),
+        "visible": pa.array(records["visible"]), "reason": pa.array(records["reason"], pa.string()),
+        "transform": pa.array(records["transform"], pa.list_(pa.float32())),
+    }), out / FACES)
+    return {"frames": len(records["frame"]), "perturbed_frames": int(len(pkeys["frame"])), "resolution": res,
+            "face_size": fsize, "faces_visible": counts["ok"],
+            "faces_missing": {k: v for k, v in counts.items() if k != "ok"}}

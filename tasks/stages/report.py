@@ -1,0 +1,355 @@
+"""report: one self-contained HTML page per identity that a person opens to judge the model, and its PNG contact sheet.
+
+It reads the identity's artifacts and the evaluation render (the identity's own held-out clips rendered by its
+finetuned model, then scored by the metrics stage). Everything is embedded (images as data URIs, the plot as SVG),
+so the page opens from a mail attachment with no network. Beside it, what DVC reads: metrics.json (numbers only,
+`dvc metrics show/diff`), plots/ (one CSV per series, `dvc plots show`) and the contact sheet (an image plot).
+Time per stage comes from the manifests of the artifacts shown: the run that produced each of them (the run
+ledger is not an input, so it never makes a cached report stale).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import numpy as np
+from jinja2 import Environment
+from pydantic import Field
+
+from core.artifacts import read_manifest
+from core.progress import Progress
+from core.section import Section
+from core.stage import Stage
+from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
+from tasks.stages import face, keypoints, metrics, motion, render_body
+from tasks.training import TRAIN_LOG
+
+HTML = "report.html"
+SHEET = "contact_sheet.png"
+METRICS = "metrics.json"
+PLOTS = "plots"
+
+
+class ReportParams(Section):
+    """The per-identity report (data/reports/<identity>/): what a person opens after onboarding and training."""
+
+    frames_per_clip: int = Field(3, ge=1, le=12, description="sample frames shown per held-out clip in the grid")
+    thumbnail: int = Field(192, ge=64, le=512, description="side of each image in the grid and contact sheet, px")
+
+
+def describe(s: dict[str, Any]) -> str:
+    shown = [f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} not computed"
+             for k, v in s.get("metrics", {}).items()]
+    return f"held-out {s.get('frames')} frames: " + ", ".join(shown)
+
+
+STAGE = Stage(
+    "report", flow="evaluate",
+    inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain", "finetune"),
+    params=ReportParams, external="evaluation", body_model=True,
+    reads=("models", "render_mesh", "render_body", "face", "assemble", "metrics"), home="reports",
+    command="anchor evaluate {item}", dvc_outs=(HTML, "manifest.json"), dvc_metrics=(METRICS,),
+    dvc_plots=(SHEET, PLOTS), describe=describe, outputs=(HTML, SHEET, METRICS, f"{PLOTS}/"),
+    description="the identity's HTML report: held-out renders scored, fit, detection, time per stage")
+# Paper Table I, "Ours". Their LMD is in pixels at their crop; their detector was OpenPose.
+PAPER = {"fid": 35.91, "fvd": 53.38, "lmd_face": 1.45, "lmd_body": 5.14, "lmd_hand": 5.12}
+ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lmd_body": "LMD body (px) ↓",
+        "lmd_hand": "LMD hand (px) ↓", "flicker": "temporal flicker ↓", "ssim_person": "SSIM in the person ↑",
+        "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
+        "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑"}
+COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame")
+RENDER_STAGES = ("motion", "render_body", "face", "assemble", "metrics")  # the evaluation render's artifacts
+
+
+def _evaluation(root: Path) -> dict[str, Path]:
+    dirs = {s: root / s for s in RENDER_STAGES}
+    missing = [s for s in ("motion", "render_body", "face", "metrics") if read_manifest(dirs[s]) is None]
+    if missing:
+        raise FileNotFoundError(f"evaluation render {root} lacks {', '.join(missing)}: run `anchor evaluate NAME`")
+    if motion.read_info(dirs["motion"]).get("kind") != "held_out":
+        raise ValueError(f"{root} does not render the identity's own held-out clips; the report needs that render")
+    return dirs
+
+
+def samples(test_clips: list[dict[str, Any]], per_clip: int) -> list[tuple[dict[str, Any], int, int]]:
+    """(clip, frame in clip, frame in the render) for `per_clip` evenly spaced frames of each held-out clip; the
+    render follows the held-out clips in order (tasks.motion.held_out)."""
+    out, offset = [], 0
+    for clip in test_clips:
+        n = int(clip["frames"])
+        picks = sorted({round(i * (n - 1) / max(per_clip - 1, 1)) for i in range(per_clip)}) if n > 1 else [0]
+        out += [(clip, k, offset + k) for k in picks]
+        offset += n
+    return out
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    bar = np.full((22, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, img])
+
+
+def contact_sheet(grid: list[tuple[str, list[np.ndarray]]]) -> np.ndarray:
+    """Rows of equally sized thumbnails, the column names on top and each row's name above its first image."""
+    side = grid[0][1][0].shape[0]
+    head = np.concatenate([_label(np.full((0, side, 3), 255, np.uint8), c) for c in COLUMNS[:len(grid[0][1])]], axis=1)
+    rows = [np.concatenate([_label(img, name if j == 0 else "") for j, img in enumerate(images)], axis=1)
+            for name, images in grid]
+    return np.concatenate([head, *rows])
+
+
+def _nearest(path: Path, side: int) -> np.ndarray:
+    """The baseline's frame; grey when the metrics were made before the baseline existed."""
+    return read_rgb(path, side) if path.is_file() else np.full((side, side, 3), 200, np.uint8)
+
+
+def _data_uri(rgb: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    if not ok:
+        raise OSError("cannot encode a thumbnail")
+    return f"data:image/jpeg;base64,{base64.b64encode(buf.tobytes()).decode()}"
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _series(rows: list[dict[str, str]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(float(r.get("index", r.get("frame", i))), float(r[column])) for i, r in enumerate(rows)
+           if r.get(column) not in (None, "")]
+    arr = np.asarray(pts, np.float64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def fit_plot_svg(rows: list[dict[str, str]], boundaries: list[tuple[int, str]]) -> str:
+    """Reprojection error per frame and part (% of the crop), clip boundaries marked; inline SVG, reproducible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"svg.hashsalt": "anchor-report", "svg.fonttype": "none"}):
+        fig, ax = plt.subplots(figsize=(9, 2.8), dpi=96)
+        for part in ("body", "hands", "face"):
+            x, y = _series(rows, f"{part}_pct")
+            if len(x):
+                ax.plot(x, y, lw=0.9, label=part)
+        for start, split in boundaries:
+            ax.axvline(start, color="#bbb" if split == "train" else "#d55", lw=0.6)
+        ax.set_xlabel("frame (all clips in order; red lines start held-out clips)")
+        ax.set_ylabel("error, % of crop")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def write_plots(folder: Path, fit_rows: list[dict[str, str]], lmd_rows: list[dict[str, str]]) -> list[str]:
+    """One CSV per series (DVC's stage plots take one y each), x = `frame`."""
+    folder.mkdir()
+    written = []
+    for name, rows, column in (("fit_error_body_pct", fit_rows, "body_pct"),
+                               ("fit_error_hands_pct", fit_rows, "hands_pct"),
+                               ("fit_error_face_pct", fit_rows, "face_pct"),
+                               ("lmd_face_px", lmd_rows, "lmd_face_px"),
+                               ("lmd_body_px", lmd_rows, "lmd_body_px")):
+        x, y = _series(rows, column)
+        with open(folder / f"{name}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["frame", column])
+            writer.writerows([int(a), round(float(b), 4)] for a, b in zip(x, y, strict=True))
+        written.append(name)
+    return written
+
+
+def detection_rates(keypoints_dir: Path) -> dict[str, dict[str, float]]:
+    """Share of frames with each part found by MediaPipe on the real frames, per split."""
+    table = keypoints.load(keypoints_dir).to_pydict()
+    out: dict[str, dict[str, float]] = {}
+    for split in ("train", "test", "all"):
+        rows = [i for i, s in enumerate(table["split"]) if split in ("all", s)]
+        if rows:
+            out[split] = {p: round(sum(table[p][i] is not None for i in rows) / len(rows), 4)
+                          for p in keypoints.PARTS}
+    return out
+
+
+def stage_times(artifacts: dict[str, Path]) -> list[dict[str, Any]]:
+    """For each stage, how long the run that made the artifact shown here took (from its manifest)."""
+    out = []
+    for stage, path in artifacts.items():
+        m = read_manifest(path) or {}
+        out.append({"stage": stage, "seconds": m.get("duration_s"), "peak_rss_mb": m.get("peak_rss_mb"),
+                    "host": m.get("host"), "started_at": m.get("started_at")})
+    return out
+
+
+def _value(row: Any) -> float | None:
+    return row.get("value") if isinstance(row, dict) else None
+
+
+def _note(row: Any) -> str:
+    if not isinstance(row, dict):
+        return ""
+    if row.get("value") is None:
+        return row.get("note", "not computed")
+    extra = [f"{row['pct']:.2f} % of the crop" if "pct" in row else "",
+             f"{row['frames']} frames" if "frames" in row else "", f"{row['clips']} clips" if "clips" in row else "",
+             f"{row['dropped_frames']} hand frames left out" if row.get("dropped_frames") else ""]
+    return ", ".join(e for e in extra if e)
+
+
+def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Progress, *, evaluation: Path,
+        settings: SimpleNamespace) -> dict[str, Any]:
+    ev = _evaluation(evaluation)
+    meta = read_meta(inputs["ingest"])
+    clips = sorted(meta["clips"], key=lambda c: c["start"])
+    test_clips = [c for c in clips if c["split"] == "test"]
+    info = motion.read_info(ev["motion"])
+    n = int(info["frames"])
+    scored = json.loads((ev["metrics"] / metrics.RESULT).read_text())
+    source_summary = (read_manifest(inputs["source"]) or {}).get("summary", {})
+    fine = read_manifest(inputs["finetune"]) or {}
+    train_log = json.loads((inputs["finetune"] / "body" / TRAIN_LOG).read_text())
+    fit_summary = (read_manifest(inputs["smplx_fit"]) or {}).get("summary", {})
+
+    # the grid: source | mesh condition | generated | face-enhanced | the baseline's copy, a few frames of each
+    # held-out clip
+    picks = [p for p in samples(test_clips, params.frames_per_clip) if p[2] < n]
+    progress.start("report: sample frames", len(picks))
+    final = face.final_frames(ev["render_body"], ev["face"], n)
+    side = params.thumbnail
+    grid: list[tuple[str, list[np.ndarray]]] = []
+    cells: list[dict[str, Any]] = []
+    for clip, k, t in picks:
+        png = frame_name(t, "png")
+        images = [read_rgb(clip_frame_paths(inputs["ingest"], clip)[k], side),
+                  read_rgb(ev["render_body"] / render_body.COND / png, side),
+                  read_rgb(ev["render_body"] / render_body.FRAMES / png, side),
+                  read_rgb(final[t], side), _nearest(ev["metrics"] / metrics.NEAREST / png, side)]
+        name = f"{clip['name']} #{k}"
+        grid.append((name, images))
+        cells.append({"name": name, "frame": t, "images": [_data_uri(i) for i in images],
+                      "face_redone": final[t].is_relative_to(ev["face"])})
+        progress.advance(1)
+    sheet = contact_sheet(grid) if grid else np.full((32, len(COLUMNS) * side, 3), 255, np.uint8)
+    write_png(out / SHEET, sheet)
+
+    fit_rows = _read_csv(inputs["smplx_fit"] / "fit_error.csv")
+    lmd_rows = _read_csv(ev["metrics"] / metrics.PER_FRAME)
+    write_plots(out / PLOTS, fit_rows, lmd_rows)
+    boundaries, index = [], 0
+    for clip in clips:
+        boundaries.append((index, clip["split"]))
+        index += int(clip["frames"])
+
+    times = stage_times({**{s: inputs[s] for s in STAGE.inputs}, **{s: d for s, d in ev.items() if d.is_dir()}})
+
+    real_rates = detection_rates(inputs["keypoints"])
+    dvc_metrics: dict[str, Any] = {k: _value(scored.get(k)) for k in ROWS}
+    dvc_metrics.update({
+        "frames": n,
+        "detection_rate": real_rates.get("all", {}),
+        "detection_rate_generated": scored.get("detection_rate_generated", {}),
+        "fit_error_pct": fit_summary.get("error_pct", {}),
+        "fit_jitter_ratio": fit_summary.get("jitter_ratio"),
+    })
+    (out / METRICS).write_text(json.dumps(dvc_metrics, indent=2, sort_keys=True) + "\n")
+
+    table = [{"name": label, "value": _value(scored.get(key)), "note": _note(scored.get(key)),
+              "paper": PAPER.get(key)} for key, label in ROWS.items()]
+    page = Environment(autoescape=True).from_string(TEMPLATE).render(
+        identity=fine.get("identity", ""), source=source_summary, clips=clips, fps=meta.get("fps", 30),
+        resolution=meta.get("resolution"), model_version=(fine.get("output_hash") or "")[:12],
+        model_finished=fine.get("finished_at"), code=fine.get("code_version", {}), profile=train_log.get("profile"),
+        train_resolution=train_log.get("resolution"), real_rates=real_rates,
+        generated_rates=scored.get("detection_rate_generated", {}), fit=fit_summary,
+        fit_svg=fit_plot_svg(fit_rows, boundaries), cells=cells, columns=COLUMNS, table=table,
+        detector=scored.get("detector"), hand_rule=scored.get("hand_outlier_rule"), frames=n, times=times,
+        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1))
+    (out / HTML).write_text(page)
+    return {"frames": n, "samples": len(cells), "metrics": {k: dvc_metrics[k] for k in ROWS},
+            "stages_timed": sum(t["seconds"] is not None for t in times)}
+
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ identity }}: Make-Your-Anchor+ report</title>
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}img{display:block}
+</style></head><body>
+<h1>{{ identity }} — Make-Your-Anchor+ report</h1>
+<h2>Summary</h2>
+<table>
+<tr><th>source</th><td>{{ source.get("original_name", "?") }}
+  <span class="muted">sha256 {{ source.get("source_sha256", "")[:16] }}</span></td></tr>
+<tr><th>clips</th><td>{{ clips|length }} at {{ fps }} fps, {{ resolution }} px crop:
+  {% for c in clips %}{{ c.name }} ({{ c.split }}, {{ c.frames }} frames){% if not loop.last %}, {% endif %}{% endfor %}
+</td></tr>
+<tr><th>model version</th><td>finetune {{ model_version }} <span class="muted">made {{ model_finished }},
+  code {{ code.get("commit", "?")[:12] }}{% if code.get("dirty") %} (uncommitted changes){% endif %}</span></td></tr>
+<tr><th>profile</th><td>{{ profile }} (trained at {{ train_resolution }} px)
+{% if profile == "tiny" %}<br><b>The tiny profile uses small random-initialised models: its pictures are noise by
+design and its scores say nothing about quality.</b>{% elif profile == "cpu" %}<br>The cpu profile learns this
+person from scratch on a CPU, with no pretrained weights: judge it against the baseline rows and the last column of
+the grid, which copy the nearest training frame.{% endif %}</td></tr>
+<tr><th>evaluation</th><td>the identity's own held-out clips ({{ frames }} frames) rendered by this model</td></tr>
+</table>
+
+<h2>Metrics</h2>
+<table><tr><th>metric</th><th>this identity</th><th>paper, Table I (Ours)</th><th>notes</th></tr>
+{% for r in table %}<tr><td>{{ r.name }}</td>
+<td class="n">{% if r.value is none %}—{% else %}{{ "%.4g"|format(r.value) }}{% endif %}</td>
+<td class="n">{% if r.paper is none %}—{% else %}{{ r.paper }}{% endif %}</td><td>{{ r.note }}</td></tr>
+{% endfor %}</table>
+<p class="muted">Landmarks: {{ detector }}. Hand outliers: {{ hand_rule }}.
+LMD is in pixels at this identity's crop; the paper's at its own crop and with OpenPose, so compare
+tendencies, not digits. FID/FVD over one identity's held-out frames are small-sample estimates.</p>
+
+<h2>Detection rates (MediaPipe on the real frames)</h2>
+<table><tr><th>split</th>{% for p in real_rates.get("all", {}) %}<th>{{ p }}</th>{% endfor %}</tr>
+{% for split, rates in real_rates.items() %}<tr><td>{{ split }}</td>
+{% for p, v in rates.items() %}<td class="n">{{ "%.1f"|format(100 * v) }} %</td>{% endfor %}</tr>{% endfor %}
+{% if generated_rates %}<tr><td>generated (held-out)</td>
+{% for p in real_rates.get("all", {}) %}<td class="n">{% if p in generated_rates %}{{ "%.1f"|format(100 *
+generated_rates[p]) }} %{% else %}—{% endif %}</td>{% endfor %}</tr>{% endif %}
+</table>
+
+<h2>SMPL-X fit</h2>
+<p>Median reprojection error: {% for p, v in fit.get("error_pct", {}).items() %}{{ p }}
+{% if v is none %}—{% else %}{{ v }} %{% endif %}{% if not loop.last %}, {% endif %}{% endfor %} of the crop;
+jitter of the fit {{ fit.get("jitter_fit_px") }} px vs the detections' {{ fit.get("jitter_detections_px") }} px
+(ratio {{ fit.get("jitter_ratio") }}).</p>
+{{ fit_svg|safe }}
+
+<h2>Sample frames of the held-out clips</h2>
+{% if cells %}<table><tr><th></th>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for cell in cells %}<tr><td>{{ cell.name }}<br><span class="muted">render frame {{ cell.frame }}
+{% if not cell.face_redone %}<br>face not redone (hidden or turned away){% endif %}</span></td>
+{% for img in cell.images %}<td><img src="{{ img }}" alt="{{ columns[loop.index0] }}"></td>{% endfor %}</tr>
+{% endfor %}</table>{% else %}<p>No held-out frames.</p>{% endif %}
+
+<h2>Time per stage (the runs that made the artifacts shown)</h2>
+<table><tr><th>stage</th><th>seconds</th><th>peak RSS (MB)</th><th>host</th><th>started</th></tr>
+{% for t in times %}<tr><td>{{ t.stage }}</td>
+<td class="n">{% if t.seconds is none %}—{% else %}{{ "%.1f"|format(t.seconds) }}{% endif %}</td>
+<td class="n">{% if t.peak_rss_mb is none %}—{% else %}{{ "%.0f"|format(t.peak_rss_mb) }}{% endif %}</td>
+<td>{{ t.host or "" }}</td><td>{{ t.started_at or "" }}</td></tr>
+{% endfor %}<tr><th>total</th><td class="n">{{ total_seconds }}</td><td colspan="3"></td></tr></table>
+</body></html>
+"""

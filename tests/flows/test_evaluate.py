@@ -1,0 +1,121 @@
+"""The training commands and the evaluation flow: finetune, held-out render, metrics, the report DVC reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.artifacts import read_manifest
+from core.workspace import Workspace
+from tasks.registry import artifact_dir
+from tests.conftest import FEW, ONBOARDED_ID, cli, copy_workspace, set_param
+
+pytestmark = pytest.mark.slow
+ID = ONBOARDED_ID
+
+
+@pytest.fixture
+def ws(tmp_path: Path, trained: Path) -> Workspace:
+    """A private copy of the trained identity for each test: none depends on what another one left."""
+    return Workspace(copy_workspace(trained, tmp_path / "ws"))
+
+
+def _dvc(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True)
+
+
+def test_training_commands_run_the_flows(ws: Workspace) -> None:
+    # the template's finetune was made under the same cache key: taken as it is, not trained again
+    cached = cli(ws.root, "finetune", ID, "--no-evaluate")
+    assert cached.returncode == 0 and f"finetune[{ID}]: cached" in cached.stdout, cached.stdout + cached.stderr
+    set_param(ws.root, "finetune", "steps", {**FEW["steps"], "tiny": 3})
+    done = cli(ws.root, "finetune", ID)
+    assert done.returncode == 0, done.stderr
+    assert f"finetune[{ID}]: ran" in done.stdout and "body: 3 steps (from 0)" in done.stdout
+    # then the evaluation protocol: the held-out clips rendered, scored, reported
+    for stage in ("render_body", "face", "assemble", "metrics"):
+        assert f"{stage}[{ID}/" in done.stdout, done.stdout
+    assert f"report: {ws.root / 'data/reports' / ID / 'report.html'}" in done.stdout
+    assert "fid not computed" in done.stdout
+    assert f"{ID} model v2 (new" in done.stdout and f"git tag {ID}-v2" in done.stdout
+    again = cli(ws.root, "finetune", ID)
+    assert again.returncode == 0 and f"finetune[{ID}]: cached" in again.stdout, again.stdout + again.stderr
+    bad = cli(ws.root, "finetune", "Not A Name")
+    assert bad.returncode != 0 and "invalid identity name" in bad.stderr
+
+
+def test_evaluate_writes_a_self_contained_report_that_dvc_reads(ws: Workspace) -> None:
+    import re
+
+    import cv2
+
+    first = cli(ws.root, "evaluate", ID)
+    assert first.returncode == 0, first.stderr
+    report = ws.root / "data" / "reports" / ID
+    assert f"report: {report / 'report.html'}" in first.stdout
+    page = (report / "report.html").read_text()
+    # self-contained: every image is embedded, nothing is fetched
+    assert not re.search(r"(src|href)=\"(https?:|//)", page) and "<link" not in page and "<script" not in page
+    test_clips = [c for c in json.loads((artifact_dir(ws, "ingest", ID) / "meta.json").read_text())["clips"]
+                  if c["split"] == "test"]
+    rows = sum(min(3, c["frames"]) for c in test_clips)
+    assert page.count('src="data:image/jpeg;base64,') == 5 * rows  # … | nearest training frame
+    assert "<svg" in page and "35.91" in page and "53.38" in page and "OpenPose" in page
+    assert "not computed: no Inception weights" in page and "not computed: no I3D weights" in page
+    assert "pictures are noise" in page  # the tiny profile says so
+    sheet = cv2.imread(str(report / "contact_sheet.png"))
+    assert sheet.shape == (22 + rows * (22 + 192), 5 * 192, 3)
+    assert "nearest training frame" in page and "SSIM in the person" in page
+    # time per stage from the manifests of the artifacts shown: the identity's nine and the evaluation render's five
+    assert read_manifest(report)["summary"]["stages_timed"] == 14
+    times = page[page.index("Time per stage"):]
+    for stage in ("source", "smplx_fit", "pretrain", "finetune", "render_body", "metrics"):
+        assert f"<tr><td>{stage}</td>" in times
+    scored = json.loads((report / "metrics.json").read_text())
+    assert scored["fid"] is None and scored["fvd"] is None and scored["frames"] == 19
+    assert scored["flicker"] > 0 and set(scored["detection_rate"]) == {"body", "left_hand", "right_hand", "face"}
+    fit = (report / "plots" / "fit_error_body_pct.csv").read_text().splitlines()
+    assert fit[0] == "frame,body_pct" and len(fit) > 20
+    assert sorted(p.name for p in (report / "plots").iterdir()) == [
+        "fit_error_body_pct.csv", "fit_error_face_pct.csv", "fit_error_hands_pct.csv", "lmd_body_px.csv",
+        "lmd_face_px.csv"]
+
+    again = cli(ws.root, "evaluate", ID)
+    assert again.returncode == 0 and f"report[{ID}]: cached" in again.stdout, again.stdout + again.stderr
+    # recorded in DVC: up to date, and `dvc metrics show` / `dvc plots show` read it
+    status = _dvc(ws, "status", f"report@{ID}")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    shown = json.loads(_dvc(ws, "metrics", "show", "--json").stdout)
+    metrics_file = f"data/reports/{ID}/metrics.json"
+    workspace = next(iter(shown.values()))  # keyed "" before the first git commit, "workspace" after
+    assert workspace["data"][metrics_file]["data"]["flicker"] == scored["flicker"]
+    plots = json.loads(_dvc(ws, "plots", "show", "--json").stdout)["data"]
+    assert f"data/reports/{ID}/contact_sheet.png" in plots and f"data/reports/{ID}/plots/lmd_face_px.csv" in plots
+
+    # a second version of the identity (another render seed): `dvc metrics diff` compares the two
+    subprocess.run(["git", "add", "dvc.lock", "dvc.yaml", "params.yaml", "identities.yaml"], cwd=ws.root,
+                   check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", "v1"],
+                   cwd=ws.root, check=True, capture_output=True)
+    params = yaml.safe_load((ws.root / "params.yaml").read_text())
+    params["render_body"]["seed"] = 7
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        second = cli(ws.root, "evaluate", ID)
+        assert second.returncode == 0, second.stderr
+        diff = json.loads(_dvc(ws, "metrics", "diff", "--json").stdout)
+        changed = diff[metrics_file]
+        assert changed["flicker"]["old"] == scored["flicker"] and changed["flicker"]["new"] != scored["flicker"]
+    finally:
+        params["render_body"]["seed"] = 0
+        (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_report_is_made_by_evaluate_not_stage_run(ws: Workspace) -> None:
+    done = cli(ws.root, "stage", "run", "report", ID)
+    assert done.returncode != 0 and f"report is made by `anchor evaluate {ID}`" in done.stderr

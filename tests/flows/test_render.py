@@ -1,0 +1,95 @@
+"""The render flow through the command line: caching, motion specs, copies out of the workspace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import InputError
+from core.workspace import Workspace
+from tasks import smplx_table
+from tasks.registry import artifact_dir
+from tasks.stages import motion as motion_task
+from tests.conftest import ONBOARDED_ID, cli, copy_workspace, held_out, video_frames
+
+pytestmark = pytest.mark.slow
+ID = ONBOARDED_ID
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
+    return Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+
+
+def test_anchor_render_command_caches_and_copies_the_video_out(ws: Workspace, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "demo.mp4"
+    first = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--out", str(out), "--frames", "8")
+    assert first.returncode == 0, first.stderr
+    assert f"video: {out}" in first.stdout and "assemble" in first.stdout
+    assert len(video_frames(out)) == 8
+    second = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--out", str(out), "--frames", "8")
+    assert second.returncode == 0, second.stderr
+    for stage in ("motion", "render_body", "face", "assemble"):
+        assert f"{stage}: cached" in second.stdout, second.stdout
+    assert any(out.read_bytes() == p.read_bytes() for p in ws.root.glob("data/renders/demo/*/assemble/video.mp4"))
+    # errors name what is wrong, before any work
+    missing = cli(ws.root, "render", ID, "--motion", str(tmp_path / "nope.npz"))
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+    stranger = cli(ws.root, "render", "nobody", "--motion", "nobody:test")
+    assert stranger.returncode != 0 and "has no finetune yet" in stranger.stderr
+
+
+def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path) -> None:
+    import shutil
+
+    from flows.render import stage_motion
+
+    own, _ = held_out(ws)
+    key, staged = stage_motion(ws, None, ID, f"{ID}:test", None)  # type: ignore[arg-type]
+    _, blocks = smplx_table.read(staged / smplx_table.TABLE)
+    assert all(np.array_equal(blocks[k], own[k]) for k in own)  # its own fit, not retargeted
+    assert motion_task.read_info(staged)["kind"] == "held_out"
+    assert stage_motion(ws, None, ID, f"{ID}:test", None)[0] == key  # content-addressed: same motion, same key
+    assert stage_motion(ws, None, ID, f"{ID}:test", 5)[0] != key
+
+    # another identity's held-out clips (a copy of this one's artifacts under a second name) are retargeted
+    for stage in ("ingest", "smplx_fit"):
+        shutil.copytree(artifact_dir(ws, stage, ID), artifact_dir(ws, stage, "other"))
+    _, other = stage_motion(ws, None, ID, "other:test", None)  # type: ignore[arg-type]
+    info = motion_task.read_info(other)
+    assert info["kind"] == "other_identity" and info["frames"] == 19
+    _, moved = smplx_table.read(other / smplx_table.TABLE)
+    assert np.allclose(moved["body_pose"], own["body_pose"], atol=1e-5)  # the same person: the pose carries over
+
+    # a motion file (this project's own fit format)
+    path = tmp_path / "dance.parquet"
+    motion_task.write(path, own)
+    _, staged_file = stage_motion(ws, None, ID, str(path), None)  # type: ignore[arg-type]
+    assert motion_task.read_info(staged_file)["kind"] == "file"
+    with pytest.raises(InputError, match="no such file"):
+        stage_motion(ws, None, ID, str(tmp_path / "missing.npz"), None)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="has no smplx_fit yet"):
+        stage_motion(ws, None, ID, "nobody:test", None)  # type: ignore[arg-type]
+
+
+def test_lineage_of_a_copy_outside_the_workspace_is_found_by_content(ws: Workspace, tmp_path: Path) -> None:
+    out = tmp_path / "delivery" / "spot.mp4"
+    done = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--frames", "8", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    traced = cli(ws.root, "lineage", str(out), "--json")
+    assert traced.returncode == 0, traced.stderr
+    steps = json.loads(traced.stdout)
+    assert steps[0]["stage"] == "copy" and steps[0]["path"] == str(out)
+    assert steps[0]["copy_of"].startswith(f"data/renders/{ID}/") and steps[0]["copy_of"].endswith("/assemble")
+    stages = [s["stage"] for s in steps]
+    for stage in ("assemble", "face", "render_body", "motion", "finetune", "pretrain", "smplx_fit", "source"):
+        assert stage in stages, stages
+    source = next(s for s in steps if s["stage"] == "source")
+    assert len(source["source_sha256"]) == 64 and all(s["verified"] for s in steps)
+    stranger = tmp_path / "other.mp4"
+    stranger.write_bytes(out.read_bytes()[:-1] + b"\0")
+    refused = cli(ws.root, "lineage", str(stranger))
+    assert refused.returncode != 0 and "no render there made a file with its content" in refused.stderr

@@ -1,0 +1,103 @@
+"""The metrics stage on renders of a trained tiny identity: what it computes, and says it cannot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.artifacts import read_manifest
+from core.workspace import Workspace, render_subject
+from tasks import runner
+from tasks.frames import read_rgb
+from tasks.registry import artifact_dir
+from tasks.stages import motion as motion_task
+from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render
+
+pytestmark = pytest.mark.slow
+ID = ONBOARDED_ID
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
+    return Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+
+
+def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp_path: Path) -> None:
+    import torch
+
+    from models import fid
+
+    blocks, _ = held_out(ws)
+    subject = render(ws, blocks, kind="held_out")
+    result = runner.execute(ws, "metrics", subject)
+    art = artifact_dir(ws, "metrics", subject)
+    data = json.loads((art / "metrics.json").read_text())
+    assert data["fid"] == {"value": None, "note": data["fid"]["note"]}
+    assert data["fid"]["note"].startswith("not computed: no Inception weights")
+    assert data["fvd"]["note"].startswith("not computed: no I3D weights")
+    assert "OpenPose" in data["detector"] and "0.1 of the frame side" in data["hand_outlier_rule"]
+    for part in ("face", "body", "hand"):
+        row = data[f"lmd_{part}"]
+        assert (row["value"] is None and row["note"].startswith("not computed")) or row["value"] >= 0
+    assert set(data["detection_rate_generated"]) == {"body", "face", "left_hand", "right_hand"}
+    assert data["flicker"]["value"] >= 0 and data["flicker"]["change_real"] > 0
+    assert len((art / "lmd_per_frame.csv").read_text().splitlines()) == 1 + 19
+    assert result.summary["ground_truth"] is True
+    # SSIM inside the person and the nearest-training-frame baseline, scored the same way
+    assert -1 <= data["ssim_person"]["value"] <= 1 and data["ssim_person"]["frames"] == 19
+    assert -1 <= data["baseline_ssim_person"]["value"] <= 1
+    assert data["baseline_lmd_body"]["value"] >= 0 and set(data["baseline_detection_rate"]) == {
+        "body", "face", "left_hand", "right_hand"}
+    rows = list(csv.DictReader((art / "nearest.csv").read_text().splitlines()))
+    assert [int(r["frame"]) for r in rows] == list(range(19))
+    ingest = artifact_dir(ws, "ingest", ID)
+    train_clips = {c["name"] for c in json.loads((ingest / "meta.json").read_text())["clips"]
+                   if c["split"] == "train"}
+    assert {r["train_clip"] for r in rows} <= train_clips
+    side = read_rgb(art / "nearest" / "000000.png").shape[0]
+    for r in rows[:3]:  # each baseline frame is the named training frame, at the render's size
+        copied = read_rgb(art / "nearest" / f"{int(r['frame']):06d}.png")
+        source = read_rgb(ingest / "frames" / r["train_clip"] / f"{int(r['train_frame']):06d}.jpg", side)
+        assert np.array_equal(copied, source)
+    assert sorted(p.name for p in (art / "nearest").iterdir()) == [f"{t:06d}.png" for t in range(19)]
+
+    # with a (small, random) Inception network saved to disk, FID is a number from the same loading code
+    weights = tmp_path / "inception.pth"
+    torch.manual_seed(0)
+    torch.save(fid.InceptionV3Pool(width=0.125).state_dict(), weights)
+    scored = runner.execute(ws, "metrics", subject, overrides={"inception_weights": str(weights)})
+    assert scored.summary["fid"] is not None and scored.summary["fid"] >= 0
+    assert any(i.get("param") == "metrics.inception_weights" for i in read_manifest(art)["inputs"])
+
+
+def test_metrics_of_a_foreign_motion_are_not_computed(ws: Workspace, tmp_path: Path) -> None:
+    blocks, _ = held_out(ws)
+    key, staged = motion_task.stage(ws.state / "motions", {k: v[:6] for k, v in blocks.items()},
+                                    {"kind": "file"}, None)
+    subject = render_subject(ID, key)
+    runner.execute(ws, "motion", subject, external=staged)
+    for stage in ("render_body", "face", "metrics"):
+        runner.execute(ws, stage, subject)
+    data = json.loads((artifact_dir(ws, "metrics", subject) / "metrics.json").read_text())
+    assert all(data[k]["note"].startswith("not computed: no ground truth") for k in ("fid", "fvd", "lmd_body"))
+
+
+def test_the_real_frames_scored_as_if_generated_are_perfect(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-out frames themselves in place of a render: the same detector sees the same landmarks (LMD ≈ 0),
+    SSIM inside the person is 1 and there is no flicker. A metric that is off by a frame, a scale or an axis fails."""
+    from tasks.stages import face, metrics
+
+    blocks, _ = held_out(ws)
+    subject = render(ws, blocks, kind="held_out")
+    real = metrics.real_frames(artifact_dir(ws, "ingest", ID), len(blocks["transl"]))
+    monkeypatch.setattr(face, "final_frames", lambda body, face_dir, n: real[:n])
+    runner.execute(ws, "metrics", subject, overrides={"hand_outlier": 0.11})  # its own cache key
+    data = json.loads((artifact_dir(ws, "metrics", subject) / "metrics.json").read_text())
+    assert data["lmd_body"]["value"] < 0.5 and data["lmd_face"]["value"] < 0.5, (data["lmd_body"], data["lmd_face"])
+    assert data["lmd_body"]["frames"] == 19
+    assert data["ssim_person"]["value"] == pytest.approx(1.0, abs=1e-9)
+    assert data["flicker"]["value"] == 0.0 and data["flicker"]["change_real"] > 0

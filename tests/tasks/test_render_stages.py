@@ -1,0 +1,129 @@
+"""The render stages on the tiny profile, on a really trained (briefly) identity: motion → render_body → face →
+assemble through the runner. Tiny pictures are noise; these tests pin the plumbing: lengths, seeds, faces that come
+and go, audio, and what the manifests record."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy.spatial.transform import Rotation
+
+from core.artifacts import read_manifest
+from core.errors import InputError, StageError
+from core.workspace import Workspace
+from tasks import runner
+from tasks.registry import artifact_dir
+from tasks.stages import motion as motion_task
+from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render, video_frames
+
+pytestmark = pytest.mark.slow
+ID = ONBOARDED_ID
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
+    return Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+
+
+def test_held_out_render_has_the_motions_length_and_records_what_shaped_it(ws: Workspace) -> None:
+    blocks, _ = held_out(ws)
+    n = len(blocks["transl"])
+    meta = json.loads((artifact_dir(ws, "ingest", ID) / "meta.json").read_text())
+    assert n == sum(c["frames"] for c in meta["clips"] if c["split"] == "test") == 19
+    subject = render(ws, blocks)
+    art = artifact_dir(ws, "assemble", subject)
+    assert art == ws.root / "data" / "renders" / ID / subject.split("/")[1] / "assemble"
+    frames = video_frames(art / "video.mp4")
+    assert len(frames) == n and frames[0].shape == (64, 64, 3)  # the tiny checkpoint's resolution
+    with av.open(str(art / "video.mp4")) as c:
+        assert c.streams.video[0].codec_context.name == "h264" and c.streams.video[0].average_rate == 30
+        assert not c.streams.audio  # the cut test clip has no sound
+    record = json.loads((art / "render.json").read_text())
+    fine = read_manifest(artifact_dir(ws, "finetune", ID))["output_hash"]
+    assert record["model_version"] == fine
+    assert record["motion"]["hash"] == read_manifest(artifact_dir(ws, "motion", subject))["output_hash"]
+    assert record["params"]["render_body"]["steps"] == 3 and record["params"]["render_body"]["window"] == 16
+    assert record["params"]["face"]["enabled"] is True and record["frames"] == n
+    body = read_manifest(artifact_dir(ws, "render_body", subject))
+    assert body["summary"]["frame_evals_per_step"] == 32 and body["summary"]["windows"] == 2  # 19 frames: 0, 3
+    owners = {(i.get("stage"), i.get("identity")) for i in body["inputs"] if "stage" in i}
+    assert owners == {("motion", subject), ("finetune", ID), ("smplx_fit", ID), ("ingest", ID)}
+    # the conditions the body model saw are kept beside its frames, one per motion frame
+    assert len(list((artifact_dir(ws, "render_body", subject) / "cond").glob("*.png"))) == n
+
+
+def test_same_seed_same_frames_other_seed_other_frames(ws: Workspace) -> None:
+    blocks, _ = held_out(ws)
+    subject = render(ws, blocks)
+    first = read_manifest(artifact_dir(ws, "render_body", subject))["output_hash"]
+    again = runner.execute(ws, "render_body", subject)  # recomputed from scratch by the runner
+    assert again.output_hash == first
+    other = runner.execute(ws, "render_body", subject, overrides={"seed": 1})
+    assert other.output_hash != first
+    shared = runner.execute(ws, "render_body", subject, overrides={"noise": "shared"})
+    assert shared.output_hash not in (first, other.output_hash)
+    with pytest.raises(StageError, match="invalid override"):
+        runner.execute(ws, "render_body", subject, overrides={"overlap": 16})
+
+
+def test_faces_that_leave_the_view_pass_through_and_nothing_crashes(ws: Workspace) -> None:
+    blocks, _ = held_out(ws)
+    blocks = {k: v.copy() for k, v in blocks.items()}
+    away = slice(5, 9)
+    turn = Rotation.from_euler("y", 180, degrees=True)
+    blocks["global_orient"][away] = (turn * Rotation.from_rotvec(blocks["global_orient"][away])).as_rotvec()
+    blocks["transl"][12:14, 0] += 5.0  # far out of view to the side
+    subject = render(ws, blocks)
+    face_dir = artifact_dir(ws, "face", subject)
+    table = pq.read_table(face_dir / "faces.parquet").to_pandas()
+    reasons = dict(zip(table["frame"], table["reason"], strict=True))
+    assert {reasons[i] for i in range(5, 9)} == {"turned_away"}
+    assert {reasons[i] for i in (12, 13)} == {"out_of_view"}
+    redone = sorted(int(p.stem) for p in (face_dir / "frames").glob("*.png"))
+    assert redone == [int(f) for f, v in zip(table["frame"], table["visible"], strict=True) if v]
+    assert redone == [0, 1, 2, 3, 4, 9, 10, 11, 14, 15, 16, 17, 18]
+    summary = read_manifest(face_dir)["summary"]
+    assert summary["runs"] == 3 and summary["missing"] == {"turned_away": 4, "out_of_view": 2}
+    assert len(video_frames(artifact_dir(ws, "assemble", subject) / "video.mp4")) == 19
+
+
+def test_no_face_leaves_every_body_frame(ws: Workspace) -> None:
+    blocks, _ = held_out(ws)
+    subject = render(ws, blocks, overrides={"face": {"enabled": False}})
+    assert not list((artifact_dir(ws, "face", subject) / "frames").glob("*"))
+    assert read_manifest(artifact_dir(ws, "assemble", subject))["summary"]["faces_enhanced"] == 0
+
+
+def test_driving_audio_is_muxed_with_the_motions_duration(ws: Workspace, tmp_path: Path) -> None:
+    wav = tmp_path / "tone.wav"
+    rate, seconds = 16000, 2.0
+    t = np.arange(int(rate * seconds)) / rate
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+    blocks, _ = held_out(ws)
+    blocks = {k: v[:12] for k, v in blocks.items()}
+    subject = render(ws, blocks, audio=wav)
+    video = artifact_dir(ws, "assemble", subject) / "video.mp4"
+    with av.open(str(video)) as c:
+        assert len(c.streams.audio) == 1
+        audio = c.streams.audio[0]
+        samples = sum(f.samples for f in c.decode(audio))
+        assert audio.rate == rate
+    assert abs(samples / rate - 12 / 30) < 0.07  # the cut is 0.4 s; AAC frames round it up a little
+    assert len(video_frames(video)) == 12
+
+
+def test_render_stages_refuse_an_identity_owner(ws: Workspace) -> None:
+    with pytest.raises(StageError, match="belongs to a render"):
+        runner.execute(ws, "render_body", ID)
+    with pytest.raises(InputError, match="--frames 500: the motion has only 19"):
+        motion_task.stage(ws.state / "motions", held_out(ws)[0], {}, None, frames=500)

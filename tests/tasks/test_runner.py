@@ -1,0 +1,67 @@
+"""The runner: one stage under the contract — cache key recorded, an artifact of the same key taken as it is, the
+declared outputs checked, nothing half-written left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.artifacts import read_manifest
+from core.errors import StageError
+from core.workspace import Workspace
+from tasks import registry, runner
+from tests.conftest import ONBOARDED_ID, copy_workspace
+
+ID = ONBOARDED_ID
+
+
+@pytest.fixture
+def ws(tmp_path: Path, onboarded: Path) -> Workspace:
+    return Workspace(copy_workspace(onboarded, tmp_path / "ws"))
+
+
+def _stamp(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_the_manifest_records_the_cache_key_and_a_second_run_takes_the_artifact_untouched(ws: Workspace) -> None:
+    spec = registry.get("perturb")
+    key = runner.cache_key(ws, spec, ID, runner.input_hashes(ws, spec, ID))
+    art = registry.artifact_dir(ws, "perturb", ID)
+    assert read_manifest(art)["cache_key"] == key
+    before = _stamp(art)
+    again = runner.execute(ws, "perturb", ID)
+    assert again.reused and again.cache_key == key and _stamp(art) == before  # no file written
+    changed = runner.execute(ws, "perturb", ID, overrides={"seed": 3})
+    assert not changed.reused and changed.cache_key != key
+    assert read_manifest(art)["cache_key"] == changed.cache_key
+
+
+def test_an_altered_artifact_is_made_again_not_trusted(ws: Workspace) -> None:
+    art = registry.artifact_dir(ws, "perturb", ID)
+    table = art / "params.parquet"
+    original = table.read_bytes()
+    table.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    again = runner.execute(ws, "perturb", ID)
+    assert not again.reused and table.read_bytes() == original
+
+
+def test_a_stage_that_does_not_write_what_it_declares_fails_and_leaves_nothing(ws: Workspace, monkeypatch) -> None:
+    from tasks.stages import perturb
+
+    monkeypatch.setattr(perturb, "run", lambda inputs, out, params, progress: {"frames": 0})
+    art = registry.artifact_dir(ws, "perturb", ID)
+    before = _stamp(art)
+    with pytest.raises(StageError, match=r"perturb did not write its declared output\(s\) params.parquet"):
+        runner.execute(ws, "perturb", ID, overrides={"seed": 4})
+    assert _stamp(art) == before
+    assert not [p for p in art.parent.iterdir() if p.name.startswith(".perturb")]
+
+
+def test_a_shared_stage_reads_each_identitys_artifacts_by_name(ws: Workspace) -> None:
+    from core.workspace import SHARED
+
+    dirs = runner.input_dirs(ws, registry.get("pretrain"), SHARED)
+    assert {k: (stage, owner) for k, (stage, owner, _) in dirs.items()} == {
+        f"{s}@{ID}": (s, ID) for s in ("ingest", "matting", "render_mesh")}

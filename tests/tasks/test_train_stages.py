@@ -1,0 +1,225 @@
+"""pretrain and finetune on the tiny profile, on real artifacts: outputs, frozen prior, learning, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from core.artifacts import read_manifest
+from core.errors import StageError
+from core.hashing import sha256_file
+from core.workspace import SHARED, Workspace
+from models import parts, pipeline
+from models.sgdm import SGDM
+from tasks import runner, training
+from tasks.registry import artifact_dir
+from tests.conftest import ONBOARDED_ID, copy_workspace
+
+pytestmark = pytest.mark.slow
+ID = ONBOARDED_ID
+TRAIN = {"steps": {"tiny": 60, "cpu": 1, "sd15": 1}, "face_steps": {"tiny": 6, "cpu": 1, "sd15": 1},
+         "save_every": 20}
+
+
+def test_pretrain_needs_an_identity(workspace: Path) -> None:
+    with pytest.raises(StageError, match="needs at least one onboarded identity"):
+        runner.execute(Workspace(workspace), "pretrain", SHARED)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Workspace:
+    params = {"pretrain": TRAIN, "finetune": {**TRAIN, "steps": {"tiny": 400, "cpu": 1, "sd15": 1}}}
+    ws = Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("train") / "ws", params))
+    runner.execute(ws, "pretrain", SHARED)
+    runner.execute(ws, "finetune", ID)
+    return ws
+
+
+def test_checkpoints_and_manifests(learned: Workspace) -> None:
+    pre = artifact_dir(learned, "pretrain", SHARED)
+    fine = artifact_dir(learned, "finetune", ID)
+    assert pre == learned.root / "data/checkpoints/pretrain"
+    assert fine == learned.root / "data/checkpoints/identities/demo/finetune"
+    for root in (pre, fine):
+        for which in ("body", "face"):
+            assert (root / which / "unet/diffusion_pytorch_model.safetensors").is_file()
+            assert (root / which / "controlnet/config.json").is_file()
+    m = read_manifest(fine)
+    kinds = {i.get("kind") for i in m["inputs"]}
+    assert "base_models" in kinds
+    assert any(i.get("stage") == "pretrain" and i.get("identity") == SHARED for i in m["inputs"])
+    pm = read_manifest(pre)
+    assert pm["summary"]["identities"] == [ID]
+    assert {i["stage"] for i in pm["inputs"] if "stage" in i} == {"ingest", "matting", "render_mesh"}
+    assert json.loads((fine / "face" / "sgdm_config.json").read_text())["inpaint"] is True
+    # resumable state is dropped once the artifact is complete
+    assert not any((learned.state / "scratch").rglob("step.json"))
+
+
+def test_losses_fall_and_the_prior_stays_frozen(learned: Workspace) -> None:
+    s = read_manifest(artifact_dir(learned, "pretrain", SHARED))["summary"]
+    assert s["body"]["loss_last"] < 0.5 * s["body"]["loss_first"]
+    paths = runner.base_paths(learned)
+    fresh = parts.new_sgdm(paths)
+    tuned = SGDM.from_pretrained(artifact_dir(learned, "finetune", ID) / "body")
+    t0, t1 = fresh.temporal_parameters(), tuned.temporal_parameters()
+    assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
+    s0, s1 = fresh.spatial_parameters(), tuned.spatial_parameters()
+    assert sum(not torch.equal(s0[k], s1[k]) for k in s0) > 0.9 * len(s0)
+
+
+def _training_batches(ws: Workspace, n: int) -> tuple[list[dict[str, torch.Tensor]], object, object]:
+    from tasks.training_data import ClipBatches, load_identity
+
+    paths = runner.base_paths(ws)
+    vae, enc = parts.load_vae(paths).eval(), parts.load_image_encoder(paths).eval()
+    ident = load_identity(ID, artifact_dir(ws, "ingest", ID), artifact_dir(ws, "render_mesh", ID),
+                          artifact_dir(ws, "ingest", ID), res=64, video_length=4)
+    gen = torch.Generator().manual_seed(0)
+    return [ClipBatches([ident], vae, enc, 4, 0.0).batch(gen, 1) for _ in range(n)], vae, parts.load_scheduler(paths)
+
+
+def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_one(learned: Workspace) -> None:
+    """Full generation from noise (20 DDIM steps, guidance 3.5) for a training clip's mesh condition and a
+    reference of the same person: the identity's model comes closer to the real frames than the pretrained one,
+    which never saw backgrounds. Pixels are compared with the real frames passed through the (random) tiny VAE,
+    the best its decoder can show."""
+    batches, vae, sched = _training_batches(learned, 3)
+
+    def error(model: SGDM) -> float:
+        model.eval()
+        errs = []
+        for k, batch in enumerate(batches):
+            out = pipeline.sample(model, vae, sched, batch["tokens"], batch["cond"], steps=20, guidance=3.5,
+                                  control_scale=1.0, generator=torch.Generator().manual_seed(k))
+            real = pipeline.decode_latents(vae, batch["latents"])
+            errs.append(float((out - real).square().mean()))
+        return sum(errs) / len(errs)
+
+    pre = error(SGDM.from_pretrained(artifact_dir(learned, "pretrain", SHARED) / "body"))
+    fine = error(SGDM.from_pretrained(artifact_dir(learned, "finetune", ID) / "body"))
+    assert fine < 0.85 * pre, (fine, pre)
+
+
+def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_one(learned: Workspace) -> None:
+    """The same training frame, condition, reference and noise: the identity's own model recovers the frame from
+    a half-noised latent better than the pretrained one (learned on foregrounds only), and both beat the prior."""
+    batches, _, sched = _training_batches(learned, 3)
+    paths = runner.base_paths(learned)
+
+    def error(model: SGDM) -> float:
+        model.eval()
+        errs = []
+        for k, batch in enumerate(batches):
+            noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(10 + k))
+            t = torch.tensor([400])
+            noisy = sched.add_noise(batch["latents"], noise, t)
+            alpha = sched.alphas_cumprod[400]
+            with torch.no_grad():
+                eps = pipeline.predict_noise(model, noisy, t, batch["tokens"], batch["cond"], 1.0, 1.0)
+            x0 = (noisy - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+            errs.append(float((x0 - batch["latents"]).square().mean()))
+        return sum(errs) / len(errs)
+
+    fresh = error(parts.new_sgdm(paths))
+    pre = error(SGDM.from_pretrained(artifact_dir(learned, "pretrain", SHARED) / "body"))
+    fine = error(SGDM.from_pretrained(artifact_dir(learned, "finetune", ID) / "body"))
+    assert fine < pre < fresh, (fine, pre, fresh)
+
+
+def test_finetune_killed_midway_resumes_from_its_saved_state(learned: Workspace, monkeypatch) -> None:
+    params = yaml.safe_load(learned.params_path.read_text())
+    params["finetune"]["seed"] = 7  # a new cache key: a new version of the identity's models
+    params["finetune"]["steps"]["tiny"] = 60
+    learned.params_path.write_text(yaml.safe_dump(params))
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    real_train = training.train
+
+    def interrupted(*args, **kwargs):
+        progress = kwargs.get("progress") or args[5]
+
+        def tick(done: int, loss: float) -> None:
+            progress(done, loss)
+            calls["n"] += 1
+            if done == 50:
+                raise Stop
+
+        if len(args) > 5:
+            args = (*args[:5], tick)
+        else:
+            kwargs["progress"] = tick
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", interrupted)
+    before = read_manifest(artifact_dir(learned, "finetune", ID))["output_hash"]
+    with pytest.raises(Stop):
+        runner.execute(learned, "finetune", ID)
+    # the old version is untouched and the partial state waits in scratch
+    assert read_manifest(artifact_dir(learned, "finetune", ID))["output_hash"] == before
+    states = list((learned.state / "scratch" / "finetune" / ID).rglob("step.json"))
+    assert [json.loads(p.read_text())["step"] for p in states] == [40]
+    monkeypatch.setattr(training, "train", real_train)
+    result = runner.execute(learned, "finetune", ID)
+    assert result.summary["body"]["resumed_at"] == 40
+    assert result.output_hash != before
+    fine = artifact_dir(learned, "finetune", ID)
+    weights = sorted(fine.rglob("*.safetensors"))
+    resumed = {p.relative_to(fine): sha256_file(p) for p in weights}
+    # the same finetune run again without interruption (the scratch state is gone, the artifact removed so that it
+    # is not simply taken again): the same weights, bit for bit
+    shutil.rmtree(fine)
+    again = runner.execute(learned, "finetune", ID)
+    assert again.summary["body"]["resumed_at"] == 0
+    assert {p.relative_to(fine): sha256_file(p) for p in weights} == resumed
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_pretrain_flow_reproduces_the_checkpoint_and_records_it_in_dvc(learned: Workspace) -> None:
+    import subprocess
+    import sys
+
+    from flows.train import pretrain
+
+    before = read_manifest(artifact_dir(learned, "pretrain", SHARED))["output_hash"]
+    summary = pretrain(str(learned.root))
+    (key, result), = summary["stages"].items()
+    assert key == f"pretrain[{SHARED}]" and summary["dvc"] == ["pretrain"]
+    assert result["output_hash"] == before  # seeded training on a CPU: the same bytes again
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "pretrain"], cwd=learned.root,
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+
+
+def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{f.relative_to(checkpoint)}:{k}": v for f in sorted(checkpoint.rglob("*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+def test_finetune_starts_from_the_pretrained_weights(learned: Workspace, tmp_path: Path) -> None:
+    """With no steps, finetune is the pretrained model itself (a finetune that ignored its start would be the base
+    model instead); with steps, it has moved from there."""
+    zero = {"steps": {"tiny": 0, "cpu": 0, "sd15": 0}, "face_steps": {"tiny": 0, "cpu": 0, "sd15": 0}}
+    ws = Workspace(copy_workspace(learned.root, tmp_path / "ws", {"finetune": zero}))
+    runner.execute(ws, "finetune", ID)
+    pre, fine = artifact_dir(ws, "pretrain", SHARED), artifact_dir(ws, "finetune", ID)
+    for which in ("body", "face"):
+        a, b = _tensors(pre / which), _tensors(fine / which)
+        assert a.keys() == b.keys() and len(a) > 10
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+        # and the pretrained weights are not the base ones a finetune ignoring its start would have begun from
+        start = parts.new_sgdm(runner.base_paths(ws), face=which == "face").state_dict()
+        trained = SGDM.from_pretrained(pre / which).state_dict()
+        assert any(not torch.equal(trained[k], start[k]) for k in start), which
+    moved = _tensors(artifact_dir(learned, "finetune", ID) / "body")
+    assert any(not torch.equal(moved[k], v) for k, v in _tensors(pre / "body").items())
