@@ -25,7 +25,7 @@ from tasks.registry import artifact_dir
 from tasks.stages import perturb, render_mesh
 from tasks.stages.perturb import PerturbParams
 from tasks.stages.render_mesh import RenderMeshParams
-from tests.conftest import make_workspace
+from tests.conftest import copy_workspace, make_workspace
 
 pytestmark = pytest.mark.slow
 ID = "seated"
@@ -194,25 +194,23 @@ def test_face_crop_is_aligned_to_the_template(fitted: Workspace) -> None:
 
 def test_body_model_path_points_at_real_smplx_files(fitted: Workspace, tmp_path: Path) -> None:
     """A user's SMPL-X folder replaces the mannequin with one line of params; a wrong path is one clear error."""
+    ws = Workspace(copy_workspace(fitted.root, tmp_path / "ws"))  # its own: the fit made here is not the module's
     real = tmp_path / "models" / "smplx"
     real.mkdir(parents=True)
-    shutil.copy(runner.body_model_path(fitted), real / "SMPLX_NEUTRAL.npz")
-    set_param(fitted.root, "body_model", "path", str(tmp_path / "models"))
-    try:
-        assert runner.body_model_path(fitted) == real / "SMPLX_NEUTRAL.npz"
-        # the same bytes under another path are the same input (content, not paths): the fit is taken as it is
-        assert runner.execute(fitted, "smplx_fit", ID).reused
-        result = runner.execute(fitted, "smplx_fit", ID, overrides={"iterations": 20})
-        assert not result.reused
-        entry = next(i for i in read_manifest(artifact_dir(fitted, "smplx_fit", ID))["inputs"]
-                     if i.get("kind") == "body_model")
-        assert entry["path"] == str(real / "SMPLX_NEUTRAL.npz")
-        assert result.summary["frames"] == 63
-        set_param(fitted.root, "body_model", "path", str(tmp_path / "nowhere"))
-        with pytest.raises(StageError, match="nowhere: no SMPLX_NEUTRAL.npz or .pkl there"):
-            runner.execute(fitted, "smplx_fit", ID)
-    finally:
-        set_param(fitted.root, "body_model", "path", None)
+    shutil.copy(runner.body_model_path(ws), real / "SMPLX_NEUTRAL.npz")
+    set_param(ws.root, "body_model", "path", str(tmp_path / "models"))
+    assert runner.body_model_path(ws) == real / "SMPLX_NEUTRAL.npz"
+    # the same bytes under another path are the same input (content, not paths): the fit is taken as it is
+    assert runner.execute(ws, "smplx_fit", ID).reused
+    result = runner.execute(ws, "smplx_fit", ID, overrides={"iterations": 20})
+    assert not result.reused
+    entry = next(i for i in read_manifest(artifact_dir(ws, "smplx_fit", ID))["inputs"]
+                 if i.get("kind") == "body_model")
+    assert entry["path"] == str(real / "SMPLX_NEUTRAL.npz")
+    assert result.summary["frames"] == 63
+    set_param(ws.root, "body_model", "path", str(tmp_path / "nowhere"))
+    with pytest.raises(StageError, match="nowhere: no SMPLX_NEUTRAL.npz or .pkl there"):
+        runner.execute(ws, "smplx_fit", ID)
 
 
 # ---------------------------------------------------------------------------------------------- motion import
