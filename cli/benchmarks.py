@@ -161,7 +161,8 @@ def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
 
     from models import body, parts
     from models.raster import MeshRasterizer
-    from tasks import smplx_table, training
+    from models.sgdm_pipeline import SGDMPipeline
+    from tasks import smplx_table
     from tasks.frames import META, frame_name
     from tasks.stages import motion
 
@@ -171,8 +172,8 @@ def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
     body_file = runner.body_model_path(ws)
     paths = runner.base_paths(ws)
     ckpt = root / "finetune" / "body"
-    parts.new_sgdm(paths).save_pretrained(ckpt)
-    (ckpt / training.TRAIN_LOG).write_text('{"resolution": 64}\n')
+    SGDMPipeline(parts.new_sgdm(paths), parts.load_vae(paths), parts.load_image_encoder(paths),
+                 parts.load_scheduler(paths), 64).save_pretrained(ckpt)
     t = np.arange(frames, dtype=np.float32)
     blocks = {k: np.zeros((frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
     blocks["global_orient"][:, 0] = np.pi  # facing the camera
@@ -200,8 +201,11 @@ def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
 
 def _render_mode(frames: int, window: int, overlap: int, steps: int) -> dict[str, Any]:
     """One render_body run in this (fresh) process: frames/s and this process's peak memory."""
+    import torch
+
     from core.progress import NullProgress
     from models.overlap import evaluations_per_step
+    from tasks.devices import Compute
     from tasks.stages import render_body
 
     with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
@@ -213,8 +217,7 @@ def _render_mode(frames: int, window: int, overlap: int, steps: int) -> dict[str
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             render_body.run(inputs, root / "out", params, NullProgress(),
-                            settings=registry.settings(ws, render_body.STAGE),
-                            base=runner.base_paths(ws))
+                            settings=registry.settings(ws, render_body.STAGE), compute=Compute(torch.device("cpu")))
             seconds = time.perf_counter() - t0
     return {"fps": round(frames / seconds, 2), "frame_evals_per_step": evaluations_per_step(frames, window, overlap),
             "peak_rss_mb": mem.peak_mb, "seconds": round(seconds, 1)}
@@ -288,3 +291,107 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
             "resolution": resolution, "total_min": round(total_s / 60, 2), "frames": scored.get("frames"),
             "nn_pose_rate": nn_rates.get("body"), "nn_face_rate": nn_rates.get("face"), "profile": profile,
             "report": str(ws.data / "reports" / name / "report.html")}
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+_FEW = {"tiny": 10, "cpu": 1, "sd15": 1}
+MEMORY_PARAMS = {"profile": "tiny", "ingest": {"resolution": 256}, "pretrain": {"steps": _FEW, "face_steps": _FEW},
+                 "finetune": {"steps": _FEW, "face_steps": _FEW}, "render_body": {"steps": 4}, "face": {"steps": 4},
+                 "assemble": {"preset": "veryfast"}}
+
+
+def loop_video(video: Path, out: Path, repeat: int) -> Path:
+    """`video` played `repeat` times in a row (picture only, re-encoded): a long video of the same person."""
+    from fractions import Fraction
+
+    import av
+
+    from tasks import video as vio
+
+    info = vio.probe(video)
+    with av.open(str(out), "w") as dst:
+        stream = dst.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = info.width // 2 * 2, info.height // 2 * 2, "yuv420p"
+        stream.time_base = Fraction(1, 30)
+        stream.options = {"crf": "20", "preset": "veryfast"}
+        pts = 0
+        for _ in range(repeat):
+            for _k, rgb in vio.cfr_frames(video, 30):  # upright, at 30 fps
+                img = av.VideoFrame.from_ndarray(rgb[: stream.height, : stream.width], format="rgb24")
+                img = img.reformat(format="yuv420p")
+                img.pts, img.time_base = pts, Fraction(1, 30)
+                pts += 1
+                for packet in stream.encode(img):
+                    dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    return out
+
+
+def _stage_in_fresh_process(root: str, stage: str, owner: str, external: str | None) -> float:
+    """One stage in this (fresh) process; its peak RSS (this process and the workers it starts)."""
+    from tasks import runner as stage_runner
+
+    result = stage_runner.execute(Workspace(Path(root)), stage, owner, external=Path(external) if external else None)
+    return result.peak_rss_mb
+
+
+def _peaks(video: Path, root: Path, log: Any) -> dict[str, float]:
+    """Every stage whose cost grows with the video's length, each in a process of its own, on one workspace."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import yaml
+
+    from core.workspace import SHARED, render_subject
+    from tasks.stages import motion
+
+    root.mkdir(parents=True)
+    ws = Workspace(root)
+    ws.params_path.write_text(default_params_yaml())
+    params = yaml.safe_load(ws.params_path.read_text())
+    for section, values in MEMORY_PARAMS.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    ws.params_path.write_text(yaml.safe_dump(params))
+    name = "bench"
+    ws.register_identity(name)
+    peaks: dict[str, float] = {}
+    ctx = multiprocessing.get_context("spawn")
+
+    def run(stage: str, owner: str, external: Path | None = None) -> None:
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            peaks[stage] = pool.submit(_stage_in_fresh_process, str(root), stage, owner,
+                                       str(external) if external else None).result()
+        print(f"memory: {video.name}: {stage} {peaks[stage]:.0f} MB", file=log, flush=True)
+
+    run("source", name, video)
+    for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"):
+        run(stage, name)
+    run("pretrain", SHARED)
+    run("finetune", name)
+    fit, ingest = registry.artifact_dir(ws, "smplx_fit", name), registry.artifact_dir(ws, "ingest", name)
+    blocks, start = motion.held_out(fit, ingest)
+    key, staged = motion.stage(ws.state / "motions", blocks, {"kind": "held_out", "source": f"{name}:test"},
+                               ingest / "audio.wav", start)
+    subject = render_subject(name, key)
+    run("motion", subject, staged)
+    for stage in ("render_body", "face", "assemble", "metrics"):
+        run(stage, subject)
+    del peaks["source"], peaks["motion"]  # a copy: constant memory whatever the length
+    return peaks
+
+
+def memory(video: Path, repeat: int, log: Any = None) -> dict[str, Any]:
+    """Peak memory per stage on `video` and on `video` looped `repeat` times (the tiny profile: the models' size
+    does not grow with the video; what does is what this measures)."""
+    with tempfile.TemporaryDirectory(prefix="anchor-bench-memory-") as tmp:
+        long_video = loop_video(video, Path(tmp) / f"long{video.suffix or '.mp4'}", repeat)
+        short = _peaks(video, Path(tmp) / "short", log)
+        long = _peaks(long_video, Path(tmp) / "long", log)
+    stages = {s: {"short_mb": round(short[s], 1), "long_mb": round(long[s], 1)} for s in short}
+    ratios = {s: long[s] / short[s] for s in short if short[s] > 0}
+    return {"video": video.name, "repeat": repeat, "stages": stages,
+            "ratio_max": round(max(ratios.values()), 3), "worst_stage": max(ratios, key=ratios.get)}

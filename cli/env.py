@@ -117,7 +117,11 @@ def _alone_on_embedded_database() -> bool:
 
 
 def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
-    """A Prefect flow on the workspace's embedded server, with progress bars, on the engine params.yaml chooses."""
+    """A Prefect flow on the workspace's embedded server, with progress bars, on the engine params.yaml chooses.
+    A device the machine lacks is refused here, before the server starts or any stage runs."""
+    from tasks import devices, registry
+
+    devices.check(registry.params(ws).execution.device)
     with prefect_api(ws):
         from flows import stage_task
         from flows.execution import task_runner

@@ -35,8 +35,13 @@ class ExecutionParams(Section):
     dask_address: str | None = Field(None, description="dask engine: a running scheduler (tcp://host:8786); empty = "
                                      "a local cluster for the run")
     dask_workers: int = Field(2, ge=1, le=256, description="dask engine: worker processes of the local cluster")
-    limits: dict[str, int] = Field({"gpu": 1, "cpu": 2}, description="most tasks at once per resource tag "
-                                   "(Prefect tag concurrency limits anchor-<tag>; a tag left out has none)")
+    limits: dict[str, int] = Field({"cpu": 2}, description="most tasks at once per resource tag (Prefect tag "
+                                   "concurrency limits anchor-<tag>; gpu left out = one per visible GPU, at least "
+                                   "one; another tag left out has none)")
+    device: str = Field("auto", description="where models compute: auto (CUDA when there is a GPU), cpu, cuda (each "
+                        "heavy task takes a free GPU of its own) or cuda:N")
+    max_latent_mb: int = Field(2048, ge=0, description="a render keeps its latent video in memory up to this size, "
+                               "beyond it in a scratch file beside the render (any length in bounded memory)")
     retries: int = Field(2, ge=0, le=20, description="retries of a stage that failed on a transient I/O error")
     retry_delay_s: float = Field(2.0, ge=0, le=3600, description="seconds between those retries")
 
@@ -45,6 +50,9 @@ class ExecutionParams(Section):
         bad = [k for k, v in self.limits.items() if v < 1 or not k.replace("-", "").isalnum()]
         if bad:
             raise ValueError(f"limits: tag names are letters, digits and '-', limits >= 1 (bad: {', '.join(bad)})")
+        kind, _, index = self.device.partition(":")
+        if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+            raise ValueError(f"device {self.device!r}: choose auto, cpu, cuda or cuda:N")
         return self
 
 

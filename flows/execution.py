@@ -19,13 +19,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from core.params import ExecutionParams
 from core.stage import Stage
+from tasks import devices
 
 T = TypeVar("T")
 TAG_PREFIX = "anchor-"
 # I/O errors a second attempt can outlive (a network filesystem or object store hiccup); a missing or
-# forbidden file is a mistake, and the stage's own errors are about the input: neither is retried.
+# forbidden file is a mistake, a full disk stays full, and the stage's own errors are about the input: none of
+# those is retried.
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
-                    errno.ESTALE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOSPC}
+                    errno.ESTALE, errno.ENETUNREACH, errno.EHOSTUNREACH}
 
 
 def task_runner(p: ExecutionParams) -> TaskRunner[Any]:
@@ -51,8 +53,9 @@ def apply_limits(p: ExecutionParams, free_slots: bool = False) -> None:
 
     `free_slots`: an embedded server keeps its slot leases in memory, so a run killed with its server leaves its
     slots taken in the database for good; a process alone on that database frees them before it starts."""
+    limits = {**p.limits, "gpu": devices.gpu_limit(p.limits)}
     with get_client(sync_client=True) as client:
-        for resource, limit in p.limits.items():
+        for resource, limit in limits.items():
             name = f"tag:{TAG_PREFIX}{resource}"
             client.upsert_global_concurrency_limit_by_name(name, limit)
             if free_slots:

@@ -47,6 +47,7 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
     if not (fit_dir / "manifest.json").is_file():
         raise InputError(f"identity {identity!r} has no smplx_fit yet: run `anchor onboard {identity} --video ...`")
     path = Path(motion)
+    limit = registry.params(ws).motion.max_frames
     info: dict[str, Any] = {"identity": identity, "motion": str(path)}
     if motion_task.is_video(path):
         ctx = get_run_context()
@@ -56,7 +57,7 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
     else:
         loaded = motion_task.load_file(path, clip)
     ref = motion_task.reference(fit_dir, body_model_path(ws))
-    blocks, described = motion_task.prepare(loaded, ref)
+    blocks, described = motion_task.prepare(loaded, ref, limit)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     motion_task.write(target, blocks)

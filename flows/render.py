@@ -21,6 +21,7 @@ from core.workspace import Workspace, check_identity_name, render_subject, split
 from flows.motion import fit_video
 from flows.stage_task import StageRunner
 from tasks import registry
+from tasks import video as vio
 from tasks.runner import body_model_path
 from tasks.stages import assemble
 from tasks.stages import motion as motion_task
@@ -40,6 +41,7 @@ def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
     """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory)."""
     fit = _require(ws, "smplx_fit", identity, f"run `anchor onboard {identity} --video ...`")
     staging = ws.state / "motions"
+    limit = registry.params(ws).motion.max_frames
     if spec.endswith(TEST_SUFFIX):
         other = check_identity_name(spec[: -len(TEST_SUFFIX)])
         other_fit = _require(ws, "smplx_fit", other, f"run `anchor onboard {other} --video ...`")
@@ -51,7 +53,7 @@ def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
         else:
             _, start = motion_task.held_out(other_fit, other_ingest)
             loaded = motion_task.fit_as_motion(other_fit, other_ingest, split="test")
-            blocks, described = motion_task.prepare(loaded, motion_task.reference(fit, body_model_path(ws)))
+            blocks, described = motion_task.prepare(loaded, motion_task.reference(fit, body_model_path(ws)), limit)
             info = {"kind": "other_identity", "source": spec, **described}
         return motion_task.stage(staging, blocks, info, audio, start, frames)
     path = Path(spec).expanduser()
@@ -59,11 +61,13 @@ def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
         raise InputError(f"--motion {spec}: expected NAME:test, a video file or a motion file; no such file")
     ref = motion_task.reference(fit, body_model_path(ws))
     if motion_task.is_video(path):
+        info_ = vio.probe(path)
+        motion_task.check_length(max(1, round(info_.duration * 30)), 30.0, limit, path.name)  # before fitting it
         loaded, ingest = fit_video(ws, stages, path.resolve())
-        blocks, described = motion_task.prepare(loaded, ref)
+        blocks, described = motion_task.prepare(loaded, ref, limit)
         info = {"kind": "video", "source": str(path.resolve()), **described}
         return motion_task.stage(staging, blocks, info, ingest / "audio.wav", 0.0, frames)
-    blocks, described = motion_task.prepare(motion_task.load_file(path), ref)
+    blocks, described = motion_task.prepare(motion_task.load_file(path), ref, limit)
     info = {"kind": "file", "source": str(path.resolve()), **described}
     return motion_task.stage(staging, blocks, info, None, 0.0, frames)
 

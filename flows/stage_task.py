@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +36,22 @@ class ContentHashPolicy(CachePolicy):
         return runner.cache_key(ws, spec, inputs["identity"], inputs["input_hashes"], inputs.get("overrides"))
 
 
+def private_cache(ws: Workspace) -> Path:
+    """This user's own directory for the workspace's Prefect cache records ($ANCHOR_CACHE_HOME, else
+    $XDG_CACHE_HOME/anchor or ~/.cache/anchor), which no one else may write."""
+    base = Path(os.environ.get("ANCHOR_CACHE_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                             Path.home() / ".cache") / "anchor")
+    folder = base / "prefect-cache" / hashlib.sha256(str(ws.root.resolve()).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = folder.stat()
+    if st.st_uid != os.getuid():
+        raise StageError(f"{folder}: Prefect's cache records must be this user's alone (it belongs to user "
+                         f"{st.st_uid}); set ANCHOR_CACHE_HOME to a directory of your own")
+    if st.st_mode & 0o077:
+        folder.chmod(0o700)
+    return folder
+
+
 def run_stage(workspace: str, stage: str, identity: str, input_hashes: dict[str, str],
               external: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task body. A module-level function of its own, so Dask workers import it by name rather than receive
@@ -42,10 +61,12 @@ def run_stage(workspace: str, stage: str, identity: str, input_hashes: dict[str,
                             progress=progress_factory(stage, identity), overrides=overrides)
     if result.input_hashes != input_hashes:
         raise StageError(f"{stage} of {identity!r}: inputs changed while it ran; run again")
-    return result.to_dict()
+    return json.loads(json.dumps(result.to_dict(), default=str))  # plain JSON values: what the cache keeps
 
 
-stage_task = task(name="stage", cache_policy=ContentHashPolicy(), persist_result=True,
+# Results are kept as JSON, never pickled: the cache records sit in the workspace, which other users of a shared
+# workspace can write, and unpickling what they wrote could run their code.
+stage_task = task(name="stage", cache_policy=ContentHashPolicy(), persist_result=True, result_serializer="json",
                   task_run_name="{stage}[{identity}]")(run_stage)
 
 
@@ -56,8 +77,9 @@ class StageRunner:
         self.ws = ws
         self.run_id = run_id
         self.flow = flow
-        # cache records live in the workspace's state directory, so workspaces never share a cache
-        policy = ContentHashPolicy().configure(key_storage=str(ws.state / "prefect-cache"))
+        # cache records are per workspace and per user, outside the workspace: a record names how to read its
+        # result, and one planted in a shared workspace could name pickle (ours are JSON)
+        policy = ContentHashPolicy().configure(key_storage=str(private_cache(ws)))
         p = registry.params(ws).execution
         self.task = stage_task.with_options(cache_policy=policy, retries=p.retries,
                                             retry_delay_seconds=p.retry_delay_s,

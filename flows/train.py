@@ -13,7 +13,7 @@ from flows.dvc_store import commit_identity, commit_shared
 from flows.evaluate import evaluation
 from flows.render import stage_summary
 from flows.stage_task import StageRunner
-from flows.versions import record_version
+from flows.versions import record_version, tag_version
 from tasks import registry
 from tasks.stages.report import HTML as REPORT_HTML
 
@@ -31,14 +31,21 @@ def pretrain_shared(ws: Workspace, stages: StageRunner) -> list[str]:
 
 
 def finetune_identity(ws: Workspace, stages: StageRunner, identity: str, evaluate: bool = True) -> dict[str, Any]:
-    """finetune → (held-out render, metrics, report) → dvc.lock → a version number for the new weights."""
+    """finetune → dvc.lock and a version number for the new weights → (held-out render, metrics, report)."""
     stages.run_steps(registry.layers(registry.in_flow("finetune")), identity)
-    report = evaluation(ws, stages, identity) if evaluate else None
-    out: dict[str, Any] = {"dvc": commit_identity(ws, identity), "version": record_version(ws, identity,
-                                                                                           stages.run_id)}
-    if report is not None:
-        out["report"] = str(ws.root / report["path"] / REPORT_HTML)
-        out["report_summary"] = report["summary"]
+    # numbered before the evaluation, committed and tagged after it whatever its outcome: a failed evaluation
+    # leaves the new model a version (and a good one is tagged with its report's dvc.lock entry)
+    version = record_version(ws, identity, stages.run_id, commit=False)
+    out: dict[str, Any] = {"dvc": commit_identity(ws, identity), "version": version}
+    try:
+        if evaluate:
+            report = evaluation(ws, stages, identity)
+            out["dvc"] = sorted({*out["dvc"], *commit_identity(ws, identity)})
+            out["report"] = str(ws.root / report["path"] / REPORT_HTML)
+            out["report_summary"] = report["summary"]
+    finally:
+        if version["new"]:
+            version["git_tag"] = tag_version(ws, identity, version["version"])
     return out
 
 

@@ -69,8 +69,14 @@ def _record(ws: Workspace, identity: str, run_id: str, model: str, commit: bool)
     ledger.append(ws.ledger_dir, {"run_id": run_id, "flow": "finetune", "stage": "version", "identity": identity,
                                   "status": f"v{entry['version']}", "cache_hit": False, "output_hash": model,
                                   "code_version": code_version(), "started_at": entry["made_at"], "host": host()})
-    tag = _git_commit_and_tag(ws, identity, entry["version"]) if commit else None
+    tag = tag_version(ws, identity, entry["version"]) if commit else None
     return {**entry, "new": True, "git_tag": tag}
+
+
+def tag_version(ws: Workspace, identity: str, number: int) -> str | None:
+    """Commit the pipeline's records and tag them `<identity>-v<number>`; None without git."""
+    with ws.records_lock():
+        return _git_commit_and_tag(ws, identity, number)
 
 
 def _git(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,18 +16,26 @@ import torch
 from smplx.lbs import batch_rigid_transform, batch_rodrigues
 from smplx.vertex_ids import vertex_ids as VERTEX_IDS
 
-NUM_BETAS = 10
-NUM_EXPRESSION = 10
-N_JOINTS = 55
-# SMPL-X joint indices used by name elsewhere
-PELVIS, NECK, HEAD, JAW, L_EYE, R_EYE = 0, 12, 15, 22, 23, 24
-L_SHOULDER, R_SHOULDER, L_WRIST, R_WRIST = 16, 17, 20, 21
-EXTRA = ("nose", "reye", "leye", "rear", "lear", "LBigToe", "LSmallToe", "LHeel", "RBigToe", "RSmallToe", "RHeel",
-         "lthumb", "lindex", "lmiddle", "lring", "lpinky", "rthumb", "rindex", "rmiddle", "rring", "rpinky")
-# output point layout of SparseBody: 55 joints, 21 vertex joints (smplx order), 51 face landmarks
-EXTRA_START, LMK_START, N_POINTS = 55, 76, 127
-POSE_BLOCKS = {"global_orient": 3, "body_pose": 63, "jaw_pose": 3, "leye_pose": 3, "reye_pose": 3,
-               "left_hand_pose": 45, "right_hand_pose": 45}
+from models.smplx_layout import (  # noqa: F401 - the layout's names, also here for the body's users
+    EXTRA,
+    EXTRA_START,
+    HEAD,
+    JAW,
+    L_EYE,
+    L_SHOULDER,
+    L_WRIST,
+    LMK_START,
+    N_JOINTS,
+    N_POINTS,
+    NECK,
+    NUM_BETAS,
+    NUM_EXPRESSION,
+    PELVIS,
+    POSE_BLOCKS,
+    R_EYE,
+    R_SHOULDER,
+    R_WRIST,
+)
 
 
 def model_file(path: Path) -> Path:

@@ -11,17 +11,21 @@ budget. Both jobs have exact, weight-free answers:
   end to end like every other weight.
 
 Both are diffusers `ModelMixin`/`ConfigMixin` models, saved and read with `save_pretrained`/`from_pretrained` like
-the real parts, and the loaders in `models.parts` pick the class from the saved config.
+the real parts, and `load_codec` / `load_encoder` pick the class from the saved config.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from transformers import CLIPVisionModel
 
 
 @dataclass
@@ -93,3 +97,30 @@ def device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for t in (*module.parameters(), *module.buffers()):
         return t.device, t.dtype
     return torch.device("cpu"), torch.float32
+
+
+def saved_class(folder: Path, config: str = "config.json") -> str | None:
+    """The `_class_name` a part was saved with (None when the folder has no readable config)."""
+    try:
+        return json.loads((Path(folder) / config).read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _weightless(cls: type, folder: Path, dtype: torch.dtype) -> SpaceToDepth | PatchTokens:
+    """The codecs have a config and no weights: `from_pretrained` would look for a weights file."""
+    return cls.from_config(cls.load_config(folder)).to(dtype)
+
+
+def load_codec(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL | SpaceToDepth:
+    """SD's VAE or the space-to-depth codec, whichever the folder holds."""
+    if saved_class(folder) == SpaceToDepth.__name__:
+        return _weightless(SpaceToDepth, folder, dtype)
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+
+
+def load_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPVisionModel | PatchTokens:
+    """A CLIP vision model or the pixel-patch encoder, whichever the folder holds."""
+    if saved_class(folder) == PatchTokens.__name__:
+        return _weightless(PatchTokens, folder, dtype)
+    return CLIPVisionModel.from_pretrained(folder, torch_dtype=dtype)

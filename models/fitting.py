@@ -100,6 +100,7 @@ class FitConfig:
     hand_smooth: float = 0.5  # share of w_smooth applied to hand points
     robust: float = 0.01  # pseudo-Huber scale, share of the crop
     seed: int = 0
+    chunk: int = 300  # frames per forward/backward pass: the gradient is summed over chunks, memory stays flat
 
 
 # a relaxed "arms down" start and prior centre: shoulders lowered, elbows a little bent
@@ -135,7 +136,8 @@ def _second_diff(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cfg: FitConfig,
         hands_mean: tuple[np.ndarray, np.ndarray], progress: Callable[[int, int], None] | None = None
         ) -> dict[str, np.ndarray]:
-    """Fit all frames at once; `segments` are the clips' [start, end) so smoothness never crosses a cut."""
+    """Fit all frames as one problem (one shape, smoothness along time); `segments` are the clips' [start, end) so
+    smoothness never crosses a cut. The loss and its gradient are summed over chunks of `cfg.chunk` frames."""
     torch.manual_seed(cfg.seed)
     t = targets.xy.shape[0]
     size, focal = float(cfg.size), float(cfg.focal)
@@ -174,23 +176,35 @@ def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cf
     # stage 0 places the torso and head only: arms and hands would drag the body in depth before they can bend
     rigid = torch.from_numpy(np.isin(targets.points, _RIGID_POINTS)).float()
 
-    def loss_fn(stage: int) -> torch.Tensor:
-        out = _posed(model, params)
+    pairs = max(t - 2, 1)  # second differences in the whole sequence: the smoothness terms are their means
+
+    def chunk_loss(stage: int, a: int, b: int) -> torch.Tensor:
+        """The loss terms of frames [a, b): their data and priors, and the second differences that end there (so
+        the two frames before the chunk take part). Summed over chunks it is the whole sequence's loss."""
+        lo = max(a - 2, 0)
+        sub = {k: v if k == "betas" else v[lo:b] for k, v in params.items()}
+        out = _posed(model, sub)
         uv = project(out.points[:, pts], focal, centre)
-        r = (uv - xy) / size
+        r = (uv[a - lo:] - xy[a:b]) / size
         rho = torch.sqrt(r.square().sum(-1) + cfg.robust ** 2) - cfg.robust
-        c = conf if stage else conf * rigid
+        c = conf[a:b] if stage else conf[a:b] * rigid
         data = sum(((c * rho) * (part == k)).sum() / part_norm[k] for k in range(len(PARTS)))
-        smooth = (_second_diff(uv / size, valid).square().sum(-1) * slot_smooth).mean() * t
-        smooth = smooth + _second_diff(params["transl"], valid).square().sum(-1).mean() * t
-        prior = (cfg.w_pose * ((params["body_pose"] - rest).square() * pose_w).sum(-1).mean()
-                 + cfg.w_hand * ((params["left_hand_pose"] - hmean[0]).square().sum(-1).mean()
-                                 + (params["right_hand_pose"] - hmean[1]).square().sum(-1).mean())
-                 + cfg.w_jaw * params["jaw_pose"].square().sum(-1).mean()
-                 + cfg.w_expr * params["expression"].square().sum(-1).mean()
-                 + cfg.w_shape * params["betas"].square().sum())
-        eyes = params["leye_pose"].square().sum() + params["reye_pose"].square().sum()
+        smooth = torch.zeros(())
+        if b - lo >= 3:
+            keep = valid[lo:b - 2]
+            smooth = (_second_diff(uv / size, keep).square().sum(-1) * slot_smooth).sum() / (pairs * len(pts)) * t
+            smooth = smooth + _second_diff(sub["transl"], keep).square().sum(-1).sum() / pairs * t
+        prior = (cfg.w_pose * ((sub["body_pose"][a - lo:] - rest).square() * pose_w).sum(-1).sum()
+                 + cfg.w_hand * ((sub["left_hand_pose"][a - lo:] - hmean[0]).square().sum(-1).sum()
+                                 + (sub["right_hand_pose"][a - lo:] - hmean[1]).square().sum(-1).sum())
+                 + cfg.w_jaw * sub["jaw_pose"][a - lo:].square().sum(-1).sum()
+                 + cfg.w_expr * sub["expression"][a - lo:].square().sum(-1).sum()) / t
+        if a == 0:
+            prior = prior + cfg.w_shape * params["betas"].square().sum()
+        eyes = sub["leye_pose"][a - lo:].square().sum() + sub["reye_pose"][a - lo:].square().sum()
         return data + cfg.w_smooth * smooth / max(t, 1) * (1.0 if stage else 0.1) + prior + eyes
+
+    chunks = [(a, min(a + cfg.chunk, t)) for a in range(0, t, max(cfg.chunk, 1))]
 
     # stage 0 places and turns the body (torso only moves), stage 1 fits everything
     schedule = [(["root", "transl"], max(cfg.iterations // 4, 1), cfg.lr * 2),
@@ -202,16 +216,16 @@ def fit(model: SparseBody, targets: Targets, segments: list[tuple[int, int]], cf
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.0)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(stage)
-            loss.backward()
+            for a, b in chunks:  # one chunk's graph at a time: memory holds a chunk, not the whole video
+                chunk_loss(stage, a, b).backward()
             opt.step()
             sched.step()
             done += 1
             if progress and done % 10 == 0:
                 progress(done, total)
     with torch.no_grad():
-        out = _posed(model, params)
-        uv = project(out.points[:, pts], focal, centre).numpy()
+        uv = np.concatenate([project(_posed(model, {k: v if k == "betas" else v[a:b] for k, v in params.items()})
+                                     .points[:, pts], focal, centre).numpy() for a, b in chunks])
         root = (_FLIP @ batch_rodrigues(params["root"])).numpy()
     result = {k: v.detach().numpy().astype(np.float32) for k, v in params.items() if k != "root"}
     result["global_orient"] = Rotation.from_matrix(root).as_rotvec().astype(np.float32)

@@ -73,6 +73,9 @@ FIT_FPS = 30.0
 _ALLOWED_TEXT = "only numpy arrays, tensors and plain containers are allowed"
 
 
+MIN_FPS, MAX_FPS = 1.0, 1000.0  # motion capture runs at 24 to a few hundred fps; anything outside is a broken file
+
+
 @dataclass
 class Motion:
     """A SMPL-X motion in full axis-angle; every per-frame array is float32 with T rows."""
@@ -135,8 +138,37 @@ def read_motion(path: Path | str, *, default_fps: float = 30.0, clip: str | None
 # ---------------------------------------------------------------------------------------------------- readers
 
 
+MAX_ARRAY_BYTES = 4 << 30  # an hour of 240 fps motion is a few hundred MB; a header claiming more is a lie
+
+
+def _claimed_bytes(file: Any) -> int:
+    """The bytes an .npy header says its array holds (read from the header only)."""
+    version = np.lib.format.read_magic(file)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(file)
+    return int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+
+
+def check_npz_headers(path: Path) -> None:
+    """Refuse an .npz whose arrays claim more bytes than the archive holds (or absurdly many), before any is read:
+    loading one would try to allocate what the header says."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    claimed = _claimed_bytes(member)
+                if claimed > MAX_ARRAY_BYTES or claimed > info.file_size:
+                    raise InputError(f"{path.name}: {info.filename[:-4]} claims {claimed / 2**30:.1f} GiB but the "
+                                     f"archive holds {info.file_size / 2**20:.1f} MiB of it: not a motion file")
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path.name}: not a readable .npz ({exc})") from None
+
+
 def _read_npz(path: Path, default_fps: float) -> Motion:
     label = path.name
+    check_npz_headers(path)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -181,6 +213,15 @@ def _read_npz(path: Path, default_fps: float) -> Motion:
 
 def _read_talkshow(path: Path, default_fps: float) -> Motion:
     label = path.name
+    try:
+        with path.open("rb") as file:
+            claimed = _claimed_bytes(file)
+            header = file.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{label}: not a readable .npy ({exc})") from None
+    if claimed > MAX_ARRAY_BYTES or claimed > path.stat().st_size - header:
+        raise InputError(f"{label}: its header claims {claimed / 2**30:.1f} GiB but the file holds "
+                         f"{path.stat().st_size / 2**20:.1f} MiB: not a motion file")
     try:
         data = np.load(path, allow_pickle=False, mmap_mode="r")  # header only until the shape is known good
     except ValueError as exc:
@@ -386,8 +427,9 @@ def _motion(label: str, arrays: dict[str, np.ndarray], fps: float, betas: np.nda
             raise InputError(f"{label}: {name} has {array.shape[0]} frames but {reference} has {frames}")
     if frames == 0:
         raise InputError(f"{label}: has 0 frames; a motion needs at least one frame")
-    if not (np.isfinite(fps) and fps > 0):
-        raise InputError(f"{label}: frame rate {fps} is not a positive number")
+    if not (np.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
+        raise InputError(f"{label}: frame rate {fps:g} fps is not one a motion is recorded at "
+                         f"({MIN_FPS:g} to {MAX_FPS:g} fps)")
     fields: dict[str, np.ndarray] = {}
     for name in (*WIDTHS, "expression"):
         array = arrays.get(name)
@@ -405,6 +447,11 @@ def _motion(label: str, arrays: dict[str, np.ndarray], fps: float, betas: np.nda
 # ---------------------------------------------------------------------------------------------------- resampling
 
 
+def resampled_frames(frames: int, fps: float, to_fps: float = 30.0) -> int:
+    """How many frames `resample` makes, known before it allocates them."""
+    return int(np.floor((frames - 1) * to_fps / fps + 1e-9)) + 1
+
+
 def resample(motion: Motion, fps: float = 30.0) -> Motion:
     """Retime onto t = 0, 1/fps, ... <= last frame: slerp per joint for rotations, linear for the rest.
 
@@ -418,7 +465,7 @@ def resample(motion: Motion, fps: float = 30.0) -> Motion:
     if fps == motion.fps:
         return motion.slice(None, None)
     frames = motion.frames
-    count = int(np.floor((frames - 1) * fps / motion.fps + 1e-9)) + 1
+    count = resampled_frames(frames, motion.fps, fps)
     position = np.arange(count, dtype=np.float64) * motion.fps / fps  # in input frames
     lower = np.minimum(np.floor(position + 1e-9).astype(np.int64), frames - 1)
     weight = np.clip(position - lower, 0.0, 1.0)

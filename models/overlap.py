@@ -11,10 +11,13 @@ motion modules would see as a different clip length. A sequence no longer than o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from models.latents import LatentStore
 
 
 def window_starts(frames: int, window: int, overlap: int) -> list[int]:
@@ -33,6 +36,11 @@ def window_starts(frames: int, window: int, overlap: int) -> list[int]:
 
 def windows(frames: int, window: int, overlap: int) -> list[slice]:
     return [slice(s, min(s + window, frames)) for s in window_starts(frames, window, overlap)]
+
+
+def chunks(frames: int, size: int) -> list[slice]:
+    """Consecutive, disjoint pieces of at most `size` frames (for per-frame work: encoding, decoding)."""
+    return [slice(s, min(s + size, frames)) for s in range(0, frames, size)]
 
 
 def frame_counts(frames: int, window: int, overlap: int) -> np.ndarray:
@@ -74,3 +82,45 @@ def denoise(predict: Predict, latents: torch.Tensor, scheduler, window: int, ove
         if on_step:
             on_step(i + 1)
     return latents
+
+
+@torch.no_grad()
+def denoise_store(predict: Predict, latents: LatentStore, scheduler, window: int, overlap: int,
+                  on_step: Callable[[int], None] | None = None) -> None:
+    """`denoise` over a `LatentStore`, holding only about one window in memory: the same numbers, bit for bit.
+
+    Within a step, windows are taken in order; once a window is done, the frames before the next window's start
+    have all their predictions (no later window covers them), so they are averaged and stepped right away. Each
+    such group of frames keeps its own copy of the scheduler: every update the samplers make (DDIM, DPM-Solver++,
+    UniPC) is element by element with scalars from the timestep, so stepping groups apart equals stepping the
+    whole sequence, and a multistep solver's history stays with its group."""
+    n = latents.frames
+    starts = window_starts(n, window, overlap)
+    wins = windows(n, window, overlap)
+    groups = [slice(s, starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)]
+    counts = torch.from_numpy(frame_counts(n, window, overlap)).to(latents.device, torch.float32)
+    per_group = [copy.deepcopy(scheduler) for _ in groups]
+    for i, t in enumerate(scheduler.timesteps):
+        eps: torch.Tensor | None = None  # summed predictions of frames [lo, lo + eps.shape[2])
+        lo, next_group = 0, 0
+        for k, w in enumerate(wins):
+            x = latents.read(w)
+            pred = predict(scheduler.scale_model_input(x, t), t, w).to(torch.float32)
+            if eps is None:
+                eps = torch.zeros_like(pred)
+                lo = w.start
+            if w.stop > lo + eps.shape[2]:
+                grow = torch.zeros((*eps.shape[:2], w.stop - lo - eps.shape[2], *eps.shape[3:]), dtype=eps.dtype,
+                                   device=eps.device)
+                eps = torch.cat([eps, grow], dim=2)
+            eps[:, :, w.start - lo:w.stop - lo] += pred
+            complete = starts[k + 1] if k + 1 < len(starts) else n
+            while next_group < len(groups) and groups[next_group].stop <= complete:
+                g = groups[next_group]
+                mean = eps[:, :, g.start - lo:g.stop - lo] / counts[g].view(1, 1, -1, 1, 1)
+                latents.write(g, per_group[next_group].step(mean, t, latents.read(g, torch.float32)).prev_sample)
+                next_group += 1
+            eps = eps[:, :, complete - lo:]
+            lo = complete
+        if on_step:
+            on_step(i + 1)

@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from models.codec import PatchTokens, SpaceToDepth
+from models.codec import PatchTokens, SpaceToDepth, load_codec, load_encoder, saved_class
 from models.sgdm import SGDM
 
 
@@ -120,23 +120,8 @@ def write_cpu(root: Path, seed: int = 0, factor: int = 8) -> BasePaths:
     return paths
 
 
-def _class_name(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
-def _weightless(cls: type, folder: Path, dtype: torch.dtype) -> SpaceToDepth | PatchTokens:
-    """The codecs have a config and no weights: `from_pretrained` would look for a weights file."""
-    return cls.from_config(cls.load_config(folder)).to(dtype)
-
-
 def load_vae(paths: BasePaths, dtype: torch.dtype = torch.float32) -> AutoencoderKL | SpaceToDepth:
-    folder = paths.sd15 / "vae"
-    if _class_name(folder) == SpaceToDepth.__name__:
-        return _weightless(SpaceToDepth, folder, dtype)
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+    return load_codec(paths.sd15 / "vae", dtype)
 
 
 def load_scheduler(paths: BasePaths) -> DDIMScheduler:
@@ -144,13 +129,11 @@ def load_scheduler(paths: BasePaths) -> DDIMScheduler:
 
 
 def load_image_encoder(paths: BasePaths, dtype: torch.dtype = torch.float32) -> CLIPVisionModel | PatchTokens:
-    if _class_name(paths.image_encoder) == PatchTokens.__name__:
-        return _weightless(PatchTokens, paths.image_encoder, dtype)
-    return CLIPVisionModel.from_pretrained(paths.image_encoder, torch_dtype=dtype)
+    return load_encoder(paths.image_encoder, dtype)
 
 
 def _token_dim(paths: BasePaths) -> int:
-    if _class_name(paths.image_encoder) == PatchTokens.__name__:
+    if saved_class(paths.image_encoder) == PatchTokens.__name__:
         return int(PatchTokens.load_config(paths.image_encoder)["hidden_size"])
     return CLIPVisionConfig.from_pretrained(paths.image_encoder).hidden_size
 

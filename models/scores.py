@@ -41,20 +41,31 @@ def landmark_distance(generated: np.ndarray, real: np.ndarray, outlier: float | 
 
 def temporal_flicker(generated: Iterable[np.ndarray], real: Iterable[np.ndarray]) -> dict[str, float]:
     """Frames (H, W, 3) uint8, streamed in step; both videos must have the same length and size."""
+
+    def pairs() -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        prev = None
+        for g, r in zip(generated, real, strict=True):
+            if prev is not None:
+                yield prev[0], g, prev[1], r
+            prev = (g, r)
+
+    return flicker_of_pairs(pairs())
+
+
+def flicker_of_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Flicker over (G_{t−1}, G_t, R_{t−1}, R_t) pairs of consecutive frames: all of a video's, or a sample."""
     total = change_g = change_r = 0.0
     steps = 0
-    prev_g = prev_r = None
-    for g, r in zip(generated, real, strict=True):
-        g, r = g.astype(np.float32) / 255, r.astype(np.float32) / 255
-        if g.shape != r.shape:
-            raise ValueError(f"frame sizes differ: {g.shape} vs {r.shape}")
-        if prev_g is not None:
-            dg, dr = g - prev_g, r - prev_r
-            total += float(np.abs(dg - dr).mean())
-            change_g += float(np.abs(dg).mean())
-            change_r += float(np.abs(dr).mean())
-            steps += 1
-        prev_g, prev_r = g, r
+    for g0, g1, r0, r1 in pairs:
+        g0, g1 = g0.astype(np.float32) / 255, g1.astype(np.float32) / 255
+        r0, r1 = r0.astype(np.float32) / 255, r1.astype(np.float32) / 255
+        if g1.shape != r1.shape or g0.shape != r0.shape:
+            raise ValueError(f"frame sizes differ: {g1.shape} vs {r1.shape}")
+        dg, dr = g1 - g0, r1 - r0
+        total += float(np.abs(dg - dr).mean())
+        change_g += float(np.abs(dg).mean())
+        change_r += float(np.abs(dr).mean())
+        steps += 1
     if not steps:
         raise ValueError("flicker needs at least two frames")
     return {"flicker": total / steps, "change_generated": change_g / steps, "change_real": change_r / steps}

@@ -1,20 +1,21 @@
-"""The full-size SGDM (SD1.5 UNet + AnimateDiff v1.5 motion modules + mesh branch) with random weights.
+"""The full-size SGDM (SD1.5 UNet + AnimateDiff v1.5 motion modules + mesh branch) and the parts it renders with
+(SD's VAE, CLIP ViT-L/14's vision tower, SD's DDIM schedule), all with random weights.
 
-No files are needed, so the real architecture's memory and step time can be measured on any machine before
-anyone fetches the weights: the shapes are what matter, not the values.
+No files are needed, so the real architecture's memory and speed can be measured on any machine before anyone
+fetches the weights: the shapes are what matter, not the values (`models.bench`).
 """
 
 from __future__ import annotations
 
 import resource
 import sys
-import time
 from typing import Any
 
-import torch
-from diffusers import MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from models.sgdm import SGDM
+from models.sgdm_pipeline import SGDMPipeline
 
 CLIP_VIT_L14_HIDDEN = 1024  # the SGDM projects it to the UNet's 768-wide cross-attention
 CLIP_VIT_L14_TOKENS = 1 + (224 // 14) ** 2
@@ -51,41 +52,33 @@ def sd15_shapes_models(gradient_checkpointing: bool = True) -> SGDM:
     return model
 
 
+def sd15_vae() -> AutoencoderKL:
+    """SD 1.5's VAE (factor 8, 4 latent channels), randomly initialised."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+
+
+def clip_vit_l14() -> CLIPVisionModel:
+    """CLIP ViT-L/14's vision tower (224 px, 257 tokens of width 1024), randomly initialised."""
+    return CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_VIT_L14_HIDDEN, intermediate_size=4096,
+                                            num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                                            patch_size=14, projection_dim=768))
+
+
+def sd15_scheduler() -> DDIMScheduler:
+    """SD 1.5's noise schedule with DDIM sampling (its scheduler_config.json)."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def sd15_shapes_pipeline(resolution: int = 512) -> SGDMPipeline:
+    """Everything a full-size body checkpoint renders with, at random: the shapes of an `sd15` render."""
+    return SGDMPipeline(sd15_shapes_models(gradient_checkpointing=False).eval(), sd15_vae().eval(),
+                        clip_vit_l14().eval(), sd15_scheduler(), resolution)
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far (ru_maxrss is KB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def time_train_step(model: SGDM, size: int = 256, frames: int = 4, batch: int = 1, seed: int = 0) -> dict[str, float]:
-    """One training forward + backward (temporal frozen, checkpointing on, no optimiser) on random inputs at image
-    size `size`. Peak RSS is the process's, so it includes building the model: what a training run needs too."""
-    model.freeze_temporal()
-    model.enable_gradient_checkpointing()
-    model.train()
-    g = torch.Generator().manual_seed(seed)
-    latent = size // 8
-    channels = model.unet.config.in_channels
-    x = torch.randn(batch, channels, frames, latent, latent, generator=g)
-    cond = torch.rand(batch, 3, frames, size, size, generator=g)
-    tokens = torch.randn(batch, CLIP_VIT_L14_TOKENS, model.token_dim, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    target = torch.randn(batch, 4, frames, latent, latent, generator=g)
-    start = time.perf_counter()
-    loss = torch.nn.functional.mse_loss(model(x, t, tokens, cond), target)
-    loss.backward()
-    elapsed = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model.zero_grad(set_to_none=True)
-    return {"step_s": elapsed, "peak_rss_mb": peak_rss_mb(), "params_m": params / 1e6,
-            "trainable_m": trainable / 1e6, "loss": float(loss)}
-
-
-if __name__ == "__main__":
-    import json
-
-    built = time.perf_counter()
-    sgdm = sd15_shapes_models()
-    print(json.dumps({"build_s": time.perf_counter() - built, "after_build_rss_mb": peak_rss_mb(),
-                      **time_train_step(sgdm)}))

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
 from core.errors import ParamsError, StageError
 from core.hashing import hash_obj, hash_tree
 from core.stage import code_hash_of
-from models import parts
+
+if TYPE_CHECKING:
+    from models import parts
 
 
 def quiet() -> None:
@@ -32,6 +34,8 @@ def quiet() -> None:
 
 def resolve(settings: Any, root: Path, cache: Path) -> parts.BasePaths:
     """`settings`: anything with the workspace's `profile` and `models` section."""
+    from models import parts
+
     if settings.profile == "sd15":
         m = settings.models
         unset = [n for n in ("sd15", "sd15_inpaint", "image_encoder", "motion_adapter") if not getattr(m, n)]

@@ -2,18 +2,27 @@
 
 The mannequin is built on first use into the workspace's state directory, under a name carrying the hash of the
 code that generates it, so a change to the generator makes a new file (and new cache keys downstream).
+
+A model file given by the user never runs code when loaded: smplx unpickles .pkl files and loads .npz files with
+pickles allowed, so an .npz is checked to hold plain arrays only, and a .pkl is read by the same restricted
+unpickler as motion pickles and rewritten once as such an .npz (byte for byte the same each time) that smplx loads.
 """
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 
+import numpy as np
 from filelock import FileLock
 
-from core.errors import StageError
+from core.errors import InputError, StageError
+from core.hashing import sha256_file
 from core.params import BodyModelParams
 from core.stage import code_hash_of
 from models import body, mannequin
+from models.motion_io import load_pickle_restricted
 
 
 def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
@@ -21,7 +30,7 @@ def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
         path = Path(params.path).expanduser()
         path = path if path.is_absolute() else root / path
         try:
-            return body.model_file(path)
+            return safe(body.model_file(path), cache)
         except FileNotFoundError as exc:
             raise StageError(str(exc)) from None
     target = cache / f"mannequin-{code_hash_of('models.mannequin')[:16]}" / "SMPLX_NEUTRAL.npz"
@@ -30,4 +39,48 @@ def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
         with FileLock(target.parent / ".write.lock"):  # stages of several identities at once: one writes it
             if not target.is_file():
                 mannequin.write(target)
+    return target
+
+
+_CHECKED: dict[tuple[str, int, int], Path] = {}
+
+
+def safe(file: Path, cache: Path) -> Path:
+    """`file` itself when it is an .npz of plain arrays; for a .pkl, its plain-array .npz under `cache`."""
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    if file.suffix.lower() == ".npz":
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                for name in archive.files:
+                    archive[name]  # noqa: B018 - raises for an array that needs pickle
+        except ValueError as exc:
+            raise StageError(f"{file}: holds a pickled object array ({exc}); an SMPL-X .npz of plain arrays is "
+                             "needed (a pickle can run code)") from None
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise StageError(f"{file}: not a readable SMPL-X .npz ({exc})") from None
+        _CHECKED[key] = file
+        return file
+    try:
+        data = load_pickle_restricted(file)
+    except InputError as exc:
+        raise StageError(f"body_model.path: {exc}; use the SMPL-X .npz files instead") from None
+    if not isinstance(data, dict):
+        raise StageError(f"{file}: not an SMPL-X model (a {type(data).__name__}, not a mapping of arrays)")
+    target = cache / f"converted-{sha256_file(file)[:16]}" / "SMPLX_NEUTRAL.npz"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for name in sorted(data):
+                value = np.asarray(data[name])
+                if value.dtype.hasobject:  # not one of the model's arrays (smplx reads only those)
+                    continue
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))  # no clock in the bytes
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, value, allow_pickle=False)
+        tmp.replace(target)
+    _CHECKED[key] = target
     return target

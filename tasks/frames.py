@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import cv2
 import numpy as np
@@ -52,3 +53,31 @@ def read_meta(ingest_dir: Path) -> dict[str, Any]:
 
 def clip_frame_paths(ingest_dir: Path, clip: dict[str, Any]) -> list[Path]:
     return [ingest_dir / "frames" / clip["name"] / frame_name(i) for i in range(clip["frames"])]
+
+
+class ImageFiles(Sequence[np.ndarray]):
+    """Images read from disk only when asked for (a pipeline reads one window at a time): RGB, or grayscale."""
+
+    def __init__(self, paths: list[Path], gray: bool = False, transform: Callable[[int, np.ndarray], np.ndarray]
+                 | None = None) -> None:
+        self.paths, self.gray, self.transform = paths, gray, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if self.gray:
+            img = cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
+            if img is None:
+                raise OSError(f"cannot read image {self.paths[i]}")
+        else:
+            img = read_rgb(self.paths[i])
+        return self.transform(i, img) if self.transform else img

@@ -37,7 +37,7 @@ from core.section import Section
 from core.stage import Stage
 from core.workspace import SHARED, Workspace, check_identity_name, split_render_subject
 from models.parts import BasePaths
-from tasks import base_weights, body_file, registry
+from tasks import base_weights, body_file, devices, registry
 
 
 @dataclass
@@ -222,9 +222,13 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
         # partial work (e.g. training state) survives a kill under the cache key, outside the atomic artifact
         kwargs["scratch"] = ws.state / "scratch" / stage / identity / key[:16]
     module = registry.module_of(spec)
+    execution = registry.params(ws).execution
 
     started, t0 = now_iso(), time.perf_counter()
-    with PeakRSS() as mem, atomic_dir(target) as tmp:
+    with PeakRSS() as mem, atomic_dir(target) as tmp, \
+            devices.claim(execution.device if spec.device else "cpu", ws.state / "locks") as device:
+        if spec.device:
+            kwargs["compute"] = devices.Compute(device, execution.max_latent_mb << 20)
         summary = module.run(inputs, tmp, section, progress or NullProgress(), **kwargs) or {}
         _check_outputs(spec, tmp)
         output_hash = hash_tree(tmp)

@@ -19,73 +19,19 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
-from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from core.section import Section, check_profiles
 from models import parts
 from models.sgdm import SGDM
+from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
+from tasks.train_params import TRAIN_LOG
 from tasks.training_data import ClipBatches, load_identity
 
-PER_PROFILE = ("steps", "face_steps", "lr", "resolution", "face_resolution", "ema")
-
-
-class TrainParams(Section):
-    """The sections of pretrain and finetune; numbers keyed by profile so one file serves every machine."""
-
-    steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="body model steps (cpu: "
-                                  "nothing shared to learn before the identity, so its pretrain only initialises)")
-    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="face model steps")
-    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 2e-4, "sd15": 1e-5})
-    resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px")
-    face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 128, "sd15": 256}, description="face crops, px")
-    ema: dict[str, float] = Field({"tiny": 0.0, "cpu": 0.995, "sd15": 0.0}, description="decay of the weight "
-                                  "average kept as the result (0 = the last weights)")
-    video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
-    batch_size: int = Field(1, ge=1, le=256)
-    grad_accum: int = Field(1, ge=1, le=1024)
-    warmup: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
-    ref_drop: float = Field(0.1, ge=0, le=1, description="share of samples trained without the reference image, "
-                            "so classifier-free guidance has a trained unconditional branch")
-    perturbed_share: float = Field(0.5, ge=0, le=1, description="share of samples conditioned on a perturbed mesh")
-    save_every: int = Field(100, ge=1, description="steps between resumable training states")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs")
-    gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _profiles(self) -> TrainParams:
-        for name in PER_PROFILE:
-            if name == "ema":
-                check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
-            else:
-                check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
-        return self
-
-    def for_profile(self, profile: str) -> dict[str, float]:
-        return {n: getattr(self, n)[profile] for n in PER_PROFILE}
-
-
-def describe(s: dict[str, Any]) -> str:
-    """A training stage's summary: per model, steps and loss."""
-    return "; ".join(f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
-                     for which in ("body", "face") if isinstance(m := s.get(which), dict))
-
-
 STATE = "train_state"
-TRAIN_LOG = "train_log.json"  # beside each checkpoint: the resolution it was trained at, and its losses
-
-
-def trained_resolution(checkpoint: Path) -> int:
-    """The frame side a checkpoint was trained at: sampling must use the same."""
-    try:
-        return int(json.loads((checkpoint / TRAIN_LOG).read_text())["resolution"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise FileNotFoundError(f"{checkpoint}: no {TRAIN_LOG} with the training resolution ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -242,13 +188,18 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
 
 
 def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, section: Any, base_paths: Any,
-                 out: Path, scratch: Path, progress: Any, start: Path | None = None) -> dict[str, Any]:
+                 out: Path, scratch: Path, progress: Any, compute: Any, start: Path | None = None) -> dict[str, Any]:
     """Train the body SGDM and the Face SGDM on `sources` [(identity, ingest dir, render_mesh dir, frames dir)],
-    from the base weights or from the checkpoints under `start`; write both to out/body and out/face."""
+    from the base weights or from the checkpoints under `start`, on `compute.device`; write each to out/body and
+    out/face as a pipeline checkpoint (the SGDM with the codec, encoder and scheduler it samples with)."""
     quiet()
+    device = compute.device
     prof = section.for_profile(settings.profile)
-    vae, encoder = parts.load_vae(base_paths).eval(), parts.load_image_encoder(base_paths).eval()
+    vae = parts.load_vae(base_paths).eval().to(device)
+    encoder = parts.load_image_encoder(base_paths).eval().to(device)
     noise_scheduler = parts.load_scheduler(base_paths)
+    frozen = {"vae": base_paths.sd15 / "vae", "image_encoder": base_paths.image_encoder,
+              "scheduler": base_paths.sd15 / "scheduler"}
     summary: dict[str, Any] = {"profile": settings.profile}
     for which, face in (("body", False), ("face", True)):
         ids = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]),
@@ -258,16 +209,19 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                            section.perturbed_share, face)
         model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(base_paths, face=face,
                                                                                  seed=section.seed)
+        model.to(device)
         steps = int(prof["face_steps" if face else "steps"])
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
                           batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=section.save_every,
-                          seed=section.seed, mixed_precision=section.mixed_precision,
-                          gradient_checkpointing=section.gradient_checkpointing, ema=float(prof["ema"]))
+                          seed=section.seed,
+                          mixed_precision=str(prof["mixed_precision"]) if device.type == "cuda" else "no",
+                          gradient_checkpointing=bool(prof["gradient_checkpointing"]), ema=float(prof["ema"]))
         progress.start(f"training {which} SGDM", steps)
         result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
-        model.save_pretrained(out / which)
-        losses = result["losses"]
         res = int(prof["face_resolution" if face else "resolution"])
+        SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res).save_pretrained(out / which,
+                                                                                        parts_from=frozen)
+        losses = result["losses"]
         (out / which / TRAIN_LOG).write_text(json.dumps({"profile": settings.profile, "resolution": res,
                                                          "video_length": section.video_length,
                                                          "started_at_step": result["started_at_step"],

@@ -1,16 +1,22 @@
-"""Training clips for the SGDMs, read from the identities' artifacts and held in memory at training resolution.
+"""Training clips for the SGDMs, read from the identities' artifacts a batch at a time.
 
 A sample is `video_length` consecutive frames of one training clip, their mesh conditions (the clean fit, or one of
 the perturbed copies at `perturbed_share`), and a reference: a random other frame of the same identity, encoded by
 the CLIP vision model into tokens. Pretraining reads foreground-on-black frames (matting), finetuning full frames.
 Face samples are the real frames warped by render_mesh's per-frame face transform, the face mesh crop, and the face
 mask; only runs of frames whose face is visible are used.
+
+Nothing is read until a batch asks for it, and what was read is kept in a cache of bounded size, so memory stays flat
+however many frames and identities there are (a pretrain with no steps reads no image at all), while one identity's
+minute of video still fits the cache and is decoded once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Lock
 
 import cv2
 import numpy as np
@@ -21,30 +27,92 @@ from core.errors import StageError
 from models import pipeline
 from tasks.frames import frame_name, read_meta
 
+CACHE_BYTES = 1 << 30  # decoded training images kept between batches
+
+
+class _Images:
+    """Decoded images by key, least recently used dropped beyond a byte budget (shared by the identities)."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.lock = Lock()
+
+    def get(self, key: tuple, make) -> np.ndarray:  # noqa: ANN001 - a callable making the image
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        img = make()
+        with self.lock:
+            self.items[key] = img
+            self.bytes += img.nbytes
+            while self.bytes > self.max_bytes and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= old.nbytes
+        return img
+
 
 def _load(path: Path, size: int, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     img = cv2.imread(str(path), flags)
     if img is None:
         raise StageError(f"training data: cannot read {path}")
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return img[:, :, ::-1] if img.ndim == 3 else img
+    return np.ascontiguousarray(img[:, :, ::-1]) if img.ndim == 3 else img
 
 
 @dataclass
 class Identity:
+    """One identity's training frames as files; `frame(i)`, `cond(i)`, `perturbed(k, i)`, `mask(i)` read them."""
+
     name: str
-    frames: np.ndarray  # (N, H, W, 3) uint8 RGB
-    cond: np.ndarray  # (N, H, W, 3)
-    perturbed: list[np.ndarray]  # copies of cond
-    runs: list[tuple[int, int]]  # [start, end) of each clip's frames in the arrays
-    mask: np.ndarray | None = None  # (N, H, W) uint8, face samples only
+    frame_paths: list[Path]
+    cond_paths: list[Path]
+    perturbed_paths: list[list[Path]]  # per perturbed copy, one per frame
+    runs: list[tuple[int, int]]  # [start, end) of each clip's frames
+    res: int
+    face: bool = False
+    transforms: list[np.ndarray] = field(default_factory=list)  # face samples: frame → crop
+    mask_paths: list[Path] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
+    cache: _Images = field(default_factory=_Images)
+
+    def __len__(self) -> int:
+        return len(self.frame_paths)
+
+    def frame(self, i: int) -> np.ndarray:
+        path = self.frame_paths[i]
+        return self.cache.get(("frame", path, self.res, self.face), lambda: self._face_crop(i) if self.face
+                              else _load(path, self.res))
+
+    def cond(self, i: int) -> np.ndarray:
+        path = self.cond_paths[i]
+        return self.cache.get(("cond", path, self.res), lambda: _load(path, self.res))
+
+    def perturbed(self, k: int, i: int) -> np.ndarray:
+        path = self.perturbed_paths[k][i]
+        return self.cache.get(("cond", path, self.res), lambda: _load(path, self.res))
+
+    def mask(self, i: int) -> np.ndarray:
+        path = self.mask_paths[i]
+        return self.cache.get(("mask", path, self.res), lambda: _load(path, self.res, cv2.IMREAD_GRAYSCALE))
+
+    def _face_crop(self, i: int) -> np.ndarray:
+        """The real frame warped by the face transform into the crop the mesh face was rendered at, then sized."""
+        mesh_face = cv2.imread(str(self.cond_paths[i]))
+        full = cv2.imread(str(self.frame_paths[i]))
+        if mesh_face is None or full is None:
+            raise StageError(f"training data: cannot read the frame or face crop {self.frame_paths[i]}")
+        size = mesh_face.shape[0]  # the transform maps frames into crops of this side
+        crop = cv2.warpAffine(full, self.transforms[i], (size, size), flags=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(cv2.resize(crop, (self.res, self.res), interpolation=cv2.INTER_AREA)[:, :, ::-1])
 
 
 def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: int, video_length: int,
-                  face: bool = False, face_res: int = 64) -> Identity | None:
-    """One identity's training clips; `source` holds the frames (ingest for full frames, matting for foreground).
-    None when it has no usable clip (shorter than video_length, or no visible face)."""
+                  face: bool = False, face_res: int = 64, cache: _Images | None = None) -> Identity | None:
+    """One identity's training clips, as file lists (nothing decoded); `source` holds the frames (ingest for full
+    frames, matting for foreground). None when it has no usable clip (shorter than video_length, or no visible
+    face)."""
     meta = read_meta(ingest)
     sub = "frames" if (source / "frames").is_dir() else "foreground"
     visible: dict[tuple[str, int], list[float]] = {}
@@ -53,45 +121,39 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
         visible = {(c, int(f)): list(t) for c, f, v, t in zip(tab["clip"], tab["frame"], tab["visible"],
                                                                 tab["transform"], strict=True) if v}
     copies = sorted(int(p.name) for p in (render / "perturbed").iterdir()) if (render / "perturbed").is_dir() else []
-    frames, conds, masks, runs = [], [], [], []
-    perturbed: list[list[np.ndarray]] = [[] for _ in copies]
+    ident = Identity(name, [], [], [[] for _ in copies] if not face else [], [], face_res if face else res, face,
+                     cache=cache or _Images())
     for clip in meta["clips"]:
         if clip["split"] != "train":
             continue
         name_ = clip["name"]
         run: list[int] = []
         for i in range(clip["frames"]):
-            fname = frame_name(i)
-            png = frame_name(i, "png")
+            fname, png = frame_name(i), frame_name(i, "png")
             if face:
                 if (name_, i) not in visible:
                     if len(run) >= video_length:
-                        runs.append((run[0], run[-1] + 1))
+                        ident.runs.append((run[0], run[-1] + 1))
                     run = []
                     continue
-                m = np.asarray(visible[(name_, i)], np.float64).reshape(2, 3)
-                mesh_face = cv2.imread(str(render / "face" / name_ / png))
-                full = cv2.imread(str(source / sub / name_ / fname))
-                if mesh_face is None or full is None:
-                    raise StageError(f"training data: cannot read the frame or face crop {name_}/{png}")
-                size = mesh_face.shape[0]  # the transform maps frames into crops of this side
-                crop = cv2.warpAffine(full, m, (size, size), flags=cv2.INTER_LINEAR)
-                frames.append(cv2.resize(crop, (face_res, face_res), interpolation=cv2.INTER_AREA)[:, :, ::-1])
-                conds.append(cv2.resize(mesh_face, (face_res, face_res), interpolation=cv2.INTER_AREA)[:, :, ::-1])
-                masks.append(_load(render / "face_mask" / name_ / png, face_res, cv2.IMREAD_GRAYSCALE))
+                ident.transforms.append(np.asarray(visible[(name_, i)], np.float64).reshape(2, 3))
+                ident.cond_paths.append(render / "face" / name_ / png)
+                ident.mask_paths.append(render / "face_mask" / name_ / png)
             else:
-                frames.append(_load(source / sub / name_ / fname, res))
-                conds.append(_load(render / "body" / name_ / png, res))
+                ident.cond_paths.append(render / "body" / name_ / png)
                 for k, copy in enumerate(copies):
-                    perturbed[k].append(_load(render / "perturbed" / str(copy) / name_ / png, res))
-            run.append(len(frames) - 1)
+                    ident.perturbed_paths[k].append(render / "perturbed" / str(copy) / name_ / png)
+            ident.frame_paths.append(source / sub / name_ / fname)
+            run.append(len(ident.frame_paths) - 1)
         if len(run) >= video_length:
-            runs.append((run[0], run[-1] + 1))
-    if not runs:
+            ident.runs.append((run[0], run[-1] + 1))
+    if not ident.runs:
         return None
-    ident = Identity(name, np.stack(frames), np.stack(conds), [np.stack(p) for p in perturbed if p] if not face
-                     else [], runs, np.stack(masks) if face else None)
-    ident.starts = [s for a, b in runs for s in range(a, b - video_length + 1)]
+    missing = next((p for p in (*ident.frame_paths, *ident.cond_paths) if not p.is_file()), None)
+    if missing is not None:
+        raise StageError(f"training data: cannot read {missing}")
+    ident.perturbed_paths = [p for p in ident.perturbed_paths if p]
+    ident.starts = [s for a, b in ident.runs for s in range(a, b - video_length + 1)]
     return ident
 
 
@@ -118,18 +180,22 @@ class ClipBatches:
             s = ident.starts[int(torch.randint(len(ident.starts), (1,), generator=gen))]
             window = slice(s, s + self.f)
             # the reference is another moment of the same person, so appearance comes from it, not from the target
-            n = len(ident.frames)
+            n = len(ident)
             r = int(torch.randint(n - self.f, (1,), generator=gen)) if n > self.f else 0
             r = r + self.f if r >= s else r
             r = min(r, n - 1)
-            use_perturbed = bool(ident.perturbed) and float(torch.rand(1, generator=gen)) < self.share
-            source = ident.perturbed[int(torch.randint(len(ident.perturbed), (1,), generator=gen))] \
-                if use_perturbed else ident.cond
-            frames.append(_tensor(ident.frames[window]))
-            conds.append(_tensor(source[window]))
-            refs.append(torch.from_numpy(np.ascontiguousarray(ident.frames[r])).permute(2, 0, 1).float() / 255)
-            if self.face and ident.mask is not None:
-                masks.append(torch.from_numpy(ident.mask[window] > 127).float()[None])
+            use_perturbed = bool(ident.perturbed_paths) and float(torch.rand(1, generator=gen)) < self.share
+            if use_perturbed:
+                k = int(torch.randint(len(ident.perturbed_paths), (1,), generator=gen))
+                cond = np.stack([ident.perturbed(k, i) for i in range(window.start, window.stop)])
+            else:
+                cond = np.stack([ident.cond(i) for i in range(window.start, window.stop)])
+            frames.append(_tensor(np.stack([ident.frame(i) for i in range(window.start, window.stop)])))
+            conds.append(_tensor(cond))
+            refs.append(torch.from_numpy(np.ascontiguousarray(ident.frame(r))).permute(2, 0, 1).float() / 255)
+            if self.face:
+                masks.append(torch.from_numpy(np.stack([ident.mask(i) for i in range(window.start, window.stop)])
+                                              > 127).float()[None])
         video = torch.stack(frames)
         out = {"latents": pipeline.encode_frames(self.vae, video), "cond": torch.stack(conds),
                "tokens": pipeline.encode_reference(self.encoder, torch.stack(refs))}

@@ -20,6 +20,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.pop("ANCHOR_WORKSPACE", None)
+os.environ["ANCHOR_CACHE_HOME"] = tempfile.mkdtemp(prefix="anchor-test-cache-")  # Prefect's records, per user
 
 TEST_PARAMS = {"profile": "tiny", "ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
 

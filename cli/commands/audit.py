@@ -87,9 +87,11 @@ def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or dire
         out.print(f"{'  ' * i}[bold]{step['stage']}[/bold] {where}  {mark}")
         out.print(f"{'  ' * i}  output {step['output_hash'][:16]}  params {step['params_section']} "
                   f"{(step['params_hash'] or '-')[:12]}  code {step['code_version'].get('commit', '?')[:12]}"
-                  f"{'+dirty' if step['code_version'].get('dirty') else ''}  at {step['finished_at']}")
+                  f"{'+dirty' if step['code_version'].get('dirty') else ''}  at {step['finished_at']}", markup=False,
+                  highlight=False)
         if "source_sha256" in step:
-            out.print(f"{'  ' * i}  source sha256 {step['source_sha256']}  from {step['source_path']}")
+            out.print(f"{'  ' * i}  source sha256 {step['source_sha256']}  from {step['source_path']}", markup=False,
+                      highlight=False)
 
 
 @app.command()

@@ -57,11 +57,43 @@ def bench_smplx(video: Annotated[Path, typer.Option("--video", help="Video to fi
     out.print(table)
 
 
+DEVICE_HELP = "sd15-shapes: auto (CUDA when present), cpu, cuda or cuda:N"
+
+
+def _model_bench(what: str, **kwargs: object) -> dict:
+    """models.bench's figures; a device this machine lacks is one line and exit 2."""
+    from core.errors import InputError
+    from models import bench
+
+    try:
+        return getattr(bench, what)(**kwargs)
+    except RuntimeError as e:
+        if "CUDA device" in str(e):
+            raise InputError(str(e)) from None
+        raise
+
+
+def _print(result: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("figure", "value", title=title)
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
 @bench_app.command("train")
-def bench_train(profile: Annotated[str, typer.Option("--profile", help="tiny, or sd15-shapes (the full-size "
-                                                     "architecture with random weights: one step, no files)")] = "tiny",
+def bench_train(profile: Annotated[str, typer.Option("--profile", help="tiny (the real training loop at tiny "
+                                                     "size), or sd15-shapes (the full-size architecture with random "
+                                                     "weights, no files)")] = "tiny",
+                device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+                resolution: Annotated[int, typer.Option("--resolution", min=64, help="sd15-shapes image side.")] = 512,
+                optimizer: Annotated[str, typer.Option("--optimizer", help="sd15-shapes: adamw, or none (forward "
+                                                       "and backward only)")] = "adamw",
                 as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
-    """Training speed and peak memory: pretrain and finetune steps/s (tiny), or one full-size step (sd15-shapes)."""
+    """Training speed and peak memory: pretrain and finetune steps/s (tiny), or seconds per full-size step at
+    batch 1 x 4 frames (sd15-shapes; the same code as `python -m models.bench train`)."""
     from core.errors import InputError
 
     if profile == "tiny":
@@ -69,33 +101,39 @@ def bench_train(profile: Annotated[str, typer.Option("--profile", help="tiny, or
 
         result = train_tiny()
     elif profile == "sd15-shapes":
-        from models.shapes import sd15_shapes_models, time_train_step
-
-        timed = time_train_step(sd15_shapes_models(gradient_checkpointing=True), size=256, frames=4, batch=1)
-        result = {"profile": "sd15-shapes", "step_s": round(timed["step_s"], 2), "peak_rss_mb": timed["peak_rss_mb"],
-                  "params_m": timed.get("params_m"), "trainable_m": timed.get("trainable_m")}
+        if optimizer not in ("adamw", "none"):
+            raise InputError(f"--optimizer {optimizer!r}: choose adamw or none")
+        result = _model_bench("train", device=device, resolution=resolution, optimizer=optimizer)
     else:
         raise InputError(f"--profile {profile!r}: choose tiny or sd15-shapes")
-    if as_json:
-        print(json.dumps(result))
-        return
-    table = Table("figure", "value", title=f"bench train --profile {profile}")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    out.print(table)
+    _print(result, as_json, f"bench train --profile {profile}")
 
 
 @bench_app.command("render")
-def bench_render(profile: Annotated[str, typer.Option("--profile", help="tiny (random weights, no files)")] = "tiny",
+def bench_render(profile: Annotated[str, typer.Option("--profile", help="tiny (random tiny weights, three window "
+                                                      "layouts), or sd15-shapes (the full-size pipeline, random "
+                                                      "weights)")] = "tiny",
                  frames: Annotated[int, typer.Option("--frames", min=1, help="Motion length.")] = 300,
-                 steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 20,
+                 steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 20,
+                 device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+                 resolution: Annotated[int, typer.Option("--resolution", min=64, help="sd15-shapes image side.")] = 512,
+                 scheduler: Annotated[str, typer.Option("--scheduler", help="sd15-shapes: ddim, dpmpp or "
+                                                        "unipc")] = "ddim",
                  as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
-    """render_body frames/s, denoiser frame evaluations per step and peak memory: overlapped windows (16/4),
-    disjoint windows and frame by frame, on a synthetic gesturing mannequin."""
+    """Render speed and peak memory. tiny: render_body frames/s, denoiser frame evaluations per step and peak RSS
+    for overlapped windows (16/4), disjoint windows and frame by frame, on a synthetic gesturing mannequin.
+    sd15-shapes: seconds for --frames frames at 512² with CFG (the same code as `python -m models.bench render`)."""
     from core.errors import InputError
 
+    if profile == "sd15-shapes":
+        if scheduler not in ("ddim", "dpmpp", "unipc"):
+            raise InputError(f"--scheduler {scheduler!r}: choose ddim, dpmpp or unipc")
+        result = _model_bench("render", device=device, frames=frames, steps=steps, resolution=resolution,
+                              scheduler=scheduler)
+        _print(result, as_json, f"bench render --profile sd15-shapes --frames {frames}")
+        return
     if profile != "tiny":
-        raise InputError(f"--profile {profile!r}: only tiny (the others need trained weights)")
+        raise InputError(f"--profile {profile!r}: choose tiny or sd15-shapes (the others need trained weights)")
     from cli.benchmarks import render_tiny
 
     result = render_tiny(frames, steps)
@@ -157,4 +195,27 @@ def bench_quality(video: Annotated[Path, typer.Option("--video", help="Video of 
     table.add_row("total minutes (onboard → report)", f"{result['total_min']:.1f}", "", "≤ 30")
     out.print(table)
     if workspace is not None:
-        out.print(f"report: {result['report']}")
+        out.print(f"report: {result['report']}", markup=False)
+
+
+@bench_app.command("memory")
+def bench_memory(video: Annotated[Path, typer.Option("--video", help="Video of one person.")],
+                 repeat: Annotated[int, typer.Option("--repeat", min=2, max=64, help="How many times the long "
+                                                     "video plays the short one.")] = 8,
+                 as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """Peak memory of every stage whose work grows with the video, on VIDEO and on VIDEO looped --repeat times
+    (tiny profile, each stage in a process of its own): memory must not grow with length. Progress on stderr."""
+    from cli.benchmarks import memory
+    from tasks import video as vio
+
+    vio.probe(video)
+    result = memory(video.resolve(), repeat, log=sys.stderr)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("stage", "short MB", f"x{repeat} MB", "ratio", title=f"bench memory {video.name}")
+    for stage, row in result["stages"].items():
+        table.add_row(stage, f"{row['short_mb']:.0f}", f"{row['long_mb']:.0f}",
+                      f"{row['long_mb'] / row['short_mb']:.2f}" if row["short_mb"] else "-")
+    out.print(table)
+    out.print(f"largest ratio {result['ratio_max']:.2f} ({result['worst_stage']}); target ≤ 1.25", markup=False)

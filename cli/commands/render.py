@@ -80,6 +80,6 @@ def motion_import(
         from flows.motion import import_motion
 
         info = import_motion.fn(str(ws.root), identity, str(motion.resolve()), str(target), clip)
-    out.print(f"{info['source_format']}: {info['source_frames']} frames at {info['source_fps']:g} fps → "
-              f"{info['frames']} frames at 30 fps ({info['seconds']:.1f} s), retargeted onto {identity}")
-    out.print(f"wrote {info['out']}")
+    say(f"{info['source_format']}: {info['source_frames']} frames at {info['source_fps']:g} fps → "
+        f"{info['frames']} frames at 30 fps ({info['seconds']:.1f} s), retargeted onto {identity}")
+    say(f"wrote {info['out']}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import av
+import cv2
 import numpy as np
 from pydantic import Field
 
@@ -47,7 +48,11 @@ STAGE = Stage(
     in_dvc=False, describe=describe, outputs=(VIDEO, RECORD),
     description="H.264 mp4 at 30 fps with the driving audio; render.json says what shaped it")
 FPS = int(FIT_FPS)
-X264_THREADS = "1"  # one: x264 with frame threads gave different bytes for the same frames (measured)
+# The same frames must give the same bytes (audit, byte-identical re-renders). One encoder thread, and no
+# macroblock-tree rate control: with mbtree on, x264 gave different bytes for the same frames from one run to the
+# next at 64-192 px, depending on what the process had allocated before (measured: up to 8 outcomes in 30 runs; with
+# mbtree=0, one in 40 at every size tried). It costs a few percent of bitrate at the same CRF.
+X264_OPTIONS = {"threads": "1", "x264-params": "mbtree=0"}
 
 
 def _audio(container: av.container.OutputContainer, wav: Path) -> tuple[Any, np.ndarray, int, str]:
@@ -68,11 +73,13 @@ def encode(frames: list[Path], out: Path, params: AssembleParams, wav: Path | No
         video = container.add_stream("libx264", rate=FPS)
         video.width, video.height, video.pix_fmt = w, h, "yuv420p"
         video.time_base = Fraction(1, FPS)
-        video.options = {"crf": str(params.crf), "preset": params.preset, "threads": X264_THREADS}
+        video.options = {"crf": str(params.crf), "preset": params.preset, **X264_OPTIONS}
         audio = _audio(container, wav) if wav is not None else None
         progress.start("encoding video", len(frames))
         for i, path in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(read_rgb(path), format="rgb24")
+            # RGB → YUV 4:2:0 (BT.601, video range) by OpenCV, one deterministic conversion whatever the threads
+            yuv = cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2YUV_I420)
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
             frame.pts = i
             for packet in video.encode(frame):
                 container.mux(packet)

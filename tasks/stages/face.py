@@ -19,23 +19,20 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from pydantic import Field
 
 from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
-from models import body, face_align, overlap, pipeline
-from models.parts import BasePaths, load_image_encoder, load_scheduler, load_vae
+from models import face_align
 from models.raster import MeshRasterizer
-from models.sgdm import SGDM
 from tasks import smplx_table
 from tasks.base_weights import quiet
 from tasks.denoising import WindowParams
-from tasks.frames import frame_name, read_meta, read_rgb, write_png
+from tasks.devices import Compute
+from tasks.frames import ImageFiles, frame_name, read_meta, read_rgb, write_png
 from tasks.stages import render_body
 from tasks.stages.render_mesh import FACES, face_state, head_faces, pose_chunks
-from tasks.training import trained_resolution
 
 FRAMES = "frames"
 COND = "cond"
@@ -61,7 +58,7 @@ def describe(s: dict[str, Any]) -> str:
 STAGE = Stage(
     "face", flow="render", scope="render",
     inputs=("motion", "render_body", "finetune", "smplx_fit", "ingest", "render_mesh"), params=FaceParams,
-    reads=("models", "render_mesh"), body_model=True, base_weights=True, resource="gpu", in_dvc=False,
+    reads=("render_mesh",), body_model=True, resource="gpu", device=True, in_dvc=False,
     describe=describe, outputs=(f"{FRAMES}/?", f"{COND}/?", f"{MASK}/?", TABLE),
     description="face crop → Face SGDM inpainting → feathered blend; hidden faces pass through")
 
@@ -111,7 +108,11 @@ def reference_face(ingest_dir: Path, render_dir: Path, fres: int) -> np.ndarray:
 
 
 def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progress, *,
-        settings: SimpleNamespace, base: BasePaths) -> dict[str, Any]:
+        settings: SimpleNamespace, compute: Compute) -> dict[str, Any]:
+    import torch
+
+    from models import body
+
     _, blocks = smplx_table.read(inputs["motion"] / smplx_table.TABLE)
     n = len(blocks["transl"])
     if not params.enabled:
@@ -120,8 +121,10 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     quiet()
     generated = inputs["render_body"] / render_body.FRAMES
     res = read_rgb(generated / frame_name(0, "png")).shape[0]
-    checkpoint = inputs["finetune"] / "face"
-    fres = trained_resolution(checkpoint)
+    pipe = render_body.load_pipeline(inputs["finetune"] / "face", params, settings.profile, compute)
+    if not pipe.inpaint:
+        raise StageError(f"{inputs['finetune'] / 'face'}: not an inpainting (face) model")
+    fres = pipe.resolution
     fsize = settings.render_mesh.face_size
     betas, side, K = render_body.camera(inputs["smplx_fit"], settings)
     for sub in (FRAMES, COND, MASK):
@@ -158,60 +161,35 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     if not stretches:
         return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons)}
 
-    # 2. inpaint each run of visible faces as one video, then 3. blend back
-    face_model = SGDM.from_pretrained(checkpoint).eval()
-    face_model.skip_identity_temporal()
-    if not face_model.inpaint:
-        raise StageError(f"{checkpoint}: not an inpainting (face) model")
-    vae, encoder, scheduler = load_vae(base).eval(), load_image_encoder(base).eval(), load_scheduler(base)
-    tokens = pipeline.encode_reference(
-        encoder, render_body.to_tensor([reference_face(inputs["ingest"], inputs["render_mesh"], fres)])[:, :, 0])
-    f = pipeline.vae_factor(vae)
-    gen = torch.Generator().manual_seed(params.seed)
+    # 2. inpaint each run of visible faces as one video with the Face SGDM, then 3. blend each face back
+    reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
     feather = params.feather * fres
-
-    def crops(w: slice) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        frames, faces, masks = [], [], []
-        for i in range(w.start, w.stop):
-            frame = read_rgb(generated / frame_name(i, "png"))
-            frames.append(frame)
-            faces.append(cv2.warpAffine(frame, transforms[i], (fres, fres), flags=cv2.INTER_LINEAR))
-            mask = cv2.imread(str(out / MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
-            masks.append(mask)
-        return frames, faces, masks
-
+    gen = torch.Generator().manual_seed(params.seed)
     progress.start("face: inpainting", params.steps * len(stretches))
     for run_ in stretches:
-        length = run_.stop - run_.start
-        extra = []
-        for w in overlap.windows(length, params.window, 0):
-            _, faces, masks = crops(slice(run_.start + w.start, run_.start + w.stop))
-            mask = torch.from_numpy(np.stack(masks) > 127).float()[None, None]
-            image = render_body.to_tensor(faces)
-            extra.append(pipeline.inpaint_inputs(vae, mask, image * (1 - mask) + 0.5 * mask))
-        extra_t = torch.cat(extra, dim=2)
+        frames = [generated / frame_name(i, "png") for i in range(run_.start, run_.stop)]
 
-        def predict(x: torch.Tensor, t: torch.Tensor, w: slice, start: int = run_.start,
-                    extra_t: torch.Tensor = extra_t) -> torch.Tensor:
-            cond = render_body.to_tensor([read_rgb(out / COND / frame_name(start + i, "png"))
-                                          for i in range(w.start, w.stop)])
-            return pipeline.predict_noise(face_model, x, t, tokens, cond, params.guidance[settings.profile],
-                                          params.control_scale[settings.profile], extra_t[:, :, w])
+        def crop(k: int, frame: np.ndarray, start: int = run_.start) -> np.ndarray:
+            return cv2.warpAffine(frame, transforms[start + k], (fres, fres), flags=cv2.INTER_LINEAR)
 
-        latents = pipeline.initial_latents((1, vae.config.latent_channels, length, fres // f, fres // f), gen)
-        scheduler.set_timesteps(params.steps)
-        latents = overlap.denoise(predict, latents * scheduler.init_noise_sigma, scheduler, params.window,
-                                  params.overlap, on_step=lambda _i: progress.advance(1))
-        for w in overlap.windows(length, params.window, 0):
-            at = slice(run_.start + w.start, run_.start + w.stop)
-            decoded = pipeline.decode_latents(vae, latents[:, :, w])[0]
-            new = (decoded.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()
-            frames, _, masks = crops(at)
-            for k, i in enumerate(range(at.start, at.stop)):
-                blended = face_align.paste(frames[k], new[k], masks[k], transforms[i], feather)
+        def blend(first: int, faces: np.ndarray, start: int = run_.start) -> None:
+            for k, face in enumerate(faces):
+                i = start + first + k
+                mask = cv2.imread(str(out / MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
+                blended = face_align.paste(read_rgb(generated / frame_name(i, "png")), face, mask, transforms[i],
+                                           feather)
                 write_png(out / FRAMES / frame_name(i, "png"), blended)
+
+        pipe(ImageFiles([out / COND / frame_name(i, "png") for i in range(run_.start, run_.stop)]), reference,
+             images=ImageFiles(frames, transform=crop),
+             masks=ImageFiles([out / MASK / frame_name(i, "png") for i in range(run_.start, run_.stop)], gray=True),
+             steps=params.steps, guidance=params.guidance[settings.profile],
+             control_scale=params.control_scale[settings.profile], window=params.window,
+             overlap_frames=params.overlap, generator=gen, callback=lambda _step, _steps: progress.advance(1),
+             output=blend, max_latent_bytes=compute.max_latent_bytes, spill_dir=out)
     return {"frames": n, "enhanced": sum(r is None for r in reasons), "runs": len(stretches),
-            "resolution": fres, "missing": _count(reasons)}
+            "resolution": fres, "missing": _count(reasons), "device": compute.device.type,
+            "dtype": str(pipe.dtype).removeprefix("torch."), "scheduler": params.scheduler}
 
 
 def _count(reasons: list[str | None]) -> dict[str, int]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from core.progress import Progress
 from core.stage import Stage
-from models.parts import BasePaths
-from tasks.training import TrainParams, describe, train_models
+from tasks.devices import Compute
+from tasks.train_params import TrainParams, describe
+
+if TYPE_CHECKING:
+    from models.parts import BasePaths
 
 
 class FinetuneParams(TrainParams):
@@ -22,12 +25,14 @@ class FinetuneParams(TrainParams):
 
 STAGE = Stage(
     "finetune", flow="finetune", inputs=("ingest", "render_mesh", "pretrain"), params=FinetuneParams,
-    reads=("models",), base_weights=True, home="checkpoints", resource="gpu", resumable=True, describe=describe,
-    outputs=("body/", "face/"),
+    reads=("models",), base_weights=True, home="checkpoints", resource="gpu", device=True, resumable=True,
+    describe=describe, outputs=("body/", "face/"),
     description="stage 2: the identity's own body and face SGDMs from the pretrained ones")
 
 
 def run(inputs: dict[str, Path], out: Path, params: FinetuneParams, progress: Progress, *,
-        settings: SimpleNamespace, base: BasePaths, scratch: Path) -> dict[str, Any]:
+        settings: SimpleNamespace, base: BasePaths, scratch: Path, compute: Compute) -> dict[str, Any]:
+    from tasks.training import train_models
+
     sources = [("identity", inputs["ingest"], inputs["render_mesh"], inputs["ingest"])]
-    return train_models(sources, settings, params, base, out, scratch, progress, start=inputs["pretrain"])
+    return train_models(sources, settings, params, base, out, scratch, progress, compute, start=inputs["pretrain"])

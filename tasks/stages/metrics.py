@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from core.artifacts import read_manifest
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models import fid, fvd, scores
+from models import scores
+from tasks.devices import Compute
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
 from tasks.stages import face, keypoints, motion
 from tasks.workers import run_parallel
@@ -53,6 +55,9 @@ class MetricsParams(Section):
     hand_outlier: float = Field(0.1, gt=0, le=1, description="a hand whose mean landmark distance exceeds this "
                                 "share of the frame side counts as a detector failure and is left out of LMD hand")
     workers: int = Field(1, ge=1, le=64, description="MediaPipe processes")
+    max_frames: int = Field(1800, ge=2, le=1_000_000, description="most held-out frames scored; a longer hold-out "
+                            "is scored on this many frames evenly spaced over it (and as many clips for FVD), said in "
+                            "the report")
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -64,7 +69,7 @@ def describe(s: dict[str, Any]) -> str:
 STAGE = Stage(
     "metrics", flow="evaluate", scope="render",
     inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"), params=MetricsParams,
-    weights=("inception_weights", "i3d_weights"), resource="gpu", in_dvc=False, describe=describe,
+    weights=("inception_weights", "i3d_weights"), resource="gpu", device=True, in_dvc=False, describe=describe,
     outputs=(RESULT, f"{PER_FRAME}?", f"{NEAREST}/?", f"{NEAREST_TABLE}?"),
     description="FID, FVD, landmark distance face/body/hand, flicker against the real frames")
 
@@ -72,6 +77,13 @@ STAGE = Stage(
 def real_frames(ingest: Path, n: int) -> list[Path]:
     clips = sorted((c for c in read_meta(ingest)["clips"] if c["split"] == "test"), key=lambda c: c["start"])
     return [p for c in clips for p in clip_frame_paths(ingest, c)][:n]
+
+
+def sample(n: int, most: int) -> list[int]:
+    """All of range(n), or `most` of it evenly spaced (first and last included)."""
+    if n <= most:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, most)})
 
 
 def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
@@ -96,11 +108,13 @@ def _found(points: np.ndarray) -> int:
     return int(np.isfinite(points).all(-1).sum())
 
 
-def _real_landmarks(keypoints_dir: Path, ingest: Path, n: int) -> list[dict[str, Any]]:
-    table = keypoints.load(keypoints_dir).to_pylist()
+def _real_landmarks(keypoints_dir: Path, ingest: Path, picks: list[int]) -> list[dict[str, Any]]:
+    """The keypoints stage's rows of the picked held-out frames (render order), nothing else read into Python."""
+    table = keypoints.load(keypoints_dir)
     order = {c["name"]: c["start"] for c in read_meta(ingest)["clips"] if c["split"] == "test"}
-    rows = sorted((r for r in table if r["clip"] in order), key=lambda r: (order[r["clip"]], r["frame"]))
-    return rows[:n]
+    clips, frames = table.column("clip").to_pylist(), table.column("frame").to_pylist()
+    held = sorted((i for i, c in enumerate(clips) if c in order), key=lambda i: (order[clips[i]], frames[i]))
+    return table.take([held[t] for t in picks]).to_pylist()
 
 
 def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]], side: int, hand_outlier: float
@@ -151,17 +165,15 @@ def training_poses(keypoints_dir: Path, ingest: Path) -> tuple[list[dict[str, An
     return rows, [paths[r["clip"]][r["frame"]] for r in rows]
 
 
-def person_masks(matting: Path, ingest: Path, n: int, size: int) -> list[np.ndarray]:
-    """The held-out frames' alpha mattes in [0, 1] at `size`, in render order."""
+def person_masks(matting: Path, ingest: Path, picks: list[int], size: int) -> Iterator[np.ndarray]:
+    """The picked held-out frames' alpha mattes in [0, 1] at `size`, in render order, one at a time."""
     clips = sorted((c for c in read_meta(ingest)["clips"] if c["split"] == "test"), key=lambda c: c["start"])
-    paths = [matting / "alpha" / c["name"] / frame_name(i, "png") for c in clips for i in range(c["frames"])][:n]
-    out = []
-    for p in paths:
-        alpha = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+    paths = [matting / "alpha" / c["name"] / frame_name(i, "png") for c in clips for i in range(c["frames"])]
+    for t in picks:
+        alpha = cv2.imread(str(paths[t]), cv2.IMREAD_GRAYSCALE)
         if alpha is None:
-            raise FileNotFoundError(f"metrics: no person matte {p}")
-        out.append(cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255)
-    return out
+            raise FileNotFoundError(f"metrics: no person matte {paths[t]}")
+        yield cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
 
 
 def _detect(paths: list[Path], side: int, detector: dict[str, Any], workers: int, progress: Progress,
@@ -181,7 +193,10 @@ def _not(reason: str) -> dict[str, Any]:
     return {"value": None, "note": f"not computed: {reason}"}
 
 
-def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Progress) -> dict[str, Any]:
+def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Progress, *,
+        compute: Compute) -> dict[str, Any]:
+    from models import fid, fvd
+
     info = motion.read_info(inputs["motion"])
     n = int(info["frames"])
     gen_paths = face.final_frames(inputs["render_body"], inputs["face"], n)
@@ -198,72 +213,90 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     side = int(read_meta(inputs["ingest"])["resolution"])
     real_paths = real_frames(inputs["ingest"], n)
     res = read_rgb(gen_paths[0]).shape[0]
+    picks = sample(n, params.max_frames)  # every frame, or evenly spaced ones for a very long hold-out
+    if len(picks) < n:
+        result["sampled"] = (f"{len(picks)} of {n} frames evenly spaced (metrics.max_frames); flicker on the pairs "
+                             f"they start, FVD on {fvd.CLIP_LENGTH}-frame clips spread the same way")
 
-    def gen_images() -> list[np.ndarray]:
-        return [read_rgb(p) for p in gen_paths]
+    def gen_image(t: int) -> np.ndarray:
+        return read_rgb(gen_paths[t])
 
-    def real_images() -> list[np.ndarray]:
-        return [read_rgb(p, res) for p in real_paths]  # the real frames at the render's size
+    def real_image(t: int) -> np.ndarray:
+        return read_rgb(real_paths[t], res)  # the real frame at the render's size
 
-    real_lm = _real_landmarks(inputs["keypoints"], inputs["ingest"], n)
+    real_lm = _real_landmarks(inputs["keypoints"], inputs["ingest"], picks)
     detector = (read_manifest(inputs["keypoints"]) or {}).get("params") or keypoints.KeypointsParams().model_dump()
-    generated_lm = _detect(gen_paths, side, detector, params.workers, progress)
+    generated_lm = _detect([gen_paths[t] for t in picks], side, detector, params.workers, progress)
     lmd, per_frame = landmark_scores(generated_lm, real_lm, side, params.hand_outlier)
+    for row, t in zip(per_frame, picks, strict=True):
+        row["frame"] = t
     result.update(lmd)
     result["detection_rate_generated"] = _rates(generated_lm)
+    del generated_lm
 
     # the baseline: copy the training frame whose keypoints are nearest, scored exactly like the model
     train_rows, train_paths = training_poses(inputs["keypoints"], inputs["ingest"])
-    picks = scores.nearest_frames(_pose(real_lm, side), _pose(train_rows, side))
+    chosen = scores.nearest_frames(_pose(real_lm, side), _pose(train_rows, side))
     (out / NEAREST).mkdir()
-    nn_paths = [out / NEAREST / frame_name(t, "png") for t in range(n)]
-    for t, i in enumerate(picks):
+    nn_paths = {t: out / NEAREST / frame_name(t, "png") for t in picks}
+    for t, i in zip(picks, chosen, strict=True):
         write_png(nn_paths[t], read_rgb(train_paths[max(int(i), 0)], res))  # no real pose: the first frame
-    nn_lm = _detect(nn_paths, side, detector, params.workers, progress, "the baseline's frames")
+    nn_lm = _detect([nn_paths[t] for t in picks], side, detector, params.workers, progress, "the baseline's frames")
     nn_lmd, _ = landmark_scores(nn_lm, real_lm, side, params.hand_outlier)
     result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
     result["baseline_detection_rate"] = _rates(nn_lm)
     result["baseline"] = ("each held-out frame replaced by the training frame whose body and hand keypoints are "
                           "nearest (mean distance over the points inside the frame found in both, among the "
                           "training frames sharing the most of them)")
+    del nn_lm, real_lm
 
-    progress.start("metrics: SSIM inside the person", n)
-    masks = person_masks(inputs["matting"], inputs["ingest"], n, res)
+    progress.start("metrics: SSIM inside the person", len(picks))
     ssim_g, ssim_nn = [], []
     with open(out / NEAREST_TABLE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["frame", "train_clip", "train_frame", "ssim_person_generated", "ssim_person_nearest"])
-        for t, (real, mask) in enumerate(zip(real_images(), masks, strict=True)):
-            ssim_g.append(scores.ssim_in_mask(read_rgb(gen_paths[t]), real, mask))
+        masks = person_masks(inputs["matting"], inputs["ingest"], picks, res)
+        for t, i, mask in zip(picks, chosen, masks, strict=True):
+            real = real_image(t)
+            ssim_g.append(scores.ssim_in_mask(gen_image(t), real, mask))
             ssim_nn.append(scores.ssim_in_mask(read_rgb(nn_paths[t]), real, mask))
-            row = train_rows[max(int(picks[t]), 0)]
+            row = train_rows[max(int(i), 0)]
             writer.writerow([t, row["clip"], row["frame"], round(ssim_g[-1], 5), round(ssim_nn[-1], 5)])
             progress.advance(1)
     for key, values in (("ssim_person", ssim_g), ("baseline_ssim_person", ssim_nn)):
         ok = [v for v in values if np.isfinite(v)]
         result[key] = {"value": round(float(np.mean(ok)), 4), "frames": len(ok)} if ok else \
             _not("no person in the real frames' mattes")
-    flick = scores.temporal_flicker(iter(gen_images()), iter(real_images())) if n > 1 else None
+    pairs = [t for t in picks if t + 1 < n]
+    flick = scores.flicker_of_pairs((gen_image(t), gen_image(t + 1), real_image(t), real_image(t + 1))
+                                    for t in pairs) if pairs else None
     result["flicker"] = ({"value": round(flick["flicker"], 6), "change_generated": round(flick["change_generated"], 6),
                           "change_real": round(flick["change_real"], 6)} if flick else _not("one frame"))
 
     progress.start("metrics: FID / FVD", 2)
+    device = compute.device
     if params.inception_weights is None:
         result["fid"] = _not("no Inception weights (set metrics.inception_weights to pytorch-fid's file)")
     else:
-        net = fid.load_inception(inputs["inception_weights"])
-        g, r = fid.inception_features(net, gen_images()), fid.inception_features(net, real_images())
+        net = fid.load_inception(inputs["inception_weights"]).to(device)
+        g = fid.inception_features(net, (gen_image(t) for t in picks))
+        r = fid.inception_features(net, (real_image(t) for t in picks))
         result["fid"] = {"value": round(fid.frechet_distance(*fid.statistics(g), *fid.statistics(r)), 4),
-                         "frames": n}
+                         "frames": len(picks)}
     progress.advance(1)
+    starts = [s * fvd.CLIP_LENGTH for s in sample(n // fvd.CLIP_LENGTH, max(2, params.max_frames // fvd.CLIP_LENGTH))]
     if params.i3d_weights is None:
         result["fvd"] = _not("no I3D weights (set metrics.i3d_weights to the TorchScript I3D file)")
-    elif n < 2 * fvd.CLIP_LENGTH:
+    elif len(starts) < 2:
         result["fvd"] = _not(f"{n} frames make fewer than two {fvd.CLIP_LENGTH}-frame clips")
     else:
-        net = fvd.load_i3d(inputs["i3d_weights"])
-        g = fvd.i3d_features(net, fvd.clips_of(gen_images()))
-        r = fvd.i3d_features(net, fvd.clips_of(real_images()))
+        net = fvd.load_i3d(inputs["i3d_weights"]).to(device)
+
+        def clips(read: Any) -> Iterator[np.ndarray]:
+            for s0 in starts:
+                yield np.stack([read(t) for t in range(s0, s0 + fvd.CLIP_LENGTH)])
+
+        g, r = fvd.i3d_features(net, clips(gen_image)), fvd.i3d_features(net, clips(real_image))
         result["fvd"] = {"value": round(fvd.fvd(g, r), 4), "clips": len(g)}
     progress.advance(1)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from pydantic import Field
 
 from core.errors import InputError
 from core.hashing import NOT_CONTENT, hash_tree
 from core.progress import Progress
+from core.section import Section
 from core.stage import Stage
-from models import body
-from models.motion_io import FIT_FPS, Motion, read_motion, resample
+from models.motion_io import FIT_FPS, Motion, read_motion, resample, resampled_frames
 from models.retarget import retarget
 from tasks import smplx_table
 from tasks.frames import read_meta
@@ -39,8 +39,15 @@ def describe(s: dict[str, Any]) -> str:
     return f"{s['kind']}: {s['frames']} frames at {s['fps']} fps{', with audio' if s.get('audio') else ''}"
 
 
+class MotionParams(Section):
+    """How a motion becomes a render's: what it may be (the rest is in the motion itself)."""
+
+    max_frames: int = Field(108_000, ge=1, le=10_000_000, description="longest motion a render takes, in frames at "
+                            "30 fps (default one hour); a longer one is refused before anything is made")
+
+
 STAGE = Stage(
-    "motion", flow="render", scope="render", external="motion", in_dvc=False, describe=describe,
+    "motion", flow="render", scope="render", external="motion", params=MotionParams, in_dvc=False, describe=describe,
     outputs=(smplx_table.TABLE, INFO, f"{AUDIO}?"),
     description="the motion a render follows (SMPL-X per frame, fitted to the identity) and its audio")
 
@@ -72,6 +79,10 @@ def fit_as_motion(fit_dir: Path, ingest_dir: Path, split: str | None = None) -> 
 
 def reference(fit_dir: Path, body_model: Path) -> dict[str, np.ndarray]:
     """The identity's rest pelvis and its fitted root orientations and pelvis positions (training clips)."""
+    import torch
+
+    from models import body
+
     keys, blocks = smplx_table.read(fit_dir / smplx_table.TABLE)
     betas = np.asarray(smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)["betas"], np.float32)
     model = body.load(body_model)
@@ -84,9 +95,19 @@ def reference(fit_dir: Path, body_model: Path) -> dict[str, np.ndarray]:
             "ref_pelvis": blocks["transl"][train].astype(np.float64) + rest}
 
 
-def prepare(motion: Motion, ref: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def check_length(frames: int, fps: float, max_frames: int, what: str) -> None:
+    """Refuse, before resampling allocates it, a motion longer than a render may be."""
+    out = resampled_frames(frames, fps, FIT_FPS)
+    if out > max_frames:
+        raise InputError(f"{what}: {frames} frames at {fps:g} fps make {out} frames at 30 fps "
+                         f"({out / FIT_FPS / 3600:.1f} h), more than motion.max_frames = {max_frames}")
+
+
+def prepare(motion: Motion, ref: dict[str, np.ndarray], max_frames: int = MotionParams().max_frames
+            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Resample to 30 fps and retarget; returns parameter blocks and a short description."""
     src_fps, src_frames = motion.fps, motion.frames
+    check_length(src_frames, src_fps, max_frames, f"motion ({motion.source})")
     motion = resample(motion, FIT_FPS)
     blocks = retarget(motion, pelvis_rest=ref["pelvis_rest"], ref_orient=ref["ref_orient"],
                       ref_pelvis=ref["ref_pelvis"])
@@ -177,7 +198,8 @@ def read_info(motion_dir: Path) -> dict[str, Any]:
     return json.loads((motion_dir / INFO).read_text())
 
 
-def run(inputs: dict[str, Path], out: Path, params: None, progress: Progress, *, motion: Path) -> dict[str, Any]:
+def run(inputs: dict[str, Path], out: Path, params: MotionParams, progress: Progress, *, motion: Path
+        ) -> dict[str, Any]:
     """Copy the staged motion into the render's artifacts."""
     for name in (smplx_table.TABLE, INFO, AUDIO):
         if (motion / name).is_file():

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.progress import Progress
 from core.stage import Stage
-from models.parts import BasePaths
-from tasks.training import TrainParams, describe, train_models
+from tasks.devices import Compute
+from tasks.train_params import TrainParams, describe
+
+if TYPE_CHECKING:
+    from models.parts import BasePaths
 
 
 class PretrainParams(TrainParams):
@@ -22,14 +25,16 @@ class PretrainParams(TrainParams):
 
 STAGE = Stage(
     "pretrain", flow="pretrain", scope="shared", inputs=("ingest", "matting", "render_mesh"), params=PretrainParams,
-    reads=("models",), base_weights=True, resource="gpu", resumable=True, describe=describe,
+    reads=("models",), base_weights=True, resource="gpu", device=True, resumable=True, describe=describe,
     outputs=("body/", "face/"),
     description="stage 1: body and face SGDMs on every identity's foreground frames (motion frozen)")
 
 
 def run(inputs: dict[str, dict[str, Path]], out: Path, params: PretrainParams, progress: Progress, *,
-        settings: SimpleNamespace, base: BasePaths, scratch: Path) -> dict[str, Any]:
+        settings: SimpleNamespace, base: BasePaths, scratch: Path, compute: Compute) -> dict[str, Any]:
     """`inputs`: each identity's artifacts by stage."""
+    from tasks.training import train_models
+
     names = sorted(inputs)
     sources = [(n, inputs[n]["ingest"], inputs[n]["render_mesh"], inputs[n]["matting"]) for n in names]
-    return {"identities": names, **train_models(sources, settings, params, base, out, scratch, progress)}
+    return {"identities": names, **train_models(sources, settings, params, base, out, scratch, progress, compute)}

@@ -14,22 +14,18 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-import torch
 from pydantic import Field
 
 from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
-from models import body, overlap, pipeline
-from models.parts import BasePaths, load_image_encoder, load_scheduler, load_vae
 from models.raster import MeshRasterizer
-from models.sgdm import SGDM
 from tasks import smplx_table
 from tasks.base_weights import quiet
-from tasks.denoising import WindowParams
-from tasks.frames import frame_name, read_meta, read_rgb, write_png
+from tasks.denoising import WindowParams, torch_dtype
+from tasks.devices import Compute
+from tasks.frames import ImageFiles, frame_name, read_meta, read_rgb, write_png
 from tasks.stages.render_mesh import pose_chunks
-from tasks.training import trained_resolution
 
 FRAMES = "frames"
 COND = "cond"
@@ -61,22 +57,19 @@ def describe(s: dict[str, Any]) -> str:
 
 STAGE = Stage(
     "render_body", flow="render", scope="render", inputs=("motion", "finetune", "smplx_fit", "ingest"),
-    params=RenderBodyParams, reads=("models", "render_mesh"), body_model=True, base_weights=True, resource="gpu",
+    params=RenderBodyParams, reads=("render_mesh",), body_model=True, resource="gpu", device=True,
     in_dvc=False, describe=describe, outputs=(f"{FRAMES}/", f"{COND}/"),
     description="batch-overlapped temporal denoising over the whole motion (Algorithm 1)")
 
 
 def camera(fit_dir: Path, settings: SimpleNamespace) -> tuple[np.ndarray, int, np.ndarray]:
     """(betas (1, 10), render side, K): the identity's camera at render_mesh's resolution, as in training."""
+    from models import body
+
     ident = smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)
     cam = ident["camera"]
     side = settings.render_mesh.resolution or int(cam["size"])
     return np.asarray(ident["betas"], np.float32)[None], side, body.intrinsics(cam["focal"] * side / cam["size"], side)
-
-
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """RGB uint8 images → (1, 3, F, H, W) in [0, 1]."""
-    return torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2)[None].float() / 255
 
 
 def training_frames(ingest_dir: Path) -> list[Path]:
@@ -98,6 +91,8 @@ def reference_path(ingest_dir: Path, index: int) -> Path:
 def render_conditions(out: Path, model_file: Path, betas: np.ndarray, blocks: dict[str, np.ndarray], K: np.ndarray,
                       side: int, res: int, ambient: float, progress: Progress) -> None:
     """One condition PNG per motion frame at the model's resolution."""
+    from models import body
+
     model = body.load(model_file)
     n = len(blocks["transl"])
     progress.start("rendering mesh conditions", n)
@@ -112,45 +107,57 @@ def render_conditions(out: Path, model_file: Path, betas: np.ndarray, blocks: di
 
 
 def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: Progress, *,
-        settings: SimpleNamespace, base: BasePaths) -> dict[str, Any]:
+        settings: SimpleNamespace, compute: Compute) -> dict[str, Any]:
+    import torch
+
+    from models import overlap
+
     quiet()
     _, blocks = smplx_table.read(inputs["motion"] / smplx_table.TABLE)
     n = len(blocks["transl"])
     betas, side, K = camera(inputs["smplx_fit"], settings)
-    checkpoint = inputs["finetune"] / "body"
-    res = trained_resolution(checkpoint)
+    pipe = load_pipeline(inputs["finetune"] / "body", params, settings.profile, compute)
+    res = pipe.resolution
     (out / COND).mkdir()
     (out / FRAMES).mkdir()
     render_conditions(out / COND, inputs["body_model"], betas, blocks, K, side, res, settings.render_mesh.ambient,
                       progress)
-
-    model = SGDM.from_pretrained(checkpoint).eval()
-    model.skip_identity_temporal()
-    vae, encoder, scheduler = load_vae(base).eval(), load_image_encoder(base).eval(), load_scheduler(base)
     ref = reference_path(inputs["ingest"], params.reference_frame)
-    tokens = pipeline.encode_reference(encoder, to_tensor([read_rgb(ref, res)])[:, :, 0])
 
-    def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
-        cond = to_tensor([read_rgb(out / COND / frame_name(i, "png")) for i in range(w.start, w.stop)])
-        return pipeline.predict_noise(model, x, t, tokens, cond, params.guidance[settings.profile],
-                                      params.control_scale[settings.profile])
+    def write(first: int, frames: np.ndarray) -> None:
+        for k, img in enumerate(frames):
+            write_png(out / FRAMES / frame_name(first + k, "png"), img)
+        progress.advance(len(frames))
 
-    f = pipeline.vae_factor(vae)
-    gen = torch.Generator().manual_seed(params.seed)
-    latents = pipeline.initial_latents((1, vae.config.latent_channels, n, res // f, res // f), gen,
-                                       shared=params.noise == "shared")
-    scheduler.set_timesteps(params.steps)
-    latents = latents * scheduler.init_noise_sigma
+    def on_step(step: int, steps: int) -> None:
+        progress.advance(1)
+        if step == steps:
+            progress.start("decoding frames", n)
+
     progress.start(f"denoising {n} frames", params.steps)
-    latents = overlap.denoise(predict, latents, scheduler, params.window, params.overlap,
-                              on_step=lambda _i: progress.advance(1))
-
-    progress.start("decoding frames", n)
-    for w in overlap.windows(n, params.window, 0):
-        frames = pipeline.decode_latents(vae, latents[:, :, w])[0]  # (3, F, H, W)
-        for k, img in enumerate((frames.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()):
-            write_png(out / FRAMES / frame_name(w.start + k, "png"), img)
-        progress.advance(w.stop - w.start)
+    pipe(ImageFiles([out / COND / frame_name(i, "png") for i in range(n)]), read_rgb(ref),
+         steps=params.steps, guidance=params.guidance[settings.profile],
+         control_scale=params.control_scale[settings.profile], window=params.window, overlap_frames=params.overlap,
+         generator=torch.Generator().manual_seed(params.seed), noise=params.noise,
+         callback=on_step, output=write, max_latent_bytes=compute.max_latent_bytes, spill_dir=out)
     return {"frames": n, "resolution": res, "reference": str(ref.relative_to(inputs["ingest"])),
             "windows": len(overlap.windows(n, params.window, params.overlap)),
-            "frame_evals_per_step": overlap.evaluations_per_step(n, params.window, params.overlap)}
+            "frame_evals_per_step": overlap.evaluations_per_step(n, params.window, params.overlap),
+            "device": compute.device.type, "dtype": str(pipe.dtype).removeprefix("torch."),
+            "scheduler": params.scheduler}
+
+
+def load_pipeline(checkpoint: Path, params: Any, profile: str, compute: Compute) -> Any:
+    """A checkpoint's pipeline on the task's device, in the profile's dtype (float32 on a CPU, where half precision
+    is slow or missing), with the sampler the params name and the zero motion modules skipped."""
+    import torch
+
+    from models.sgdm_pipeline import SGDMPipeline
+
+    dtype = torch_dtype(params.dtype[profile]) if compute.device.type != "cpu" else torch.float32
+    pipe = SGDMPipeline.from_pretrained(checkpoint, torch_dtype=dtype).to(compute.device)
+    pipe.sgdm.eval().skip_identity_temporal()
+    pipe.vae.eval()
+    pipe.image_encoder.eval()
+    pipe.use_scheduler(params.scheduler)
+    return pipe

@@ -16,14 +16,13 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import smplx
-import torch
 from pydantic import Field
 
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models import body, face_align
+from models import face_align
+from models import smplx_layout as layout
 from models.raster import MeshRasterizer
 from tasks import smplx_table
 from tasks.frames import frame_name
@@ -52,18 +51,20 @@ STAGE = Stage(
     describe=describe, outputs=("body/", "face/?", "face_mask/?", "perturbed/?", FACES),
     description="mesh condition images, aligned face crops, face transforms and masks")
 CHUNK = 32
-HEAD_JOINTS = (body.HEAD, body.JAW, body.L_EYE, body.R_EYE)
+HEAD_JOINTS = (layout.HEAD, layout.JAW, layout.L_EYE, layout.R_EYE)
 
 
-def head_faces(model: smplx.SMPLX) -> np.ndarray:
+def head_faces(model: Any) -> np.ndarray:
     """Faces whose three vertices all follow the head, jaw or eyes: the region the face mask covers."""
     owner = model.lbs_weights.argmax(1).numpy()
     faces = model.faces.astype(np.int64)
     return faces[np.isin(owner[faces], HEAD_JOINTS).all(1)]
 
 
-def pose_chunks(model: smplx.SMPLX, betas: np.ndarray, blocks: dict[str, np.ndarray], rows: np.ndarray):
+def pose_chunks(model: Any, betas: np.ndarray, blocks: dict[str, np.ndarray], rows: np.ndarray):
     """Vertices and joints (smplx's 144, face landmarks included) for the given rows, CHUNK frames at a time."""
+    import torch
+
     for start in range(0, len(rows), CHUNK):
         idx = rows[start:start + CHUNK]
         n = len(idx)
@@ -75,7 +76,7 @@ def pose_chunks(model: smplx.SMPLX, betas: np.ndarray, blocks: dict[str, np.ndar
 
 def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
     """('ok', five points) or the reason the face is not usable."""
-    lmk = joints[body.LMK_START:body.LMK_START + 51]
+    lmk = joints[layout.LMK_START:layout.LMK_START + 51]
     if (lmk[:, 2] <= 0.01).any():
         return "behind_camera", None
     uv = lmk[:, :2] / lmk[:, 2:3] * K[0, 0] + K[:2, 2]
@@ -92,6 +93,10 @@ def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> t
 
 
 def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: Progress) -> dict[str, Any]:
+    import torch
+
+    from models import body
+
     ident = smplx_table.read_identity(inputs["smplx_fit"] / smplx_table.IDENTITY)
     cam = ident["camera"]
     res = params.resolution or int(cam["size"])

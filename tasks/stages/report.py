@@ -29,7 +29,7 @@ from core.section import Section
 from core.stage import Stage
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
 from tasks.stages import face, keypoints, metrics, motion, render_body
-from tasks.training import TRAIN_LOG
+from tasks.train_params import TRAIN_LOG
 
 HTML = "report.html"
 SHEET = "contact_sheet.png"
@@ -279,6 +279,7 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         generated_rates=scored.get("detection_rate_generated", {}), fit=fit_summary,
         fit_svg=fit_plot_svg(fit_rows, boundaries), cells=cells, columns=COLUMNS, table=table,
         detector=scored.get("detector"), hand_rule=scored.get("hand_outlier_rule"), frames=n, times=times,
+        sampled=scored.get("sampled"),
         total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1))
     (out / HTML).write_text(page)
     return {"frames": n, "samples": len(cells), "metrics": {k: dvc_metrics[k] for k in ROWS},
@@ -317,7 +318,8 @@ the grid, which copy the nearest training frame.{% endif %}</td></tr>
 <td class="n">{% if r.value is none %}—{% else %}{{ "%.4g"|format(r.value) }}{% endif %}</td>
 <td class="n">{% if r.paper is none %}—{% else %}{{ r.paper }}{% endif %}</td><td>{{ r.note }}</td></tr>
 {% endfor %}</table>
-<p class="muted">Landmarks: {{ detector }}. Hand outliers: {{ hand_rule }}.
+<p class="muted">{% if sampled %}Scored on {{ sampled }}. {% endif %}Landmarks: {{ detector }}.
+Hand outliers: {{ hand_rule }}.
 LMD is in pixels at this identity's crop; the paper's at its own crop and with OpenPose, so compare
 tendencies, not digits. FID/FVD over one identity's held-out frames are small-sample estimates.</p>
 

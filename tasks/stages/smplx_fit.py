@@ -10,20 +10,21 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from core.errors import StageError
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models import body, fitting
 from tasks import smplx_table
 from tasks.frames import read_meta
 from tasks.stages import keypoints
+
+if TYPE_CHECKING:
+    from models import fitting
 
 
 class SmplxFitParams(Section):
@@ -42,6 +43,8 @@ class SmplxFitParams(Section):
                                   "are ignored")
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads; more is faster on an idle machine but "
                          "stalls badly when other work shares the cores")
+    chunk_frames: int = Field(300, ge=8, le=100_000, description="frames per forward/backward pass of the fit; the "
+                              "gradient is summed over passes, so memory stays flat however long the video")
     seed: int = Field(0, ge=0)
 
 
@@ -65,6 +68,8 @@ def _stack(column: list[Any], shape: tuple[int, int]) -> np.ndarray:
 
 def report(projected: np.ndarray, targets: fitting.Targets, segs: list[tuple[int, int]], size: int
            ) -> dict[str, Any]:
+    from models import fitting
+
     ok = targets.conf > 0
     err = np.linalg.norm(projected - targets.xy, axis=-1)
     out: dict[str, Any] = {"error_px": {}, "error_pct": {}, "error_p90_px": {}, "error_p90_pct": {}}
@@ -86,6 +91,8 @@ def report(projected: np.ndarray, targets: fitting.Targets, segs: list[tuple[int
 def write_errors(path: Path, projected: np.ndarray, targets: fitting.Targets, keys: dict[str, np.ndarray],
                  size: int) -> None:
     """Median reprojection error per part and frame, % of the crop; empty where a part was not detected."""
+    from models import fitting
+
     ok = targets.conf > 0
     err = np.linalg.norm(projected - targets.xy, axis=-1)
     columns = {}
@@ -105,6 +112,10 @@ def write_errors(path: Path, projected: np.ndarray, targets: fitting.Targets, ke
 
 
 def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Progress) -> dict[str, Any]:
+    import torch
+
+    from models import body, fitting
+
     meta = read_meta(inputs["ingest"])
     size = int(meta["resolution"])
     tab = keypoints.load(inputs["keypoints"]).to_pandas()
@@ -127,7 +138,8 @@ def run(inputs: dict[str, Path], out: Path, params: SmplxFitParams, progress: Pr
     cfg = fitting.FitConfig(focal=params.focal_ratio * size, size=size, iterations=params.iterations, lr=params.lr,
                             w_smooth=params.smoothness, hand_smooth=params.hand_smoothness,
                             w_pose=params.pose_prior, w_hand=params.hand_prior,
-                            w_shape=params.shape_prior, w_expr=params.expression_prior, seed=params.seed)
+                            w_shape=params.shape_prior, w_expr=params.expression_prior, seed=params.seed,
+                            chunk=params.chunk_frames)
     total = cfg.iterations + max(cfg.iterations // 4, 1)
     progress.start(f"fitting SMPL-X to {len(tab)} frames", total)
     last = [0]

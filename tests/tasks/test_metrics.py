@@ -101,3 +101,16 @@ def test_the_real_frames_scored_as_if_generated_are_perfect(ws: Workspace, monke
     assert data["lmd_body"]["frames"] == 19
     assert data["ssim_person"]["value"] == pytest.approx(1.0, abs=1e-9)
     assert data["flicker"]["value"] == 0.0 and data["flicker"]["change_real"] > 0
+
+
+def test_a_long_hold_out_is_scored_on_evenly_spaced_frames_and_says_so(ws: Workspace) -> None:
+    blocks, _ = held_out(ws)
+    subject = render(ws, blocks, kind="held_out")
+    runner.execute(ws, "metrics", subject, overrides={"max_frames": 5})
+    art = artifact_dir(ws, "metrics", subject)
+    data = json.loads((art / "metrics.json").read_text())
+    assert data["frames"] == 19 and data["sampled"].startswith("5 of 19 frames evenly spaced")
+    assert data["ssim_person"]["frames"] == 5 and data["lmd_body"].get("frames", 0) <= 5
+    rows = list(csv.DictReader((art / "lmd_per_frame.csv").read_text().splitlines()))
+    assert [int(r["frame"]) for r in rows] == [0, 4, 9, 14, 18]
+    assert sorted(p.name for p in (art / "nearest").iterdir()) == [f"{t:06d}.png" for t in (0, 4, 9, 14, 18)]

@@ -13,6 +13,7 @@ from core.workspace import Workspace
 from tasks import registry, runner
 from tests.conftest import ONBOARDED_ID, copy_workspace
 
+pytestmark = pytest.mark.slow  # on an onboarded identity
 ID = ONBOARDED_ID
 
 

@@ -47,6 +47,7 @@ def _eval_loss(model, data: FixedClips, sched) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_small_batch(paths: parts.BasePaths, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = parts.new_sgdm(paths)
@@ -107,6 +108,7 @@ def test_reference_drop_zeroes_the_tokens(paths: parts.BasePaths) -> None:
     assert torch.equal(dropped, zeros) and not torch.equal(dropped, kept)
 
 
+@pytest.mark.slow
 def test_face_model_learns_with_mask_inputs_and_its_prior_stays_frozen(paths: parts.BasePaths,
                                                                       tmp_path: Path) -> None:
     torch.manual_seed(0)

@@ -416,3 +416,32 @@ def test_choose_crop_always_inside_frame() -> None:
         y0 = rng.uniform(-0.3 * height, height, n)
         boxes = np.stack([x0, y0, x0 + rng.uniform(1, width, n), y0 + rng.uniform(1, height, n)], axis=1)
         assert_square_inside(choose_crop(boxes, width, height, float(rng.uniform(0, 1))), width, height)
+
+
+def test_the_person_check_decodes_a_dozen_frames_of_an_all_intra_video(tmp_path: Path) -> None:
+    """An all-intra file (MJPEG here; ProRes alike) is all keyframes: the check seeks to a fixed number of times and
+    holds a dozen small frames, not the whole video."""
+    import tracemalloc
+
+    from tasks.stages.ingest import sample_frames
+
+    video = tmp_path / "intra.mov"
+    rng = np.random.default_rng(0)
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("mjpeg", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuvj420p"
+        for _ in range(900):  # 30 s, every frame a keyframe
+            img = np.repeat(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), 10, 0).repeat(10, 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuvj420p")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    tracemalloc.start()
+    try:
+        frames = sample_frames(video, 256, 12)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(frames) == 12 and frames[0].shape == (192, 256, 3)
+    assert len({f.tobytes() for f in frames}) == 12  # twelve different moments, not one frame twelve times
+    assert peak < 8 * 2**20, peak  # the old check kept all 900 frames: 900 × 256×192×3 bytes ≈ 130 MB

@@ -1,0 +1,215 @@
+"""SGDMPipeline: everything a trained SGDM checkpoint needs to render, loaded from its folder, on any device.
+
+A checkpoint folder holds the SGDM (unet/, controlnet/, image_proj, sgdm_config.json) and the parts it samples with:
+its codec (vae/: SD's VAE or the cpu profile's space-to-depth), its reference encoder (image_encoder/: CLIP vision
+or pixel patches), its scheduler (scheduler/) and model_index.json with the resolution it was trained at. So
+
+    pipe = SGDMPipeline.from_pretrained("data/checkpoints/identities/demo/finetune/body").to("cuda", torch.float16)
+    frames = pipe(conditions, reference, generator=torch.Generator().manual_seed(0))
+
+renders with nothing else. The face checkpoint loads the same class, which then runs in inpainting mode (it also
+takes the frames to redo and their masks). `__call__` is the paper's Algorithm 1 over a sequence of any length:
+conditions are read per window and the latent video lives in a `LatentStore` (RAM while small, a scratch file when
+not), so memory does not grow with length beyond the store's bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from transformers import CLIPVisionModel
+
+from models import overlap, pipeline
+from models.codec import PatchTokens, SpaceToDepth, device_dtype, load_codec, load_encoder, saved_class
+from models.latents import LatentStore
+from models.sgdm import SGDM
+
+INDEX = "model_index.json"
+PARTS = ("vae", "image_encoder", "scheduler")
+SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+Frames = Sequence[np.ndarray]  # H×W×3 uint8 images (masks: H×W uint8), read one window at a time
+
+
+class SGDMPipeline:
+    def __init__(self, sgdm: SGDM, vae: AutoencoderKL | SpaceToDepth, image_encoder: CLIPVisionModel | PatchTokens,
+                 scheduler: Any, resolution: int) -> None:
+        self.sgdm, self.vae, self.image_encoder, self.scheduler = sgdm, vae, image_encoder, scheduler
+        self.resolution = int(resolution)
+        factor = pipeline.vae_factor(vae)
+        if self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the codec's factor {factor}")
+
+    # ------------------------------------------------------------------------------------------------ files
+    @classmethod
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None) -> SGDMPipeline:
+        path = Path(path)
+        index = path / INDEX
+        if not index.is_file():
+            raise FileNotFoundError(f"{path}: not a pipeline checkpoint (no {INDEX}; a checkpoint made before the "
+                                    f"pipeline kept its parts: train it again)")
+        config = json.loads(index.read_text())
+        missing = [p for p in PARTS if not (path / p).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        dtype = torch_dtype or torch.float32
+        return cls(SGDM.from_pretrained(path, torch_dtype=dtype), load_codec(path / "vae", dtype),
+                   load_encoder(path / "image_encoder", dtype), load_scheduler(path / "scheduler"),
+                   config["resolution"])
+
+    def save_pretrained(self, path: str | Path, parts_from: dict[str, Path] | None = None) -> None:
+        """Write the checkpoint folder. `parts_from` names folders to take the codec, encoder and scheduler from
+        as they are (hard-linked where the filesystem allows): frozen parts keep their exact bytes."""
+        path = Path(path)
+        self.sgdm.save_pretrained(path)
+        for name in PARTS:
+            if parts_from and name in parts_from:
+                shutil.copytree(parts_from[name], path / name, copy_function=_link_or_copy)
+            else:
+                getattr(self, name).save_pretrained(path / name)
+        (path / INDEX).write_text(json.dumps({
+            "_class_name": type(self).__name__, "resolution": self.resolution, "inpaint": self.inpaint,
+            "sgdm": ["models.sgdm", "SGDM"], "vae": _origin(self.vae), "image_encoder": _origin(self.image_encoder),
+            "scheduler": _origin(self.scheduler)}, indent=2, sort_keys=True) + "\n")
+
+    # ----------------------------------------------------------------------------------------------- device
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SGDMPipeline:
+        for module in (self.sgdm, self.vae, self.image_encoder):
+            if dtype is None or dtype == device_dtype(module)[1]:  # a same-dtype cast only makes diffusers warn
+                module.to(device=device)
+            else:
+                module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.sgdm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.sgdm.parameters()).dtype
+
+    @property
+    def inpaint(self) -> bool:
+        return self.sgdm.inpaint
+
+    def use_scheduler(self, kind: str) -> None:
+        """Swap the sampler, keeping the trained noise schedule: ddim, dpmpp (DPM-Solver++ multistep) or unipc."""
+        if kind not in SCHEDULERS:
+            raise ValueError(f"scheduler {kind!r}: choose {', '.join(SCHEDULERS)}")
+        if not isinstance(self.scheduler, SCHEDULERS[kind]):
+            extra = {"algorithm_type": "dpmsolver++"} if kind == "dpmpp" else {}
+            self.scheduler = SCHEDULERS[kind].from_config(self.scheduler.config, **extra)
+
+    # ----------------------------------------------------------------------------------------------- render
+    @torch.no_grad()
+    def __call__(self, conditions: Frames, reference: np.ndarray, *, images: Frames | None = None,
+                 masks: Frames | None = None, steps: int = 20, guidance: float = 3.5, control_scale: float = 2.0,
+                 window: int = 16, overlap_frames: int = 4, generator: torch.Generator | None = None,
+                 noise: str = "independent", callback: Callable[[int, int], None] | None = None,
+                 output: Callable[[int, np.ndarray], None] | None = None, max_latent_bytes: int = 1 << 31,
+                 spill_dir: Path | None = None) -> np.ndarray | None:
+        """Frames (F, H, W, 3) uint8 for the mesh `conditions` (F images) and the identity's `reference` image.
+
+        Inpainting (face) checkpoints also take `images` (the frames whose masked part is redone) and `masks`
+        (uint8, 255 = redo). `output(first, frames)` receives the frames a window at a time (then nothing is
+        returned); `callback(step, steps)` follows the denoising. The only randomness is the initial noise, drawn
+        from `generator` (DDIM with eta 0 and the multistep solvers are deterministic), so a seed fixes the frames.
+        """
+        n, res, device = len(conditions), self.resolution, self.device
+        if n < 1:
+            raise ValueError("nothing to render: no conditions")
+        if self.inpaint != (images is not None and masks is not None):
+            raise ValueError("the face (inpainting) checkpoint needs images and masks; a body checkpoint takes neither"
+                             if self.inpaint else "images/masks given to a checkpoint that is not an inpainting one")
+        generator = generator or torch.Generator().manual_seed(0)
+
+        # 1. encode the reference: every token before pooling (zero tokens are the unconditional branch)
+        tokens = pipeline.encode_reference(self.image_encoder, _video([_sized(reference, res)])[:, :, 0])
+        tokens = tokens.to(device, self.dtype)
+
+        # 2. prepare the latent video: the initial noise, scaled for the scheduler
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps, device=device)
+        f = pipeline.vae_factor(self.vae)
+        channels = self.vae.config.latent_channels
+        latents = LatentStore(channels, n, res // f, res // f, device=device, dtype=self.dtype,
+                              max_bytes=max_latent_bytes, spill_dir=spill_dir)
+        extras = None
+        try:
+            latents.fill_noise(generator, shared=noise == "shared")
+            latents.scale(float(scheduler.init_noise_sigma))
+
+            # 3. inpainting inputs (face): the mask and the latent of the masked frames, once per frame
+            if self.inpaint:
+                extras = LatentStore(channels + 1, n, res // f, res // f, device=device, dtype=self.dtype,
+                                     max_bytes=max_latent_bytes, spill_dir=spill_dir)
+                for w in overlap.chunks(n, window):
+                    mask = torch.from_numpy(np.stack([_sized(masks[i], res) for i in range(w.start, w.stop)])
+                                            > 127).float()[None, None]
+                    image = _video([_sized(images[i], res) for i in range(w.start, w.stop)])
+                    extras.write(w, pipeline.inpaint_inputs(self.vae, mask, image * (1 - mask) + 0.5 * mask))
+
+            # 4. Algorithm 1: guided noise per window, averaged per frame, one scheduler step for the sequence
+            def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
+                cond = _video([_sized(conditions[i], res) for i in range(w.start, w.stop)]).to(device, self.dtype)
+                extra = extras.read(w) if extras is not None else None
+                return pipeline.predict_noise(self.sgdm, x, t, tokens, cond, guidance, control_scale, extra).float()
+
+            overlap.denoise_store(predict, latents, scheduler, window, overlap_frames,
+                                  on_step=(lambda i: callback(i, steps)) if callback else None)
+
+            # 5. decode a window at a time
+            collected: list[np.ndarray] = []
+            for w in overlap.chunks(n, window):
+                frames = pipeline.decode_latents(self.vae, latents.read(w))[0]  # (3, F, H, W) in [0, 1]
+                done = (frames.permute(1, 2, 3, 0).float() * 255).round().to(torch.uint8).cpu().numpy()
+                if output is not None:
+                    output(w.start, done)
+                else:
+                    collected.append(done)
+        finally:
+            latents.close()
+            if extras is not None:
+                extras.close()
+        return np.concatenate(collected) if output is None else None
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+def load_scheduler(folder: Path) -> Any:
+    name = saved_class(folder, "scheduler_config.json")
+    kind = next((k for k, cls in SCHEDULERS.items() if cls.__name__ == name), "ddim")
+    return SCHEDULERS[kind].from_pretrained(folder)
+
+
+def _origin(part: Any) -> list[str]:
+    return [type(part).__module__.split(".")[0], type(part).__name__]
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        Path(dst).hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def _sized(image: np.ndarray, side: int) -> np.ndarray:
+    """An image at side × side, resized with INTER_AREA as the training data was."""
+    if image.shape[:2] != (side, side):
+        return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def _video(images: list[np.ndarray]) -> torch.Tensor:
+    """H×W×3 uint8 images → (1, 3, F, H, W) in [0, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2)[None].float() / 255

@@ -1,0 +1,89 @@
+"""Where a stage's models compute: `execution.device` (auto | cpu | cuda | cuda:N), one GPU per running task.
+
+With N GPUs visible, N heavy tasks run at once (the `gpu` concurrency limit defaults to N) and each holds its own
+GPU for its duration: `claim` takes the first free index under a lock file in the workspace's state directory, so
+threads of one process, Dask workers and other commands on the same machine never share a GPU by accident.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from filelock import FileLock, Timeout
+
+from core.errors import StageError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What a model-running stage gets from the runner: execution settings that never change its results."""
+
+    device: torch.device
+    max_latent_bytes: int = 1 << 31
+
+
+def gpu_limit(limits: dict[str, int]) -> int:
+    """The `gpu` tag's concurrency limit: as set, else one task per visible GPU (one on a machine without)."""
+    return limits.get("gpu") or max(1, visible_gpus())
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check(spec: str) -> None:
+    """One clear error for a device this machine does not have (before any work starts)."""
+    kind, _, index = spec.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise StageError(f"execution.device = {spec!r}: choose auto, cpu, cuda or cuda:N")
+    if kind == "cuda":
+        count = visible_gpus()
+        if count == 0:
+            raise StageError(f"execution.device = {spec!r}, but this machine has no CUDA device "
+                             "(torch.cuda.is_available() is False); use cpu or auto")
+        if index and int(index) >= count:
+            raise StageError(f"execution.device = {spec!r}, but only {count} CUDA device(s) are visible")
+
+
+@contextmanager
+def claim(spec: str, locks: Path, poll_s: float = 1.0) -> Iterator[torch.device]:
+    """The device a task computes on, held for as long as the context lasts. cpu (or auto without a GPU): the CPU;
+    cuda:N: that GPU; cuda (or auto with GPUs): the first GPU no other task holds, waiting for one if all are."""
+    import torch
+
+    check(spec)
+    kind, _, index = spec.partition(":")
+    count = visible_gpus()
+    if kind == "cpu" or (kind == "auto" and count == 0):
+        yield torch.device("cpu")
+        return
+    candidates = [int(index)] if index else list(range(count))
+    locks.mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in candidates:
+            lock = FileLock(locks / f"gpu-{i}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(i)
+                yield torch.device("cuda", i)
+            finally:
+                lock.release()
+            return
+        time.sleep(poll_s)

@@ -1,0 +1,75 @@
+"""The params of the two training stages (pretrain, finetune) and how their summaries read: cheap to import, so
+declaring the stages loads no model code (tasks/training.py holds the loop)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from core.section import PROFILES, Section, check_profiles
+
+TRAIN_LOG = "train_log.json"  # beside each checkpoint: the profile it was trained on, and its losses
+
+PER_PROFILE = ("steps", "face_steps", "lr", "resolution", "face_resolution", "ema", "mixed_precision",
+               "gradient_checkpointing")
+
+
+class TrainParams(Section):
+    """The sections of pretrain and finetune; numbers keyed by profile so one file serves every machine."""
+
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="body model steps (cpu: "
+                                  "nothing shared to learn before the identity, so its pretrain only initialises)")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="face model steps")
+    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 2e-4, "sd15": 1e-5})
+    resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px")
+    face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 128, "sd15": 256}, description="face crops, px")
+    ema: dict[str, float] = Field({"tiny": 0.0, "cpu": 0.995, "sd15": 0.0}, description="decay of the weight "
+                                  "average kept as the result (0 = the last weights)")
+    video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
+    batch_size: int = Field(1, ge=1, le=256)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    warmup: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    ref_drop: float = Field(0.1, ge=0, le=1, description="share of samples trained without the reference image, "
+                            "so classifier-free guidance has a trained unconditional branch")
+    perturbed_share: float = Field(0.5, ge=0, le=1, description="share of samples conditioned on a perturbed mesh")
+    save_every: int = Field(100, ge=1, description="steps between resumable training states")
+    mixed_precision: dict[str, Literal["no", "fp16", "bf16"]] = Field(
+        {"tiny": "no", "cpu": "no", "sd15": "bf16"}, description="autocast on a GPU, per profile (a CPU trains in "
+        "float32 whatever this says)")
+    gradient_checkpointing: dict[str, bool] = Field(
+        {"tiny": False, "cpu": False, "sd15": True}, description="recompute activations in the backward pass: less "
+        "memory, more time, per profile")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_for_all(cls, data: Any) -> Any:
+        """A single value for a per-profile knob holds for every profile (params.yaml files before the tables)."""
+        if isinstance(data, dict):
+            for name in ("mixed_precision", "gradient_checkpointing"):
+                if name in data and not isinstance(data[name], dict):
+                    data = {**data, name: dict.fromkeys(PROFILES, data[name])}
+        return data
+
+    @model_validator(mode="after")
+    def _profiles(self) -> TrainParams:
+        for name in PER_PROFILE:
+            if name == "ema":
+                check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
+            elif name in ("mixed_precision", "gradient_checkpointing"):
+                check_profiles(name, getattr(self, name), lambda v: True, "")
+            else:
+                check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
+        return self
+
+    def for_profile(self, profile: str) -> dict[str, float]:
+        return {n: getattr(self, n)[profile] for n in PER_PROFILE}
+
+
+def describe(s: dict[str, Any]) -> str:
+    """A training stage's summary: per model, steps and loss."""
+    return "; ".join(f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
+                     for which in ("body", "face") if isinstance(m := s.get(which), dict))
+
+

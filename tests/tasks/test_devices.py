@@ -1,0 +1,73 @@
+"""Devices: a machine without CUDA says so in one line; with N GPUs each running task holds its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import StageError
+from tasks import devices
+
+
+def test_cpu_and_auto_without_a_gpu_compute_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    for spec in ("cpu", "auto"):
+        with devices.claim(spec, tmp_path) as device:
+            assert device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("cuda", "no CUDA device"), ("cuda:0", "no CUDA device"), ("gpu", "choose auto, cpu, cuda or cuda:N"),
+    ("cuda:x", "choose auto"), ("cpu:1", "choose auto")])
+def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str,
+                                                      message: str) -> None:
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    with pytest.raises(StageError, match=message) as info, devices.claim(spec, tmp_path):
+        pass
+    assert "\n" not in str(info.value)
+
+
+def test_each_running_task_holds_its_own_gpu_and_a_fourth_waits(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 3)  # a fake machine: three GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so nothing calls into CUDA itself
+    held: dict[str, int] = {}
+    release = threading.Event()
+    started = threading.Barrier(4)
+
+    def task(name: str) -> None:
+        started.wait()
+        with devices.claim("cuda", tmp_path, poll_s=0.02) as device:
+            held[name] = device.index
+            release.wait()
+
+    threads = [threading.Thread(target=task, args=(n,)) for n in "abc"]
+    for t in threads:
+        t.start()
+    started.wait()
+    deadline = time.monotonic() + 10
+    while len(held) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(held.values()) == [0, 1, 2]  # one each, by index
+    late: dict[str, int] = {}
+
+    def fourth() -> None:
+        with devices.claim("auto", tmp_path, poll_s=0.02) as device:
+            late["d"] = device.index
+
+    waiting = threading.Thread(target=fourth)
+    waiting.start()
+    time.sleep(0.3)
+    assert not late  # all three are taken: it waits
+    release.set()
+    for t in (*threads, waiting):
+        t.join(timeout=10)
+    assert late["d"] in (0, 1, 2)
+    with devices.claim("cuda:2", tmp_path) as device:  # a named GPU is that one
+        assert device == torch.device("cuda", 2)
+    with pytest.raises(StageError, match="only 3 CUDA device"), devices.claim("cuda:3", tmp_path):
+        pass
