@@ -14,7 +14,7 @@ import yaml
 from core.artifacts import read_manifest
 from core.workspace import Workspace
 from tasks.registry import artifact_dir
-from tests.conftest import FEW, ONBOARDED_ID, ROOT, cli, copy_workspace, held_out, render, set_param
+from tests.conftest import ONBOARDED_ID, ROOT, cli, copy_workspace, held_out, render, set_param
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -26,7 +26,12 @@ def ws(tmp_path: Path, trained: Path) -> Workspace:
     return Workspace(copy_workspace(trained, tmp_path / "ws"))
 
 
-def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -> None:
+def test_each_new_model_is_a_version_older_renders_go_stale_and_a_pulled_version_renders_its_video_again(
+        ws: Workspace, tmp_path: Path) -> None:
+    import shutil
+
+    from flows.versions import current_model, versions
+
     def status() -> dict:
         done = cli(ws.root, "status", ID, "--json")
         assert done.returncode == 0, done.stderr
@@ -37,6 +42,11 @@ def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -
         params["finetune"]["steps"]["tiny"] = n
         (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
         return cli(ws.root, "finetune", ID, "--no-evaluate")
+
+    def render(out: Path) -> bytes:
+        done = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--frames", "6", "--seed", "11", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        return out.read_bytes()
 
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     params["finetune"]["steps"]["tiny"] = 4
@@ -49,6 +59,8 @@ def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -
     assert any(not r["stale"] and r["model_version"] == 1 and r["why"] == [] for r in first["renders"])
     tags = subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True).stdout.split()
     assert f"{ID}-v1" in tags
+    video_v1 = render(tmp_path / "v1.mp4")
+    assert cli(ws.root, "push", ID).returncode == 0
 
     newer = finetune_steps(3)
     assert newer.returncode == 0 and f"{ID} model v2 (new" in newer.stdout, newer.stdout + newer.stderr
@@ -64,6 +76,19 @@ def test_each_new_model_is_a_version_and_older_renders_go_stale(ws: Workspace) -
     assert second["current_model"] not in subprocess.run(["git", "show", f"{ID}-v1:versions.yaml"], cwd=ws.root,
                                                          capture_output=True, text=True).stdout
     assert lock_v2.returncode == 0 and f"finetune@{ID}" in lock_v2.stdout
+    table = versions(ws)[ID]
+    assert len(table) == 2 and current_model(ws, ID) == table[1]["finetune"]
+    assert cli(ws.root, "push", ID).returncode == 0
+
+    # v1's dvc.lock and `anchor pull` bring its weights back; with nothing cached, its video is made again, the same
+    checkout = subprocess.run(["git", "checkout", f"{ID}-v1", "--", "dvc.lock"], cwd=ws.root, capture_output=True,
+                              text=True)
+    assert checkout.returncode == 0, checkout.stderr
+    pulled = cli(ws.root, "pull", ID)
+    assert pulled.returncode == 0, pulled.stderr
+    assert current_model(ws, ID) == table[0]["finetune"]
+    shutil.rmtree(ws.data / "renders" / ID)
+    assert render(tmp_path / "v1-again.mp4") == video_v1
 
     back = finetune_steps(4)  # the old params again: the same weights, so the same version, nothing new
     assert back.returncode == 0 and f"{ID} model v1 (unchanged" in back.stdout, back.stdout + back.stderr
@@ -131,30 +156,40 @@ def test_a_scheduled_rerender_served_and_triggered_through_prefect_redoes_exactl
     assert not any(r["stale"] for r in renders(w, ID))
 
 
-def test_pulling_an_old_version_reproduces_its_video_byte_for_byte(ws: Workspace, tmp_path: Path) -> None:
-    import shutil
-
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_failed_evaluation_still_leaves_the_new_model_a_version(ws: Workspace,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows import train
     from flows.versions import current_model, versions
 
-    def render(out: Path) -> bytes:
-        done = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--frames", "6", "--seed", "11", "--out", str(out))
-        assert done.returncode == 0, done.stderr
-        return out.read_bytes()
+    def broken(*_: object) -> None:
+        raise RuntimeError("the evaluation render failed")
 
-    assert cli(ws.root, "finetune", ID, "--no-evaluate").returncode == 0  # v1
-    first = render(tmp_path / "v1.mp4")
-    assert cli(ws.root, "push", ID).returncode == 0
-    set_param(ws.root, "finetune", "steps", {**FEW["steps"], "tiny": 3})
-    assert cli(ws.root, "finetune", ID, "--no-evaluate").returncode == 0
+    monkeypatch.setattr(train, "evaluation", broken)
+    with pytest.raises(RuntimeError, match="evaluation render failed"):
+        train.finetune(str(ws.root), ID, True)
     table = versions(ws)[ID]
-    assert len(table) == 2 and current_model(ws, ID) == table[1]["finetune"]  # v2
-    assert cli(ws.root, "push", ID).returncode == 0
+    assert [v["version"] for v in table] == [1] and table[0]["finetune"] == current_model(ws, ID)
+    tags = subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True).stdout.split()
+    assert f"{ID}-v1" in tags
 
-    checkout = subprocess.run(["git", "checkout", f"{ID}-v1", "--", "dvc.lock"], cwd=ws.root, capture_output=True,
-                              text=True)
-    assert checkout.returncode == 0, checkout.stderr
-    pulled = cli(ws.root, "pull", ID)
-    assert pulled.returncode == 0, pulled.stderr
-    assert current_model(ws, ID) == table[0]["finetune"]
-    shutil.rmtree(ws.data / "renders" / ID)  # nothing cached: the render is made again from the pulled weights
-    assert render(tmp_path / "v1-again.mp4") == first
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_prefect_keeps_stage_results_as_json_in_this_users_own_directory(ws: Workspace) -> None:
+    import json
+    import os
+
+    from flows import train
+    from flows.stage_task import private_cache
+
+    train.finetune(str(ws.root), ID, False)
+    records = [p for p in private_cache(ws).iterdir() if p.is_file()]
+    assert records, "no cache record written"
+    for record in records:
+        meta = json.loads(record.read_text())
+        assert meta["serializer"]["type"] == "json"  # never pickle: nothing a record names can run code
+        json.loads(Path(meta["storage_key"]).read_text())
+    folder = private_cache(ws)
+    assert not folder.is_relative_to(ws.root) and folder.stat().st_uid == os.getuid()
+    assert folder.stat().st_mode & 0o077 == 0
+    assert not (ws.state / "prefect-cache").exists()
