@@ -109,7 +109,8 @@ def saved_class(folder: Path, config: str = "config.json") -> str | None:
 
 def _weightless(cls: type, folder: Path, dtype: torch.dtype) -> SpaceToDepth | PatchTokens:
     """The codecs have a config and no weights: `from_pretrained` would look for a weights file."""
-    return cls.from_config(cls.load_config(folder)).to(dtype)
+    model = cls.from_config(cls.load_config(folder))
+    return model if dtype == torch.float32 else model.to(dtype)  # a same-dtype cast only makes diffusers warn
 
 
 def load_codec(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL | SpaceToDepth:
