@@ -21,12 +21,14 @@ from core.errors import InputError, StageError
 from core.hashing import sha256_file
 from core.params import BodyModelParams
 from core.stage import code_hash_of
-from models import body, mannequin
+from models import mannequin
 from models.motion_io import load_pickle_restricted
 
 
 def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
     if params.path:
+        from models import body  # smplx imports torch: seconds a run on the mannequin does not need
+
         path = Path(params.path).expanduser()
         path = path if path.is_absolute() else root / path
         try:

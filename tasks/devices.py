@@ -38,7 +38,13 @@ def gpu_limit(limits: dict[str, int]) -> int:
 
 
 def visible_gpus() -> int:
-    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies)."""
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies). Where no NVIDIA device node exists and
+    torch is not loaded yet, none, without the seconds importing torch takes (a cached run needs nothing else)."""
+    import sys
+
+    if "torch" not in sys.modules and not any(Path("/dev").glob("nvidia[0-9]*")) and Path("/dev").is_dir() \
+            and sys.platform == "linux":
+        return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
@@ -36,8 +36,10 @@ from core.progress import NullProgress, Progress
 from core.section import Section
 from core.stage import Stage
 from core.workspace import SHARED, Workspace, check_identity_name, split_render_subject
-from models.parts import BasePaths
 from tasks import base_weights, body_file, devices, registry
+
+if TYPE_CHECKING:  # diffusers takes seconds to import; a cached run never needs it
+    from models.parts import BasePaths
 
 
 @dataclass
