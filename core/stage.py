@@ -9,6 +9,7 @@ module and every module of this project it imports, directly or not, found by re
 from __future__ import annotations
 
 import ast
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,9 @@ def _imports(module: str, digest: str, tree: ast.Module, is_package: bool, root:
 
 
 _TREES: dict[str, ast.Module] = {}  # syntax trees by the sha256 of their source: an edited file is parsed anew
+# CPython 3.11's parser is not safe to call from two threads at once ("AST constructor recursion depth mismatch",
+# seen when stages of several identities hash their code side by side): one parse at a time
+_PARSE = threading.Lock()
 _HASHES: dict[str, str] = {}  # module hashes by the same key
 
 
@@ -181,9 +185,10 @@ def _read(module: str, root: Path) -> tuple[str, str, bool]:
 
 
 def _tree(text: str, digest: str) -> ast.Module:
-    if digest not in _TREES:
-        _TREES[digest] = ast.parse(text)
-    return _TREES[digest]
+    with _PARSE:
+        if digest not in _TREES:
+            _TREES[digest] = ast.parse(text)
+        return _TREES[digest]
 
 
 def import_closure(module: str, root: Path = CODE_ROOT) -> list[str]:
@@ -220,7 +225,8 @@ def module_hash(module: str, root: Path = CODE_ROOT) -> str:
     the layout keeps every cache, and any change to a statement invalidates it."""
     text, digest, _ = _read(module, root)
     if digest not in _HASHES:
-        tree = _NoDocstrings().visit(ast.parse(text))  # a fresh tree: the transformer edits it
+        with _PARSE:
+            tree = _NoDocstrings().visit(ast.parse(text))  # a fresh tree: the transformer edits it
         _HASHES[digest] = sha256_bytes(ast.dump(tree, include_attributes=False).encode())
     return _HASHES[digest]
 
