@@ -125,7 +125,6 @@ def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
     with prefect_api(ws):
         from flows import stage_task
         from flows.execution import task_runner
-        from tasks import registry
 
         flow = getattr(importlib.import_module(module), name)
         flow = flow.with_options(task_runner=task_runner(registry.params(ws).execution))

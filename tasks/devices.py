@@ -42,8 +42,7 @@ def visible_gpus() -> int:
     torch is not loaded yet, none, without the seconds importing torch takes (a cached run needs nothing else)."""
     import sys
 
-    if "torch" not in sys.modules and not any(Path("/dev").glob("nvidia[0-9]*")) and Path("/dev").is_dir() \
-            and sys.platform == "linux":
+    if sys.platform == "linux" and "torch" not in sys.modules and not any(Path("/dev").glob("nvidia[0-9]*")):
         return 0
     import torch
 
