@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cli.app import STATE, app, err
 from cli.commands import audit, bench, onboard, render, schedule, train, workspace  # noqa: F401 - registers them
+from core import interrupt
 from core.errors import AnchorError
 
 
@@ -33,8 +34,11 @@ def _log_crash(exc: BaseException) -> Path:
 
 
 def main() -> None:
+    interrupt.install()
     try:
         app()
+        if interrupt.requested():  # the KeyboardInterrupt was swallowed on its way up: still not a success
+            raise KeyboardInterrupt
     except AnchorError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -31,6 +31,7 @@ from core.artifacts import (
 )
 from core.errors import StageError
 from core.hashing import MANIFEST, hash_obj, hash_tree, sha256_file
+from core.interrupt import Interruptible
 from core.monitor import PeakRSS
 from core.progress import NullProgress, Progress
 from core.section import Section
@@ -231,7 +232,7 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
             devices.claim(execution.device if spec.device else "cpu", ws.state / "locks") as device:
         if spec.device:
             kwargs["compute"] = devices.Compute(device, execution.max_latent_mb << 20)
-        summary = module.run(inputs, tmp, section, progress or NullProgress(), **kwargs) or {}
+        summary = module.run(inputs, tmp, section, Interruptible(progress), **kwargs) or {}
         _check_outputs(spec, tmp)
         output_hash = hash_tree(tmp)
         manifest_inputs: list[dict[str, Any]] = [

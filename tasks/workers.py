@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
+from core import interrupt
 from core.progress import Progress
 
 NATIVE_LOG_ENV = "ANCHOR_NATIVE_LOG"
@@ -43,6 +44,7 @@ def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                interrupt.check()  # Ctrl-C stops the stage even before a worker reports its first frame
                 _drain(q, progress)
                 failed = [f for f in done if f.exception() is not None]
                 if failed:

@@ -1,0 +1,36 @@
+"""A Ctrl-C that a library swallowed on its way up still ends the command as interrupted (exit 130)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from cli import main as cli_main
+from core import interrupt
+
+
+@pytest.fixture
+def restore_sigint() -> Iterator[None]:
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, before)
+    interrupt._REQUESTED.clear()
+
+
+def test_a_swallowed_interrupt_exits_130(restore_sigint: None, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def swallowing_app() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        except KeyboardInterrupt:
+            pass
+
+    monkeypatch.setattr(cli_main, "app", swallowing_app)
+    with pytest.raises(SystemExit) as ended:
+        cli_main.main()
+    assert ended.value.code == 130
+    assert "interrupted: completed stages are kept" in capsys.readouterr().err
