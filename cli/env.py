@@ -123,6 +123,7 @@ def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
 
     devices.check(registry.params(ws).execution.device)
     with prefect_api(ws):
+        from core import progress
         from flows import stage_task
         from flows.execution import task_runner
 
@@ -130,4 +131,5 @@ def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
         flow = flow.with_options(task_runner=task_runner(registry.params(ws).execution))
         with ProgressDisplay(err) as factory:
             stage_task.progress_factory = factory
+            progress.notice = lambda message: err.print(message, markup=False, highlight=False, soft_wrap=True)
             return flow(*args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -17,3 +19,15 @@ class NullProgress:
 
     def advance(self, n: int = 1) -> None:
         pass
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+#: Where a flow's warnings go (the command line points it at its console); one line each.
+notice: Callable[[str], None] = _stderr
+
+
+def notify(message: str) -> None:
+    notice(message)

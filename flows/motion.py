@@ -19,7 +19,7 @@ from core.workspace import Workspace
 from flows.stage_task import StageRunner
 from models.motion_io import Motion
 from tasks import registry
-from tasks.runner import body_model_path
+from tasks.runner import body_model_path, hand_basis
 from tasks.stages import motion as motion_task
 
 FIT = "smplx_fit"
@@ -47,7 +47,7 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
     if not (fit_dir / "manifest.json").is_file():
         raise InputError(f"identity {identity!r} has no smplx_fit yet: run `anchor onboard {identity} --video ...`")
     path = Path(motion)
-    limit = registry.params(ws).motion.max_frames
+    params = registry.params(ws).motion
     info: dict[str, Any] = {"identity": identity, "motion": str(path)}
     if motion_task.is_video(path):
         ctx = get_run_context()
@@ -55,9 +55,9 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
         loaded, _ = fit_video(ws, stages, path)
         info["motion_fit"] = ws.rel(registry.artifact_dir(ws, "smplx_fit", motion_name(path)))
     else:
-        loaded = motion_task.load_file(path, clip)
+        loaded = motion_task.load_file(path, clip, hands=hand_basis(ws))
     ref = motion_task.reference(fit_dir, body_model_path(ws))
-    blocks, described = motion_task.prepare(loaded, ref, limit)
+    blocks, described = motion_task.prepare(loaded, ref, params)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     motion_task.write(target, blocks)

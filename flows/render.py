@@ -17,12 +17,13 @@ from prefect import flow
 from prefect.context import get_run_context
 
 from core.errors import InputError
+from core.progress import notify
 from core.workspace import Workspace, check_identity_name, render_subject, split_render_subject
 from flows.motion import fit_video
 from flows.stage_task import StageRunner
 from tasks import registry
 from tasks import video as vio
-from tasks.runner import body_model_path
+from tasks.runner import body_model_path, hand_basis
 from tasks.stages import assemble
 from tasks.stages import motion as motion_task
 
@@ -38,10 +39,21 @@ def _require(ws: Workspace, stage: str, identity: str, how: str) -> Path:
 
 def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
                  frames: int | None) -> tuple[str, Path]:
-    """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory)."""
+    """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory). A motion mostly
+    outside the identity's framing is warned about here, before any denoising starts."""
+    key, staged = _stage_motion(ws, stages, identity, spec, frames)
+    warning = motion_task.framing_warning(motion_task.read_info(staged).get("framing") or {})
+    if warning:
+        notify(f"warning: {identity} following {spec}: {warning}")
+    return key, staged
+
+
+def _stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
+                  frames: int | None) -> tuple[str, Path]:
     fit = _require(ws, "smplx_fit", identity, f"run `anchor onboard {identity} --video ...`")
     staging = ws.state / "motions"
-    limit = registry.params(ws).motion.max_frames
+    params = registry.params(ws).motion
+    ref = motion_task.reference(fit, body_model_path(ws))
     if spec.endswith(TEST_SUFFIX):
         other = check_identity_name(spec[: -len(TEST_SUFFIX)])
         other_fit = _require(ws, "smplx_fit", other, f"run `anchor onboard {other} --video ...`")
@@ -53,23 +65,22 @@ def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
         else:
             _, start = motion_task.held_out(other_fit, other_ingest)
             loaded = motion_task.fit_as_motion(other_fit, other_ingest, split="test")
-            blocks, described = motion_task.prepare(loaded, motion_task.reference(fit, body_model_path(ws)), limit)
+            blocks, described = motion_task.prepare(loaded, ref, params)
             info = {"kind": "other_identity", "source": spec, **described}
-        return motion_task.stage(staging, blocks, info, audio, start, frames)
+        return motion_task.stage(staging, blocks, info, audio, start, frames, (ref, params))
     path = Path(spec).expanduser()
     if not path.is_file():
         raise InputError(f"--motion {spec}: expected NAME:test, a video file or a motion file; no such file")
-    ref = motion_task.reference(fit, body_model_path(ws))
     if motion_task.is_video(path):
         info_ = vio.probe(path)
-        motion_task.check_length(max(1, round(info_.duration * 30)), 30.0, limit, path.name)  # before fitting it
+        motion_task.check_length(max(1, round(info_.duration * 30)), 30.0, params.max_frames, path.name)  # unfitted
         loaded, ingest = fit_video(ws, stages, path.resolve())
-        blocks, described = motion_task.prepare(loaded, ref, limit)
+        blocks, described = motion_task.prepare(loaded, ref, params)
         info = {"kind": "video", "source": str(path.resolve()), **described}
-        return motion_task.stage(staging, blocks, info, ingest / "audio.wav", 0.0, frames)
-    blocks, described = motion_task.prepare(motion_task.load_file(path), ref, limit)
+        return motion_task.stage(staging, blocks, info, ingest / "audio.wav", 0.0, frames, (ref, params))
+    blocks, described = motion_task.prepare(motion_task.load_file(path, hands=hand_basis(ws)), ref, params)
     info = {"kind": "file", "source": str(path.resolve()), **described}
-    return motion_task.stage(staging, blocks, info, None, 0.0, frames)
+    return motion_task.stage(staging, blocks, info, None, 0.0, frames, (ref, params))
 
 
 def copy_out(video: Path, out: Path) -> None:

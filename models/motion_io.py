@@ -60,9 +60,9 @@ _TALKSHOW_LAYOUT = (
     "(T, 265) TalkSHOW [jaw 3, leye 3, reye 3, global 3, body 63, left hand 45, right hand 45, expression 100]"
 )
 _PKL_LAYOUT = (
-    "a dict (or list of per-frame dicts) with global_orient (T, 3), body_pose (T, 63) or (T, 21, 3), and optionally "
-    "transl (T, 3), left_hand_pose/right_hand_pose (T, 45), jaw_pose/leye_pose/reye_pose (T, 3), expression (T, E), "
-    "betas"
+    "a dict (or list of per-frame dicts) with global_orient (T, 3) or (T, 1, 3), body_pose or SHOW's body_pose_axis "
+    "(T, 63) or (T, 21, 3), and optionally transl (T, 3), left_hand_pose/right_hand_pose (T, 45) or PCA (T, K), "
+    "jaw_pose/leye_pose/reye_pose (T, 3), expression (T, E), betas"
 )
 _PARQUET_COLUMNS = ("clip", "frame", *WIDTHS, "expression")
 SUPPORTED = (
@@ -92,6 +92,7 @@ class Motion:
     expression: np.ndarray  # (T, E), E = 0 when the file has none
     betas: np.ndarray | None  # (B,) the source person's shape, in the source's shape space
     source: str  # "amass-npz" | "talkshow-npy" | "show-pkl" | "anchor-fit"
+    notes: tuple[str, ...] = ()  # what reading had to give up (said in the render's summary)
 
     @property
     def frames(self) -> int:
@@ -112,8 +113,23 @@ class Motion:
 # ---------------------------------------------------------------------------------------------------- dispatch
 
 
-def read_motion(path: Path | str, *, default_fps: float = 30.0, clip: str | None = None) -> Motion:
-    """Read any supported motion file; `clip` picks one clip of a fit output (the others have no clips)."""
+@dataclass(frozen=True)
+class HandBasis:
+    """A body model's hand PCA (components as rows, relaxed mean), to expand PCA hand poses (SHOW stores 12).
+    `faithful` is False for a model whose components are not SMPL-X's (the mannequin): then only the mean is
+    used and PCA hands fall back to the relaxed pose."""
+
+    left_components: np.ndarray  # (45, 45)
+    left_mean: np.ndarray  # (45,)
+    right_components: np.ndarray
+    right_mean: np.ndarray
+    faithful: bool
+
+
+def read_motion(path: Path | str, *, default_fps: float = 30.0, clip: str | None = None,
+                hands: HandBasis | None = None) -> Motion:
+    """Read any supported motion file; `clip` picks one clip of a fit output (the others have no clips); `hands`
+    expands PCA hand poses (a SHOW .pkl), which are refused without it."""
     path = Path(path)
     if path.is_dir():
         if not (path / "params.parquet").is_file():
@@ -129,7 +145,7 @@ def read_motion(path: Path | str, *, default_fps: float = 30.0, clip: str | None
     if suffix == ".npy":
         return _read_talkshow(path, default_fps)
     if suffix in (".pkl", ".pickle"):
-        return _read_show(path, default_fps)
+        return _read_show(path, default_fps, hands)
     if suffix == ".parquet":
         return _read_fit(path, path.name, clip)
     raise InputError(f"{path.name}: unsupported motion file; supported: {SUPPORTED}")
@@ -239,7 +255,10 @@ def _read_talkshow(path: Path, default_fps: float) -> Motion:
     return _motion(label, arrays, default_fps, None, "talkshow-npy")
 
 
-def _read_show(path: Path, default_fps: float) -> Motion:
+_SHOW_ALIASES = {"body_pose_axis": "body_pose"}  # SHOW's name for the axis-angle body pose
+
+
+def _read_show(path: Path, default_fps: float, hands: HandBasis | None = None) -> Motion:
     label = path.name
     data = load_pickle_restricted(path)
     fps: Any = None
@@ -250,12 +269,16 @@ def _read_show(path: Path, default_fps: float) -> Motion:
         fps = data.get("fps", data.get("frame_rate"))
     else:
         raise InputError(f"{label}: holds a {type(data).__name__}; expected {_PKL_LAYOUT}")
+    for alias, name in _SHOW_ALIASES.items():
+        if name not in data and alias in data:
+            data = {**data, name: data[alias]}
     missing = [key for key in ("global_orient", "body_pose") if key not in data]
     if missing:
         raise InputError(
             f"{label}: no {' or '.join(missing)} (has {', '.join(map(str, data)) or 'nothing'}); expected {_PKL_LAYOUT}"
         )
     arrays: dict[str, np.ndarray] = {}
+    notes: list[str] = []
     for name in (*WIDTHS, "expression"):
         if data.get(name) is None:
             continue
@@ -265,16 +288,32 @@ def _read_show(path: Path, default_fps: float) -> Motion:
             raise InputError(f"{label}: {name} has shape {shape}; expected {_PKL_LAYOUT}")
         value = value.reshape(shape[0], -1)
         if name in ("left_hand_pose", "right_hand_pose") and value.shape[1] != 45:
-            raise InputError(
-                f"{label}: {name} has {value.shape[1]} values per frame; PCA hand poses need the model's hand "
-                "components and are not supported, export full axis-angle (T, 45) hands (use_pca=False)"
-            )
+            if hands is None or value.shape[1] > 45:
+                raise InputError(
+                    f"{label}: {name} has {value.shape[1]} values per frame; expected 45 (axis-angle) or PCA "
+                    "coefficients (at most 45) with a body model's hand components"
+                )
+            value, note = _expand_pca(value, hands, "left" if name.startswith("left") else "right")
+            notes.append(note)
         if name != "expression" and value.shape[1] != WIDTHS[name]:
             raise InputError(f"{label}: {name} has shape {shape}; expected {_PKL_LAYOUT}")
         arrays[name] = value
     betas = _betas(label, data["betas"]) if data.get("betas") is not None else None
     fps = default_fps if fps is None else _scalar(label, "fps", fps)
-    return _motion(label, arrays, fps, betas, "show-pkl")
+    return replace(_motion(label, arrays, fps, betas, "show-pkl"), notes=tuple(dict.fromkeys(notes)))
+
+
+def _expand_pca(coeffs: np.ndarray, hands: HandBasis, side: str) -> tuple[np.ndarray, str]:
+    """PCA hand coefficients as full axis-angle, the way smplx expands them by default (relaxed mean + coefficients
+    × leading components); the relaxed pose alone where the model's components are not SMPL-X's."""
+    comps = hands.left_components if side == "left" else hands.right_components
+    mean = hands.left_mean if side == "left" else hands.right_mean
+    if not hands.faithful:
+        return (np.broadcast_to(mean.astype(np.float32), (len(coeffs), 45)).copy(),
+                f"hands: {coeffs.shape[1]} PCA coefficients need the real SMPL-X hand components "
+                "(body_model.path); the relaxed pose is used instead")
+    full = mean[None].astype(np.float64) + coeffs.astype(np.float64) @ comps[: coeffs.shape[1]].astype(np.float64)
+    return full.astype(np.float32), f"hands: {coeffs.shape[1]} PCA coefficients expanded with the body model's"
 
 
 def _stack_frames(label: str, frames: list[dict]) -> dict[str, Any]:
@@ -286,7 +325,7 @@ def _stack_frames(label: str, frames: list[dict]) -> dict[str, Any]:
                 f"{label}: frame {index} has keys {sorted(map(str, frame))}, frame 0 has {sorted(map(str, keys))}"
             )
     stacked: dict[str, Any] = {}
-    for key in keys & {*WIDTHS, "expression", "betas"}:  # SHOW also stores camera and image paths per frame
+    for key in keys & {*WIDTHS, *_SHOW_ALIASES, "expression", "betas"}:  # SHOW also stores camera and image paths
         if frames[0][key] is None:
             continue
         values = [_numeric(label, str(key), frame[key]) for frame in frames]

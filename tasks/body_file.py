@@ -22,7 +22,7 @@ from core.hashing import sha256_file
 from core.params import BodyModelParams
 from core.stage import code_hash_of
 from models import mannequin
-from models.motion_io import load_pickle_restricted
+from models.motion_io import HandBasis, load_pickle_restricted
 
 
 def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
@@ -86,3 +86,12 @@ def safe(file: Path, cache: Path) -> Path:
         tmp.replace(target)
     _CHECKED[key] = target
     return target
+
+
+def hand_basis(file: Path, real: bool) -> HandBasis:
+    """The hand PCA of a (checked) SMPL-X .npz; `real` when it is the user's SMPL-X, not the mannequin."""
+    with np.load(file, allow_pickle=False) as model:
+        arrays = {k: np.asarray(model[k], np.float32).reshape(-1, 45)
+                  for k in ("hands_componentsl", "hands_meanl", "hands_componentsr", "hands_meanr")}
+    return HandBasis(arrays["hands_componentsl"], arrays["hands_meanl"][0], arrays["hands_componentsr"],
+                     arrays["hands_meanr"][0], faithful=real)

@@ -37,6 +37,7 @@ from core.progress import NullProgress, Progress
 from core.section import Section
 from core.stage import Stage
 from core.workspace import SHARED, Workspace, check_identity_name, split_render_subject
+from models.motion_io import HandBasis
 from tasks import base_weights, body_file, devices, registry
 
 if TYPE_CHECKING:  # diffusers takes seconds to import; a cached run never needs it
@@ -73,6 +74,11 @@ def base_paths(ws: Workspace) -> BasePaths:
 
 def body_model_path(ws: Workspace) -> Path:
     return body_file.resolve(registry.params(ws).body_model, ws.root, ws.state / "body_models")
+
+
+def hand_basis(ws: Workspace) -> HandBasis:
+    """The body model's hand PCA, to expand PCA hand poses; faithful only for the user's real SMPL-X."""
+    return body_file.hand_basis(body_model_path(ws), real=bool(registry.params(ws).body_model.path))
 
 
 def input_dirs(ws: Workspace, spec: Stage, identity: str) -> dict[str, tuple[str, str, Path]]:

@@ -182,3 +182,31 @@ def set_param(root: Path, section: str, key: str, value: object) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[section][key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def show_pickle(path: Path, frames: int = 40) -> Path:
+    """A pickle laid out as SHOW writes it: axis-angle body under body_pose_axis, (T, 1, 3) root, 12 PCA
+    components per hand, 100 expressions, 300 betas, and its camera and bookkeeping entries."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    t = np.linspace(0, 2 * np.pi, frames, dtype=np.float32)
+    data = {
+        "body_pose_axis": (0.05 * rng.standard_normal((frames, 63))).astype(np.float32),
+        "global_orient": np.tile(np.float32([[[np.pi, 0, 0]]]), (frames, 1, 1)),
+        "transl": np.stack([0.05 * np.sin(t), 0 * t, 0 * t], 1).astype(np.float32),
+        "left_hand_pose": (0.5 * rng.standard_normal((frames, 12))).astype(np.float32),
+        "right_hand_pose": (0.5 * rng.standard_normal((frames, 12))).astype(np.float32),
+        "jaw_pose": np.stack([0.2 * (1 + np.sin(t)), 0 * t, 0 * t], 1).astype(np.float32),
+        "leye_pose": np.zeros((frames, 3), np.float32), "reye_pose": np.zeros((frames, 3), np.float32),
+        "expression": (0.1 * rng.standard_normal((frames, 100))).astype(np.float32),
+        "betas": np.zeros((1, 300), np.float32),
+        "camera_transl": np.zeros((frames, 3), np.float32), "focal_length": np.float32(5000),
+        "width": 1280, "height": 720, "center": np.float32([640, 360]), "batch_size": frames,
+        "pose_embedding": np.zeros((frames, 32), np.float32), "mica_head_transl": np.zeros((1, 3), np.float32),
+        "losses_to_log": {"loss": 1.0}, "speaker_name": "someone",
+    }
+    path.write_bytes(pickle.dumps(data))
+    return path

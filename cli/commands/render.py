@@ -82,4 +82,11 @@ def motion_import(
         info = import_motion.fn(str(ws.root), identity, str(motion.resolve()), str(target), clip)
     say(f"{info['source_format']}: {info['source_frames']} frames at {info['source_fps']:g} fps → "
         f"{info['frames']} frames at 30 fps ({info['seconds']:.1f} s), retargeted onto {identity}")
+    for note in info.get("notes", []):
+        say(note)
+    framing = info.get("framing") or {}
+    if framing:
+        say(f"framing: head or shoulders outside {identity}'s training framing in "
+            f"{100 * framing['head_or_shoulders_outside_share']:.0f}% of frames, hands in "
+            f"{100 * framing['hands']['outside_share']:.0f}%")
     say(f"wrote {info['out']}")

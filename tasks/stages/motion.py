@@ -15,8 +15,9 @@ import json
 import shutil
 import tempfile
 import wave
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -26,17 +27,26 @@ from core.hashing import NOT_CONTENT, hash_tree
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models.motion_io import FIT_FPS, Motion, read_motion, resample, resampled_frames
-from models.retarget import retarget
+from models.motion_io import FIT_FPS, HandBasis, Motion, read_motion, resample, resampled_frames
+from models.retarget import Framing, JointsFn, framing_check, framing_of, retarget
 from tasks import smplx_table
 from tasks.frames import read_meta
 
 INFO = "motion.json"
+JOINT_CHUNK = 2048  # frames per body-model pass
 AUDIO = "audio.wav"
 
 
 def describe(s: dict[str, Any]) -> str:
-    return f"{s['kind']}: {s['frames']} frames at {s['fps']} fps{', with audio' if s.get('audio') else ''}"
+    text = f"{s['kind']}: {s['frames']} frames at {s['fps']} fps{', with audio' if s.get('audio') else ''}"
+    retargeted = s.get("retarget") or {}
+    if retargeted.get("mode") == "framing":
+        turned = max(retargeted["torso_clamped_frames"], retargeted["head_clamped_frames"])
+        text += f", torso/head turned into the identity's range in {turned} frames"
+    if s.get("framing"):
+        text += (f", head/shoulders outside its framing in {100 * s['framing']['head_or_shoulders_outside_share']:.0f}%"
+                 f" of frames, hands in {100 * s['framing']['hands']['outside_share']:.0f}%")
+    return text
 
 
 class MotionParams(Section):
@@ -44,6 +54,21 @@ class MotionParams(Section):
 
     max_frames: int = Field(108_000, ge=1, le=10_000_000, description="longest motion a render takes, in frames at "
                             "30 fps (default one hour); a longer one is refused before anything is made")
+    retarget: Literal["framing", "pelvis"] = Field("framing", description="framing: a foreign motion's head and "
+                                                   "shoulders land where the identity's are and its torso and head "
+                                                   "turn within the identity's range; pelvis: only its mean pelvis "
+                                                   "and orientation are moved (the earlier behaviour)")
+    orientation_margin_deg: float = Field(10.0, ge=0, le=90, description="how far past the identity's own range "
+                                          "(2nd-98th percentile) a torso or head may turn, in degrees")
+    position_margin_m: float = Field(0.01, ge=0, le=1, description="how far past the identity's own range the "
+                                     "head-shoulder point may sway, in metres")
+    sway_limit: float = Field(1.5, gt=0, le=10, description="a motion's sway is scaled down to at most this many "
+                              "times the identity's own spread")
+    framing_tolerance_pct: float = Field(2.0, ge=0, le=50, description="a head, shoulder or hand further than this "
+                                         "(percent of the frame side) outside the identity's training framing "
+                                         "counts as outside")
+    framing_warn_share: float = Field(0.5, ge=0, le=1, description="warn before denoising when head or shoulders "
+                                      "are outside in more than this share of frames")
 
 
 STAGE = Stage(
@@ -77,22 +102,39 @@ def fit_as_motion(fit_dir: Path, ingest_dir: Path, split: str | None = None) -> 
     return Motion(fps=FIT_FPS, betas=betas, source="video", **{k: v[rows] for k, v in blocks.items()})
 
 
-def reference(fit_dir: Path, body_model: Path) -> dict[str, np.ndarray]:
-    """The identity's rest pelvis and its fitted root orientations and pelvis positions (training clips)."""
+@dataclass
+class Reference:
+    """The identity's framing (from its own fitted training frames) and its body as a joints function."""
+
+    framing: Framing
+    joints: JointsFn
+
+
+def reference(fit_dir: Path, body_model: Path) -> Reference:
     import torch
 
     from models import body
 
     keys, blocks = smplx_table.read(fit_dir / smplx_table.TABLE)
-    betas = np.asarray(smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)["betas"], np.float32)
-    model = body.load(body_model)
-    with torch.no_grad():
-        rest = model(betas=torch.from_numpy(betas)[None]).joints[0, body.PELVIS].numpy().astype(np.float64)
+    ident = smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)
+    betas = torch.tensor(ident["betas"], dtype=torch.float32)[None]
+    sparse = body.SparseBody(body.load(body_model))
+
+    def joints(b: dict[str, np.ndarray]) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(b["transl"]), JOINT_CHUNK):  # bounded memory for any length
+                part = {k: torch.from_numpy(np.ascontiguousarray(v[start:start + JOINT_CHUNK], np.float32))
+                        for k, v in b.items()}
+                out.append(sparse(betas, part["expression"], body.full_pose(part), part["transl"]).joints.numpy())
+        return np.concatenate(out) if out else np.zeros((0, body.N_JOINTS, 3), np.float32)
+
+    rest = joints({k: np.zeros((1, w), np.float32) for k, w in smplx_table.BLOCKS.items()})[0, body.PELVIS]
     train = keys["split"] == "train" if "split" in keys else np.ones(len(keys["frame"]), bool)
     if not train.any():
         train[:] = True
-    return {"pelvis_rest": rest, "ref_orient": blocks["global_orient"][train],
-            "ref_pelvis": blocks["transl"][train].astype(np.float64) + rest}
+    own = {k: v[train] for k, v in blocks.items()}
+    return Reference(framing_of(own, rest.astype(np.float64), joints, ident["camera"]), joints)
 
 
 def check_length(frames: int, fps: float, max_frames: int, what: str) -> None:
@@ -103,21 +145,47 @@ def check_length(frames: int, fps: float, max_frames: int, what: str) -> None:
                          f"({out / FIT_FPS / 3600:.1f} h), more than motion.max_frames = {max_frames}")
 
 
-def prepare(motion: Motion, ref: dict[str, np.ndarray], max_frames: int = MotionParams().max_frames
+def prepare(motion: Motion, ref: Reference, params: MotionParams | None = None
             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Resample to 30 fps and retarget; returns parameter blocks and a short description."""
+    """Resample to 30 fps and retarget; returns parameter blocks and a description (what retargeting did and the
+    framing check included)."""
+    params = params or MotionParams()
     src_fps, src_frames = motion.fps, motion.frames
-    check_length(src_frames, src_fps, max_frames, f"motion ({motion.source})")
+    check_length(src_frames, src_fps, params.max_frames, f"motion ({motion.source})")
     motion = resample(motion, FIT_FPS)
-    blocks = retarget(motion, pelvis_rest=ref["pelvis_rest"], ref_orient=ref["ref_orient"],
-                      ref_pelvis=ref["ref_pelvis"])
+    blocks, said = retarget(motion, ref.framing, ref.joints, mode=params.retarget,
+                            orientation_margin_deg=params.orientation_margin_deg,
+                            position_margin_m=params.position_margin_m, sway_limit=params.sway_limit)
     info = {"source_format": motion.source, "source_fps": src_fps, "source_frames": src_frames,
-            "frames": motion.frames, "fps": FIT_FPS, "seconds": round(motion.frames / FIT_FPS, 3)}
+            "frames": motion.frames, "fps": FIT_FPS, "seconds": round(motion.frames / FIT_FPS, 3),
+            "retarget": said, "framing": check_framing(blocks, ref, params)}
+    if motion.notes:
+        info["notes"] = list(motion.notes)
     return blocks, info
 
 
-def load_file(path: Path, clip: str | None = None) -> Motion:
-    return read_motion(path, clip=clip)
+def check_framing(blocks: dict[str, np.ndarray], ref: Reference, params: MotionParams | None = None
+                  ) -> dict[str, Any]:
+    """How far the motion's head, shoulders and hands go outside the identity's training framing; `mostly_outside`
+    when head or shoulders are out in more than `framing_warn_share` of the frames."""
+    params = params or MotionParams()
+    check = framing_check(blocks, ref.framing, ref.joints, params.framing_tolerance_pct)
+    check["mostly_outside"] = check["head_or_shoulders_outside_share"] > params.framing_warn_share
+    return check
+
+
+def framing_warning(framing: dict[str, Any]) -> str | None:
+    """The line a render prints before denoising when its motion leaves the identity's framing."""
+    if not framing.get("mostly_outside"):
+        return None
+    return (f"the motion's head or shoulders are outside the identity's training framing in "
+            f"{100 * framing['head_or_shoulders_outside_share']:.0f}% of its frames (worst "
+            f"{max(framing['head']['worst_pct'], framing['shoulders']['worst_pct']):.0f}% of the frame away): expect "
+            "a broken picture there; motion.retarget = framing keeps a motion in the identity's framing")
+
+
+def load_file(path: Path, clip: str | None = None, hands: HandBasis | None = None) -> Motion:
+    return read_motion(path, clip=clip, hands=hands)
 
 
 def write(path: Path, blocks: dict[str, np.ndarray]) -> None:
@@ -156,8 +224,10 @@ def cut_audio(wav: Path, out: Path, start_s: float, frames: int, fps: int = FIT_
 
 
 def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], audio: Path | None,
-          audio_start_s: float = 0.0, frames: int | None = None) -> tuple[str, Path]:
-    """Write a motion (cut to `frames` if given) to staging/<content key>; returns (key, directory)."""
+          audio_start_s: float = 0.0, frames: int | None = None,
+          framing: tuple[Reference, MotionParams] | None = None) -> tuple[str, Path]:
+    """Write a motion (cut to `frames` if given) to staging/<content key>; returns (key, directory). With
+    `framing`, the framing check of the frames that will be rendered goes into its description."""
     total = len(blocks["transl"])
     if frames is not None:
         if frames < 1:
@@ -166,6 +236,8 @@ def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], au
             raise InputError(f"--frames {frames}: the motion has only {total} frames")
         blocks = {k: v[:frames] for k, v in blocks.items()}
         total = frames
+    if framing is not None:
+        info = {**info, "framing": check_framing(blocks, *framing)}
     staging.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=staging))
     write(tmp / smplx_table.TABLE, blocks)
@@ -207,4 +279,5 @@ def run(inputs: dict[str, Path], out: Path, params: MotionParams, progress: Prog
     if not (out / smplx_table.TABLE).is_file():
         raise InputError(f"{motion}: not a staged motion (no {smplx_table.TABLE})")
     info = read_info(out)
-    return {k: info.get(k) for k in ("kind", "source", "frames", "fps", "audio", "source_format")}
+    return ({k: info.get(k) for k in ("kind", "source", "frames", "fps", "audio", "source_format")}
+            | {k: info[k] for k in ("retarget", "framing", "notes") if k in info})

@@ -143,6 +143,8 @@ def test_load_params_empty_file_gives_defaults(tmp_path: Path) -> None:
 
 def test_repository_params_yaml_equals_defaults() -> None:
     assert load_params(ROOT / "params.yaml", Params) == Params()
+    # written out in full, comments included: a new param shows up in the file users copy
+    assert (ROOT / "params.yaml").read_text() == default_params_yaml()
 
 
 def test_default_params_yaml_round_trips(tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core import progress
 from core.errors import InputError
 from core.workspace import Workspace
 from tasks import smplx_table
 from tasks.registry import artifact_dir
 from tasks.stages import motion as motion_task
-from tests.conftest import ONBOARDED_ID, cli, copy_workspace, held_out, video_frames
+from tests.conftest import ONBOARDED_ID, cli, copy_workspace, held_out, set_param, show_pickle, video_frames
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -42,7 +43,8 @@ def test_anchor_render_command_caches_and_copies_the_video_out(ws: Workspace, tm
     assert stranger.returncode != 0 and "has no finetune yet" in stranger.stderr
 
 
-def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path) -> None:
+def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
     from flows.render import stage_motion
@@ -62,13 +64,35 @@ def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path) -
     info = motion_task.read_info(other)
     assert info["kind"] == "other_identity" and info["frames"] == 19
     _, moved = smplx_table.read(other / smplx_table.TABLE)
-    assert np.allclose(moved["body_pose"], own["body_pose"], atol=1e-5)  # the same person: the pose carries over
+    neck = slice(3 * 11, 3 * 12)  # the neck is what turns a head back into range: everything else carries over
+    keep = np.ones(63, bool)
+    keep[neck] = False
+    assert np.allclose(moved["body_pose"][:, keep], own["body_pose"][:, keep], atol=1e-5)
+    assert info["framing"]["head_or_shoulders_outside_share"] <= 0.05 and not info["framing"]["mostly_outside"]
 
     # a motion file (this project's own fit format)
     path = tmp_path / "dance.parquet"
     motion_task.write(path, own)
     _, staged_file = stage_motion(ws, None, ID, str(path), None)  # type: ignore[arg-type]
     assert motion_task.read_info(staged_file)["kind"] == "file"
+    # a motion that leans far forward and drops: kept in frame; with the old pelvis mode, warned about before
+    # any denoising (and the framing check is in what the render records)
+    leaned = {**own, "body_pose": own["body_pose"].copy(), "transl": own["transl"] + np.float32([0, 0.3, 0])}
+    leaned["body_pose"][:, 3 * 5: 3 * 6] += np.float32([0.7, 0, 0])
+    motion_task.write(tmp_path / "lean.parquet", leaned)
+    said: list[str] = []
+    monkeypatch.setattr(progress, "notice", said.append)
+    _, kept = stage_motion(ws, None, ID, str(tmp_path / "lean.parquet"), None)  # type: ignore[arg-type]
+    assert not motion_task.read_info(kept)["framing"]["mostly_outside"] and said == []
+    params_file = ws.root / "params.yaml"
+    before = params_file.read_text()
+    try:
+        set_param(ws.root, "motion", "retarget", "pelvis")
+        _, left = stage_motion(ws, None, ID, str(tmp_path / "lean.parquet"), None)  # type: ignore[arg-type]
+    finally:
+        params_file.write_text(before)
+    assert motion_task.read_info(left)["framing"]["mostly_outside"]
+    assert len(said) == 1 and said[0].startswith(f"warning: {ID} following ") and "training framing" in said[0]
     with pytest.raises(InputError, match="no such file"):
         stage_motion(ws, None, ID, str(tmp_path / "missing.npz"), None)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="has no smplx_fit yet"):
@@ -93,3 +117,22 @@ def test_lineage_of_a_copy_outside_the_workspace_is_found_by_content(ws: Workspa
     stranger.write_bytes(out.read_bytes()[:-1] + b"\0")
     refused = cli(ws.root, "lineage", str(stranger))
     assert refused.returncode != 0 and "no render there made a file with its content" in refused.stderr
+
+
+def test_a_show_pickle_renders_and_its_record_says_how_it_was_framed(ws: Workspace, tmp_path: Path) -> None:
+    done = cli(ws.root, "render", ID, "--motion", str(show_pickle(tmp_path / "show.pkl")), "--frames", "4",
+               "--no-face", "--out", str(tmp_path / "show.mp4"))
+    assert done.returncode == 0, done.stderr
+    assert len(video_frames(tmp_path / "show.mp4")) == 4
+    record = _record_of(ws, tmp_path / "show.mp4")
+    motion = record["motion"]
+    assert motion["source_format"] == "show-pkl" and motion["retarget"]["mode"] == "framing"
+    assert "relaxed pose is used instead" in motion["notes"][0]  # the mannequin cannot decode SHOW's PCA hands
+    assert set(motion["framing"]) >= {"head", "shoulders", "hands", "head_or_shoulders_outside_share"}
+
+
+def _record_of(ws: Workspace, video: Path) -> dict:
+    for art in ws.root.glob("data/renders/demo/*/assemble"):
+        if (art / "video.mp4").read_bytes() == video.read_bytes():
+            return json.loads((art / "render.json").read_text())
+    raise AssertionError(f"no render made {video}")

@@ -199,13 +199,13 @@ def test_show_pkl_optional_keys_become_zeros(tmp_path: Path) -> None:
     assert motion.expression.shape == (4, 0) and motion.betas is None
 
 
-def test_show_pkl_refuses_pca_hands_and_missing_body(tmp_path: Path) -> None:
+def test_show_pkl_refuses_pca_hands_without_a_body_model_and_a_missing_body(tmp_path: Path) -> None:
     data = show_dict(4)
     data["left_hand_pose"] = np.zeros((4, 12))
     (tmp_path / "pca.pkl").write_bytes(pickle.dumps(data))
     message = error(tmp_path / "pca.pkl")
     assert "left_hand_pose has 12 values per frame" in message
-    assert "PCA hand poses need the model's hand components and are not supported" in message
+    assert "PCA coefficients (at most 45) with a body model's hand components" in message
     (tmp_path / "nobody.pkl").write_bytes(pickle.dumps({"global_orient": np.zeros((4, 3))}))
     assert error(tmp_path / "nobody.pkl").startswith("nobody.pkl: no body_pose (has global_orient); expected a dict")
 
