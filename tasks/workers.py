@@ -18,6 +18,9 @@ from core import interrupt
 from core.progress import Progress
 
 NATIVE_LOG_ENV = "ANCHOR_NATIVE_LOG"
+#: MediaPipe keeps ~20 MB per graph it builds (a keypoints clip builds three, a matting clip one): stages that
+#: build models per clip take a fresh worker after this many clips, so memory stays flat in video length.
+MEDIAPIPE_JOBS_PER_PROCESS = 3
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -32,14 +35,18 @@ class Reporter:
         self._q.put(n)
 
 
-def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int, progress: Progress) -> list[R]:
-    """Run fn(job, report) for every job in spawned processes; results in job order; the first error is raised."""
+def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int, progress: Progress,
+                 jobs_per_process: int | None = None) -> list[R]:
+    """Run fn(job, report) for every job in spawned processes; results in job order; the first error is raised.
+    `jobs_per_process` replaces a worker after that many jobs: native libraries that keep a little memory per
+    model they build (MediaPipe's graphs) then stay bounded however many jobs a long video makes."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
         report = Reporter(q)
         with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx,
-                                 initializer=_quiet_stderr, initargs=(os.environ.get(NATIVE_LOG_ENV),)) as pool:
+                                 initializer=_quiet_stderr, initargs=(os.environ.get(NATIVE_LOG_ENV),),
+                                 max_tasks_per_child=jobs_per_process) as pool:
             futures = [pool.submit(fn, job, report) for job in jobs]
             pending = set(futures)
             while pending:

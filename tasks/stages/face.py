@@ -7,13 +7,18 @@ Runs of consecutive frames with a visible face are inpainted as videos with the 
 reference, then pasted back through the inverse transform under a feathered face mask. Frames whose face is out
 of view or turned away pass through unchanged, as do all frames when the stage is disabled. Only the frames it
 changed are written; assemble takes the rest from render_body.
+
+Before pasting, each crop is checked against the body frame itself (MediaPipe face detection, full-range model, on
+the frame upscaled to at least DETECT_SIDE): where the body drew its face away from where the mesh puts it, the
+crop is moved onto the body's face (`check: align`) or that frame keeps the body's face (`check: skip`), and the
+summary counts those frames. Never two faces in one frame.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -31,10 +36,13 @@ from tasks.base_weights import quiet
 from tasks.denoising import WindowParams
 from tasks.devices import Compute
 from tasks.frames import ImageFiles, frame_name, read_meta, read_rgb, write_png
+from tasks.mp import solutions
 from tasks.stages import render_body
 from tasks.stages.render_mesh import FACES, face_state, head_faces, pose_chunks
+from tasks.workers import Reporter, run_parallel
 
 FRAMES = "frames"
+DETECT_SIDE = 256  # body frames are upscaled to this before face detection (the tiny profile draws 64 px frames)
 COND = "cond"
 MASK = "mask"
 TABLE = "faces.parquet"
@@ -49,10 +57,24 @@ class FaceParams(WindowParams):
     control_scale: dict[str, float] = Field({"tiny": 2.0, "cpu": 1.0, "sd15": 2.0}, description="per profile")
     feather: float = Field(0.06, ge=0, le=0.5, description="blend edge width, share of the face crop side")
     seed: int = Field(0, ge=0)
+    check: Literal["align", "skip", "off"] = Field("align", description="where the face the body frame shows "
+                                                   "(MediaPipe face detection) is away from the mesh's face: align "
+                                                   "the crop to the body's face, skip (that frame keeps its face), or "
+                                                   "off (trust the mesh)")
+    check_tolerance: float = Field(0.35, gt=0, le=5, description="how far apart the two may be before they "
+                                   "disagree, as a share of the face crop's side in the frame")
+    check_confidence: float = Field(0.5, gt=0, lt=1, description="face detection's minimum confidence")
 
 
 def describe(s: dict[str, Any]) -> str:
-    return "disabled" if s.get("disabled") else f"{s['enhanced']} of {s['frames']} faces redone"
+    if s.get("disabled"):
+        return "disabled"
+    text = f"{s['enhanced']} of {s['frames']} faces redone"
+    moved = (s.get("face_check") or {}).get("aligned", 0)
+    kept = (s.get("face_check") or {}).get("skipped", 0)
+    if moved or kept:
+        text += f" ({moved} moved onto the face the body drew, {kept} left as the body drew them)"
+    return text
 
 
 STAGE = Stage(
@@ -156,10 +178,25 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                 reasons.append(None)
                 transforms.append(face_align.rescale(m, side, res, fsize, fres))
             progress.advance(len(idx))
+    # 1b. the face the body frame shows: the crop goes there, never beside it
+    check: dict[str, Any] = {"mode": params.check}
+    if params.check != "off":
+        shown = [i for i, m in enumerate(transforms) if m is not None]
+        progress.start("face: checking against the body's faces", len(shown))
+        found = run_parallel(detect_faces, [([str(generated / frame_name(i, "png")) for i in shown],
+                                             params.check_confidence)], 1, progress)[0]
+        detections: list[list[tuple[float, float, float]]] = [[] for _ in range(n)]
+        for i, faces in zip(shown, found, strict=True):
+            detections[i] = faces
+        check.update(reconcile(transforms, reasons, detections, fres, params.check_tolerance, params.check))
+        for i, reason in enumerate(reasons):
+            if reason == AWAY:
+                for sub in (COND, MASK):
+                    (out / sub / frame_name(i, "png")).unlink(missing_ok=True)
     stretches = runs([r is None for r in reasons])
     _write_table(out, reasons, transforms)
     if not stretches:
-        return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons)}
+        return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check}
 
     # 2. inpaint each run of visible faces as one video with the Face SGDM, then 3. blend each face back
     reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
@@ -189,7 +226,64 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
              output=blend, max_latent_bytes=compute.max_latent_bytes, spill_dir=out)
     return {"frames": n, "enhanced": sum(r is None for r in reasons), "runs": len(stretches),
             "resolution": fres, "missing": _count(reasons), "device": compute.device.type,
-            "dtype": str(pipe.dtype).removeprefix("torch."), "scheduler": params.scheduler}
+            "dtype": str(pipe.dtype).removeprefix("torch."), "scheduler": params.scheduler, "face_check": check}
+
+
+AWAY = "away from the body's face"
+
+
+def detect_faces(job: tuple[list[str], float], report: Reporter) -> list[list[tuple[float, float, float]]]:
+    """Faces on each frame as (centre x, centre y, confidence) in the frame's pixels. Runs in a `tasks.workers`
+    process (MediaPipe)."""
+    paths, confidence = job
+    out: list[list[tuple[float, float, float]]] = []
+    with solutions().face_detection.FaceDetection(model_selection=1, min_detection_confidence=confidence) as det:
+        for path in paths:
+            img = read_rgb(Path(path))
+            h, w = img.shape[:2]
+            up = max(1.0, DETECT_SIDE / min(h, w))
+            if up > 1:
+                img = cv2.resize(img, (round(w * up), round(h * up)), interpolation=cv2.INTER_CUBIC)
+            faces = []
+            for d in det.process(img).detections or []:
+                box = d.location_data.relative_bounding_box
+                faces.append((float((box.xmin + box.width / 2) * w), float((box.ymin + box.height / 2) * h),
+                              float(d.score[0])))
+            out.append(faces)
+            report()
+    return out
+
+
+def reconcile(transforms: list[np.ndarray | None], reasons: list[str | None],
+              detections: list[list[tuple[float, float, float]]], fres: int, tolerance: float, mode: str
+              ) -> dict[str, int]:
+    """Compare each crop (frame → face-crop affine) with the faces found on its frame, in place: a crop whose
+    centre is within `tolerance` × its side of a found face agrees; otherwise `align` shifts it onto the nearest
+    found face and `skip` drops it (reason AWAY). Frames where no face was found keep the mesh's crop."""
+    counts = {"agreed": 0, "aligned": 0, "skipped": 0, "no_face_found": 0}
+    for i, m in enumerate(transforms):
+        if m is None:
+            continue
+        if not detections[i]:
+            counts["no_face_found"] += 1
+            continue
+        linear = m[:, :2]
+        centre = np.linalg.solve(linear, np.array([fres / 2, fres / 2]) - m[:, 2])
+        side = fres / np.sqrt(abs(np.linalg.det(linear)))
+        found = np.array([(x, y) for x, y, _ in detections[i]])
+        nearest = found[np.argmin(np.linalg.norm(found - centre, axis=1))]
+        if np.linalg.norm(nearest - centre) <= tolerance * side:
+            counts["agreed"] += 1
+        elif mode == "align":
+            moved = m.copy()
+            moved[:, 2] = m[:, 2] + linear @ (centre - nearest)  # the found face's centre to the crop's centre
+            transforms[i] = moved
+            counts["aligned"] += 1
+        else:
+            transforms[i] = None
+            reasons[i] = AWAY
+            counts["skipped"] += 1
+    return counts
 
 
 def _count(reasons: list[str | None]) -> dict[str, int]:

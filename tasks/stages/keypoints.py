@@ -24,7 +24,7 @@ from core.section import Section
 from core.stage import Stage
 from tasks.frames import clip_frame_paths, read_meta, read_rgb
 from tasks.mp import solutions
-from tasks.workers import Reporter, run_parallel
+from tasks.workers import MEDIAPIPE_JOBS_PER_PROCESS, Reporter, run_parallel
 
 
 class KeypointsParams(Section):
@@ -162,7 +162,8 @@ def run(inputs: dict[str, Path], out: Path, params: KeypointsParams, progress: P
     jobs = [(clip, [str(p) for p in clip_frame_paths(ingest, clip)], meta["resolution"], params.model_dump())
             for clip in meta["clips"]]
     progress.start("keypoints: MediaPipe Holistic", meta["frames"])
-    table = pa.concat_tables(run_parallel(clip_table, jobs, params.workers, progress)).combine_chunks()
+    table = pa.concat_tables(run_parallel(clip_table, jobs, params.workers, progress,
+                                          jobs_per_process=MEDIAPIPE_JOBS_PER_PROCESS)).combine_chunks()
     pq.write_table(table, out / TABLE, compression="zstd")
     per_split = {split: detection_rates(table.filter(pa.compute.equal(table["split"], split)))
                  for split in ("train", "test")}

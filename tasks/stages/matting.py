@@ -18,7 +18,7 @@ from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_jpeg, write_png_gray
-from tasks.workers import Reporter, run_parallel
+from tasks.workers import MEDIAPIPE_JOBS_PER_PROCESS, Reporter, run_parallel
 
 
 class MattingParams(Section):
@@ -133,6 +133,6 @@ def run(inputs: dict[str, Path], out: Path, params: MattingParams, progress: Pro
         p["rvm_weights"] = str(weights)
     jobs = [(clip, [str(x) for x in clip_frame_paths(ingest, clip)], str(out), p) for clip in meta["clips"]]
     progress.start(f"matting: {p['backend']}", meta["frames"])
-    results = run_parallel(_clip, jobs, params.workers, progress)
+    results = run_parallel(_clip, jobs, params.workers, progress, jobs_per_process=MEDIAPIPE_JOBS_PER_PROCESS)
     return {"backend": p["backend"], "frames": meta["frames"],
             "person_coverage": {r["clip"]: r["coverage"] for r in results}}

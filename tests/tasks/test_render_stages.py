@@ -16,6 +16,7 @@ from scipy.spatial.transform import Rotation
 
 from core.artifacts import read_manifest
 from core.errors import InputError, StageError
+from core.progress import NullProgress
 from core.workspace import Workspace
 from tasks import runner
 from tasks.registry import artifact_dir
@@ -127,3 +128,88 @@ def test_render_stages_refuse_an_identity_owner(ws: Workspace) -> None:
         runner.execute(ws, "render_body", ID)
     with pytest.raises(InputError, match="--frames 500: the motion has only 19"):
         motion_task.stage(ws.state / "motions", held_out(ws)[0], {}, None, frames=500)
+
+
+def _face_on_grey(side: int, centre: tuple[float, float], size: int, tmp: Path) -> np.ndarray:
+    """A grey frame with a real face (the seated anchor's, found by the face stage's own detector) at `centre`."""
+    import cv2
+
+    from tasks.stages import face
+    from tasks.workers import run_parallel
+    from tests.conftest import shared_video
+
+    with av.open(str(shared_video("anchor_seated_hevc.mp4"))) as c:
+        full = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    cv2.imwrite(str(tmp / "full.png"), cv2.cvtColor(full, cv2.COLOR_RGB2BGR))
+    (x, y, _), = run_parallel(face.detect_faces, [([str(tmp / "full.png")], 0.5)], 1, NullProgress())[0][0]
+    half = 0.12 * full.shape[1]
+    crop = full[int(y - half):int(y + half), int(x - half):int(x + half)]
+    frame = np.full((side, side, 3), 128, np.uint8)
+    cx, cy = int(centre[0]), int(centre[1])
+    frame[cy - size // 2: cy - size // 2 + size, cx - size // 2: cx - size // 2 + size] = cv2.resize(
+        crop, (size, size), interpolation=cv2.INTER_AREA)
+    return frame
+
+
+@pytest.mark.parametrize("mode", ["align", "skip"])
+def test_the_face_stage_never_pastes_beside_the_face_the_body_drew(ws: Workspace, tmp_path: Path,
+                                                                   mode: str) -> None:
+    import shutil
+
+    import torch
+
+    from tasks import devices, registry
+    from tasks.frames import frame_name, read_rgb, write_png
+    from tasks.stages import face
+
+    blocks, _ = held_out(ws)
+    subject = render(ws, blocks)
+    table = pq.read_table(artifact_dir(ws, "face", subject) / "faces.parquet").to_pandas()
+    m = np.asarray(table["transform"][0], np.float64).reshape(2, 3)
+    fres = 64  # the tiny face model's side
+    mesh_face = np.linalg.solve(m[:, :2], np.array([fres / 2, fres / 2]) - m[:, 2])
+    side = 64
+    drawn = (side - 1 - mesh_face[0], side - 1 - mesh_face[1])  # the body drew its face on the other side
+    assert np.linalg.norm(np.subtract(drawn, mesh_face)) > 20
+    # the body frames: render_body's artifact copied, its frames replaced by the face drawn elsewhere
+    body_dir = tmp_path / "render_body"
+    shutil.copytree(artifact_dir(ws, "render_body", subject), body_dir)
+    picture = _face_on_grey(side, drawn, 18, tmp_path)
+    for png in (body_dir / "frames").glob("*.png"):
+        write_png(png, picture)
+    spec = registry.get("face")
+    inputs = {key: art for key, (_, _, art) in runner.input_dirs(ws, spec, subject).items()}
+    inputs["render_body"], inputs["body_model"] = body_dir, runner.body_model_path(ws)
+    params = registry.section(ws, spec, {"check": mode})
+    out = tmp_path / f"face-{mode}"
+    out.mkdir()
+    summary = face.run(inputs, out, params, NullProgress(), settings=registry.settings(ws, spec),
+                       compute=devices.Compute(torch.device("cpu")))
+    visible = int(table["visible"].sum())
+    check = summary["face_check"]
+    if mode == "skip":
+        assert check["skipped"] == visible and summary["enhanced"] == 0
+        assert not list((out / "frames").glob("*.png"))  # every frame keeps the body's own face
+        return
+    assert check["aligned"] == visible and check["agreed"] == 0
+    # what the stage changed sits on the face the body drew, not where the mesh put a face
+    changed = np.abs(read_rgb(out / "frames" / frame_name(0, "png")).astype(int) - picture.astype(int)).sum(2) > 30
+    ys, xs = np.nonzero(changed)
+    centroid = np.array([xs.mean(), ys.mean()])
+    assert np.linalg.norm(centroid - drawn) < 4 < np.linalg.norm(centroid - mesh_face) - 10
+
+
+def test_reconcile_moves_or_drops_a_crop_away_from_the_found_face() -> None:
+    from tasks.stages import face
+
+    m = np.array([[2.0, 0, -20], [0, 2.0, -40]])  # frame → 64 px crop: crop centre at frame (26, 36), side 32
+    found = [[(27.0, 38.0, 0.9)], [(50.0, 10.0, 0.9)], [], [(50.0, 10.0, 0.9), (28.0, 35.0, 0.6)]]
+    transforms = [m.copy() for _ in found]
+    reasons: list[str | None] = [None] * 4
+    counts = face.reconcile(transforms, reasons, found, 64, 0.35, "align")
+    assert counts == {"agreed": 2, "aligned": 1, "skipped": 0, "no_face_found": 1}
+    np.testing.assert_allclose(transforms[1] @ [50.0, 10.0, 1.0], [32.0, 32.0])  # now centred on the found face
+    np.testing.assert_array_equal(transforms[0], m)
+    transforms = [m.copy() for _ in found]
+    counts = face.reconcile(transforms, reasons, found, 64, 0.35, "skip")
+    assert counts["skipped"] == 1 and transforms[1] is None and reasons[1] == face.AWAY
