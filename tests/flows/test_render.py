@@ -136,3 +136,44 @@ def _record_of(ws: Workspace, video: Path) -> dict:
         if (art / "video.mp4").read_bytes() == video.read_bytes():
             return json.loads((art / "render.json").read_text())
     raise AssertionError(f"no render made {video}")
+
+
+def _talkshow(path: Path, frames: int = 45) -> Path:
+    """TalkSHOW's (T, 265) layout: jaw, eyes, a root turned by pi (its camera's y is down), body, hands, 100
+    expressions; gestures as slow sines."""
+    t = np.linspace(0, 2 * np.pi, frames, dtype=np.float32)[:, None]
+    data = np.zeros((frames, 265), np.float32)
+    data[:, 0] = 0.15 * (1 + np.sin(3 * t[:, 0]))  # the jaw opens and closes
+    data[:, 9] = np.pi
+    data[:, 12:75] = 0.1 * np.sin(t + np.arange(63, dtype=np.float32))
+    data[:, 75:165] = 0.2 * np.sin(2 * t + np.arange(90, dtype=np.float32))
+    np.save(path, data)
+    return path
+
+
+def _amass(path: Path, frames: int = 90) -> Path:
+    """An AMASS/BEAT2-style .npz at 60 fps: z-up world, 1 m off the origin, a wide sway."""
+    t = np.arange(frames) / 60.0
+    poses = np.zeros((frames, 165), np.float32)
+    poses[:, 0] = np.pi / 2
+    poses[:, 3 + 15 * 3 + 2] = -1.3 + 0.3 * np.sin(2 * np.pi * t)
+    trans = np.stack([0.2 * np.sin(np.pi * t), np.ones(frames), np.full(frames, 0.9)], 1).astype(np.float32)
+    np.savez(path, poses=poses, trans=trans, betas=np.zeros(16, np.float32), mocap_frame_rate=np.array(60.0))
+    return path
+
+
+@pytest.mark.parametrize("source", ["talkshow-npy", "amass-npz", "show-pkl"])
+def test_each_motion_file_format_lands_in_the_identitys_framing_and_renders(ws: Workspace, tmp_path: Path,
+                                                                            source: str) -> None:
+    from flows.render import stage_motion
+    from tests.conftest import render
+
+    make = {"talkshow-npy": lambda: _talkshow(tmp_path / "t.npy"), "amass-npz": lambda: _amass(tmp_path / "a.npz"),
+            "show-pkl": lambda: show_pickle(tmp_path / "s.pkl")}[source]
+    _, staged = stage_motion(ws, None, ID, str(make()), None)  # type: ignore[arg-type]
+    info = motion_task.read_info(staged)
+    assert info["source_format"] == source
+    assert info["framing"]["head_or_shoulders_outside_share"] <= 0.05, info["framing"]
+    _, blocks = smplx_table.read(staged / smplx_table.TABLE)
+    subject = render(ws, {k: v[:6] for k, v in blocks.items()})
+    assert len(video_frames(artifact_dir(ws, "assemble", subject) / "video.mp4")) == 6
