@@ -148,7 +148,7 @@ def _clamp(rot: Rotation, mean: Rotation, rng: np.ndarray, margin: float) -> tup
 
 
 def retarget(motion: Motion, framing: Framing, joints: JointsFn, *, mode: str = "framing",
-             orientation_margin_deg: float = 10.0, position_margin_m: float = 0.01, sway_limit: float = 1.5
+             orientation_margin_deg: float = 10.0, position_margin_m: float = 0.01, sway_limit: float = 1.0
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """SMPL-X parameter blocks for the identity, and what retargeting did (said in the render's summary)."""
     rot = Rotation.from_rotvec(motion.global_orient.astype(np.float64))

@@ -62,7 +62,7 @@ class MotionParams(Section):
                                           "(2nd-98th percentile) a torso or head may turn, in degrees")
     position_margin_m: float = Field(0.01, ge=0, le=1, description="how far past the identity's own range the "
                                      "head-shoulder point may sway, in metres")
-    sway_limit: float = Field(1.5, gt=0, le=10, description="a motion's sway is scaled down to at most this many "
+    sway_limit: float = Field(1.0, gt=0, le=10, description="a motion's sway is scaled down to at most this many "
                               "times the identity's own spread")
     framing_tolerance_pct: float = Field(2.0, ge=0, le=50, description="a head, shoulder or hand further than this "
                                          "(percent of the frame side) outside the identity's training framing "

@@ -279,7 +279,8 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         generated_rates=scored.get("detection_rate_generated", {}), fit=fit_summary,
         fit_svg=fit_plot_svg(fit_rows, boundaries), cells=cells, columns=COLUMNS, table=table,
         detector=scored.get("detector"), hand_rule=scored.get("hand_outlier_rule"), frames=n, times=times,
-        sampled=scored.get("sampled"),
+        sampled=scored.get("sampled"), framing=info.get("framing"),
+        face_check=((read_manifest(ev["face"]) or {}).get("summary") or {}).get("face_check"),
         total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1))
     (out / HTML).write_text(page)
     return {"frames": n, "samples": len(cells), "metrics": {k: dvc_metrics[k] for k in ROWS},
@@ -310,6 +311,13 @@ design and its scores say nothing about quality.</b>{% elif profile == "cpu" %}<
 person from scratch on a CPU, with no pretrained weights: judge it against the baseline rows and the last column of
 the grid, which copy the nearest training frame.{% endif %}</td></tr>
 <tr><th>evaluation</th><td>the identity's own held-out clips ({{ frames }} frames) rendered by this model</td></tr>
+{% if framing %}<tr><th>framing</th><td>head or shoulders outside the training frames' framing in
+  {{ "%.1f"|format(100 * framing.head_or_shoulders_outside_share) }} % of the frames (worst head
+  {{ framing.head.worst_pct }} %, shoulders {{ framing.shoulders.worst_pct }} % of the frame away), hands in
+  {{ "%.1f"|format(100 * framing.hands.outside_share) }} %{% if face_check %}; face stage:
+  {{ face_check.get("agreed", 0) }} crops agreed with the face the body drew, {{ face_check.get("aligned", 0) }}
+  moved onto it, {{ face_check.get("skipped", 0) }} left alone, {{ face_check.get("no_face_found", 0) }} without a
+  face found{% endif %}</td></tr>{% endif %}
 </table>
 
 <h2>Metrics</h2>

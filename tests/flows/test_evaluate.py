@@ -68,6 +68,12 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     assert "<svg" in page and "35.91" in page and "53.38" in page and "OpenPose" in page
     assert "not computed: no Inception weights" in page and "not computed: no I3D weights" in page
     assert "pictures are noise" in page  # the tiny profile says so
+    # its own held-out motion is inside its own framing; the face stage's check is counted, every shown face once
+    assert re.search(r"head or shoulders outside the training frames' framing in\s+0\.0 %", page), page
+    check = read_manifest(next(ws.root.glob(f"data/renders/{ID}/*/face")))["summary"]["face_check"]
+    assert sum(check[k] for k in ("agreed", "aligned", "skipped", "no_face_found")) == 19
+    assert re.search(rf"{check['agreed']} crops agreed with the face the body drew, {check['aligned']}\s+moved onto "
+                     rf"it, {check['skipped']} left alone, {check['no_face_found']} without a\s+face found", page)
     sheet = cv2.imread(str(report / "contact_sheet.png"))
     assert sheet.shape == (22 + rows * (22 + 192), 5 * 192, 3)
     assert "nearest training frame" in page and "SSIM in the person" in page

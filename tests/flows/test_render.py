@@ -174,6 +174,8 @@ def test_each_motion_file_format_lands_in_the_identitys_framing_and_renders(ws: 
     info = motion_task.read_info(staged)
     assert info["source_format"] == source
     assert info["framing"]["head_or_shoulders_outside_share"] <= 0.05, info["framing"]
+    if source == "show-pkl":
+        return  # rendered through the command line above
     _, blocks = smplx_table.read(staged / smplx_table.TABLE)
-    subject = render(ws, {k: v[:6] for k, v in blocks.items()})
-    assert len(video_frames(artifact_dir(ws, "assemble", subject) / "video.mp4")) == 6
+    subject = render(ws, {k: v[:4] for k, v in blocks.items()})
+    assert len(video_frames(artifact_dir(ws, "assemble", subject) / "video.mp4")) == 4
