@@ -38,28 +38,40 @@ class Reporter:
 def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int, progress: Progress,
                  jobs_per_process: int | None = None) -> list[R]:
     """Run fn(job, report) for every job in spawned processes; results in job order; the first error is raised.
-    `jobs_per_process` replaces a worker after that many jobs: native libraries that keep a little memory per
-    model they build (MediaPipe's graphs) then stay bounded however many jobs a long video makes."""
+    With `jobs_per_process`, the jobs run in rounds of `workers × jobs_per_process`, each round in fresh
+    processes: native libraries that keep a little memory per model they build (MediaPipe's graphs) then stay
+    bounded however many jobs a long video makes. (Not ProcessPoolExecutor's max_tasks_per_child: on Python 3.11
+    a pool replacing its workers that way hung for good mid-stage.)"""
+    workers = max(1, min(workers, len(jobs)))
+    size = len(jobs) if not jobs_per_process else workers * jobs_per_process
     ctx = mp.get_context("spawn")
+    results: list[R] = []
     with ctx.Manager() as manager:
         q = manager.Queue()
         report = Reporter(q)
-        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx,
-                                 initializer=_quiet_stderr, initargs=(os.environ.get(NATIVE_LOG_ENV),),
-                                 max_tasks_per_child=jobs_per_process) as pool:
-            futures = [pool.submit(fn, job, report) for job in jobs]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                interrupt.check()  # Ctrl-C stops the stage even before a worker reports its first frame
-                _drain(q, progress)
-                failed = [f for f in done if f.exception() is not None]
-                if failed:
-                    for f in pending:
-                        f.cancel()
-                    raise failed[0].exception()  # type: ignore[misc]
-            _drain(q, progress)
-            return [f.result() for f in futures]
+        for first in range(0, len(jobs), max(size, 1)):
+            round_ = jobs[first:first + size]
+            with ProcessPoolExecutor(max_workers=min(workers, len(round_)), mp_context=ctx,
+                                     initializer=_quiet_stderr, initargs=(os.environ.get(NATIVE_LOG_ENV),)) as pool:
+                results += _run_round(pool, fn, round_, report, q, progress)
+    return results
+
+
+def _run_round(pool: ProcessPoolExecutor, fn: Callable[[J, Reporter], R], jobs: Sequence[J], report: Reporter,
+               q: Any, progress: Progress) -> list[R]:
+    futures = [pool.submit(fn, job, report) for job in jobs]
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+        interrupt.check()  # Ctrl-C stops the stage even before a worker reports its first frame
+        _drain(q, progress)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            for f in pending:
+                f.cancel()
+            raise failed[0].exception()  # type: ignore[misc]
+    _drain(q, progress)
+    return [f.result() for f in futures]
 
 
 def _quiet_stderr(log_path: str | None) -> None:
