@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 VIDEO  ?=
 NAME   ?= demo
 PYTEST_ARGS ?=
-# Two pytest workers, a test file each at a time (its module fixtures built once): most of a test is single-threaded
-# Python (imports, subprocesses, Prefect), so a 2-core machine runs two files at once in about 60% of the time.
-TEST_WORKERS ?= 2
+# pytest-xdist workers (a test file each): 0 runs the suite in one process. On the 2-core machine two workers did
+# not pay (32 min against 31: torch and MediaPipe already use both cores, and the shared fixtures are built twice);
+# a machine with more cores can pass TEST_WORKERS=N.
+TEST_WORKERS ?= 0
 
 .PHONY: setup demo test test-fast lint constraints clean-state help
 

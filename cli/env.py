@@ -131,5 +131,9 @@ def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
         flow = flow.with_options(task_runner=task_runner(registry.params(ws).execution))
         with ProgressDisplay(err) as factory:
             stage_task.progress_factory = factory
-            progress.notice = lambda message: err.print(message, markup=False, highlight=False, soft_wrap=True)
-            return flow(*args)
+            before, progress.notice = progress.notice, lambda message: err.print(message, markup=False,
+                                                                                 highlight=False, soft_wrap=True)
+            try:
+                return flow(*args)
+            finally:
+                progress.notice = before

@@ -36,9 +36,12 @@ def _log_crash(exc: BaseException) -> Path:
 def main() -> None:
     interrupt.install()
     try:
-        app()
-        if interrupt.requested():  # the KeyboardInterrupt was swallowed on its way up: still not a success
-            raise KeyboardInterrupt
+        try:
+            app()  # Typer ends every command with SystemExit, success included
+        except SystemExit as done:
+            if interrupt.requested() and done.code in (0, None):
+                raise KeyboardInterrupt from None  # swallowed on its way up: still not a success
+            raise
     except AnchorError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

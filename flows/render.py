@@ -42,7 +42,7 @@ def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
     """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory). A motion mostly
     outside the identity's framing is warned about here, before any denoising starts."""
     key, staged = _stage_motion(ws, stages, identity, spec, frames)
-    warning = motion_task.framing_warning(motion_task.read_info(staged).get("framing") or {})
+    warning = motion_task.framing_warning(motion_task.read_framing(staged).get("framing") or {})
     if warning:
         notify(f"warning: {identity} following {spec}: {warning}")
     return key, staged

@@ -56,7 +56,7 @@ class Framing:
     upper_mean: np.ndarray  # (3,) mean head–shoulder point
     upper_std: np.ndarray  # (3,)
     upper_range: np.ndarray  # (2, 3) low and high of the head–shoulder point
-    boxes_px: dict[str, np.ndarray]  # part -> (2, 2) pixel box [[x0, y0], [x1, y1]] the part stayed in
+    boxes_px: dict[str, np.ndarray]  # part -> (joints, 2, 2): per joint, the pixel box [[x0, y0], [x1, y1]]
     camera: dict[str, float]  # focal, cx, cy, size
 
 
@@ -108,9 +108,8 @@ def framing_of(blocks: dict[str, np.ndarray], pelvis_rest: np.ndarray, joints: J
     posed = joints(blocks)
     upper = posed[:, UPPER].mean(1)
     px = project(posed, camera)
-    boxes = {part: np.stack([px[:, idx].reshape(-1, 2).min(0), px[:, idx].reshape(-1, 2).max(0)])
-             if len(px) < 20 else np.percentile(px[:, idx].reshape(-1, 2), (1, 99), axis=0)
-             for part, idx in PARTS.items()}
+    low, high = (0, 100) if len(px) < 20 else (1, 99)  # a handful of frames: their whole range
+    boxes = {part: np.stack([np.percentile(px[:, j], (low, high), axis=0) for j in idx]) for part, idx in PARTS.items()}
     return Framing(
         pelvis_rest=np.asarray(pelvis_rest, np.float64),
         orient_mean=Rotation.from_rotvec(blocks["global_orient"].astype(np.float64)).mean(),
@@ -192,14 +191,14 @@ def retarget(motion: Motion, framing: Framing, joints: JointsFn, *, mode: str = 
 
 def framing_check(blocks: dict[str, np.ndarray], framing: Framing, joints: JointsFn, tolerance_pct: float = 2.0
                   ) -> dict[str, Any]:
-    """How far the head, shoulders and hands go outside the boxes the anchor's training frames covered, in percent
-    of the frame side: per part, the share of frames beyond `tolerance_pct` and the worst distance."""
+    """How far the head, shoulders and wrists go outside the boxes each covered in the anchor's training frames, in
+    percent of the frame side: per part, the share of frames beyond `tolerance_pct` and the worst distance."""
     px = project(joints(blocks), framing.camera)
     size = framing.camera["size"]
     out: dict[str, Any] = {}
     outside_any = np.zeros(len(px), bool)
     for part, idx in PARTS.items():
-        lo, hi = framing.boxes_px[part]
+        lo, hi = framing.boxes_px[part][:, 0], framing.boxes_px[part][:, 1]  # per joint: a left wrist keeps to its own
         pts = px[:, idx]
         gap = np.maximum(np.maximum(lo - pts, pts - hi), 0.0)
         dist = 100.0 * np.linalg.norm(gap, axis=-1).max(1) / size

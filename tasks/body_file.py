@@ -88,10 +88,15 @@ def safe(file: Path, cache: Path) -> Path:
     return target
 
 
-def hand_basis(file: Path, real: bool) -> HandBasis:
-    """The hand PCA of a (checked) SMPL-X .npz; `real` when it is the user's SMPL-X, not the mannequin."""
+HAND_ARRAYS = ("hands_componentsl", "hands_meanl", "hands_componentsr", "hands_meanr")
+
+
+def hand_basis(file: Path, real: bool) -> HandBasis | None:
+    """The hand PCA of a (checked) SMPL-X .npz; `real` when it is the user's SMPL-X, not the mannequin. None for a
+    model file without it (then PCA hand poses are refused with a message, as without a body model)."""
     with np.load(file, allow_pickle=False) as model:
-        arrays = {k: np.asarray(model[k], np.float32).reshape(-1, 45)
-                  for k in ("hands_componentsl", "hands_meanl", "hands_componentsr", "hands_meanr")}
+        if not set(HAND_ARRAYS) <= set(model.files):
+            return None
+        arrays = {k: np.asarray(model[k], np.float32).reshape(-1, 45) for k in HAND_ARRAYS}
     return HandBasis(arrays["hands_componentsl"], arrays["hands_meanl"][0], arrays["hands_componentsr"],
                      arrays["hands_meanr"][0], faithful=real)

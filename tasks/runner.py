@@ -76,7 +76,7 @@ def body_model_path(ws: Workspace) -> Path:
     return body_file.resolve(registry.params(ws).body_model, ws.root, ws.state / "body_models")
 
 
-def hand_basis(ws: Workspace) -> HandBasis:
+def hand_basis(ws: Workspace) -> HandBasis | None:
     """The body model's hand PCA, to expand PCA hand poses; faithful only for the user's real SMPL-X."""
     return body_file.hand_basis(body_model_path(ws), real=bool(registry.params(ws).body_model.path))
 

@@ -61,17 +61,28 @@ def _run_round(pool: ProcessPoolExecutor, fn: Callable[[J, Reporter], R], jobs: 
                q: Any, progress: Progress) -> list[R]:
     futures = [pool.submit(fn, job, report) for job in jobs]
     pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-        interrupt.check()  # Ctrl-C stops the stage even before a worker reports its first frame
-        _drain(q, progress)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            for f in pending:
-                f.cancel()
-            raise failed[0].exception()  # type: ignore[misc]
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            interrupt.check()  # Ctrl-C stops the stage even before a worker reports its first frame
+            _drain(q, progress)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+    except BaseException:
+        _abandon(pool)
+        raise
     _drain(q, progress)
     return [f.result() for f in futures]
+
+
+def _abandon(pool: ProcessPoolExecutor) -> None:
+    """Stop at once: queued jobs cancelled, running workers terminated (leaving the pool would wait for them)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
 
 
 def _quiet_stderr(log_path: str | None) -> None:

@@ -13,8 +13,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT / "../shared/testdata"
 
-# Prefect reads its settings at import: keep everything it writes out of the repository and the user's home.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="anchor-test-prefect-"))
+# Prefect reads its settings at import: keep everything it writes out of the repository and the user's home. Each
+# pytest-xdist worker gets its own (it inherits the controller's environment, which loaded this file first), so two
+# workers' command-line runs never share one embedded Prefect database.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"anchor-test-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+else:
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="anchor-test-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

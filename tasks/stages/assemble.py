@@ -112,12 +112,14 @@ def run(inputs: dict[str, Path], out: Path, params: AssembleParams, progress: Pr
 
     body_manifest = read_manifest(inputs["render_body"]) or {}
     face_manifest = read_manifest(inputs["face"]) or {}
+    motion_manifest = read_manifest(inputs["motion"]) or {}
     model = {i["stage"]: i["output_hash"] for m in (body_manifest, face_manifest) for i in m.get("inputs", [])
              if i.get("stage") in ("finetune", "smplx_fit")}
     record = {
         "identity": body_manifest.get("identity", "").split("/")[0],
         "model_version": model.get("finetune"),
-        "motion": {"hash": (read_manifest(inputs["motion"]) or {}).get("output_hash"), **info},
+        "motion": {"hash": motion_manifest.get("output_hash"), **info,
+                   **{k: v for k, v in (motion_manifest.get("summary") or {}).items() if k in motion.DESCRIBED}},
         "params": {"render_body": body_manifest.get("params"), "face": face_manifest.get("params"),
                    "assemble": params.model_dump(mode="json")},
         "frames": n,

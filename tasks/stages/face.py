@@ -180,8 +180,8 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
             progress.advance(len(idx))
     # 1b. the face the body frame shows: the crop goes there, never beside it
     check: dict[str, Any] = {"mode": params.check}
-    if params.check != "off":
-        shown = [i for i, m in enumerate(transforms) if m is not None]
+    shown = [i for i, m in enumerate(transforms) if m is not None]
+    if params.check != "off" and shown:
         progress.start("face: checking against the body's faces", len(shown))
         found = run_parallel(detect_faces, [([str(generated / frame_name(i, "png")) for i in shown],
                                              params.check_confidence)], 1, progress)[0]

@@ -6,12 +6,15 @@ fit (through ingest → keypoints → smplx_fit, flows.motion), or a motion file
 to 30 fps and retargeted (models.retarget) onto the identity's shape, camera and framing.
 
 The flow stages a motion in a directory (params.parquet, motion.json, optional audio.wav) whose content hash names
-the render; this stage copies it into the render's artifacts, so a render is traceable to the exact motion.
+the render; this stage copies it into the render's artifacts, so a render is traceable to the exact motion. How the
+motion was retargeted and its framing check sit beside it in framing.json, outside the key and the artifact (they
+hold thresholds and float measurements that must not make a new render): this stage's summary carries them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import wave
@@ -33,6 +36,8 @@ from tasks import smplx_table
 from tasks.frames import read_meta
 
 INFO = "motion.json"
+FRAMING = "framing.json"  # what retargeting did and the framing check: beside the staged motion, not in its key
+DESCRIBED = ("retarget", "framing")
 JOINT_CHUNK = 2048  # frames per body-model pass
 AUDIO = "audio.wav"
 
@@ -227,7 +232,7 @@ def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], au
           audio_start_s: float = 0.0, frames: int | None = None,
           framing: tuple[Reference, MotionParams] | None = None) -> tuple[str, Path]:
     """Write a motion (cut to `frames` if given) to staging/<content key>; returns (key, directory). With
-    `framing`, the framing check of the frames that will be rendered goes into its description."""
+    `framing`, the framing check of the frames that will be rendered goes beside it (FRAMING)."""
     total = len(blocks["transl"])
     if frames is not None:
         if frames < 1:
@@ -236,8 +241,10 @@ def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], au
             raise InputError(f"--frames {frames}: the motion has only {total} frames")
         blocks = {k: v[:frames] for k, v in blocks.items()}
         total = frames
+    described = {k: info[k] for k in DESCRIBED if k in info}
+    info = {k: v for k, v in info.items() if k not in DESCRIBED}
     if framing is not None:
-        info = {**info, "framing": check_framing(blocks, *framing)}
+        described["framing"] = check_framing(blocks, *framing)
     staging.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=staging))
     write(tmp / smplx_table.TABLE, blocks)
@@ -250,7 +257,20 @@ def stage(staging: Path, blocks: dict[str, np.ndarray], info: dict[str, Any], au
         shutil.rmtree(tmp)
     else:
         tmp.rename(final)
+    described_file = final / FRAMING
+    if described:
+        part = final / f".{FRAMING}.{os.getpid()}.tmp"
+        part.write_text(json.dumps(described, indent=2, sort_keys=True) + "\n")
+        part.replace(described_file)  # this render's thresholds, whatever an earlier staging wrote
+    else:
+        described_file.unlink(missing_ok=True)
     return key, final
+
+
+def read_framing(motion_dir: Path) -> dict[str, Any]:
+    """A staged motion's retargeting description and framing check ({} when it has none)."""
+    path = motion_dir / FRAMING
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def restage(artifact: Path, staging: Path) -> Path:
@@ -272,7 +292,7 @@ def read_info(motion_dir: Path) -> dict[str, Any]:
 
 def run(inputs: dict[str, Path], out: Path, params: MotionParams, progress: Progress, *, motion: Path
         ) -> dict[str, Any]:
-    """Copy the staged motion into the render's artifacts."""
+    """Copy the staged motion into the render's artifacts; its framing description goes to the summary."""
     for name in (smplx_table.TABLE, INFO, AUDIO):
         if (motion / name).is_file():
             shutil.copy2(motion / name, out / name)
@@ -280,4 +300,4 @@ def run(inputs: dict[str, Path], out: Path, params: MotionParams, progress: Prog
         raise InputError(f"{motion}: not a staged motion (no {smplx_table.TABLE})")
     info = read_info(out)
     return ({k: info.get(k) for k in ("kind", "source", "frames", "fps", "audio", "source_format")}
-            | {k: info[k] for k in ("retarget", "framing", "notes") if k in info})
+            | ({"notes": info["notes"]} if "notes" in info else {}) | read_framing(motion))

@@ -279,7 +279,8 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         generated_rates=scored.get("detection_rate_generated", {}), fit=fit_summary,
         fit_svg=fit_plot_svg(fit_rows, boundaries), cells=cells, columns=COLUMNS, table=table,
         detector=scored.get("detector"), hand_rule=scored.get("hand_outlier_rule"), frames=n, times=times,
-        sampled=scored.get("sampled"), framing=info.get("framing"),
+        sampled=scored.get("sampled"),
+        framing=((read_manifest(ev["motion"]) or {}).get("summary") or {}).get("framing"),
         face_check=((read_manifest(ev["face"]) or {}).get("summary") or {}).get("face_check"),
         total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1))
     (out / HTML).write_text(page)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 
 import pytest
 
+from cli import app as cli_app
 from cli import main as cli_main
 from core import interrupt
 
@@ -22,15 +24,21 @@ def restore_sigint() -> Iterator[None]:
 
 def test_a_swallowed_interrupt_exits_130(restore_sigint: None, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    def swallowing_app() -> None:
+    """A command whose Ctrl-C a library swallowed ends the way Typer ends every command, with SystemExit(0)."""
+    @cli_app.app.command("swallow-ctrl-c", hidden=True)
+    def swallow() -> None:
         try:
             os.kill(os.getpid(), signal.SIGINT)
             signal.pthread_sigmask(signal.SIG_BLOCK, [])
         except KeyboardInterrupt:
             pass
 
-    monkeypatch.setattr(cli_main, "app", swallowing_app)
-    with pytest.raises(SystemExit) as ended:
-        cli_main.main()
+    try:
+        monkeypatch.setattr(sys, "argv", ["anchor", "swallow-ctrl-c"])
+        with pytest.raises(SystemExit) as ended:
+            cli_main.main()
+    finally:
+        cli_app.app.registered_commands[:] = [c for c in cli_app.app.registered_commands
+                                              if c.name != "swallow-ctrl-c"]
     assert ended.value.code == 130
     assert "interrupted: completed stages are kept" in capsys.readouterr().err

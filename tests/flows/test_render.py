@@ -63,6 +63,8 @@ def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path,
     _, other = stage_motion(ws, None, ID, "other:test", None)  # type: ignore[arg-type]
     info = motion_task.read_info(other)
     assert info["kind"] == "other_identity" and info["frames"] == 19
+    assert "framing" not in info and "retarget" not in info  # beside the motion, never in its key
+    info = {**info, **motion_task.read_framing(other)}
     _, moved = smplx_table.read(other / smplx_table.TABLE)
     neck = slice(3 * 11, 3 * 12)  # the neck is what turns a head back into range: everything else carries over
     keep = np.ones(63, bool)
@@ -83,7 +85,7 @@ def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path,
     said: list[str] = []
     monkeypatch.setattr(progress, "notice", said.append)
     _, kept = stage_motion(ws, None, ID, str(tmp_path / "lean.parquet"), None)  # type: ignore[arg-type]
-    assert not motion_task.read_info(kept)["framing"]["mostly_outside"] and said == []
+    assert not motion_task.read_framing(kept)["framing"]["mostly_outside"] and said == []
     params_file = ws.root / "params.yaml"
     before = params_file.read_text()
     try:
@@ -91,7 +93,8 @@ def test_motion_specs_resolve_to_staged_motions(ws: Workspace, tmp_path: Path,
         _, left = stage_motion(ws, None, ID, str(tmp_path / "lean.parquet"), None)  # type: ignore[arg-type]
     finally:
         params_file.write_text(before)
-    assert motion_task.read_info(left)["framing"]["mostly_outside"]
+    assert motion_task.read_framing(left)["framing"]["mostly_outside"]
+    assert left != kept  # retargeted differently: another motion, another render
     assert len(said) == 1 and said[0].startswith(f"warning: {ID} following ") and "training framing" in said[0]
     with pytest.raises(InputError, match="no such file"):
         stage_motion(ws, None, ID, str(tmp_path / "missing.npz"), None)  # type: ignore[arg-type]
@@ -171,7 +174,7 @@ def test_each_motion_file_format_lands_in_the_identitys_framing_and_renders(ws: 
     make = {"talkshow-npy": lambda: _talkshow(tmp_path / "t.npy"), "amass-npz": lambda: _amass(tmp_path / "a.npz"),
             "show-pkl": lambda: show_pickle(tmp_path / "s.pkl")}[source]
     _, staged = stage_motion(ws, None, ID, str(make()), None)  # type: ignore[arg-type]
-    info = motion_task.read_info(staged)
+    info = {**motion_task.read_info(staged), **motion_task.read_framing(staged)}
     assert info["source_format"] == source
     assert info["framing"]["head_or_shoulders_outside_share"] <= 0.05, info["framing"]
     if source == "show-pkl":

@@ -64,7 +64,7 @@ def test_another_persons_motion_lands_in_the_targets_framing_and_orientation(ws:
         assert (dev >= rng[0] - margin).all() and (dev <= rng[1] + margin).all()
     # the projected head stays in the target's head box in (nearly) every frame, and the check says so
     head = projected_head(blocks, target)
-    lo, hi = framing.boxes_px["head"]
+    lo, hi = framing.boxes_px["head"][0]
     tol = framing.camera["size"] * motion_task.MotionParams().framing_tolerance_pct / 100
     inside = ((head >= lo - tol) & (head <= hi + tol)).all(1)
     assert inside.mean() >= 0.95
@@ -81,7 +81,7 @@ def test_a_motion_leaning_and_dropping_its_head_is_kept_in_the_anchors_framing(w
     lean = own.body_pose.copy()
     lean[:, 3 * 5: 3 * 6] += [0.7, 0.0, 0.0]  # spine2 bends 40 degrees forward
     leaned = Motion(**{**own.__dict__, "body_pose": lean, "transl": own.transl + np.float32([0, 0.3, 0])})
-    lo, hi = ref.framing.boxes_px["head"]
+    lo, hi = ref.framing.boxes_px["head"][0]
     tol = ref.framing.camera["size"] * 0.02
 
     def head_inside(mode: str) -> tuple[float, dict]:

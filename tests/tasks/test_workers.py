@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+
+import pytest
 
 from core.progress import NullProgress
 from tasks.workers import Reporter, run_parallel
@@ -23,3 +26,17 @@ def test_rounds_of_fresh_processes_keep_the_job_order() -> None:
     assert os.getpid() not in {pid for _, pid in done}
     shared = run_parallel(_where, list(range(4)), 1, NullProgress())
     assert len({pid for _, pid in shared}) == 1  # without a limit, one pool does it all
+
+
+def _slow_or_failing(job: int, report: Reporter) -> int:
+    if job == 0:
+        raise ValueError("job 0 failed")
+    time.sleep(60)
+    return job
+
+
+def test_a_failing_job_stops_the_others_at_once() -> None:
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="job 0 failed"):
+        run_parallel(_slow_or_failing, [0, 1, 2], 2, NullProgress())
+    assert time.monotonic() - started < 30  # the sleeping worker was terminated, not waited for
