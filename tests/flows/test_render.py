@@ -176,7 +176,7 @@ def test_each_motion_file_format_lands_in_the_identitys_framing_and_renders(ws: 
     _, staged = stage_motion(ws, None, ID, str(make()), None)  # type: ignore[arg-type]
     info = {**motion_task.read_info(staged), **motion_task.read_framing(staged)}
     assert info["source_format"] == source
-    assert info["framing"]["head_or_shoulders_outside_share"] <= 0.05, info["framing"]
+    assert info["framing"]["head"]["outside_share"] <= 0.05, info["framing"]  # the bar: the head in frame
     if source == "show-pkl":
         return  # rendered through the command line above
     _, blocks = smplx_table.read(staged / smplx_table.TABLE)
