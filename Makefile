@@ -22,13 +22,12 @@ help:
 
 setup: check-system $(STAMP)
 
-# --no-compile: Python compiles what it imports on first use, instead of every module of every package up front.
 # torch goes in first so pip takes the local CPU wheel instead of pulling CUDA packages (a plain `torch`
 # requirement resolves to a CUDA build of several GB).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile "torch==2.13.0"
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 # System libraries pip cannot install: the condition renderer (models/render.py) needs headless OpenGL through EGL,

@@ -52,6 +52,9 @@ def prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if STATE["verbose"] else "error")
 
 
+SERVER_START_S = 120  # Prefect waits 20 s by default: too little for a first start on a busy 2-core machine
+
+
 def _start_ephemeral_server() -> str | None:
     """Start Prefect's embedded server outside the terminal's process group, tied to this process's life.
 
@@ -67,7 +70,7 @@ def _start_ephemeral_server() -> str | None:
     subprocess.Popen = functools.partial(popen, preexec_fn=_detach_but_die_with_parent)  # type: ignore[misc]
     try:
         embedded = server.SubprocessASGIServer()
-        embedded.start()
+        embedded.start(timeout=SERVER_START_S)
     finally:
         subprocess.Popen = popen  # type: ignore[misc]
     return embedded.api_url
