@@ -55,6 +55,15 @@ def trace(ws: Workspace, path: Path) -> list[dict[str, Any]]:
             step["source_sha256"] = m.get("summary", {}).get("source_sha256")
             step["source_path"] = next((i.get("path") for i in m.get("inputs", []) if i.get("kind") == "external"),
                                        None)
+        summary = m.get("summary") or {}
+        if m.get("stage") == "motion" and summary.get("speech_model"):
+            # a speech render: the audio it spoke and the speech model (an artifact of the identity) that moved it
+            step["audio_source"] = summary.get("source")
+            step["audio_sha256"] = summary.get("audio_sha256")
+            step["speech_model"] = summary["speech_model"]
+            model = ws.artifact_dir("speech", str(m.get("identity", "")).split("/")[0], "identities")
+            if (read_manifest(model) or {}).get("output_hash") == summary["speech_model"]:
+                queue.append(model.resolve())
         steps.append(step)
         for inp in m.get("inputs", []):
             if "stage" in inp:

@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.context import get_run_context
 
+from core.artifacts import read_manifest
 from core.errors import InputError
+from core.hashing import sha256_file
 from core.progress import notify
 from core.workspace import Workspace, check_identity_name, render_subject, split_render_subject
 from flows.motion import fit_video
 from flows.stage_task import StageRunner
+from models.motion_io import FIT_FPS
 from tasks import registry
 from tasks import video as vio
+from tasks.audio import decode, is_audio, write_wav
 from tasks.runner import body_model_path, hand_basis
 from tasks.stages import assemble
 from tasks.stages import motion as motion_task
+from tasks.stages import speech as speech_task
 
 TEST_SUFFIX = ":test"
 
@@ -37,11 +43,16 @@ def _require(ws: Workspace, stage: str, identity: str, how: str) -> Path:
     return art
 
 
-def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
-                 frames: int | None) -> tuple[str, Path]:
-    """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory). A motion mostly
-    outside the identity's framing is warned about here, before any denoising starts."""
-    key, staged = _stage_motion(ws, stages, identity, spec, frames)
+def stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str, frames: int | None,
+                 speech: bool = False, seed: int | None = None) -> tuple[str, Path]:
+    """Turn `--motion` into a staged motion directory for `identity`; returns (key, directory). An audio file (or,
+    with `speech`, any file's audio) drives the identity's speech model. A motion mostly outside the identity's
+    framing is warned about here, before any denoising starts."""
+    path = Path(spec).expanduser()
+    if speech or (not spec.endswith(TEST_SUFFIX) and is_audio(path)):
+        key, staged = stage_speech(ws, identity, path, frames, seed)
+    else:
+        key, staged = _stage_motion(ws, stages, identity, spec, frames)
     warning = motion_task.framing_warning(motion_task.read_framing(staged).get("framing") or {})
     if warning:
         notify(f"warning: {identity} following {spec}: {warning}")
@@ -83,6 +94,38 @@ def _stage_motion(ws: Workspace, stages: StageRunner, identity: str, spec: str,
     return motion_task.stage(staging, blocks, info, None, 0.0, frames, (ref, params))
 
 
+def speech_model(ws: Workspace, identity: str) -> Path:
+    """The identity's speech model, or the one-line reason there is none."""
+    model_dir = _require(ws, "speech", identity, f"run `anchor onboard {identity} --video ...` (it learns the "
+                         "speech model)")
+    if not speech_task.has_model(model_dir):
+        raise InputError(f"{identity} has no speech model: its onboarding video had no audio track, and the speech "
+                         "model learns from the identity's own speech; onboard it from a video with sound")
+    return model_dir
+
+
+def stage_speech(ws: Workspace, identity: str, audio: Path, frames: int | None = None, seed: int | None = None
+                 ) -> tuple[str, Path]:
+    """Motion for `audio` from the identity's speech model, staged with the audio; the audio's content hash and the
+    model's version are in the motion (so in the render's key)."""
+    fit = _require(ws, "smplx_fit", identity, f"run `anchor onboard {identity} --video ...`")
+    model_dir = speech_model(ws, identity)
+    if not audio.is_file():
+        raise InputError(f"{audio}: no such file")
+    params = registry.params(ws)
+    samples = decode(audio, max_seconds=params.motion.max_frames / FIT_FPS)
+    seed = params.speech.seed if seed is None else seed
+    blocks, said = speech_task.synthesise(model_dir, samples, seed)
+    said.pop("seam_frames", None)
+    info = {"kind": "speech", "source": str(audio.resolve()), "audio_sha256": sha256_file(audio),
+            "speech_model": (read_manifest(model_dir) or {}).get("output_hash"), "seed": seed, "speech": said}
+    ref = motion_task.reference(fit, body_model_path(ws))
+    with tempfile.TemporaryDirectory(prefix="anchor-speech-") as tmp:
+        wav = Path(tmp) / motion_task.AUDIO
+        write_wav(wav, samples)
+        return motion_task.stage(ws.state / "motions", blocks, info, wav, 0.0, frames, (ref, params.motion))
+
+
 def copy_out(video: Path, out: Path) -> None:
     """Copy beside the target and rename, so a reader never sees half a video."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,11 +135,12 @@ def copy_out(video: Path, out: Path) -> None:
 
 
 def render_stages(ws: Workspace, stages: StageRunner, identity: str, motion: str, frames: int | None = None,
-                  seed: int | None = None, face: bool | None = None) -> tuple[str, dict[str, Any]]:
+                  seed: int | None = None, face: bool | None = None, speech: bool = False
+                  ) -> tuple[str, dict[str, Any]]:
     """motion → render_body → face → assemble for `identity` (finetuned); returns (render subject, assemble's
     result). The evaluation flow renders the held-out clips through here too, so both share one cache."""
     _require(ws, "finetune", identity, f"run `anchor pretrain` and `anchor finetune {identity}`")
-    key, staged = stage_motion(ws, stages, identity, motion, frames)
+    key, staged = stage_motion(ws, stages, identity, motion, frames, speech, seed)
     subject = render_subject(identity, key)
     return subject, render_staged(stages, subject, staged, seed, face)
 
@@ -132,12 +176,13 @@ def stage_summary(stages: StageRunner, qualified: bool = False) -> dict[str, dic
 
 @flow(name="render", flow_run_name="render-{identity}", log_prints=False)
 def render(workspace: str, identity: str, motion: str, out: str | None = None, frames: int | None = None,
-           seed: int | None = None, face: bool = True) -> dict[str, Any]:
+           seed: int | None = None, face: bool = True, speech: bool = False) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
     check_identity_name(identity)
     ctx = get_run_context()
     stages = StageRunner(ws, str(ctx.flow_run.id), flow="render")  # type: ignore[union-attr]
-    subject, result = render_stages(ws, stages, identity, motion, frames, seed, None if face else False)
+    subject, result = render_stages(ws, stages, identity, motion, frames, seed, None if face else False,
+                                    speech)
     video = ws.root / result["path"] / assemble.VIDEO
     if out:
         copy_out(video, Path(out))

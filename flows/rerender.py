@@ -1,6 +1,7 @@
 """Re-render what went stale, and the Prefect deployment that does it on a schedule.
 
-A render is stale when its identity has a newer model version or the render params changed (flows/versions.py).
+A render is stale when its identity has a newer model version or the render params changed (flows/versions.py);
+a speech render also when the identity's speech model or its audio file changed.
 `rerender` redoes exactly those, each from its own motion and with the per-render choices it was made with
 (`--seed`, `--no-face`); current renders are left alone. `anchor schedule rerender --cron ...` registers the flow as
 a deployment of the workspace (schedules.yaml keeps it beside params.yaml); `anchor serve` serves it with Prefect.
@@ -20,11 +21,12 @@ from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
 from core.artifacts import read_manifest, write_text
-from core.workspace import Workspace
+from core.hashing import sha256_file
+from core.workspace import Workspace, render_subject, split_render_subject
 from flows.execution import concurrently
-from flows.render import render_staged
+from flows.render import render_staged, stage_speech
 from flows.stage_task import StageRunner
-from flows.versions import renders
+from flows.versions import mark_superseded, renders
 from tasks import registry
 from tasks.stages import motion as motion_task
 
@@ -43,9 +45,24 @@ def _choices(ws: Workspace, subject: str) -> tuple[int | None, bool | None]:
 
 
 def rerender_one(ws: Workspace, stages: StageRunner, subject: str) -> dict[str, Any]:
-    staged = motion_task.restage(registry.artifact_dir(ws, "motion", subject), ws.state / "motions")
+    """The render again from its own motion; a speech render's motion is made again first (the speech model or the
+    audio changed), so it lands under a new motion key and the old render is marked superseded."""
     seed, face = _choices(ws, subject)
-    return render_staged(stages, subject, staged, seed, face)
+    motion_dir = registry.artifact_dir(ws, "motion", subject)
+    motion = (read_manifest(motion_dir) or {}).get("summary") or {}
+    if motion.get("kind") != "speech":
+        staged = motion_task.restage(motion_dir, ws.state / "motions")
+        return render_staged(stages, subject, staged, seed, face)
+    identity, _ = split_render_subject(subject)  # type: ignore[misc]
+    source = Path(motion.get("source") or "")
+    audio = source if source.is_file() else motion_dir / motion_task.AUDIO  # the render's own copy if it moved
+    same_audio = audio != source or sha256_file(source) == motion.get("audio_sha256")
+    key, staged = stage_speech(ws, identity, audio, motion.get("frames") if same_audio else None, motion.get("seed"))
+    new = render_subject(identity, key)
+    result = render_staged(stages, new, staged, seed, face)
+    if new != subject:
+        mark_superseded(ws, subject, new)
+    return result
 
 
 @flow(name="rerender", log_prints=False)

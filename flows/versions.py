@@ -8,14 +8,17 @@ A render is stale when the identity's current model or the current render params
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from core import ledger
 from core.artifacts import code_version, host, now_iso, read_manifest, write_text
-from core.workspace import Workspace, render_subject
+from core.hashing import sha256_file
+from core.workspace import Workspace, render_subject, split_render_subject
 from flows.dvc_store import source_target
 from tasks import registry
 from tasks.stages import report
@@ -24,6 +27,7 @@ VERSIONS_FILE = "versions.yaml"
 MODEL_STAGE = "finetune"  # each distinct output of this stage is a version of the identity's model
 # a render's stages whose params can go stale (the motion stage has none: its content names the render)
 RENDER_STAGES = tuple(s for s in registry.in_flow("render") if registry.get(s).params is not None)
+SUPERSEDED = "superseded.json"  # in a render's folder: the render that replaced it
 PER_RUN = ("seed", "enabled")  # `anchor render --seed/--no-face` choices, not params that went stale
 
 
@@ -127,11 +131,40 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
             elif _settled(m.get("params") or {}) != _settled(params.section(stage).model_dump(mode="json")):
                 reasons.append(f"{stage} params changed")
         assemble = manifests["assemble"] or {}
+        motion = (read_manifest(registry.artifact_dir(ws, "motion", subject)) or {}).get("summary") or {}
+        if motion.get("kind") == "speech":
+            reasons += speech_reasons(ws, identity, motion)
+        superseded = superseded_by(motion_dir)
         out.append({"identity": identity, "motion_key": motion_dir.name, "subject": subject,
-                    "model_version": version_of(table, identity, made_by), "stale": bool(reasons), "why": reasons,
-                    "finished_at": assemble.get("finished_at") or body.get("finished_at"),
-                    "motion": (read_manifest(registry.artifact_dir(ws, "motion", subject)) or {}).get("summary") or {}})
+                    "model_version": version_of(table, identity, made_by),
+                    "stale": bool(reasons) and superseded is None, "why": reasons,
+                    "finished_at": assemble.get("finished_at") or body.get("finished_at"), "motion": motion}
+                   | ({"superseded_by": superseded} if superseded else {}))
     return out
+
+
+def speech_reasons(ws: Workspace, identity: str, motion: dict[str, Any]) -> list[str]:
+    """Why a speech render is stale beyond the model and params: a new speech model, or its audio file changed."""
+    out = []
+    now = (read_manifest(registry.artifact_dir(ws, "speech", identity)) or {}).get("output_hash")
+    if motion.get("speech_model") != now:
+        out.append(f"speech model {(motion.get('speech_model') or '?')[:12]}, now {(now or 'none')[:12]}")
+    source = Path(motion.get("source") or "")
+    if source.is_file() and sha256_file(source) != motion.get("audio_sha256"):
+        out.append(f"audio {source.name} changed")
+    return out
+
+
+def superseded_by(render_dir: Path) -> str | None:
+    """The render that re-made this one under another motion key (a speech render whose motion was re-made)."""
+    path = render_dir / SUPERSEDED
+    return json.loads(path.read_text())["subject"] if path.is_file() else None
+
+
+def mark_superseded(ws: Workspace, old: str, new: str) -> None:
+    identity, key = split_render_subject(old)  # type: ignore[misc]
+    write_text(ws.data / "renders" / identity / key / SUPERSEDED,
+               json.dumps({"subject": new, "at": now_iso()}, indent=2) + "\n")
 
 
 def _settled(values: dict[str, Any]) -> dict[str, Any]:

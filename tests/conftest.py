@@ -57,8 +57,9 @@ def merge_params(params: dict, overrides: dict) -> None:
             params[section] = values
 
 
-def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int) -> Path:
-    """A short H.264 clip of a real test video (made in a temp dir, never committed)."""
+def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int, audio: bool = False) -> Path:
+    """A short H.264 clip of a real test video (made in a temp dir, never committed); with `audio`, its sound
+    over the same frames as AAC."""
     import av
 
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
@@ -72,14 +73,44 @@ def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int) -> Path
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    if audio:
+        _add_audio(src, dst, frames / 30)
     return dst
+
+
+def _add_audio(src: Path, video: Path, seconds: float) -> None:
+    """Mux the first `seconds` of `src`'s audio into `video` (its video stream copied as is)."""
+    import av
+
+    tmp = video.with_name(f"audio-{video.name}")
+    with av.open(str(video)) as vin, av.open(str(src)) as ain, av.open(str(tmp), "w") as out:
+        vs = out.add_stream_from_template(vin.streams.video[0])
+        rate = ain.streams.audio[0].rate
+        aus = out.add_stream("aac", rate=rate, layout="mono")
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
+        for packet in vin.demux(vin.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = vs
+                out.mux(packet)
+        done = 0
+        for frame in ain.decode(audio=0):
+            if done >= seconds * rate:
+                break
+            for part in resampler.resample(frame):
+                part.pts = None
+                done += part.samples
+                for packet in aus.encode(part):
+                    out.mux(packet)
+        for packet in aus.encode():
+            out.mux(packet)
+    tmp.replace(video)
 
 
 @pytest.fixture(scope="session")
 def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2.1 s (63 frames) of the seated anchor at 360x640: one train clip and one test clip."""
+    """2.1 s (63 frames) of the seated anchor at 360x640 with its speech: one train clip and one test clip."""
     out = tmp_path_factory.mktemp("video") / "short.mp4"
-    return cut_clip(shared_video("anchor_seated_hevc.mp4"), out, 63, 360, 640)
+    return cut_clip(shared_video("anchor_seated_hevc.mp4"), out, 63, 360, 640, audio=True)
 
 
 ONBOARDED_ID = "demo"
@@ -87,7 +118,7 @@ ONBOARDED_ID = "demo"
 
 @pytest.fixture(scope="session")
 def onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Path:
-    """A workspace (TEST_PARAMS) with the short clip onboarded as `demo` up to render_mesh: a template that tests
+    """A workspace (TEST_PARAMS) with the short clip onboarded as `demo` (every onboard stage): a template that tests
     copy with `copy_workspace` rather than onboard again."""
     from core.workspace import Workspace
     from tasks import runner
@@ -95,7 +126,7 @@ def onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Pa
     ws = Workspace(make_workspace(tmp_path_factory.mktemp("onboarded") / "ws"))
     ws.register_identity(ONBOARDED_ID)
     runner.execute(ws, "source", ONBOARDED_ID, external=short_video)
-    for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"):
+    for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech"):
         runner.execute(ws, stage, ONBOARDED_ID)
     return ws.root
 

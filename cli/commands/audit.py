@@ -89,6 +89,9 @@ def lineage(path: Annotated[Path, typer.Argument(help="Any artifact file or dire
                   f"{(step['params_hash'] or '-')[:12]}  code {step['code_version'].get('commit', '?')[:12]}"
                   f"{'+dirty' if step['code_version'].get('dirty') else ''}  at {step['finished_at']}", markup=False,
                   highlight=False)
+        if step.get("speech_model"):
+            out.print(f"{'  ' * i}  speech: audio {step['audio_source']} (sha256 {step['audio_sha256'][:16]}), speech "
+                      f"model {step['speech_model'][:16]}", markup=False, highlight=False)
         if "source_sha256" in step:
             out.print(f"{'  ' * i}  source sha256 {step['source_sha256']}  from {step['source_path']}", markup=False,
                       highlight=False)

@@ -1,4 +1,4 @@
-"""anchor render, rerender, motion import: new videos of an identity, and motion brought to it."""
+"""anchor render, speak, rerender, motion import: new videos of an identity, and motion brought to it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from core.workspace import check_identity_name
 def render(
         name: Annotated[str, typer.Argument(help="Identity to render (finetuned).")],
         motion: Annotated[str, typer.Option("--motion", "-m", help="NAME:test (an identity's held-out clips), a "
-                                            "video of anyone, or a motion file (.npz/.npy/.pkl/.parquet).")],
+                                            "video of anyone, a motion file (.npz/.npy/.pkl/.parquet), or an "
+                                            "audio file (.wav/.mp3/.m4a/…: speech drives the anchor).")],
         out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Where to copy the finished mp4 "
                                                       "(default: leave it under data/renders/).")] = None,
         frames: Annotated[int | None, typer.Option("--frames", min=1, help="Only the first N frames.")] = None,
@@ -34,10 +35,51 @@ def render(
             raise InputError(f"--motion {motion}: expected NAME:test, a video file or a motion file; no such file")
         motion = str(path.resolve())
     ws = workspace()
+    from tasks.audio import is_audio
+
+    if not motion.endswith(":test") and is_audio(Path(motion)):
+        _check_speech(ws, name, Path(motion))
     summary = run_flow(ws, "flows.render", "render", str(ws.root), name, motion,
                         str(out_path.expanduser().resolve()) if out_path else None, frames, seed, not no_face)
     show.runs(summary["stages"])
     say(f"video: {summary['video']}")
+
+
+@app.command()
+def speak(
+        name: Annotated[str, typer.Argument(help="Identity to render (finetuned, onboarded from a video with sound).")],
+        audio: Annotated[Path, typer.Option("--audio", "-a", help="Speech: wav, mp3, m4a, … or any video file (its "
+                                            "audio is used).")],
+        out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Where to copy the finished mp4 "
+                                                      "(default: leave it under data/renders/).")] = None,
+        frames: Annotated[int | None, typer.Option("--frames", min=1, help="Only the first N frames.")] = None,
+        seed: Annotated[int | None, typer.Option("--seed", min=0, help="Overrides speech/render_body/face seed: "
+                                                 "another seed, other gestures for the same speech.")] = None,
+        no_face: Annotated[bool, typer.Option("--no-face", help="Skip the face stage.")] = False,
+) -> None:
+    """A video of NAME speaking AUDIO: gestures, head and mouth from NAME's own speech model, as long as the audio,
+    the audio muxed."""
+    from core.errors import InputError
+
+    check_identity_name(name)
+    path = audio.expanduser()
+    if not path.is_file():
+        raise InputError(f"--audio {audio}: no such file")
+    ws = workspace()
+    _check_speech(ws, name, path)
+    summary = run_flow(ws, "flows.render", "render", str(ws.root), name, str(path.resolve()),
+                        str(out_path.expanduser().resolve()) if out_path else None, frames, seed, not no_face, True)
+    show.runs(summary["stages"])
+    say(f"video: {summary['video']}")
+
+
+def _check_speech(ws: object, name: str, audio: Path) -> None:
+    """Bad audio or an identity without a speech model: one line, before Prefect starts."""
+    from flows.render import speech_model
+    from tasks.audio import check
+
+    check(audio)
+    speech_model(ws, name)  # type: ignore[arg-type]
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """motion: the SMPL-X parameters (and driving audio) a render follows, already fitted to the identity.
 
-Sources: the identity's own held-out clips (its fit, as is), another identity's held-out clips or a driving video's
+Sources: speech (an audio file through the identity's speech model, tasks/stages/speech.py), the identity's own
+held-out clips (its fit, as is), another identity's held-out clips or a driving video's
 fit (through ingest → keypoints → smplx_fit, flows.motion), or a motion file read by models.motion_io (AMASS/BEAT2
 .npz, TalkSHOW .npy, SHOW .pkl through a restricted unpickler, the project's own fit). Foreign motion is resampled
 to 30 fps and retargeted (models.retarget) onto the identity's shape, camera and framing.
@@ -40,10 +41,14 @@ FRAMING = "framing.json"  # what retargeting did and the framing check: beside t
 DESCRIBED = ("retarget", "framing")
 JOINT_CHUNK = 2048  # frames per body-model pass
 AUDIO = "audio.wav"
+SPEECH_KEYS = ("audio_sha256", "speech_model", "seed", "speech")  # a speech motion's audio, model and seed
 
 
 def describe(s: dict[str, Any]) -> str:
     text = f"{s['kind']}: {s['frames']} frames at {s['fps']} fps{', with audio' if s.get('audio') else ''}"
+    if s.get("speech_model"):
+        text += (f", from speech model {s['speech_model'][:12]} (seed {s['seed']}, {s['speech']['seams']} seams "
+                 f"in {s['speech']['segments']} segments)")
     retargeted = s.get("retarget") or {}
     if retargeted.get("mode") == "framing":
         turned = max(retargeted["torso_clamped_frames"], retargeted["head_clamped_frames"])
@@ -300,4 +305,4 @@ def run(inputs: dict[str, Path], out: Path, params: MotionParams, progress: Prog
         raise InputError(f"{motion}: not a staged motion (no {smplx_table.TABLE})")
     info = read_info(out)
     return ({k: info.get(k) for k in ("kind", "source", "frames", "fps", "audio", "source_format")}
-            | ({"notes": info["notes"]} if "notes" in info else {}) | read_framing(motion))
+            | {k: info[k] for k in SPEECH_KEYS + ("notes",) if k in info} | read_framing(motion))

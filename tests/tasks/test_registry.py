@@ -38,10 +38,10 @@ def test_cache_key_uses_params_digest() -> None:
 
 def test_downstream() -> None:
     render = ["render_body", "face", "assemble", "metrics"]
-    assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain",
-                                    "finetune", *render, "report"]
+    assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech",
+                                    "pretrain", "finetune", *render, "report"]
     assert downstream("matting") == ["pretrain", "finetune", *render, "report"]
-    assert downstream("smplx_fit") == ["perturb", "render_mesh", "pretrain", "finetune", *render, "report"]
+    assert downstream("smplx_fit") == ["perturb", "render_mesh", "speech", "pretrain", "finetune", *render, "report"]
     assert downstream("finetune") == [*render, "report"]
     assert downstream("motion") == render
     assert downstream("assemble") == []

@@ -44,7 +44,7 @@ def test_held_out_render_has_the_motions_length_and_records_what_shaped_it(ws: W
     assert len(frames) == n and frames[0].shape == (64, 64, 3)  # the tiny checkpoint's resolution
     with av.open(str(art / "video.mp4")) as c:
         assert c.streams.video[0].codec_context.name == "h264" and c.streams.video[0].average_rate == 30
-        assert not c.streams.audio  # the cut test clip has no sound
+        assert not c.streams.audio  # the motion was staged without its audio
     record = json.loads((art / "render.json").read_text())
     fine = read_manifest(artifact_dir(ws, "finetune", ID))["output_hash"]
     assert record["model_version"] == fine

@@ -1,0 +1,362 @@
+"""Speech-driven motion for one identity, learned from its own onboarding video (no pretrained weights).
+
+Body, hands and head come from a motion graph over the identity's own fitted frames: the new audio is cut into
+segments, and a Viterbi search picks, for each, a segment of the training video whose original audio looks alike
+(loudness and onset profile, voicing, pitch) while keeping transitions between poses that are close (a natural
+continuation costs nothing, a jump costs its pose and velocity distance plus a seam penalty). Seams are blended over
+a few frames with quaternion slerp. Jaw and mouth expression come from a ridge regressor on a window of log-mel
+frames, trained on the identity's audio against its fitted jaw and expression: the person's own mapping, not a
+loudness rule (which is the baseline it is measured against).
+
+Every level is relative to the recording's own speech level, so a quieter microphone does not read as silence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FPS = 30
+SAMPLE_RATE = 24_000  # 800 samples per video frame
+HOP = SAMPLE_RATE // FPS
+N_FFT = 1024
+N_MELS = 40
+FLOOR_DB = -80.0  # below the recording's speech level; digital silence is clipped here
+SILENCE_DBFS = -60.0  # a recording whose speech level is below this is silent throughout
+VOICED_DB = -30.0  # frames this far below the speech level count as silence
+ROTATION_BLOCKS = ("global_orient", "body_pose", "left_hand_pose", "right_hand_pose", "jaw_pose", "leye_pose",
+                   "reye_pose")
+LINEAR_BLOCKS = ("transl", "expression")
+MOUTH_BLOCKS = ("jaw_pose", "expression")
+# body_pose joints (SMPL-X order, pelvis excluded) that carry gesture and head motion: spine1-3, neck, collars, head,
+# shoulders, elbows, wrists
+UPPER_JOINTS = (2, 5, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)
+CONFIG = "speech_model.json"
+WEIGHTS = "speech_model.npz"
+
+
+# ------------------------------------------------------------------------------------------------ audio features
+@dataclass
+class Features:
+    """Per video frame (30 fps): log-mel and loudness relative to the recording's speech level, onset strength
+    relative to its own 95th percentile, log2 pitch relative to its median, and the voiced (speech) flag."""
+
+    mel: np.ndarray  # (T, N_MELS) dB relative
+    rms: np.ndarray  # (T,) dB relative
+    onset: np.ndarray  # (T,)
+    pitch: np.ndarray  # (T,) octaves from the median voiced pitch, 0 where unvoiced
+    voiced: np.ndarray  # (T,) bool
+
+    @property
+    def frames(self) -> int:
+        return len(self.rms)
+
+    def window(self, start: int, stop: int) -> Features:
+        return Features(*(getattr(self, f)[start:stop] for f in ("mel", "rms", "onset", "pitch", "voiced")))
+
+
+def frames_of(samples: int) -> int:
+    """Video frames (30 fps) covering `samples` at SAMPLE_RATE: the rendered length of an audio."""
+    return max(0, round(samples / HOP))
+
+
+def features(y: np.ndarray) -> Features:
+    """`y`: mono float samples at SAMPLE_RATE."""
+    import librosa
+
+    y = np.asarray(y, np.float32)
+    t = frames_of(len(y))
+    if t == 0:
+        raise ValueError("audio shorter than one video frame")
+    if len(y) < N_FFT:
+        y = np.pad(y, (0, N_FFT - len(y)))
+    power = librosa.feature.melspectrogram(y=y, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS,
+                                           fmax=8000)
+    rms = librosa.feature.rms(y=y, frame_length=N_FFT, hop_length=HOP)[0]
+    rms_db = 20 * np.log10(np.maximum(rms, 1e-10))
+    level = max(float(np.percentile(rms_db, 95)), SILENCE_DBFS)  # the recording's speech level
+    mel = np.maximum(10 * np.log10(np.maximum(power.T, 1e-20)) - level, FLOOR_DB)
+    rel = np.maximum(rms_db - level, FLOOR_DB)
+    onset = librosa.onset.onset_strength(S=librosa.power_to_db(power), sr=SAMPLE_RATE, hop_length=HOP)
+    voiced = rel > VOICED_DB
+    onset = onset / max(float(np.percentile(onset[voiced], 95)) if voiced.any() else 0.0, 1e-6)
+    f0 = librosa.yin(y, fmin=65, fmax=500, sr=SAMPLE_RATE, frame_length=2048, hop_length=HOP)
+    octaves = np.log2(np.maximum(f0, 1.0))
+    pitch = np.where(voiced[: len(octaves)] if len(octaves) >= t else np.ones(len(octaves), bool),
+                     octaves - (np.median(octaves[voiced[: len(octaves)]]) if voiced.any() else 0.0), 0.0)
+
+    def fit(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        a = a[:t]
+        return np.concatenate([a, np.full((t - len(a), *a.shape[1:]), fill, a.dtype)]) if len(a) < t else a
+
+    return Features(fit(mel.astype(np.float32), FLOOR_DB), fit(rel.astype(np.float32), FLOOR_DB),
+                    fit(onset.astype(np.float32)), fit(np.clip(pitch, -2, 2).astype(np.float32)), fit(voiced, False))
+
+
+def onset_times(y: np.ndarray) -> np.ndarray:
+    """Audio beats (seconds): the onsets librosa finds, for the beat-consistency score."""
+    import librosa
+
+    return librosa.onset.onset_detect(y=np.asarray(y, np.float32), sr=SAMPLE_RATE, hop_length=HOP, units="time")
+
+
+# ----------------------------------------------------------------------------------------------------- mouth
+def mouth_inputs(f: Features, context: int) -> np.ndarray:
+    """Each frame's log-mel with `context` frames either side, and its loudness: the regressor's input."""
+    pad = np.pad(f.mel, ((context, context), (0, 0)), mode="edge")
+    cols = [pad[k: k + f.frames] for k in range(2 * context + 1)]
+    return np.concatenate([*cols, f.rms[:, None]], axis=1)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Standardised ridge regression: (mean_x, scale_x, weights with bias row, ...) for `predict`."""
+    mx, sx = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mx) / sx
+    my = y.mean(0)
+    a = xs.T @ xs + alpha * len(xs) * np.eye(xs.shape[1])
+    w = np.linalg.solve(a, xs.T @ (y - my))
+    return mx, sx, w, my
+
+
+def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, context: int, alpha: float) -> np.ndarray:
+    """The baseline the mouth regressor must beat: jaw opening from loudness alone (the same window and ridge)."""
+    def inputs(f: Features) -> np.ndarray:
+        pad = np.pad(f.rms, (context, context), mode="edge")
+        return np.stack([pad[k: k + f.frames] for k in range(2 * context + 1)], 1).astype(np.float64)
+
+    x = inputs(train)
+    mx, sx, w, my = ridge(x, np.asarray(jaw, np.float64)[:, None], alpha)
+    return (((np.clip(inputs(test), x.min(0), x.max(0)) - mx) / sx) @ w + my)[:, 0]
+
+
+def jaw_angle(jaw_pose: np.ndarray) -> np.ndarray:
+    """How far the jaw is open: the angle of its axis-angle rotation."""
+    return np.linalg.norm(np.asarray(jaw_pose, np.float64), axis=-1)
+
+
+# -------------------------------------------------------------------------------------------- motion graph
+def pose_vectors(blocks: dict[str, np.ndarray]) -> np.ndarray:
+    """What a transition compares: upper-body and root rotations, hands at a lower weight."""
+    n = len(blocks["body_pose"])
+    body = blocks["body_pose"].reshape(n, 21, 3)[:, UPPER_JOINTS].reshape(n, -1)
+    hands = np.concatenate([blocks["left_hand_pose"], blocks["right_hand_pose"]], axis=1) * 0.25
+    return np.concatenate([blocks["global_orient"], body, hands], axis=1).astype(np.float32)
+
+
+def segment_features(f: Features, starts: np.ndarray, length: int, bins: int) -> np.ndarray:
+    """Per segment: loudness and onset profiles over `bins` sub-windows, voiced share and mean pitch."""
+    idx = starts[:, None] + np.arange(length)[None]
+    parts = np.array_split(np.arange(length), bins)
+    loud = np.stack([f.rms[idx[:, p]].mean(1) for p in parts], 1) / 10.0  # 10 dB ≈ one unit
+    onset = np.stack([f.onset[idx[:, p]].max(1) for p in parts], 1)
+    voiced = f.voiced[idx].mean(1, keepdims=True) * 2.0
+    pitch = f.pitch[idx].mean(1, keepdims=True)
+    return np.concatenate([loud, onset, voiced, pitch], axis=1).astype(np.float32)
+
+
+@dataclass
+class SpeechModel:
+    """What `synthesise` needs: the identity's fitted frames in time order (runs of consecutive frames), their
+    audio features, the segment graph and the mouth regressor."""
+
+    blocks: dict[str, np.ndarray]  # (N, width) per SMPL-X block, training frames in time order
+    runs: np.ndarray  # (N,) run id: frames of one run are consecutive in the video
+    feats: Features
+    config: dict[str, Any]
+    mouth: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # -------------------------------------------------------------------------------------------- learning
+    @classmethod
+    def learn(cls, blocks: dict[str, np.ndarray], runs: np.ndarray, feats: Features, config: dict[str, Any]
+              ) -> SpeechModel:
+        if feats.frames != len(runs):
+            raise ValueError(f"{feats.frames} audio frames for {len(runs)} fitted frames")
+        if len(runs) < 2 * config["segment"]:
+            raise ValueError(f"{len(runs)} fitted frames: a speech model needs at least {2 * config['segment']}")
+        model = cls({k: np.asarray(v, np.float32) for k, v in blocks.items()}, np.asarray(runs, np.int32), feats,
+                    dict(config))
+        x = mouth_inputs(feats, config["context"])
+        y = np.concatenate([blocks[b] for b in MOUTH_BLOCKS], axis=1).astype(np.float64)
+        mx, sx, w, my = ridge(x.astype(np.float64), y, config["ridge_alpha"])
+        model.mouth = {"mean_x": mx, "scale_x": sx, "weights": w, "mean_y": my, "low_x": x.min(0), "high_x": x.max(0),
+                       "low_y": y.min(0), "high_y": y.max(0)}
+        return model
+
+    def predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
+        from scipy.ndimage import gaussian_filter1d
+
+        m = self.mouth
+        # inside what it learnt from: digital silence or a shout does not extrapolate the jaw past the person's own
+        x = np.clip(mouth_inputs(feats, self.config["context"]), m["low_x"], m["high_x"])
+        y = np.clip(((x - m["mean_x"]) / m["scale_x"]) @ m["weights"] + m["mean_y"], m["low_y"], m["high_y"])
+        y = gaussian_filter1d(y, self.config["mouth_smoothing"], axis=0, mode="nearest") if len(y) > 1 else y
+        out, at = {}, 0
+        for b in MOUTH_BLOCKS:
+            width = self.blocks[b].shape[1]
+            out[b] = y[:, at: at + width].astype(np.float32)
+            at += width
+        return out
+
+    # ------------------------------------------------------------------------------------------- the graph
+    def _states(self) -> np.ndarray:
+        """Segment starts: every `stride`-th frame whose segment stays inside one run."""
+        length, n = self.config["segment"], len(self.runs)
+        ok = np.array([s + length <= n and self.runs[s] == self.runs[s + length - 1] for s in range(n)])
+        starts = np.flatnonzero(ok)
+        stride = max(1, int(np.ceil(len(starts) / self.config["max_states"])))
+        return starts[::stride]
+
+    def _transitions(self, starts: np.ndarray) -> np.ndarray:
+        """Cost of following segment i by segment j: 0 for the natural continuation, else the pose and velocity
+        distance between the frame that would come next and j's first frame, plus the seam penalty; a jump back
+        into or just before segment i itself (a visible loop) costs the repeat penalty on top."""
+        c, length = self.config, self.config["segment"]
+        pose = pose_vectors(self.blocks)
+        pose = pose / (pose.std(0) + 1e-3)
+        vel = np.diff(pose, axis=0, prepend=pose[:1])
+        n = len(self.runs)
+        nxt = np.minimum(starts + length, n - 1)
+        cont = (starts + length < n) & (self.runs[nxt] == self.runs[starts])
+        src = np.where(cont, nxt, starts + length - 1)  # where i would go on (or its last frame)
+        dims = pose.shape[1]
+        d_pose = _pairwise(pose[src], pose[starts]) / dims
+        d_vel = _pairwise(vel[src], vel[starts]) / dims
+        cost = c["seam_penalty"] + d_pose + c["velocity_weight"] * d_vel
+        natural = cont[:, None] & (starts[None, :] == (starts + length)[:, None])
+        cost[natural] = 0.0
+        gap = starts[None, :] - starts[:, None]
+        loop = (gap > -2 * length) & (gap < length) & ~natural
+        cost[loop] += c["repeat_penalty"]
+        return cost.astype(np.float32)
+
+    def synthesise(self, feats: Features, seed: int = 0, progress: Any = None) -> tuple[dict[str, np.ndarray],
+                                                                                      dict[str, Any]]:
+        """SMPL-X blocks for every frame of `feats` (30 fps): the graph path, blended seams, the predicted mouth."""
+        c, length = self.config, self.config["segment"]
+        t_total = feats.frames
+        steps = max(1, int(np.ceil(t_total / length)))
+        starts = self._states()
+        trans = self._transitions(starts)
+        src_feat = segment_features(self.feats, starts, length, c["bins"])
+        pad = steps * length - t_total
+        target = feats if pad == 0 else _padded(feats, pad)
+        tgt_feat = segment_features(target, np.arange(steps) * length, length, c["bins"])
+        rng = np.random.default_rng(seed)
+        if progress is not None:
+            progress.start("choosing gestures for the speech", steps)
+        # Viterbi over segments, the emissions perturbed by seeded noise so a seed picks among near-equal paths
+        back = np.zeros((steps, len(starts)), np.int32)
+        cost = _emission(tgt_feat[0], src_feat) + c["variety"] * rng.gumbel(size=len(starts))
+        for t in range(1, steps):
+            total = cost[:, None] + trans
+            back[t] = total.argmin(0)
+            cost = total[back[t], np.arange(len(starts))] + _emission(tgt_feat[t], src_feat) \
+                + c["variety"] * rng.gumbel(size=len(starts))
+            if progress is not None:
+                progress.advance()
+        path = np.zeros(steps, np.int64)
+        path[-1] = int(cost.argmin())
+        for t in range(steps - 1, 0, -1):
+            path[t - 1] = back[t, path[t]]
+        blocks, seams = self._assemble(starts[path], t_total)
+        blocks.update(self.predict_mouth(feats))
+        said = {"segments": steps, "seams": len(seams), "states": len(starts),
+                "source_frames_used": int(len(np.unique(starts[path])) * length)}
+        return blocks, {**said, "seam_frames": seams}
+
+    def _assemble(self, chosen: np.ndarray, frames: int) -> tuple[dict[str, np.ndarray], list[int]]:
+        from scipy.spatial.transform import Rotation
+
+        length, blend, n = self.config["segment"], self.config["blend"], len(self.runs)
+        rows = (chosen[:, None] + np.arange(length)[None]).reshape(-1)[:frames]
+        out = {k: v[rows].copy() for k, v in self.blocks.items()}
+        seams: list[int] = []
+        for t in range(1, len(chosen)):
+            at = t * length
+            if at >= frames:
+                break
+            prev_end = chosen[t - 1] + length
+            if chosen[t] == prev_end and prev_end < n and self.runs[prev_end] == self.runs[chosen[t - 1]]:
+                continue  # the natural continuation: no seam
+            seams.append(at)
+            k = np.arange(min(blend, frames - at))
+            # what the previous segment would have become: its own continuation, or its last frame held
+            cont = prev_end + k
+            cont = np.where((cont < n) & (self.runs[np.minimum(cont, n - 1)] == self.runs[chosen[t - 1]]), cont,
+                            prev_end - 1)
+            w = _smoothstep((k + 1) / (blend + 1))
+            for name in self.blocks:
+                old, new = self.blocks[name][cont], out[name][at + k]
+                if name in ROTATION_BLOCKS:
+                    a = Rotation.from_rotvec(old.reshape(-1, 3).astype(np.float64))
+                    b = Rotation.from_rotvec(new.reshape(-1, 3).astype(np.float64))
+                    ww = np.repeat(w, old.shape[1] // 3)
+                    mixed = a * Rotation.from_rotvec((a.inv() * b).as_rotvec() * ww[:, None])
+                    out[name][at + k] = mixed.as_rotvec().reshape(old.shape).astype(np.float32)
+                else:
+                    out[name][at + k] = ((1 - w)[:, None] * old + w[:, None] * new).astype(np.float32)
+        return out, seams
+
+    # ---------------------------------------------------------------------------------------- save / load
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"block_{k}": v for k, v in self.blocks.items()}
+        arrays |= {f"feat_{k}": getattr(self.feats, k) for k in ("mel", "rms", "onset", "pitch", "voiced")}
+        arrays |= {f"mouth_{k}": v for k, v in self.mouth.items()}
+        with open(folder / WEIGHTS, "wb") as fh:
+            np.savez(fh, runs=self.runs, **arrays)
+        (folder / CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> SpeechModel:
+        config = json.loads((folder / CONFIG).read_text())
+        with np.load(folder / WEIGHTS, allow_pickle=False) as z:
+            blocks = {k[6:]: z[k] for k in z.files if k.startswith("block_")}
+            feats = Features(*(z[f"feat_{k}"] for k in ("mel", "rms", "onset", "pitch", "voiced")))
+            mouth = {k[6:]: z[k] for k in z.files if k.startswith("mouth_")}
+            runs = z["runs"]
+        return cls(blocks, runs, feats, config, mouth)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0.0)
+
+
+def _emission(target: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    return ((sources - target[None]) ** 2).sum(1)
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    return x * x * (3 - 2 * x)
+
+
+def _padded(f: Features, pad: int) -> Features:
+    """`f` with `pad` frames of its last value appended, so the last segment is whole."""
+    return Features(*(np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+                      for a in (f.mel, f.rms, f.onset, f.pitch, f.voiced)))
+
+
+# ------------------------------------------------------------------------------------------------- scores
+def beat_consistency(audio_beats: np.ndarray, joints: np.ndarray, fps: float = FPS, sigma: float = 0.1) -> float:
+    """BC: mean over audio beats of exp(-d²/2σ²), d = seconds to the nearest kinematic beat (a local minimum of
+    the joints' mean speed). `joints`: (T, J, 3)."""
+    from scipy.signal import argrelextrema
+
+    speed = np.linalg.norm(np.diff(joints, axis=0), axis=-1).mean(1)
+    minima = argrelextrema(speed, np.less, order=2)[0]
+    beats = (minima + 1) / fps
+    a = np.asarray(audio_beats, np.float64)
+    a = a[(a >= 0) & (a <= len(joints) / fps)]
+    if len(a) == 0 or len(beats) == 0:
+        return 0.0
+    d = np.abs(a[:, None] - beats[None]).min(1)
+    return float(np.exp(-(d ** 2) / (2 * sigma ** 2)).mean())
+
+
+def jerk(joints: np.ndarray, fps: float = FPS) -> np.ndarray:
+    """(T-3, J) magnitude of the third difference of joint positions (m/s³)."""
+    return np.linalg.norm(np.diff(joints, n=3, axis=0), axis=-1) * fps ** 3

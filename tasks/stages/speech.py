@@ -1,0 +1,119 @@
+"""speech: the identity's speech-motion model, learned from its own training clips (their audio and fitted SMPL-X).
+
+models.speech holds the model (a motion graph over the fitted frames searched against the new audio, and a mouth
+regressor on log-mel windows); this stage aligns the onboarding audio with the fitted frames and learns it. An
+identity whose video had no audio track gets no model (its summary says so) and `anchor speak` refuses it; the
+rest of onboarding is unaffected. Only training clips are used, so the held-out part stays a fair test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from core.errors import InputError
+from core.progress import Progress
+from core.section import Section
+from core.stage import Stage
+from models.speech import CONFIG, WEIGHTS, Features, SpeechModel, features
+from tasks import smplx_table
+from tasks.frames import read_meta
+
+
+class SpeechParams(Section):
+    """The speech-motion model: learnt in onboarding; its search settings are part of it (a change re-learns it
+    and makes its speech renders stale)."""
+
+    segment: int = Field(12, ge=4, le=120, description="frames per motion-graph segment (12 = 0.4 s)")
+    blend: int = Field(6, ge=1, le=60, description="frames a seam between two segments is blended over (slerp)")
+    bins: int = Field(4, ge=1, le=30, description="sub-windows of a segment whose loudness and onsets are matched")
+    context: int = Field(4, ge=0, le=30, description="log-mel frames either side the mouth regressor sees")
+    ridge_alpha: float = Field(0.3, gt=0, le=1000, description="ridge regularisation of the mouth regressor")
+    mouth_smoothing: float = Field(1.0, ge=0, le=10, description="Gaussian smoothing of jaw and expression, frames")
+    max_states: int = Field(1500, ge=16, le=20000, description="at most this many segment starts in the graph "
+                            "(a longer video is subsampled; search time grows with its square)")
+    seam_penalty: float = Field(1.0, ge=0, description="cost of any jump to another part of the video")
+    velocity_weight: float = Field(4.0, ge=0, description="weight of velocity against pose at a jump")
+    repeat_penalty: float = Field(5.0, ge=0, description="cost of a jump back into the segment just shown")
+    variety: float = Field(0.1, ge=0, description="seeded noise on the audio match: different seeds, different "
+                           "but equally fitting gestures")
+    seed: int = Field(0, ge=0, description="default seed of `anchor speak` (--seed overrides it)")
+
+    def model_config_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"seed"})
+
+
+def describe(s: dict[str, Any]) -> str:
+    if not s.get("audio"):
+        return "no model: the onboarding video has no audio"
+    return f"learnt from {s['frames']} frames ({s['seconds']:.0f} s of speech, {s['voiced_share']:.0%} voiced)"
+
+
+STAGE = Stage(
+    "speech", flow="onboard", inputs=("ingest", "smplx_fit"), params=SpeechParams, describe=describe,
+    outputs=(f"{CONFIG}?", f"{WEIGHTS}?"),
+    description="speech-motion model: gestures, head and mouth from the identity's own audio and fit")
+
+
+def training_frames(fit_dir: Path, ingest_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the fit's training clips in time order, their run ids (clips that follow each other in the video
+    share one) and their frame numbers in the ingested video (= positions in its audio)."""
+    keys, _ = smplx_table.read(fit_dir / smplx_table.TABLE)
+    clips = sorted((c for c in read_meta(ingest_dir)["clips"] if c["split"] == "train"), key=lambda c: c["start"])
+    rows: list[np.ndarray] = []
+    runs: list[np.ndarray] = []
+    frames: list[np.ndarray] = []
+    run, end = -1, None
+    for clip in clips:
+        idx = np.flatnonzero(keys["clip"] == clip["name"])
+        idx = idx[np.argsort(keys["frame"][idx], kind="stable")]
+        if clip["start"] != end:
+            run += 1
+        rows.append(idx)
+        runs.append(np.full(len(idx), run, np.int32))
+        frames.append(clip["start"] + keys["frame"][idx].astype(np.int64))
+        end = clip["start"] + clip["frames"]
+    if not rows:
+        raise InputError(f"{ingest_dir.parent.name} has no training clips")
+    return np.concatenate(rows), np.concatenate(runs), np.concatenate(frames)
+
+
+def select(f: Features, frames: np.ndarray) -> Features:
+    """The features of these video frames (frames past the audio's end read as its last frame)."""
+    idx = np.minimum(frames, f.frames - 1)
+    return Features(f.mel[idx], f.rms[idx], f.onset[idx], f.pitch[idx], f.voiced[idx])
+
+
+def run(inputs: dict[str, Path], out: Path, params: SpeechParams, progress: Progress) -> dict[str, Any]:
+    from tasks.audio import decode
+
+    wav = inputs["ingest"] / "audio.wav"
+    if not wav.is_file():
+        return {"audio": False}
+    progress.start("learning the speech-motion model", 3)
+    _, blocks = smplx_table.read(inputs["smplx_fit"] / smplx_table.TABLE)
+    rows, runs, frames = training_frames(inputs["smplx_fit"], inputs["ingest"])
+    feats = select(features(decode(wav)), frames)
+    progress.advance()
+    model = SpeechModel.learn({k: v[rows] for k, v in blocks.items()}, runs, feats, params.model_config_dict())
+    progress.advance()
+    model.save(out)
+    progress.advance()
+    return {"audio": True, "frames": int(len(rows)), "seconds": round(len(rows) / 30, 2),
+            "voiced_share": round(float(feats.voiced.mean()), 3), "runs": int(runs.max() + 1)}
+
+
+def has_model(model_dir: Path) -> bool:
+    return (model_dir / WEIGHTS).is_file() and (model_dir / CONFIG).is_file()
+
+
+def synthesise(model_dir: Path, samples: np.ndarray, seed: int, progress: Progress | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """SMPL-X blocks at 30 fps for `samples` (mono at models.speech.SAMPLE_RATE), one frame per 1/30 s."""
+    from tasks.audio import quantised
+
+    model = SpeechModel.load(model_dir)
+    return model.synthesise(features(quantised(samples)), seed, progress)

@@ -1,0 +1,149 @@
+"""models/speech.py: features, the mouth regressor, the motion graph's seams, determinism, the scores; and the audio
+reader (tasks/audio.py). The identity here is synthetic motion paired with real speech (the seated test clip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from core.errors import InputError
+from models import speech as sp
+from tasks import audio as aud
+from tasks import smplx_table
+from tests.conftest import shared_video
+
+CONFIG = {"segment": 12, "blend": 6, "bins": 4, "context": 4, "ridge_alpha": 0.3, "mouth_smoothing": 1.0,
+          "max_states": 1500, "seam_penalty": 1.0, "velocity_weight": 4.0, "repeat_penalty": 5.0, "variety": 0.1}
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return aud.decode(shared_video("anchor_seated_hevc.mp4"))
+
+
+def synthetic_identity(feats: sp.Features, seed: int = 0) -> dict[str, np.ndarray]:
+    """Gestures as slow oscillations of the upper body; the jaw opening with the voice (smoothed loudness)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(feats.frames) / sp.FPS
+    blocks = {k: np.zeros((feats.frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
+    body = blocks["body_pose"].reshape(feats.frames, 21, 3)
+    for j in sp.UPPER_JOINTS:
+        freq, phase = rng.uniform(0.3, 1.2, 3), rng.uniform(0, 2 * np.pi, 3)
+        body[:, j] = 0.3 * np.sin(2 * np.pi * freq[None] * t[:, None] + phase[None])
+    blocks["body_pose"] = body.reshape(feats.frames, 63)
+    blocks["left_hand_pose"][:] = 0.2 * np.sin(2 * np.pi * 0.7 * t)[:, None]
+    loud = np.clip((feats.rms + 30) / 30, 0, 1)
+    blocks["jaw_pose"][:, 0] = 0.02 + 0.2 * np.convolve(loud, np.ones(3) / 3, mode="same")
+    blocks["expression"][:, 0] = loud
+    blocks["transl"][:] = [0.0, 0.2, 2.5]
+    return blocks
+
+
+def learn(y: np.ndarray, seconds: float, **config: object) -> sp.SpeechModel:
+    feats = sp.features(y[: int(seconds * sp.SAMPLE_RATE)])
+    return sp.SpeechModel.learn(synthetic_identity(feats), np.zeros(feats.frames, np.int32), feats,
+                                {**CONFIG, **config})
+
+
+def max_step(blocks: dict[str, np.ndarray]) -> float:
+    """Largest frame-to-frame rotation of any upper-body joint (radians)."""
+    body = blocks["body_pose"].reshape(len(blocks["body_pose"]), 21, 3)[:, sp.UPPER_JOINTS].astype(np.float64)
+    a = Rotation.from_rotvec(body[:-1].reshape(-1, 3))
+    b = Rotation.from_rotvec(body[1:].reshape(-1, 3))
+    return float((a.inv() * b).magnitude().max())
+
+
+def test_same_audio_and_seed_give_the_same_motion_one_frame_per_thirtieth_of_a_second(speech: np.ndarray) -> None:
+    model = learn(speech, 6.0)
+    clip = speech[7 * sp.SAMPLE_RATE: int(9.5 * sp.SAMPLE_RATE)]  # 2.5 s it never heard
+    first, said = model.synthesise(sp.features(clip), seed=3)
+    again, _ = model.synthesise(sp.features(clip), seed=3)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert set(first) == set(smplx_table.BLOCKS)
+    assert abs(len(first["transl"]) - 2.5 * 30) <= 1 and said["segments"] == 7
+    assert all(v.shape == (len(first["transl"]), smplx_table.BLOCKS[k]) for k, v in first.items())
+
+
+def test_seams_are_blended_so_no_joint_jumps_far_beyond_the_identitys_own_steps(speech: np.ndarray) -> None:
+    """A harsh case: 90 frames of smooth, phase-shifted oscillations to say 10 s with, so the path jumps often and
+    far (raw seams up to ~0.85 rad); blended, no frame-to-frame step exceeds 2.5x the largest in the training motion
+    nor a third of the largest raw jump."""
+    model = learn(speech, 3.0)
+    feats = sp.features(speech[5 * sp.SAMPLE_RATE: 15 * sp.SAMPLE_RATE])
+    blended, said = model.synthesise(feats, seed=0)
+    model.config["blend"] = 0
+    raw, said_raw = model.synthesise(feats, seed=0)
+    assert said["seam_frames"] == said_raw["seam_frames"] and len(said["seam_frames"]) >= 5
+    own, jump = max_step(model.blocks), max_step(raw)
+    assert jump > 5 * own  # unblended, the seams would jump
+    assert max_step(blended) <= min(2.5 * own, jump / 3)
+
+
+def test_a_loud_burst_opens_the_jaw_there_and_silence_keeps_it_closed(speech: np.ndarray) -> None:
+    model = learn(speech, 8.0)
+    rate = sp.SAMPLE_RATE
+    t = np.arange(int(0.6 * rate)) / rate
+    burst = 0.4 * np.sin(2 * np.pi * 160 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
+    burst += 0.05 * np.random.default_rng(0).normal(size=len(t))
+    audio = np.concatenate([np.zeros(rate), burst, np.zeros(rate)]).astype(np.float32)
+    blocks, _ = model.synthesise(sp.features(audio), seed=0)
+    jaw = sp.jaw_angle(blocks["jaw_pose"])
+    assert len(jaw) == 78
+    silent = np.r_[jaw[:27], jaw[51:]]
+    loud = jaw[33:45]
+    trained = sp.jaw_angle(model.blocks["jaw_pose"])
+    assert loud.mean() > 3 * silent.mean()
+    assert silent.max() <= np.percentile(trained, 10) + 1e-3  # at rest, as in the person's own pauses
+    assert loud.mean() >= np.percentile(trained, 40)  # open about as far as when the person speaks
+
+
+def test_levels_are_relative_to_the_recording_and_silence_is_unvoiced(speech: np.ndarray) -> None:
+    clip = speech[: 4 * sp.SAMPLE_RATE]
+    loud, quiet = sp.features(clip), sp.features(0.05 * clip)
+    assert np.abs(loud.rms - quiet.rms)[loud.voiced].max() < 0.5
+    assert (loud.voiced == quiet.voiced).mean() > 0.98 and loud.voiced.mean() > 0.5
+    silent = sp.features(np.zeros(sp.SAMPLE_RATE, np.float32))
+    assert silent.frames == 30 and not silent.voiced.any() and (silent.rms == sp.FLOOR_DB).all()
+
+
+def test_a_saved_model_loads_and_speaks_the_same(speech: np.ndarray, tmp_path: Path) -> None:
+    model = learn(speech, 4.0)
+    model.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [sp.CONFIG, sp.WEIGHTS]
+    back = sp.SpeechModel.load(tmp_path / "m")
+    feats = sp.features(speech[10 * sp.SAMPLE_RATE: 12 * sp.SAMPLE_RATE])
+    a, _ = model.synthesise(feats, seed=1)
+    b, _ = back.synthesise(feats, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_beat_consistency_is_one_on_the_beat_and_falls_off_with_sigma() -> None:
+    t = np.arange(90)
+    beat_frames = [20, 50, 80]
+    speed = np.ones(89)
+    for f in beat_frames:
+        speed[f - 1] = 0.1  # a speed minimum between frames f-1 and f, i.e. at frame f
+    joints = np.zeros((90, 1, 3))
+    joints[1:, 0, 0] = np.cumsum(speed)
+    assert sp.beat_consistency(np.array(beat_frames) / 30, joints) == pytest.approx(1.0)
+    assert sp.beat_consistency(np.array(beat_frames) / 30 + 0.1, joints) == pytest.approx(np.exp(-0.5), abs=1e-6)
+    assert sp.jerk(joints).shape == (len(t) - 3, 1)
+
+
+def test_audio_reader_refuses_what_is_not_audio_and_reads_any_container(tmp_path: Path) -> None:
+    text = tmp_path / "notes.wav"
+    text.write_text("not a sound\n")
+    with pytest.raises(InputError, match="not an audio or video file"):
+        aud.check(text)
+    empty = tmp_path / "empty.wav"
+    aud.write_wav(empty, np.zeros(0, np.float32))
+    with pytest.raises(InputError, match="the audio is empty"):
+        aud.check(empty)
+    with pytest.raises(InputError, match="the audio is empty"):
+        aud.decode(empty)
+    from_video = aud.decode(shared_video("halfbody_portrait.mp4"))
+    assert abs(len(from_video) / sp.SAMPLE_RATE - 9.9) < 0.1
+    aud.check(shared_video("halfbody_portrait.mp4"))
