@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import read_manifest
 from core.monitor import PeakRSS
 from core.workspace import Workspace
 from tasks import registry, runner
@@ -407,15 +408,13 @@ def memory(video: Path, repeat: int, log: Any = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------- speak
 SPEAK_KEYS = ("jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consistency_real",
               "beat_consistency_shuffled", "seam_jerk_ratio", "synth_s_per_audio_min")
-UPPER_BODY = (9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)  # SMPL-X joints: spine3, neck, collars, head, arms
-SHUFFLE_S = 1.0  # segment length of the shuffled-real baseline
 
 
 def speak(video: Path, workspace: Path, log: Any = None) -> dict[str, Any]:
     """Learn the speech model from the first 70% of the video (the split of `bench quality`), drive it with the last
-    30%'s audio, and compare with the real fitted motion of that part. Only the stages the speech model needs run
-    (source → ingest → keypoints → smplx_fit → speech), each as `anchor stage run`."""
-    import json
+    30%'s audio, and compare with the real fitted motion of that part (tasks.stages.speech.compare). Only the stages
+    the speech model needs run (source → ingest → keypoints → smplx_fit → speech), each as `anchor stage run`;
+    synthesis time is measured on the held-out audio looped to one minute, after a warm-up (librosa compiles once)."""
     import os
     import subprocess
     import sys
@@ -423,7 +422,6 @@ def speak(video: Path, workspace: Path, log: Any = None) -> dict[str, Any]:
     import numpy as np
 
     from models import speech as sp
-    from tasks.audio import decode
     from tasks.runner import body_model_path
     from tasks.stages import motion as motion_task
     from tasks.stages import speech as speech_task
@@ -439,50 +437,18 @@ def speak(video: Path, workspace: Path, log: Any = None) -> dict[str, Any]:
         subprocess.run([*anchor, "stage", "run", stage, name, *extra], env=env, check=True, stdout=log, stderr=log)
     ws = Workspace(workspace)
     fit, ingest, model_dir = (registry.artifact_dir(ws, s, name) for s in ("smplx_fit", "ingest", "speech"))
-    if not speech_task.has_model(model_dir):
-        raise RuntimeError(f"{video}: no speech model (the video has no audio track)")
-    real, start_s = motion_task.held_out(fit, ingest)
-    n = len(real["transl"])
-    audio = decode(ingest / "audio.wav")
-    start = round(start_s * sp.SAMPLE_RATE)
-    held = audio[start: start + n * sp.HOP]
+    held = speech_task.held_out_audio(ingest, fit)
+    if not speech_task.has_model(model_dir) or held is None:
+        raise RuntimeError(f"{video}: no speech model or no held-out audio (the video has no audio track)")
+    real, audio = held
     seed = registry.params(ws).speech.seed
-
-    speech_task.synthesise(model_dir, held[: sp.SAMPLE_RATE], seed)  # warm-up: librosa's JIT compiles once
-    minute = np.tile(held, int(np.ceil(60 * sp.SAMPLE_RATE / len(held))))[: 60 * sp.SAMPLE_RATE]
+    speech_task.synthesise(model_dir, audio[: sp.SAMPLE_RATE], seed)  # warm-up
+    minute = np.tile(audio, int(np.ceil(60 * sp.SAMPLE_RATE / len(audio))))[: 60 * sp.SAMPLE_RATE]
     t = time.perf_counter()
     speech_task.synthesise(model_dir, minute, seed)
     per_minute = time.perf_counter() - t
-    gen, said = speech_task.synthesise(model_dir, held, seed)
-    gen = {k: v[:n] for k, v in gen.items()}
-
-    model = sp.SpeechModel.load(model_dir)
-    feats = sp.features(held)
-    jaw_real = sp.jaw_angle(real["jaw_pose"])
-    jaw_loud = sp.loudness_jaw(model.feats, sp.jaw_angle(model.blocks["jaw_pose"]), feats, model.config["context"],
-                               model.config["ridge_alpha"])[:n]
-
     joints = motion_task.reference(fit, body_model_path(ws)).joints
-    rng = np.random.default_rng(0)
-    pieces = np.array_split(np.arange(n), max(1, round(n / (SHUFFLE_S * sp.FPS))))
-    shuffled_rows = np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
-    upper = {k: joints(b)[:, UPPER_BODY] for k, b in
-             (("gen", gen), ("real", real), ("shuffled", {k: v[shuffled_rows] for k, v in real.items()}))}
-    beats = sp.onset_times(held)
-    jerk_gen, jerk_real = sp.jerk(upper["gen"]), sp.jerk(upper["real"])
-    near = sorted({f for s in said["seam_frames"] for f in range(s - 3, s + model.config["blend"])
-                   if 0 <= f < len(jerk_gen)})
-
-    def corr(a: np.ndarray, b: np.ndarray) -> float | None:
-        return None if a.std() == 0 or b.std() == 0 else round(float(np.corrcoef(a, b)[0, 1]), 3)
-
-    return {"jaw_corr": corr(sp.jaw_angle(gen["jaw_pose"]), jaw_real), "jaw_corr_loudness": corr(jaw_loud, jaw_real),
-            "beat_consistency": round(sp.beat_consistency(beats, upper["gen"]), 3),
-            "beat_consistency_real": round(sp.beat_consistency(beats, upper["real"]), 3),
-            "beat_consistency_shuffled": round(sp.beat_consistency(beats, upper["shuffled"]), 3),
-            "seam_jerk_ratio": round(float(np.percentile(jerk_gen[near], 95) / np.percentile(jerk_real, 95)), 3)
-            if near else None,
-            "synth_s_per_audio_min": round(per_minute, 2), "frames": n, "seams": len(said["seam_frames"]),
-            "segments": said["segments"], "training_frames": len(model.runs),
-            "audio_beats": len(beats), "speech_model": json.loads((model_dir / "manifest.json").read_text())
-            ["output_hash"]}
+    result = speech_task.compare(model_dir, real, audio, joints, seed)
+    return {**{k: v for k, v in result.items() if k not in ("series", "generated")},
+            "synth_s_per_audio_min": round(per_minute, 2),
+            "speech_model": (read_manifest(model_dir) or {}).get("output_hash")}

@@ -99,8 +99,8 @@ def speech_model(ws: Workspace, identity: str) -> Path:
     model_dir = _require(ws, "speech", identity, f"run `anchor onboard {identity} --video ...` (it learns the "
                          "speech model)")
     if not speech_task.has_model(model_dir):
-        raise InputError(f"{identity} has no speech model: its onboarding video had no audio track, and the speech "
-                         "model learns from the identity's own speech; onboard it from a video with sound")
+        summary = (read_manifest(model_dir) or {}).get("summary") or {}
+        raise InputError(f"{identity} has no speech model: {speech_task.why_no_model(summary)}")
     return model_dir
 
 

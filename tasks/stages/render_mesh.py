@@ -74,6 +74,23 @@ def pose_chunks(model: Any, betas: np.ndarray, blocks: dict[str, np.ndarray], ro
         yield idx, out.vertices.numpy(), out.joints.numpy()
 
 
+def render_frames(body_model: Path, fit_dir: Path, blocks: dict[str, np.ndarray], rows: np.ndarray, res: int,
+                  ambient: float = 0.3) -> list[np.ndarray]:
+    """RGB mesh conditions of some frames of a motion, with the identity's shape and camera (for reports)."""
+    from models import body
+
+    ident = smplx_table.read_identity(fit_dir / smplx_table.IDENTITY)
+    cam = ident["camera"]
+    K = body.intrinsics(cam["focal"] * res / cam["size"], res)
+    model = body.load(body_model)
+    betas = np.asarray(ident["betas"], np.float32)[None]
+    images = []
+    with MeshRasterizer(model.faces.astype(np.int64), res, ambient=ambient) as mesh:
+        for _, verts, _ in pose_chunks(model, betas, blocks, np.asarray(rows)):
+            images += [mesh.render(v, K) for v in verts]
+    return images
+
+
 def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
     """('ok', five points) or the reason the face is not usable."""
     lmk = joints[layout.LMK_START:layout.LMK_START + 51]

@@ -27,8 +27,9 @@ from core.artifacts import read_manifest
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
+from tasks import smplx_table
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
-from tasks.stages import face, keypoints, metrics, motion, render_body
+from tasks.stages import face, keypoints, metrics, motion, render_body, render_mesh, speech
 from tasks.train_params import TRAIN_LOG
 
 HTML = "report.html"
@@ -52,9 +53,10 @@ def describe(s: dict[str, Any]) -> str:
 
 STAGE = Stage(
     "report", flow="evaluate",
-    inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "pretrain", "finetune"),
+    inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech", "pretrain",
+            "finetune"),
     params=ReportParams, external="evaluation", body_model=True,
-    reads=("models", "render_mesh", "render_body", "face", "assemble", "metrics"), home="reports",
+    reads=("models", "render_mesh", "render_body", "face", "assemble", "metrics", "speech"), home="reports",
     command="anchor evaluate {item}", dvc_outs=(HTML, "manifest.json"), dvc_metrics=(METRICS,),
     dvc_plots=(SHEET, PLOTS), describe=describe, outputs=(HTML, SHEET, METRICS, f"{PLOTS}/"),
     description="the identity's HTML report: held-out renders scored, fit, detection, time per stage")
@@ -197,6 +199,53 @@ def stage_times(artifacts: dict[str, Path]) -> list[dict[str, Any]]:
     return out
 
 
+def jaw_plot_svg(series: dict[str, np.ndarray]) -> str:
+    """Jaw opening over the held-out frames: the real fit, the speech model's and the loudness baseline's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"svg.hashsalt": "anchor-report", "svg.fonttype": "none"}):
+        fig, ax = plt.subplots(figsize=(9, 2.4), dpi=96)
+        for key, label, style in (("jaw_real", "real (fitted)", "-"), ("jaw_generated", "speech model", "-"),
+                                  ("jaw_loudness", "loudness baseline", ":")):
+            ax.plot(np.degrees(series[key]), style, lw=1.0, label=label)
+        ax.set_xlabel("held-out frame")
+        ax.set_ylabel("jaw opening, degrees")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def speech_section(inputs: dict[str, Path], seed: int, side: int, shown: int = 4) -> dict[str, Any]:
+    """The speech model driven by the held-out audio against the real held-out motion: figures, the jaw plot and a
+    few frames of both as mesh conditions (what the body model would follow)."""
+    if not speech.has_model(inputs["speech"]):
+        return {"missing": "no speech model: the onboarding video has no audio track"}
+    held = speech.held_out_audio(inputs["ingest"], inputs["smplx_fit"])
+    if held is None:
+        return {"missing": "no held-out clips with audio to compare with"}
+    real, audio = held
+    ref = motion.reference(inputs["smplx_fit"], inputs["body_model"])
+    result = speech.compare(inputs["speech"], real, audio, ref.joints, seed)
+    n = result["frames"]
+    rows = np.unique(np.linspace(0, n - 1, min(shown, n)).round().astype(int))
+    res = int(smplx_table.read_identity(inputs["smplx_fit"] / smplx_table.IDENTITY)["camera"]["size"])
+    res = min(res, 512)
+    real_img = render_mesh.render_frames(inputs["body_model"], inputs["smplx_fit"], real, rows, res)
+    gen_img = render_mesh.render_frames(inputs["body_model"], inputs["smplx_fit"], result["generated"], rows, res)
+    frames = [{"frame": int(r), "real": _data_uri(cv2.resize(a, (side, side), interpolation=cv2.INTER_AREA)),
+               "generated": _data_uri(cv2.resize(b, (side, side), interpolation=cv2.INTER_AREA))}
+              for r, a, b in zip(rows, real_img, gen_img, strict=True)]
+    figures = {k: v for k, v in result.items() if k not in ("series", "generated")}
+    return {"figures": figures, "svg": jaw_plot_svg(result["series"]), "frames": frames}
+
+
 def _value(row: Any) -> float | None:
     return row.get("value") if isinstance(row, dict) else None
 
@@ -267,6 +316,12 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         "fit_error_pct": fit_summary.get("error_pct", {}),
         "fit_jitter_ratio": fit_summary.get("jitter_ratio"),
     })
+    progress.start("report: speech-driven held-out motion", 1)
+    spoken = speech_section(inputs, settings.speech.seed, side)
+    progress.advance(1)
+    if "figures" in spoken:
+        dvc_metrics["speech"] = {k: spoken["figures"][k] for k in ("jaw_corr", "jaw_corr_loudness", "beat_consistency",
+                                                                     "beat_consistency_real", "seam_jerk_ratio")}
     (out / METRICS).write_text(json.dumps(dvc_metrics, indent=2, sort_keys=True) + "\n")
 
     table = [{"name": label, "value": _value(scored.get(key)), "note": _note(scored.get(key)),
@@ -282,7 +337,7 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         sampled=scored.get("sampled"),
         framing=((read_manifest(ev["motion"]) or {}).get("summary") or {}).get("framing"),
         face_check=((read_manifest(ev["face"]) or {}).get("summary") or {}).get("face_check"),
-        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1))
+        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1), speech=spoken)
     (out / HTML).write_text(page)
     return {"frames": n, "samples": len(cells), "metrics": {k: dvc_metrics[k] for k in ROWS},
             "stages_timed": sum(t["seconds"] is not None for t in times)}
@@ -354,6 +409,25 @@ jitter of the fit {{ fit.get("jitter_fit_px") }} px vs the detections' {{ fit.ge
 {% if not cell.face_redone %}<br>face not redone (hidden or turned away){% endif %}</span></td>
 {% for img in cell.images %}<td><img src="{{ img }}" alt="{{ columns[loop.index0] }}"></td>{% endfor %}</tr>
 {% endfor %}</table>{% else %}<p>No held-out frames.</p>{% endif %}
+
+<h2>Speech-driven motion (the held-out audio through the speech model)</h2>
+{% if speech.missing %}<p>{{ speech.missing }}.</p>{% else %}{% set f = speech.figures %}
+<p>The speech model learnt from {{ f.training_frames }} training frames was driven by the audio of the
+{{ f.frames }} held-out frames and compared with the motion fitted to them.</p>
+<table><tr><th>figure</th><th>value</th><th>what it says</th></tr>
+<tr><td>jaw correlation</td><td class="n">{{ f.jaw_corr }}</td><td>per frame, generated vs real jaw opening
+  (loudness-only baseline: {{ f.jaw_corr_loudness }})</td></tr>
+<tr><td>beat consistency</td><td class="n">{{ f.beat_consistency }}</td><td>audio onsets near a pause of the upper
+  body (real motion: {{ f.beat_consistency_real }}, real motion shuffled in 1 s pieces:
+  {{ f.beat_consistency_shuffled }})</td></tr>
+<tr><td>seam jerk</td><td class="n">{{ f.seam_jerk_ratio if f.seam_jerk_ratio is not none else "—" }}</td>
+  <td>95th percentile of joint jerk at the {{ f.seams }} seams over the real motion's</td></tr>
+</table>
+{{ speech.svg|safe }}
+<table><tr><th>held-out frame</th>{% for fr in speech.frames %}<th>{{ fr.frame }}</th>{% endfor %}</tr>
+<tr><td>real (fitted)</td>{% for fr in speech.frames %}<td><img src="{{ fr.real }}" alt="real"></td>{% endfor %}</tr>
+<tr><td>from the speech</td>{% for fr in speech.frames %}<td><img src="{{ fr.generated }}" alt="speech"></td>
+{% endfor %}</tr></table>{% endif %}
 
 <h2>Time per stage (the runs that made the artifacts shown)</h2>
 <table><tr><th>stage</th><th>seconds</th><th>peak RSS (MB)</th><th>host</th><th>started</th></tr>

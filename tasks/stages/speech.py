@@ -18,7 +18,7 @@ from core.errors import InputError
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models.speech import CONFIG, WEIGHTS, Features, SpeechModel, features
+from models.speech import CONFIG, HOP, SAMPLE_RATE, WEIGHTS, Features, SpeechModel, features
 from tasks import smplx_table
 from tasks.frames import read_meta
 
@@ -49,6 +49,8 @@ class SpeechParams(Section):
 def describe(s: dict[str, Any]) -> str:
     if not s.get("audio"):
         return "no model: the onboarding video has no audio"
+    if s.get("note"):
+        return f"no model: {s['note']}"
     return f"learnt from {s['frames']} frames ({s['seconds']:.0f} s of speech, {s['voiced_share']:.0%} voiced)"
 
 
@@ -98,6 +100,10 @@ def run(inputs: dict[str, Path], out: Path, params: SpeechParams, progress: Prog
     rows, runs, frames = training_frames(inputs["smplx_fit"], inputs["ingest"])
     feats = select(features(decode(wav)), frames)
     progress.advance()
+    if len(rows) < 2 * params.segment:
+        return {"audio": True, "frames": int(len(rows)), "seconds": round(len(rows) / 30, 2),
+                "note": f"{len(rows)} training frames: a speech model needs at least {2 * params.segment} "
+                        f"(2 x speech.segment)"}
     model = SpeechModel.learn({k: v[rows] for k, v in blocks.items()}, runs, feats, params.model_config_dict())
     progress.advance()
     model.save(out)
@@ -110,6 +116,14 @@ def has_model(model_dir: Path) -> bool:
     return (model_dir / WEIGHTS).is_file() and (model_dir / CONFIG).is_file()
 
 
+def why_no_model(summary: dict[str, Any]) -> str:
+    """Why an identity's speech stage made no model, as its summary says."""
+    if summary.get("audio") is False:
+        return ("its onboarding video had no audio track, and the speech model learns from the identity's own "
+                "speech; onboard it from a video with sound")
+    return summary.get("note") or "its speech model files are missing (run `anchor stage run speech NAME`)"
+
+
 def synthesise(model_dir: Path, samples: np.ndarray, seed: int, progress: Progress | None = None
                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """SMPL-X blocks at 30 fps for `samples` (mono at models.speech.SAMPLE_RATE), one frame per 1/30 s."""
@@ -117,3 +131,65 @@ def synthesise(model_dir: Path, samples: np.ndarray, seed: int, progress: Progre
 
     model = SpeechModel.load(model_dir)
     return model.synthesise(features(quantised(samples)), seed, progress)
+
+
+# ---------------------------------------------------------------------------------------- held-out comparison
+UPPER_BODY = (9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)  # SMPL-X joints: spine3, neck, collars, head, arms
+SHUFFLE_S = 1.0  # piece length of the shuffled-real baseline
+
+
+def held_out_audio(ingest_dir: Path, fit_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """The identity's held-out fitted motion and the audio under it; None without audio or held-out clips."""
+    from tasks.audio import decode
+    from tasks.stages import motion as motion_task
+
+    wav = ingest_dir / "audio.wav"
+    if not wav.is_file():
+        return None
+    try:
+        real, start_s = motion_task.held_out(fit_dir, ingest_dir)
+    except InputError:
+        return None
+    n = len(real["transl"])
+    audio = decode(wav)
+    start = round(start_s * SAMPLE_RATE)
+    return real, audio[start: start + n * HOP]
+
+
+def compare(model_dir: Path, real: dict[str, np.ndarray], audio: np.ndarray, joints: Any, seed: int = 0
+            ) -> dict[str, Any]:
+    """The speech model driven by `audio` against the real motion under it: jaw correlation (and the loudness-only
+    baseline's), beat consistency of generated, real and real-shuffled-in-1-s-pieces motion, jerk at the seams over
+    the real motion's. `joints`: blocks → (T, J, 3) SMPL-X joints of the identity."""
+    from models import speech as sp
+
+    n = len(real["transl"])
+    gen, said = synthesise(model_dir, audio, seed)
+    gen = {k: v[:n] for k, v in gen.items()}
+    model = SpeechModel.load(model_dir)
+    feats = features(audio)
+    jaw_real, jaw_gen = sp.jaw_angle(real["jaw_pose"]), sp.jaw_angle(gen["jaw_pose"])
+    jaw_loud = sp.loudness_jaw(model.feats, sp.jaw_angle(model.blocks["jaw_pose"]), feats, model.config["context"],
+                               model.config["ridge_alpha"])[:n]
+    pieces = np.array_split(np.arange(n), max(1, round(n / (SHUFFLE_S * sp.FPS))))
+    order = np.random.default_rng(0).permutation(len(pieces))
+    shuffled = {k: v[np.concatenate([pieces[i] for i in order])] for k, v in real.items()}
+    upper = {k: joints(b)[:, UPPER_BODY] for k, b in (("gen", gen), ("real", real), ("shuffled", shuffled))}
+    beats = sp.onset_times(audio)
+    jerk_gen, jerk_real = sp.jerk(upper["gen"]), sp.jerk(upper["real"])
+    near = sorted({f for s in said["seam_frames"] for f in range(s - 3, s + model.config["blend"])
+                   if 0 <= f < len(jerk_gen)})
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float | None:
+        return None if len(a) < 2 or a.std() == 0 or b.std() == 0 else round(float(np.corrcoef(a, b)[0, 1]), 3)
+
+    return {"jaw_corr": corr(jaw_gen, jaw_real), "jaw_corr_loudness": corr(jaw_loud, jaw_real),
+            "beat_consistency": round(sp.beat_consistency(beats, upper["gen"]), 3),
+            "beat_consistency_real": round(sp.beat_consistency(beats, upper["real"]), 3),
+            "beat_consistency_shuffled": round(sp.beat_consistency(beats, upper["shuffled"]), 3),
+            "seam_jerk_ratio": round(float(np.percentile(jerk_gen[near], 95) / np.percentile(jerk_real, 95)), 3)
+            if near and np.percentile(jerk_real, 95) > 0 else None,
+            "frames": n, "seams": len(said["seam_frames"]), "segments": said["segments"],
+            "training_frames": len(model.runs), "audio_beats": len(beats),
+            "series": {"jaw_real": jaw_real, "jaw_generated": jaw_gen, "jaw_loudness": jaw_loud},
+            "generated": gen}

@@ -64,7 +64,8 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     test_clips = [c for c in json.loads((artifact_dir(ws, "ingest", ID) / "meta.json").read_text())["clips"]
                   if c["split"] == "test"]
     rows = sum(min(3, c["frames"]) for c in test_clips)
-    assert page.count('src="data:image/jpeg;base64,') == 5 * rows  # … | nearest training frame
+    # … | nearest training frame; then four held-out frames of the real and the speech-driven mesh
+    assert page.count('src="data:image/jpeg;base64,') == 5 * rows + 2 * 4
     assert "<svg" in page and "35.91" in page and "53.38" in page and "OpenPose" in page
     assert "not computed: no Inception weights" in page and "not computed: no I3D weights" in page
     assert "pictures are noise" in page  # the tiny profile says so
@@ -77,13 +78,18 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     sheet = cv2.imread(str(report / "contact_sheet.png"))
     assert sheet.shape == (22 + rows * (22 + 192), 5 * 192, 3)
     assert "nearest training frame" in page and "SSIM in the person" in page
-    # time per stage from the manifests of the artifacts shown: the identity's nine and the evaluation render's five
-    assert read_manifest(report)["summary"]["stages_timed"] == 14
+    # time per stage from the manifests of the artifacts shown: the identity's ten and the evaluation render's five
+    assert read_manifest(report)["summary"]["stages_timed"] == 15
     times = page[page.index("Time per stage"):]
     for stage in ("source", "smplx_fit", "pretrain", "finetune", "render_body", "metrics"):
         assert f"<tr><td>{stage}</td>" in times
     scored = json.loads((report / "metrics.json").read_text())
     assert scored["fid"] is None and scored["fvd"] is None and scored["frames"] == 19
+    # the held-out audio through the speech model, against the real held-out motion
+    spoken = page[page.index("Speech-driven motion"):page.index("Time per stage")]
+    assert "jaw correlation" in spoken and spoken.count("<svg") == 1
+    assert -1 <= scored["speech"]["jaw_corr"] <= 1 and 0 <= scored["speech"]["beat_consistency"] <= 1
+    assert f"<td class=\"n\">{scored['speech']['jaw_corr']}</td>" in spoken
     assert scored["flicker"] > 0 and set(scored["detection_rate"]) == {"body", "left_hand", "right_hand", "face"}
     fit = (report / "plots" / "fit_error_body_pct.csv").read_text().splitlines()
     assert fit[0] == "frame,body_pct" and len(fit) > 20

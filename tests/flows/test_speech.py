@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import av
@@ -14,7 +13,6 @@ import pytest
 
 from core.artifacts import read_manifest
 from core.errors import InputError
-from core.progress import NullProgress
 from core.workspace import Workspace
 from models import speech as sp
 from tasks import audio as aud
@@ -22,7 +20,7 @@ from tasks import runner, smplx_table
 from tasks.registry import artifact_dir
 from tasks.stages import motion as motion_task
 from tasks.stages import speech as speech_task
-from tests.conftest import ONBOARDED_ID, cli, copy_workspace, set_param, shared_video, video_frames
+from tests.conftest import ONBOARDED_ID, cli, copy_workspace, cut_clip, set_param, shared_video, video_frames
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -144,21 +142,19 @@ def test_bad_speech_input_is_one_line_and_writes_nothing(ws: Workspace, voice: P
     assert by_render.returncode != 0 and "the audio is empty" in by_render.stderr
 
     # an identity onboarded from a silent video has no speech model, and says why
-    silent = Workspace(copy_workspace(ws.root, tmp_path / "silent"))
-    ingest = tmp_path / "ingest-no-audio"
-    shutil.copytree(artifact_dir(silent, "ingest", ID), ingest)
-    (ingest / "audio.wav").unlink()
-    model_dir = artifact_dir(silent, "speech", ID)
-    for f in (sp.CONFIG, sp.WEIGHTS):
-        (model_dir / f).unlink()
-    said = speech_task.run({"ingest": ingest, "smplx_fit": artifact_dir(silent, "smplx_fit", ID)}, model_dir,
-                           speech_task.SpeechParams(), NullProgress())
-    assert said == {"audio": False} and not (model_dir / sp.WEIGHTS).exists()
-    done = cli(silent.root, "speak", ID, "--audio", str(voice), "--out", str(out))
+    mute = "mute"
+    clip = cut_clip(shared_video("anchor_seated_hevc.mp4"), tmp_path / "mute.mp4", 40, 360, 640)
+    ws.register_identity(mute)
+    runner.execute(ws, "source", mute, external=clip)
+    for stage in ("ingest", "keypoints", "smplx_fit", "speech"):
+        runner.execute(ws, stage, mute)
+    model_dir = artifact_dir(ws, "speech", mute)
+    assert read_manifest(model_dir)["summary"] == {"audio": False} and not speech_task.has_model(model_dir)
+    done = cli(ws.root, "speak", mute, "--audio", str(voice), "--out", str(out))
     assert done.returncode != 0 and "onboarding video had no audio track" in done.stderr, done.stderr
-    assert not out.exists()
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
     with pytest.raises(InputError, match="no speech model"):
         from flows.render import stage_speech
 
-        stage_speech(silent, ID, voice)
+        stage_speech(ws, mute, voice)
     assert (sorted((ws.data / "renders").rglob("*")) if (ws.data / "renders").exists() else []) == renders_before
