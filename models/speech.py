@@ -28,6 +28,8 @@ N_MELS = 40
 FLOOR_DB = -80.0  # below the recording's speech level; digital silence is clipped here
 SILENCE_DBFS = -60.0  # a recording whose speech level is below this is silent throughout
 VOICED_DB = -30.0  # frames this far below the speech level count as silence
+CHUNK_FRAMES = 30 * FPS  # audio is analysed 30 s at a time: memory does not grow with its length
+MARGIN = 6 * HOP  # samples either side of a chunk, more than any analysis window reaches (yin's 2048)
 ROTATION_BLOCKS = ("global_orient", "body_pose", "left_hand_pose", "right_hand_pose", "jaw_pose", "leye_pose",
                    "reye_pose")
 LINEAR_BLOCKS = ("transl", "expression")
@@ -65,36 +67,40 @@ def frames_of(samples: int) -> int:
 
 
 def features(y: np.ndarray) -> Features:
-    """`y`: mono float samples at SAMPLE_RATE."""
+    """`y`: mono float samples at SAMPLE_RATE. Analysed CHUNK_FRAMES at a time with a margin wider than any
+    analysis window (the same values as in one pass), then normalised over the whole recording."""
     import librosa
 
     y = np.asarray(y, np.float32)
     t = frames_of(len(y))
     if t == 0:
         raise ValueError("audio shorter than one video frame")
-    if len(y) < N_FFT:
-        y = np.pad(y, (0, N_FFT - len(y)))
-    power = librosa.feature.melspectrogram(y=y, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS,
-                                           fmax=8000)
-    rms = librosa.feature.rms(y=y, frame_length=N_FFT, hop_length=HOP)[0]
-    rms_db = 20 * np.log10(np.maximum(rms, 1e-10))
+    skip = MARGIN // HOP
+    mel_db = np.empty((t, N_MELS), np.float32)
+    rms_db, onset, f0 = (np.empty(t, np.float32) for _ in range(3))
+    for a in range(0, t, CHUNK_FRAMES):
+        b = min(t, a + CHUNK_FRAMES)
+        lo, hi = a * HOP - MARGIN, b * HOP + MARGIN  # zeros outside the recording, as one pass would see
+        seg = np.zeros(hi - lo, np.float32)
+        part = y[max(lo, 0): max(min(hi, len(y)), 0)]
+        seg[max(lo, 0) - lo: max(lo, 0) - lo + len(part)] = part
+        keep = slice(skip, skip + b - a)
+        power = librosa.feature.melspectrogram(y=seg, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS,
+                                               fmax=8000)
+        db = librosa.power_to_db(power, top_db=None)  # absolute: the same in every chunk
+        mel_db[a:b] = db.T[keep]
+        rms = librosa.feature.rms(y=seg, frame_length=N_FFT, hop_length=HOP)[0]
+        rms_db[a:b] = 20 * np.log10(np.maximum(rms[keep], 1e-10))
+        onset[a:b] = librosa.onset.onset_strength(S=db, sr=SAMPLE_RATE, hop_length=HOP)[keep]
+        f0[a:b] = librosa.yin(seg, fmin=65, fmax=500, sr=SAMPLE_RATE, frame_length=2048, hop_length=HOP)[keep]
     level = max(float(np.percentile(rms_db, 95)), SILENCE_DBFS)  # the recording's speech level
-    mel = np.maximum(10 * np.log10(np.maximum(power.T, 1e-20)) - level, FLOOR_DB)
     rel = np.maximum(rms_db - level, FLOOR_DB)
-    onset = librosa.onset.onset_strength(S=librosa.power_to_db(power), sr=SAMPLE_RATE, hop_length=HOP)
     voiced = rel > VOICED_DB
     onset = onset / max(float(np.percentile(onset[voiced], 95)) if voiced.any() else 0.0, 1e-6)
-    f0 = librosa.yin(y, fmin=65, fmax=500, sr=SAMPLE_RATE, frame_length=2048, hop_length=HOP)
     octaves = np.log2(np.maximum(f0, 1.0))
-    pitch = np.where(voiced[: len(octaves)] if len(octaves) >= t else np.ones(len(octaves), bool),
-                     octaves - (np.median(octaves[voiced[: len(octaves)]]) if voiced.any() else 0.0), 0.0)
-
-    def fit(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        a = a[:t]
-        return np.concatenate([a, np.full((t - len(a), *a.shape[1:]), fill, a.dtype)]) if len(a) < t else a
-
-    return Features(fit(mel.astype(np.float32), FLOOR_DB), fit(rel.astype(np.float32), FLOOR_DB),
-                    fit(onset.astype(np.float32)), fit(np.clip(pitch, -2, 2).astype(np.float32)), fit(voiced, False))
+    pitch = np.where(voiced, octaves - (np.median(octaves[voiced]) if voiced.any() else 0.0), 0.0)
+    return Features(np.maximum(mel_db - level, FLOOR_DB).astype(np.float32), rel.astype(np.float32),
+                    onset.astype(np.float32), np.clip(pitch, -2, 2).astype(np.float32), voiced)
 
 
 def onset_times(y: np.ndarray) -> np.ndarray:
@@ -189,10 +195,16 @@ class SpeechModel:
     def predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
         from scipy.ndimage import gaussian_filter1d
 
-        m = self.mouth
-        # inside what it learnt from: digital silence or a shout does not extrapolate the jaw past the person's own
-        x = np.clip(mouth_inputs(feats, self.config["context"]), m["low_x"], m["high_x"])
-        y = np.clip(((x - m["mean_x"]) / m["scale_x"]) @ m["weights"] + m["mean_y"], m["low_y"], m["high_y"])
+        m, c = self.mouth, self.config["context"]
+        y = np.empty((feats.frames, len(m["mean_y"])), np.float64)
+        for a in range(0, feats.frames, CHUNK_FRAMES):  # a window of inputs per frame: chunked, memory stays flat
+            b = min(feats.frames, a + CHUNK_FRAMES)
+            lo, hi = max(0, a - c), min(feats.frames, b + c)
+            x = mouth_inputs(feats.window(lo, hi), c)[a - lo: a - lo + b - a]
+            # inside what it learnt from: digital silence or a shout does not open the jaw past the person's own
+            x = np.clip(x, m["low_x"], m["high_x"])
+            y[a:b] = np.clip(((x - m["mean_x"]) / m["scale_x"]) @ m["weights"] + m["mean_y"], m["low_y"],
+                             m["high_y"])
         y = gaussian_filter1d(y, self.config["mouth_smoothing"], axis=0, mode="nearest") if len(y) > 1 else y
         out, at = {}, 0
         for b in MOUTH_BLOCKS:

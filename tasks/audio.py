@@ -57,7 +57,11 @@ def decode(path: Path, rate: int = SAMPLE_RATE, max_seconds: float | None = None
 
 
 def pcm16(samples: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(samples, np.float64) * 32768), -32768, 32767).astype("<i2")
+    """float32 throughout (scaling by 2^15 is exact): no float64 copies of a long recording."""
+    scaled = np.asarray(samples, np.float32) * np.float32(32768)
+    np.round(scaled, out=scaled)
+    np.clip(scaled, -32768, 32767, out=scaled)
+    return scaled.astype("<i2")
 
 
 def quantised(samples: np.ndarray) -> np.ndarray:

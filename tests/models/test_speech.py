@@ -147,3 +147,25 @@ def test_audio_reader_refuses_what_is_not_audio_and_reads_any_container(tmp_path
     from_video = aud.decode(shared_video("halfbody_portrait.mp4"))
     assert abs(len(from_video) / sp.SAMPLE_RATE - 9.9) < 0.1
     aud.check(shared_video("halfbody_portrait.mp4"))
+
+
+def test_features_of_long_audio_are_made_in_chunks_with_the_values_of_one_pass(speech: np.ndarray,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = speech[: 5 * sp.SAMPLE_RATE]
+    whole = sp.features(clip)
+    monkeypatch.setattr(sp, "CHUNK_FRAMES", 37)  # 150 frames in five uneven chunks
+    chunked = sp.features(clip)
+    for name in ("mel", "rms", "onset", "pitch"):
+        np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), atol=1e-3, err_msg=name)
+    assert np.array_equal(chunked.voiced, whole.voiced)
+
+
+def test_the_mouth_is_predicted_in_chunks_with_the_values_of_one_pass(speech: np.ndarray,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = learn(speech, 4.0)
+    feats = sp.features(speech[6 * sp.SAMPLE_RATE: 11 * sp.SAMPLE_RATE])
+    whole = model.predict_mouth(feats)
+    monkeypatch.setattr(sp, "CHUNK_FRAMES", 29)
+    chunked = model.predict_mouth(feats)
+    for name in sp.MOUTH_BLOCKS:
+        np.testing.assert_allclose(chunked[name], whole[name], atol=1e-5, err_msg=name)
