@@ -410,7 +410,7 @@ SPEAK_KEYS = ("jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consist
               "beat_consistency_shuffled", "seam_jerk_ratio", "synth_s_per_audio_min")
 
 
-def speak(video: Path, workspace: Path, log: Any = None) -> dict[str, Any]:
+def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") -> dict[str, Any]:
     """Learn the speech model from the first 70% of the video (the split of `bench quality`), drive it with the last
     30%'s audio, and compare with the real fitted motion of that part (tasks.stages.speech.compare). Only the stages
     the speech model needs run (source → ingest → keypoints → smplx_fit → speech), each as `anchor stage run`;
@@ -428,7 +428,6 @@ def speak(video: Path, workspace: Path, log: Any = None) -> dict[str, Any]:
 
     anchor = [sys.executable, "-m", "cli.main"]
     env = {**os.environ, "ANCHOR_WORKSPACE": str(workspace)}
-    name = "bench"
     if not (workspace / "params.yaml").is_file():
         subprocess.run([*anchor, "init", str(workspace)], env=env, check=True, stdout=log, stderr=log)
         hold_out_last_30_percent(workspace)

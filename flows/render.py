@@ -25,6 +25,7 @@ from core.workspace import Workspace, check_identity_name, render_subject, split
 from flows.motion import fit_video
 from flows.stage_task import StageRunner
 from models.motion_io import FIT_FPS
+from models.speech import SAMPLE_RATE
 from tasks import registry
 from tasks import video as vio
 from tasks.audio import decode, is_audio, write_wav
@@ -115,6 +116,7 @@ def stage_speech(ws: Workspace, identity: str, audio: Path, frames: int | None =
     params = registry.params(ws)
     samples = decode(audio, max_seconds=params.motion.max_frames / FIT_FPS)
     seed = params.speech.seed if seed is None else seed
+    notify(f"{identity}: motion for {len(samples) / SAMPLE_RATE:.1f} s of speech from its speech model (seed {seed})")
     blocks, said = speech_task.synthesise(model_dir, samples, seed)
     said.pop("seam_frames", None)
     info = {"kind": "speech", "source": str(audio.resolve()), "audio_sha256": sha256_file(audio),

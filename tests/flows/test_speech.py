@@ -158,3 +158,18 @@ def test_bad_speech_input_is_one_line_and_writes_nothing(ws: Workspace, voice: P
 
         stage_speech(ws, mute, voice)
     assert (sorted((ws.data / "renders").rglob("*")) if (ws.data / "renders").exists() else []) == renders_before
+
+
+def test_speech_benchmark_compares_the_held_out_audio_driven_motion_with_the_real_one(
+        onboarded: Path, short_video: Path, tmp_path: Path) -> None:
+    """`anchor bench speak`'s measuring code on the onboarded template (every stage it runs is cached there)."""
+    from cli.benchmarks import SPEAK_KEYS, speak
+
+    root = copy_workspace(onboarded, tmp_path / "ws")
+    result = speak(short_video, root, name=ID)
+    assert set(SPEAK_KEYS) <= set(result) and result["frames"] == 19 and result["training_frames"] == 44
+    assert -1 <= result["jaw_corr"] <= 1 and -1 <= result["jaw_corr_loudness"] <= 1
+    for key in ("beat_consistency", "beat_consistency_real", "beat_consistency_shuffled"):
+        assert 0 <= result[key] <= 1
+    assert result["synth_s_per_audio_min"] > 0
+    assert result["speech_model"] == read_manifest(artifact_dir(Workspace(root), "speech", ID))["output_hash"]
