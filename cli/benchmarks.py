@@ -428,7 +428,7 @@ def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") ->
 
     anchor = [sys.executable, "-m", "cli.main"]
     env = {**os.environ, "ANCHOR_WORKSPACE": str(workspace)}
-    if not (workspace / "params.yaml").is_file():
+    if not (workspace / "params.yaml").is_file():  # an existing workspace keeps its own split (its fit is reused)
         subprocess.run([*anchor, "init", str(workspace)], env=env, check=True, stdout=log, stderr=log)
         hold_out_last_30_percent(workspace)
     for stage in ("source", "ingest", "keypoints", "smplx_fit", "speech"):
@@ -440,7 +440,7 @@ def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") ->
     if not speech_task.has_model(model_dir) or held is None:
         raise RuntimeError(f"{video}: no speech model or no held-out audio (the video has no audio track)")
     real, audio = held
-    seed = registry.params(ws).speech.seed
+    seed = registry.params(ws).render_body.seed
     speech_task.synthesise(model_dir, audio[: sp.SAMPLE_RATE], seed)  # warm-up
     minute = np.tile(audio, int(np.ceil(60 * sp.SAMPLE_RATE / len(audio))))[: 60 * sp.SAMPLE_RATE]
     t = time.perf_counter()

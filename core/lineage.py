@@ -58,7 +58,7 @@ def trace(ws: Workspace, path: Path) -> list[dict[str, Any]]:
         summary = m.get("summary") or {}
         if m.get("stage") == "motion" and summary.get("speech_model"):
             # a speech render: the audio it spoke and the speech model (an artifact of the identity) that moved it
-            step["audio_source"] = summary.get("source")
+            step["audio_source"] = summary.get("audio_source")
             step["audio_sha256"] = summary.get("audio_sha256")
             step["speech_model"] = summary["speech_model"]
             model = ws.artifact_dir("speech", str(m.get("identity", "")).split("/")[0], "identities")

@@ -107,20 +107,21 @@ def speech_model(ws: Workspace, identity: str) -> Path:
 
 def stage_speech(ws: Workspace, identity: str, audio: Path, frames: int | None = None, seed: int | None = None
                  ) -> tuple[str, Path]:
-    """Motion for `audio` from the identity's speech model, staged with the audio; the audio's content hash and the
-    model's version are in the motion (so in the render's key)."""
+    """Motion for `audio` from the identity's speech model, staged with the audio; the audio's samples, the model's
+    version and the seed make the render's key (the audio file's path and hash sit beside it, for lineage)."""
     fit = _require(ws, "smplx_fit", identity, f"run `anchor onboard {identity} --video ...`")
     model_dir = speech_model(ws, identity)
     if not audio.is_file():
         raise InputError(f"{audio}: no such file")
     params = registry.params(ws)
     samples = decode(audio, max_seconds=params.motion.max_frames / FIT_FPS)
-    seed = params.speech.seed if seed is None else seed
+    seed = params.render_body.seed if seed is None else seed
     notify(f"{identity}: motion for {len(samples) / SAMPLE_RATE:.1f} s of speech from its speech model (seed {seed})")
     blocks, said = speech_task.synthesise(model_dir, samples, seed)
     said.pop("seam_frames", None)
-    info = {"kind": "speech", "source": str(audio.resolve()), "audio_sha256": sha256_file(audio),
-            "speech_model": (read_manifest(model_dir) or {}).get("output_hash"), "seed": seed, "speech": said}
+    info = {"kind": "speech", "source": "speech", "audio_source": str(audio.resolve()),
+            "audio_sha256": sha256_file(audio), "speech_model": (read_manifest(model_dir) or {}).get("output_hash"),
+            "seed": seed, "speech": said}
     ref = motion_task.reference(fit, body_model_path(ws))
     with tempfile.TemporaryDirectory(prefix="anchor-speech-") as tmp:
         wav = Path(tmp) / motion_task.AUDIO

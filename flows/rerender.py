@@ -54,7 +54,7 @@ def rerender_one(ws: Workspace, stages: StageRunner, subject: str) -> dict[str, 
         staged = motion_task.restage(motion_dir, ws.state / "motions")
         return render_staged(stages, subject, staged, seed, face)
     identity, _ = split_render_subject(subject)  # type: ignore[misc]
-    source = Path(motion.get("source") or "")
+    source = Path(motion.get("audio_source") or "")
     audio = source if source.is_file() else motion_dir / motion_task.AUDIO  # the render's own copy if it moved
     same_audio = audio != source or sha256_file(source) == motion.get("audio_sha256")
     key, staged = stage_speech(ws, identity, audio, motion.get("frames") if same_audio else None, motion.get("seed"))

@@ -149,7 +149,7 @@ def speech_reasons(ws: Workspace, identity: str, motion: dict[str, Any]) -> list
     now = (read_manifest(registry.artifact_dir(ws, "speech", identity)) or {}).get("output_hash")
     if motion.get("speech_model") != now:
         out.append(f"speech model {(motion.get('speech_model') or '?')[:12]}, now {(now or 'none')[:12]}")
-    source = Path(motion.get("source") or "")
+    source = Path(motion.get("audio_source") or "")
     if source.is_file() and sha256_file(source) != motion.get("audio_sha256"):
         out.append(f"audio {source.name} changed")
     return out

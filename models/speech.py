@@ -26,17 +26,20 @@ HOP = SAMPLE_RATE // FPS
 N_FFT = 1024
 N_MELS = 40
 FLOOR_DB = -80.0  # below the recording's speech level; digital silence is clipped here
-SILENCE_DBFS = -60.0  # a recording whose speech level is below this is silent throughout
-VOICED_DB = -30.0  # frames this far below the speech level count as silence
+SILENCE_DBFS = -70.0  # frames quieter than this are silence in any recording (digital silence, faint hiss)
+MIN_SNR_DB = 15.0  # a recording whose loud frames (95th percentile) are not this far above its quiet ones (5th)
+# holds no speech: steady hiss or hum at any level is silence
+VOICED_DB = -30.0  # frames this far below the recording's speech level count as silence too
 CHUNK_FRAMES = 30 * FPS  # audio is analysed 30 s at a time: memory does not grow with its length
 MARGIN = 6 * HOP  # samples either side of a chunk, more than any analysis window reaches (yin's 2048)
 ROTATION_BLOCKS = ("global_orient", "body_pose", "left_hand_pose", "right_hand_pose", "jaw_pose", "leye_pose",
                    "reye_pose")
 LINEAR_BLOCKS = ("transl", "expression")
 MOUTH_BLOCKS = ("jaw_pose", "expression")
-# body_pose joints (SMPL-X order, pelvis excluded) that carry gesture and head motion: spine1-3, neck, collars, head,
-# shoulders, elbows, wrists
-UPPER_JOINTS = (2, 5, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)
+# SMPL-X joints that carry gesture and head motion: spine1-3, neck, collars, head, shoulders, elbows, wrists (what a
+# transition compares and what beat consistency and jerk are measured on)
+UPPER_BODY = (3, 6, 9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)
+UPPER_JOINTS = tuple(j - 1 for j in UPPER_BODY)  # the same joints as rows of body_pose (which leaves out the pelvis)
 CONFIG = "speech_model.json"
 WEIGHTS = "speech_model.npz"
 
@@ -93,9 +96,14 @@ def features(y: np.ndarray) -> Features:
         rms_db[a:b] = 20 * np.log10(np.maximum(rms[keep], 1e-10))
         onset[a:b] = librosa.onset.onset_strength(S=db, sr=SAMPLE_RATE, hop_length=HOP)[keep]
         f0[a:b] = librosa.yin(seg, fmin=65, fmax=500, sr=SAMPLE_RATE, frame_length=2048, hop_length=HOP)[keep]
-    level = max(float(np.percentile(rms_db, 95)), SILENCE_DBFS)  # the recording's speech level
-    rel = np.maximum(rms_db - level, FLOOR_DB)
+    quiet, level = (float(v) for v in np.percentile(np.maximum(rms_db, -120.0), [5, 95]))  # level: speech level
+    gated = rms_db < SILENCE_DBFS
+    if level - quiet < MIN_SNR_DB:
+        gated[:] = True
+    rel = np.where(gated, FLOOR_DB, np.maximum(rms_db - level, FLOOR_DB))
+    mel_db = np.where(gated[:, None], FLOOR_DB + level, mel_db)  # silence reads the same in every recording
     voiced = rel > VOICED_DB
+    onset = np.where(gated, 0.0, onset)
     onset = onset / max(float(np.percentile(onset[voiced], 95)) if voiced.any() else 0.0, 1e-6)
     octaves = np.log2(np.maximum(f0, 1.0))
     pitch = np.where(voiced, octaves - (np.median(octaves[voiced]) if voiced.any() else 0.0), 0.0)
@@ -215,12 +223,17 @@ class SpeechModel:
 
     # ------------------------------------------------------------------------------------------- the graph
     def _states(self) -> np.ndarray:
-        """Segment starts: every `stride`-th frame whose segment stays inside one run."""
+        """Segment starts whose segment stays inside one run: every `stride`-th frame of each run, counted from
+        the run's first frame, with `stride` dividing the segment length (or a multiple of it), so the natural
+        continuation of every start is itself a start."""
         length, n = self.config["segment"], len(self.runs)
+        first = np.zeros(n, np.int64)
+        for k in range(1, n):
+            first[k] = first[k - 1] if self.runs[k] == self.runs[k - 1] else k
         ok = np.array([s + length <= n and self.runs[s] == self.runs[s + length - 1] for s in range(n)])
-        starts = np.flatnonzero(ok)
-        stride = max(1, int(np.ceil(len(starts) / self.config["max_states"])))
-        return starts[::stride]
+        need = max(1, int(np.ceil(ok.sum() / self.config["max_states"])))
+        stride = next((d for d in range(need, length + 1) if length % d == 0), length * int(np.ceil(need / length)))
+        return np.flatnonzero(ok & ((np.arange(n) - first) % stride == 0))
 
     def _transitions(self, starts: np.ndarray) -> np.ndarray:
         """Cost of following segment i by segment j: 0 for the natural continuation, else the pose and velocity
@@ -283,7 +296,8 @@ class SpeechModel:
     def _assemble(self, chosen: np.ndarray, frames: int) -> tuple[dict[str, np.ndarray], list[int]]:
         from scipy.spatial.transform import Rotation
 
-        length, blend, n = self.config["segment"], self.config["blend"], len(self.runs)
+        length, n = self.config["segment"], len(self.runs)
+        blend = min(self.config["blend"], length)  # a blend never runs into the next seam
         rows = (chosen[:, None] + np.arange(length)[None]).reshape(-1)[:frames]
         out = {k: v[rows].copy() for k, v in self.blocks.items()}
         seams: list[int] = []

@@ -18,7 +18,18 @@ AUDIO_SUFFIXES = {".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".oga", ".opu
 
 
 def is_audio(path: Path) -> bool:
-    return path.suffix.lower() in AUDIO_SUFFIXES
+    """An audio file by its suffix, or any container holding sound and no pictures (an audio-only .mp4/.webm)."""
+    if path.suffix.lower() in AUDIO_SUFFIXES:
+        return True
+    if not path.is_file():
+        return False
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio) and not container.streams.video
+    except (av.error.FFmpegError, OSError):
+        return False
 
 
 def decode(path: Path, rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:

@@ -41,11 +41,11 @@ def status(name: Annotated[str | None, typer.Argument(help="Only this identity."
         for x in r["renders"]:
             motion = x.get("motion") or {}
             if motion.get("kind") == "speech":
-                out.print(f"speech: {x['subject']}: audio {motion.get('source')} (sha256 "
+                out.print(f"speech: {x['subject']}: audio {motion.get('audio_source')} (sha256 "
                           f"{(motion.get('audio_sha256') or '?')[:12]}), speech model "
                           f"{(motion.get('speech_model') or '?')[:12]}"
                           + (f", superseded by {x['superseded_by']}" if x.get("superseded_by") else ""),
-                          markup=False, highlight=False)
+                          markup=False, highlight=False, soft_wrap=True)
             if x["stale"]:
                 out.print(f"stale: {x['subject']}: {'; '.join(x['why'])}", markup=False, highlight=False)
 

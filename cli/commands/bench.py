@@ -224,8 +224,9 @@ def bench_memory(video: Annotated[Path, typer.Option("--video", help="Video of o
 @bench_app.command("speak")
 def bench_speak(video: Annotated[Path, typer.Option("--video", help="Video of one person talking, with sound.")],
                 workspace: Annotated[Path | None, typer.Option("--workspace", help="Run here and keep everything "
-                                                               "(a second run reuses the fit); default: a "
-                                                               "temporary directory, removed afterwards.")] = None,
+                                                               "(a second run reuses the fit; an existing "
+                                                               "workspace keeps its own train/test split); default: "
+                                                               "a temporary directory, removed afterwards.")] = None,
                 as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
     """Learns the speech model from the first 70% of the video, drives it with the last 30%'s audio and compares with
     the real fitted motion there: jaw correlation (and the loudness-only baseline's), beat consistency (generated,

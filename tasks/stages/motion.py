@@ -38,10 +38,11 @@ from tasks.frames import read_meta
 
 INFO = "motion.json"
 FRAMING = "framing.json"  # what retargeting did and the framing check: beside the staged motion, not in its key
-DESCRIBED = ("retarget", "framing")
+# a speech motion's audio file and its hash: the staged audio's samples are in the key, not where they came from
+DESCRIBED = ("retarget", "framing", "audio_source", "audio_sha256")
 JOINT_CHUNK = 2048  # frames per body-model pass
 AUDIO = "audio.wav"
-SPEECH_KEYS = ("audio_sha256", "speech_model", "seed", "speech")  # a speech motion's audio, model and seed
+SPEECH_KEYS = ("speech_model", "seed", "speech")  # a speech motion's model (its version) and seed, in its key
 
 
 def describe(s: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ STAGE = Stage(
     inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech", "pretrain",
             "finetune"),
     params=ReportParams, external="evaluation", body_model=True,
-    reads=("models", "render_mesh", "render_body", "face", "assemble", "metrics", "speech"), home="reports",
+    reads=("models", "render_mesh", "render_body", "face", "assemble", "metrics"), home="reports",
     command="anchor evaluate {item}", dvc_outs=(HTML, "manifest.json"), dvc_metrics=(METRICS,),
     dvc_plots=(SHEET, PLOTS), describe=describe, outputs=(HTML, SHEET, METRICS, f"{PLOTS}/"),
     description="the identity's HTML report: held-out renders scored, fit, detection, time per stage")
@@ -226,7 +226,8 @@ def speech_section(inputs: dict[str, Path], seed: int, side: int, shown: int = 4
     """The speech model driven by the held-out audio against the real held-out motion: figures, the jaw plot and a
     few frames of both as mesh conditions (what the body model would follow)."""
     if not speech.has_model(inputs["speech"]):
-        return {"missing": "no speech model: the onboarding video has no audio track"}
+        summary = (read_manifest(inputs["speech"]) or {}).get("summary") or {}
+        return {"missing": f"no speech model: {speech.why_no_model(summary)}"}
     held = speech.held_out_audio(inputs["ingest"], inputs["smplx_fit"])
     if held is None:
         return {"missing": "no held-out clips with audio to compare with"}
@@ -317,7 +318,7 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         "fit_jitter_ratio": fit_summary.get("jitter_ratio"),
     })
     progress.start("report: speech-driven held-out motion", 1)
-    spoken = speech_section(inputs, settings.speech.seed, side)
+    spoken = speech_section(inputs, settings.render_body.seed, side)
     progress.advance(1)
     if "figures" in spoken:
         dvc_metrics["speech"] = {k: spoken["figures"][k] for k in ("jaw_corr", "jaw_corr_loudness", "beat_consistency",

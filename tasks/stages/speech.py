@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.errors import InputError
 from core.progress import Progress
@@ -38,12 +38,15 @@ class SpeechParams(Section):
     seam_penalty: float = Field(1.0, ge=0, description="cost of any jump to another part of the video")
     velocity_weight: float = Field(4.0, ge=0, description="weight of velocity against pose at a jump")
     repeat_penalty: float = Field(5.0, ge=0, description="cost of a jump back into the segment just shown")
-    variety: float = Field(0.1, ge=0, description="seeded noise on the audio match: different seeds, different "
-                           "but equally fitting gestures")
-    seed: int = Field(0, ge=0, description="default seed of `anchor speak` (--seed overrides it)")
+    variety: float = Field(0.1, ge=0, description="seeded noise on the audio match: different seeds (`anchor speak "
+                           "--seed`, else render_body.seed), different but equally fitting gestures")
 
-    def model_config_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"seed"})
+    @model_validator(mode="after")
+    def _blend_within_segment(self) -> SpeechParams:
+        if self.blend > self.segment:
+            raise ValueError(f"blend ({self.blend}) must not exceed segment ({self.segment}): a seam's blend would "
+                             "run into the next seam")
+        return self
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -89,6 +92,22 @@ def select(f: Features, frames: np.ndarray) -> Features:
     return Features(f.mel[idx], f.rms[idx], f.onset[idx], f.pitch[idx], f.voiced[idx])
 
 
+def training_features(audio: np.ndarray, runs: np.ndarray, frames: np.ndarray) -> Features:
+    """Features of the training frames from the training clips' audio alone (each run's span, one after another),
+    so nothing of the held-out part, not even its loudness, shapes the model."""
+    pieces: list[np.ndarray] = []
+    index: list[np.ndarray] = []
+    offset = 0
+    for run in np.unique(runs):
+        own = frames[runs == run]
+        a, b = int(own.min()), int(own.max()) + 1
+        piece = audio[a * HOP: b * HOP]
+        pieces.append(np.pad(piece, (0, (b - a) * HOP - len(piece))))
+        index.append(offset + own - a)
+        offset += b - a
+    return select(features(np.concatenate(pieces)), np.concatenate(index))
+
+
 def run(inputs: dict[str, Path], out: Path, params: SpeechParams, progress: Progress) -> dict[str, Any]:
     from tasks.audio import decode
 
@@ -98,13 +117,13 @@ def run(inputs: dict[str, Path], out: Path, params: SpeechParams, progress: Prog
     progress.start("learning the speech-motion model", 3)
     _, blocks = smplx_table.read(inputs["smplx_fit"] / smplx_table.TABLE)
     rows, runs, frames = training_frames(inputs["smplx_fit"], inputs["ingest"])
-    feats = select(features(decode(wav)), frames)
+    feats = training_features(decode(wav), runs, frames)
     progress.advance()
     if len(rows) < 2 * params.segment:
         return {"audio": True, "frames": int(len(rows)), "seconds": round(len(rows) / 30, 2),
                 "note": f"{len(rows)} training frames: a speech model needs at least {2 * params.segment} "
                         f"(2 x speech.segment)"}
-    model = SpeechModel.learn({k: v[rows] for k, v in blocks.items()}, runs, feats, params.model_config_dict())
+    model = SpeechModel.learn({k: v[rows] for k, v in blocks.items()}, runs, feats, params.model_dump())
     progress.advance()
     model.save(out)
     progress.advance()
@@ -134,7 +153,6 @@ def synthesise(model_dir: Path, samples: np.ndarray, seed: int, progress: Progre
 
 
 # ---------------------------------------------------------------------------------------- held-out comparison
-UPPER_BODY = (9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)  # SMPL-X joints: spine3, neck, collars, head, arms
 SHUFFLE_S = 1.0  # piece length of the shuffled-real baseline
 
 
@@ -174,7 +192,7 @@ def compare(model_dir: Path, real: dict[str, np.ndarray], audio: np.ndarray, joi
     pieces = np.array_split(np.arange(n), max(1, round(n / (SHUFFLE_S * sp.FPS))))
     order = np.random.default_rng(0).permutation(len(pieces))
     shuffled = {k: v[np.concatenate([pieces[i] for i in order])] for k, v in real.items()}
-    upper = {k: joints(b)[:, UPPER_BODY] for k, b in (("gen", gen), ("real", real), ("shuffled", shuffled))}
+    upper = {k: joints(b)[:, sp.UPPER_BODY] for k, b in (("gen", gen), ("real", real), ("shuffled", shuffled))}
     beats = sp.onset_times(audio)
     jerk_gen, jerk_real = sp.jerk(upper["gen"]), sp.jerk(upper["real"])
     near = sorted({f for s in said["seam_frames"] for f in range(s - 3, s + model.config["blend"])

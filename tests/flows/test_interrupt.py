@@ -100,7 +100,8 @@ def test_sigkill_at_a_random_point_of_a_multi_identity_run_then_rerun_equals_a_c
     assert (~done["cache_hit"].astype(bool)).any(), f"the rerun computed nothing: the kill came too late (seed {seed})"
     template = Workspace(onboarded)
     for name in names:
-        for stage in ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"):
+        for stage in ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh",
+                      "speech"):
             clean = read_manifest(artifact_dir(template, stage, "demo"))["output_hash"]
             art = artifact_dir(ws, stage, name)
             assert read_manifest(art)["output_hash"] == clean, f"{stage}[{name}], seed {seed}, {when:.2f} s"

@@ -20,7 +20,7 @@ from tasks.registry import artifact_dir
 from tests.conftest import make_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
-STAGES = ["source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh"]
+STAGES = ["source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech"]
 
 
 def onboard(root: Path, video: Path, name: str = "demo") -> dict:

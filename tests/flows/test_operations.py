@@ -25,7 +25,7 @@ from core.workspace import SHARED, Workspace
 from tasks.registry import artifact_dir, params, parse_params
 from tests.conftest import ONBOARDED_ID, ROOT, TEST_PARAMS, copy_workspace, make_workspace
 
-PREPROCESS = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh")
+PREPROCESS = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech")
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID

@@ -96,17 +96,28 @@ def test_a_loud_burst_opens_the_jaw_there_and_silence_keeps_it_closed(speech: np
     loud = jaw[33:45]
     trained = sp.jaw_angle(model.blocks["jaw_pose"])
     assert loud.mean() > 3 * silent.mean()
-    assert silent.max() <= np.percentile(trained, 10) + 1e-3  # at rest, as in the person's own pauses
-    assert loud.mean() >= np.percentile(trained, 40)  # open about as far as when the person speaks
+    pauses = trained[~model.feats.voiced]
+    assert silent.max() <= pauses.mean() + 0.01  # at rest, as in the person's own pauses
+    assert loud.mean() >= 0.75 * trained[model.feats.voiced].mean()  # open about as far as when they speak
 
 
 def test_levels_are_relative_to_the_recording_and_silence_is_unvoiced(speech: np.ndarray) -> None:
     clip = speech[: 4 * sp.SAMPLE_RATE]
-    loud, quiet = sp.features(clip), sp.features(0.05 * clip)
+    loud, quiet = sp.features(clip), sp.features(0.25 * clip)  # 12 dB quieter microphone
     assert np.abs(loud.rms - quiet.rms)[loud.voiced].max() < 0.5
     assert (loud.voiced == quiet.voiced).mean() > 0.98 and loud.voiced.mean() > 0.5
     silent = sp.features(np.zeros(sp.SAMPLE_RATE, np.float32))
     assert silent.frames == 30 and not silent.voiced.any() and (silent.rms == sp.FLOOR_DB).all()
+    # steady hiss or hum is no speech at any level; speech over a -50 dBFS hiss still is
+    rng = np.random.default_rng(0)
+    for dbfs in (-75, -62, -45, -25):
+        hiss = rng.normal(size=2 * sp.SAMPLE_RATE).astype(np.float32)
+        hiss *= 10 ** (dbfs / 20) / hiss.std()
+        heard = sp.features(hiss)
+        assert not heard.voiced.any() and (heard.mel == sp.FLOOR_DB).all(), dbfs
+    hiss = rng.normal(size=len(clip)).astype(np.float32)
+    noisy = sp.features(clip + hiss * (10 ** (-50 / 20) / hiss.std()))
+    assert (noisy.voiced == loud.voiced).mean() > 0.9
 
 
 def test_a_saved_model_loads_and_speaks_the_same(speech: np.ndarray, tmp_path: Path) -> None:
@@ -169,3 +180,43 @@ def test_the_mouth_is_predicted_in_chunks_with_the_values_of_one_pass(speech: np
     chunked = model.predict_mouth(feats)
     for name in sp.MOUTH_BLOCKS:
         np.testing.assert_allclose(chunked[name], whole[name], atol=1e-5, err_msg=name)
+
+
+def test_a_subsampled_graph_keeps_its_natural_continuations(speech: np.ndarray) -> None:
+    """More training frames than `max_states`: starts are thinned with a stride dividing the segment length, so a
+    long stretch of similar speech still plays the person's own continuous motion (few seams)."""
+    model = learn(speech, 12.0, segment=15, max_states=150)  # 360 frames: stride 3
+    starts = model._states()
+    assert len(starts) <= 150 and set(starts + 15) & set(starts)
+    assert all((s + 15) in set(starts) for s in starts if s + 30 <= 360)
+    feats = model.feats.window(0, 300)  # the training audio itself: the path may follow the video as it was
+    _, said = model.synthesise(feats, seed=0)
+    assert len(said["seam_frames"]) < said["segments"] // 2
+
+
+def test_a_blend_longer_than_a_segment_is_refused_in_params() -> None:
+    from pydantic import ValidationError
+
+    from tasks.stages.speech import SpeechParams
+
+    with pytest.raises(ValidationError, match="blend"):
+        SpeechParams(segment=6, blend=12)
+    assert SpeechParams(segment=12, blend=12).blend == 12
+
+
+def test_an_audio_only_file_is_audio_whatever_its_suffix(speech: np.ndarray, tmp_path: Path) -> None:
+    import av
+
+    wav = tmp_path / "v.wav"
+    aud.write_wav(wav, speech[: sp.SAMPLE_RATE])
+    mp4 = tmp_path / "voice.mp4"
+    with av.open(str(wav)) as src, av.open(str(mp4), "w") as dst:
+        stream = dst.add_stream("aac", rate=sp.SAMPLE_RATE, layout="mono")
+        for frame in src.decode(audio=0):
+            frame.pts = None
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    assert aud.is_audio(wav) and aud.is_audio(mp4)
+    assert not aud.is_audio(shared_video("halfbody_portrait.mp4"))  # a video with sound is a video
