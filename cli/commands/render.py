@@ -10,7 +10,7 @@ import typer
 from cli import show
 from cli.app import app, motion_app, out, say
 from cli.env import run_flow, workspace
-from core.workspace import check_identity_name
+from core.workspace import Workspace, check_identity_name
 
 
 @app.command()
@@ -73,13 +73,13 @@ def speak(
     say(f"video: {summary['video']}")
 
 
-def _check_speech(ws: object, name: str, audio: Path) -> None:
+def _check_speech(ws: Workspace, name: str, audio: Path) -> None:
     """Bad audio or an identity without a speech model: one line, before Prefect starts."""
     from flows.render import speech_model
     from tasks.audio import check
 
     check(audio)
-    speech_model(ws, name)  # type: ignore[arg-type]
+    speech_model(ws, name)
 
 
 @app.command()
