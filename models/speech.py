@@ -44,6 +44,15 @@ CONFIG = "speech_model.json"
 WEIGHTS = "speech_model.npz"
 
 
+def single_thread() -> Any:
+    """BLAS sums in another order with more threads, so features, regressor and graph would differ in the last bits
+    between a CLI process and a Dask worker (which runs BLAS on one thread): one thread everywhere makes every
+    result here bitwise the same wherever it runs. The matrices are small; it costs nothing measurable."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 # ------------------------------------------------------------------------------------------------ audio features
 @dataclass
 class Features:
@@ -72,6 +81,11 @@ def frames_of(samples: int) -> int:
 def features(y: np.ndarray) -> Features:
     """`y`: mono float samples at SAMPLE_RATE. Analysed CHUNK_FRAMES at a time with a margin wider than any
     analysis window (the same values as in one pass), then normalised over the whole recording."""
+    with single_thread():
+        return _features(y)
+
+
+def _features(y: np.ndarray) -> Features:
     import librosa
 
     y = np.asarray(y, np.float32)
@@ -127,12 +141,13 @@ def mouth_inputs(f: Features, context: int) -> np.ndarray:
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Standardised ridge regression: (mean_x, scale_x, weights with bias row, ...) for `predict`."""
-    mx, sx = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mx) / sx
-    my = y.mean(0)
-    a = xs.T @ xs + alpha * len(xs) * np.eye(xs.shape[1])
-    w = np.linalg.solve(a, xs.T @ (y - my))
+    """Standardised ridge regression: (mean of x, scale of x, weights, mean of y)."""
+    with single_thread():
+        mx, sx = x.mean(0), x.std(0) + 1e-6
+        xs = (x - mx) / sx
+        my = y.mean(0)
+        a = xs.T @ xs + alpha * len(xs) * np.eye(xs.shape[1])
+        w = np.linalg.solve(a, xs.T @ (y - my))
     return mx, sx, w, my
 
 
@@ -144,7 +159,8 @@ def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, context: int,
 
     x = inputs(train)
     mx, sx, w, my = ridge(x, np.asarray(jaw, np.float64)[:, None], alpha)
-    return (((np.clip(inputs(test), x.min(0), x.max(0)) - mx) / sx) @ w + my)[:, 0]
+    with single_thread():
+        return (((np.clip(inputs(test), x.min(0), x.max(0)) - mx) / sx) @ w + my)[:, 0]
 
 
 def jaw_angle(jaw_pose: np.ndarray) -> np.ndarray:
@@ -201,6 +217,10 @@ class SpeechModel:
         return model
 
     def predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
+        with single_thread():
+            return self._predict_mouth(feats)
+
+    def _predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
         from scipy.ndimage import gaussian_filter1d
 
         m, c = self.mouth, self.config["context"]
@@ -261,6 +281,10 @@ class SpeechModel:
     def synthesise(self, feats: Features, seed: int = 0, progress: Any = None) -> tuple[dict[str, np.ndarray],
                                                                                       dict[str, Any]]:
         """SMPL-X blocks for every frame of `feats` (30 fps): the graph path, blended seams, the predicted mouth."""
+        with single_thread():
+            return self._synthesise(feats, seed, progress)
+
+    def _synthesise(self, feats: Features, seed: int, progress: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         c, length = self.config, self.config["segment"]
         t_total = feats.frames
         steps = max(1, int(np.ceil(t_total / length)))

@@ -220,3 +220,18 @@ def test_an_audio_only_file_is_audio_whatever_its_suffix(speech: np.ndarray, tmp
             dst.mux(packet)
     assert aud.is_audio(wav) and aud.is_audio(mp4)
     assert not aud.is_audio(shared_video("halfbody_portrait.mp4"))  # a video with sound is a video
+
+
+def test_the_model_and_its_motion_are_the_same_bits_whatever_the_blas_threads(speech: np.ndarray) -> None:
+    """A Dask worker runs BLAS on one thread, a CLI process on all cores: learning and speaking must not care."""
+    from threadpoolctl import threadpool_limits
+
+    made = []
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            model = learn(speech, 6.0)
+            blocks, _ = model.synthesise(sp.features(speech[8 * sp.SAMPLE_RATE: 12 * sp.SAMPLE_RATE]), seed=2)
+        made.append((model.mouth, model.feats.mel, blocks))
+    (m1, f1, b1), (m2, f2, b2) = made
+    assert all(np.array_equal(m1[k], m2[k]) for k in m1) and np.array_equal(f1, f2)
+    assert all(np.array_equal(b1[k], b2[k]) for k in b1)
