@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,18 +33,26 @@ def is_audio(path: Path) -> bool:
         return False
 
 
-def decode(path: Path, rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
-    """The first audio stream of `path` as mono float32 samples at `rate`; refuses (before decoding it all) audio
-    longer than `max_seconds`."""
+def _open_audio(path: Path) -> Any:
+    """The container and its first audio stream, or the one-line reason there is none."""
     import av
 
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as exc:
         raise InputError(f"{path}: not an audio or video file ({_reason(exc)})") from None
-    with container:
-        if not container.streams.audio:
-            raise InputError(f"{path}: no audio stream")
+    if not container.streams.audio:
+        container.close()
+        raise InputError(f"{path}: no audio stream")
+    return container
+
+
+def decode(path: Path, rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """The first audio stream of `path` as mono float32 samples at `rate`; refuses (before decoding it all) audio
+    longer than `max_seconds`."""
+    import av
+
+    with _open_audio(path) as container:
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         chunks: list[np.ndarray] = []
@@ -85,13 +94,7 @@ def check(path: Path) -> None:
     """Refuse, quickly, a file that is not audio or holds no samples (decodes only until one video frame's worth)."""
     import av
 
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as exc:
-        raise InputError(f"{path}: not an audio or video file ({_reason(exc)})") from None
-    with container:
-        if not container.streams.audio:
-            raise InputError(f"{path}: no audio stream")
+    with _open_audio(path) as container:
         got = 0
         try:
             for frame in container.decode(container.streams.audio[0]):

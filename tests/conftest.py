@@ -78,6 +78,21 @@ def cut_clip(src: Path, dst: Path, frames: int, width: int, height: int, audio: 
     return dst
 
 
+def encode_aac(wav: Path, out: Path) -> Path:
+    """A wav re-encoded as AAC in whatever container `out`'s suffix names (.m4a, .mp4: audio only)."""
+    import av
+
+    with av.open(str(wav)) as src, av.open(str(out), "w") as dst:
+        stream = dst.add_stream("aac", rate=src.streams.audio[0].rate, layout="mono")
+        for frame in src.decode(audio=0):
+            frame.pts = None
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    return out
+
+
 def _add_audio(src: Path, video: Path, seconds: float) -> None:
     """Mux the first `seconds` of `src`'s audio into `video` (its video stream copied as is)."""
     import av

@@ -14,6 +14,7 @@ import base64
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -133,15 +134,28 @@ def _series(rows: list[dict[str, str]], column: str) -> tuple[np.ndarray, np.nda
     return arr[:, 0], arr[:, 1]
 
 
-def fit_plot_svg(rows: list[dict[str, str]], boundaries: list[tuple[int, str]]) -> str:
-    """Reprojection error per frame and part (% of the crop), clip boundaries marked; inline SVG, reproducible."""
+def _svg(draw: Callable[[Any], None], height: float) -> str:
+    """A full-width plot drawn by `draw(axes)`, as inline SVG that is the same bytes for the same data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with matplotlib.rc_context({"svg.hashsalt": "anchor-report", "svg.fonttype": "none"}):
-        fig, ax = plt.subplots(figsize=(9, 2.8), dpi=96)
+        fig, ax = plt.subplots(figsize=(9, height), dpi=96)
+        draw(ax)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def fit_plot_svg(rows: list[dict[str, str]], boundaries: list[tuple[int, str]]) -> str:
+    """Reprojection error per frame and part (% of the crop), clip boundaries marked; inline SVG, reproducible."""
+    def draw(ax: Any) -> None:
         for part in ("body", "hands", "face"):
             x, y = _series(rows, f"{part}_pct")
             if len(x):
@@ -150,13 +164,8 @@ def fit_plot_svg(rows: list[dict[str, str]], boundaries: list[tuple[int, str]]) 
             ax.axvline(start, color="#bbb" if split == "train" else "#d55", lw=0.6)
         ax.set_xlabel("frame (all clips in order; red lines start held-out clips)")
         ax.set_ylabel("error, % of crop")
-        ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-        plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
+
+    return _svg(draw, 2.8)
 
 
 def write_plots(folder: Path, fit_rows: list[dict[str, str]], lmd_rows: list[dict[str, str]]) -> list[str]:
@@ -201,25 +210,14 @@ def stage_times(artifacts: dict[str, Path]) -> list[dict[str, Any]]:
 
 def jaw_plot_svg(series: dict[str, np.ndarray]) -> str:
     """Jaw opening over the held-out frames: the real fit, the speech model's and the loudness baseline's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with matplotlib.rc_context({"svg.hashsalt": "anchor-report", "svg.fonttype": "none"}):
-        fig, ax = plt.subplots(figsize=(9, 2.4), dpi=96)
+    def draw(ax: Any) -> None:
         for key, label, style in (("jaw_real", "real (fitted)", "-"), ("jaw_generated", "speech model", "-"),
                                   ("jaw_loudness", "loudness baseline", ":")):
             ax.plot(np.degrees(series[key]), style, lw=1.0, label=label)
         ax.set_xlabel("held-out frame")
         ax.set_ylabel("jaw opening, degrees")
-        ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-        plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
+
+    return _svg(draw, 2.4)
 
 
 def speech_section(inputs: dict[str, Path], seed: int, side: int, shown: int = 4) -> dict[str, Any]:

@@ -180,12 +180,13 @@ def compare(model_dir: Path, real: dict[str, np.ndarray], audio: np.ndarray, joi
     baseline's), beat consistency of generated, real and real-shuffled-in-1-s-pieces motion, jerk at the seams over
     the real motion's. `joints`: blocks → (T, J, 3) SMPL-X joints of the identity."""
     from models import speech as sp
+    from tasks.audio import quantised
 
     n = len(real["transl"])
-    gen, said = synthesise(model_dir, audio, seed)
-    gen = {k: v[:n] for k, v in gen.items()}
     model = SpeechModel.load(model_dir)
-    feats = features(audio)
+    feats = features(quantised(audio))  # as `synthesise` reads it: one analysis for the motion and the baseline
+    gen, said = model.synthesise(feats, seed)
+    gen = {k: v[:n] for k, v in gen.items()}
     jaw_real, jaw_gen = sp.jaw_angle(real["jaw_pose"]), sp.jaw_angle(gen["jaw_pose"])
     jaw_loud = sp.loudness_jaw(model.feats, sp.jaw_angle(model.blocks["jaw_pose"]), feats, model.config["context"],
                                model.config["ridge_alpha"])[:n]

@@ -21,7 +21,16 @@ from tasks import runner, smplx_table
 from tasks.registry import artifact_dir
 from tasks.stages import motion as motion_task
 from tasks.stages import speech as speech_task
-from tests.conftest import ONBOARDED_ID, cli, copy_workspace, cut_clip, set_param, shared_video, video_frames
+from tests.conftest import (
+    ONBOARDED_ID,
+    cli,
+    copy_workspace,
+    cut_clip,
+    encode_aac,
+    set_param,
+    shared_video,
+    video_frames,
+)
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -39,18 +48,6 @@ def voice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("audio") / "voice.wav"
     aud.write_wav(path, y[5 * sp.SAMPLE_RATE: 7 * sp.SAMPLE_RATE])
     return path
-
-
-def encode_m4a(wav: Path, out: Path) -> Path:
-    with av.open(str(wav)) as src, av.open(str(out), "w") as dst:
-        stream = dst.add_stream("aac", rate=sp.SAMPLE_RATE, layout="mono")
-        for frame in src.decode(audio=0):
-            frame.pts = None
-            for packet in stream.encode(frame):
-                dst.mux(packet)
-        for packet in stream.encode():
-            dst.mux(packet)
-    return out
 
 
 def test_onboarding_learns_the_speech_model_from_the_training_clips_only(ws: Workspace) -> None:
@@ -85,7 +82,7 @@ def test_speech_motion_is_keyed_by_audio_and_model_and_lasts_as_long_as_the_audi
     assert stage_motion(ws, None, ID, str(elsewhere), None)[0] == key  # type: ignore[arg-type]  # content, not path
     # another seed, other gestures under another key; the same speech as m4a: the same length
     assert stage_motion(ws, None, ID, str(voice), None, seed=7)[0] != key  # type: ignore[arg-type]
-    m4a = encode_m4a(voice, tmp_path / "voice.m4a")
+    m4a = encode_aac(voice, tmp_path / "voice.m4a")
     _, as_m4a = stage_motion(ws, None, ID, str(m4a), None)  # type: ignore[arg-type]
     assert abs(motion_task.read_info(as_m4a)["frames"] - 60) <= 1
     # silence is not an error: the anchor at rest, the mouth less open than while it speaks (1.5 s of fitted training

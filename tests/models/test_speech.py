@@ -13,7 +13,7 @@ from core.errors import InputError
 from models import speech as sp
 from tasks import audio as aud
 from tasks import smplx_table
-from tests.conftest import shared_video
+from tests.conftest import encode_aac, shared_video
 
 CONFIG = {"segment": 12, "blend": 6, "bins": 4, "context": 4, "ridge_alpha": 0.3, "mouth_smoothing": 1.0,
           "max_states": 1500, "seam_penalty": 1.0, "velocity_weight": 4.0, "repeat_penalty": 5.0, "variety": 0.1}
@@ -205,19 +205,9 @@ def test_a_blend_longer_than_a_segment_is_refused_in_params() -> None:
 
 
 def test_an_audio_only_file_is_audio_whatever_its_suffix(speech: np.ndarray, tmp_path: Path) -> None:
-    import av
-
     wav = tmp_path / "v.wav"
     aud.write_wav(wav, speech[: sp.SAMPLE_RATE])
-    mp4 = tmp_path / "voice.mp4"
-    with av.open(str(wav)) as src, av.open(str(mp4), "w") as dst:
-        stream = dst.add_stream("aac", rate=sp.SAMPLE_RATE, layout="mono")
-        for frame in src.decode(audio=0):
-            frame.pts = None
-            for packet in stream.encode(frame):
-                dst.mux(packet)
-        for packet in stream.encode():
-            dst.mux(packet)
+    mp4 = encode_aac(wav, tmp_path / "voice.mp4")
     assert aud.is_audio(wav) and aud.is_audio(mp4)
     assert not aud.is_audio(shared_video("halfbody_portrait.mp4"))  # a video with sound is a video
 
