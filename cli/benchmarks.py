@@ -238,7 +238,7 @@ def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4
 
 
 QUALITY_KEYS = ("pose_rate", "face_rate", "lmd_body_pct", "ssim_person", "nn_lmd_body_pct", "nn_ssim_person",
-                "train_min", "resolution")
+                "hand_rate_ratio", "nn_hand_rate_ratio", "train_min", "render_fps", "resolution")
 
 
 def hold_out_last_30_percent(workspace: Path, profile: str | None = None) -> None:
@@ -263,6 +263,7 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
     import subprocess
     import sys
 
+    from tasks.stages import metrics, report
 
     anchor = [sys.executable, "-m", "cli.main"]
     env = {**os.environ, "ANCHOR_WORKSPACE": str(workspace)}
@@ -281,8 +282,9 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
     run("evaluate", name)
     total_s = time.perf_counter() - t_all
     ws = Workspace(workspace)
-    results = (json.loads(p.read_text()) for p in sorted((ws.data / "renders" / name).glob("*/metrics/metrics.json")))
-    scored = next((r for r in results if r.get("motion") == f"{name}:test"), None)
+    results = ((p.parent.parent, json.loads(p.read_text()))
+               for p in sorted((ws.data / "renders" / name).glob("*/metrics/metrics.json")))
+    render_dir, scored = next(((d, r) for d, r in results if r.get("motion") == f"{name}:test"), (None, None))
     if scored is None:
         raise FileNotFoundError(f"{workspace}: the evaluation render left no metrics.json")
     log_path = registry.artifact_dir(ws, "finetune", name) / "body" / "train_log.json"
@@ -298,6 +300,10 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
             "nn_ssim_person": value("baseline_ssim_person"), "train_min": round(train_s / 60, 2),
             "resolution": resolution, "total_min": round(total_s / 60, 2), "frames": scored.get("frames"),
             "nn_pose_rate": nn_rates.get("body"), "nn_face_rate": nn_rates.get("face"), "profile": profile,
+            "hand_rate_ratio": scored.get("hand_rate_ratio"),
+            "nn_hand_rate_ratio": scored.get("baseline_hand_rate_ratio"),
+            "render_fps": report.render_fps({s: render_dir / s for s in report.RENDER_TIMED}, int(scored["frames"])),
+            "side_by_side": str(render_dir / "metrics" / metrics.SIDE_BY_SIDE),
             "report": str(ws.data / "reports" / name / "report.html")}
 
 

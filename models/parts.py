@@ -5,7 +5,8 @@ AnimateDiff motion adapter). `tiny` and `cpu` are written in the same layout on 
 through exactly the loading code a GPU machine uses:
 
 - `tiny`: small random-initialised configs, milliseconds per step; proves the plumbing, its pictures are noise.
-- `cpu`: the architecture sized to learn one person from scratch on a 2-core CPU at 256 px (docs/cpu-profile.md).
+- `cpu`: the architecture sized to learn one person from scratch on a 2-core CPU (docs/cpu-profile.md): the SGDM
+  at 128 px, a learned 2× refiner (trained in finetune) to 256 px.
   Nothing in it needs pretrained weights: the VAE is the lossless `SpaceToDepth` codec, the image encoder is
   `PatchTokens`, the UNets start random, and the motion modules are written with zero output projections, so the
   frozen video prior is the identity until real AnimateDiff weights replace it (none exist that fit these widths).
@@ -90,14 +91,15 @@ def write_tiny(root: Path, seed: int = 0) -> BasePaths:
     return paths
 
 
-def write_cpu(root: Path, seed: int = 0, factor: int = 8) -> BasePaths:
-    """The `cpu` profile's starting point: 256 px frames as (3·f²)×(256/f)² lossless latents, a three-level UNet
-    (64, 128, 128) with one layer per block and attention (reference cross-attention) only at the lowest level."""
+def write_cpu(root: Path, seed: int = 0, factor: int = 4, resolution: int = 128) -> BasePaths:
+    """The `cpu` profile's starting point: 128 px frames as (3·f²)×(128/f)² lossless latents (the 2× refiner the
+    finetune learns makes the 256 px output), a three-level UNet (64, 128, 128) with one layer per block and
+    attention (reference cross-attention) only at the lowest level."""
     torch.manual_seed(seed)
     paths = BasePaths(root / "sd15", root / "sd15_inpaint", root / "image_encoder", root / "motion_adapter")
     codec = SpaceToDepth(factor=factor)
     latent = codec.config.latent_channels
-    unet_cfg = dict(sample_size=256 // factor, out_channels=latent, layers_per_block=1,
+    unet_cfg = dict(sample_size=resolution // factor, out_channels=latent, layers_per_block=1,
                     block_out_channels=(64, 128, 128),
                     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=128,

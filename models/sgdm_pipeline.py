@@ -2,7 +2,8 @@
 
 A checkpoint folder holds the SGDM (unet/, controlnet/, image_proj, sgdm_config.json) and the parts it samples with:
 its codec (vae/: SD's VAE or the cpu profile's space-to-depth), its reference encoder (image_encoder/: CLIP vision
-or pixel patches), its scheduler (scheduler/) and model_index.json with the resolution it was trained at. So
+or pixel patches), its scheduler (scheduler/), optionally a 2× refiner (refiner/: the cpu profile's cascade, which
+denoises at half the output size) and model_index.json with the resolution it was trained at. So
 
     pipe = SGDMPipeline.from_pretrained("data/checkpoints/identities/demo/finetune/body").to("cuda", torch.float16)
     frames = pipe(conditions, reference, generator=torch.Generator().manual_seed(0))
@@ -31,19 +32,22 @@ from transformers import CLIPVisionModel
 from models import overlap, pipeline
 from models.codec import PatchTokens, SpaceToDepth, device_dtype, load_codec, load_encoder, saved_class
 from models.latents import LatentStore
+from models.refiner import Refiner
 from models.sgdm import SGDM
 
 INDEX = "model_index.json"
 PARTS = ("vae", "image_encoder", "scheduler")
+REFINER = "refiner"  # optional part
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
 Frames = Sequence[np.ndarray]  # H×W×3 uint8 images (masks: H×W uint8), read one window at a time
 
 
 class SGDMPipeline:
     def __init__(self, sgdm: SGDM, vae: AutoencoderKL | SpaceToDepth, image_encoder: CLIPVisionModel | PatchTokens,
-                 scheduler: Any, resolution: int) -> None:
+                 scheduler: Any, resolution: int, refiner: Refiner | None = None) -> None:
         self.sgdm, self.vae, self.image_encoder, self.scheduler = sgdm, vae, image_encoder, scheduler
-        self.resolution = int(resolution)
+        self.refiner = refiner
+        self.resolution = int(resolution)  # the SGDM's frames; the output's is `output_resolution`
         factor = pipeline.vae_factor(vae)
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the codec's factor {factor}")
@@ -61,9 +65,10 @@ class SGDMPipeline:
         if missing:
             raise FileNotFoundError(f"{path}: checkpoint lacks {', '.join(missing)}")
         dtype = torch_dtype or torch.float32
+        refiner = Refiner.from_pretrained(path / REFINER, torch_dtype=dtype) if (path / REFINER).is_dir() else None
         return cls(SGDM.from_pretrained(path, torch_dtype=dtype), load_codec(path / "vae", dtype),
                    load_encoder(path / "image_encoder", dtype), load_scheduler(path / "scheduler"),
-                   config["resolution"])
+                   config["resolution"], refiner)
 
     def save_pretrained(self, path: str | Path, parts_from: dict[str, Path] | None = None) -> None:
         """Write the checkpoint folder. `parts_from` names folders to take the codec, encoder and scheduler from
@@ -75,14 +80,18 @@ class SGDMPipeline:
                 shutil.copytree(parts_from[name], path / name, copy_function=_link_or_copy)
             else:
                 getattr(self, name).save_pretrained(path / name)
+        if self.refiner is not None:
+            self.refiner.save_pretrained(path / REFINER)
         (path / INDEX).write_text(json.dumps({
             "_class_name": type(self).__name__, "resolution": self.resolution, "inpaint": self.inpaint,
-            "sgdm": ["models.sgdm", "SGDM"], "vae": _origin(self.vae), "image_encoder": _origin(self.image_encoder),
-            "scheduler": _origin(self.scheduler)}, indent=2, sort_keys=True) + "\n")
+            "output_resolution": self.output_resolution, "sgdm": ["models.sgdm", "SGDM"], "vae": _origin(self.vae),
+            "image_encoder": _origin(self.image_encoder), "scheduler": _origin(self.scheduler),
+            REFINER: ["models.refiner", "Refiner"] if self.refiner is not None else None},
+            indent=2, sort_keys=True) + "\n")
 
     # ----------------------------------------------------------------------------------------------- device
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SGDMPipeline:
-        for module in (self.sgdm, self.vae, self.image_encoder):
+        for module in (self.sgdm, self.vae, self.image_encoder, *([self.refiner] if self.refiner else [])):
             if dtype is None or dtype == device_dtype(module)[1]:  # a same-dtype cast only makes diffusers warn
                 module.to(device=device)
             else:
@@ -96,6 +105,11 @@ class SGDMPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.sgdm.parameters()).dtype
+
+    @property
+    def output_resolution(self) -> int:
+        """Side of the frames `__call__` returns: the SGDM's, or twice it through the refiner."""
+        return self.resolution * (2 if self.refiner is not None else 1)
 
     @property
     def inpaint(self) -> bool:
@@ -117,7 +131,8 @@ class SGDMPipeline:
                  noise: str = "independent", callback: Callable[[int, int], None] | None = None,
                  output: Callable[[int, np.ndarray], None] | None = None, max_latent_bytes: int = 1 << 31,
                  spill_dir: Path | None = None) -> np.ndarray | None:
-        """Frames (F, H, W, 3) uint8 for the mesh `conditions` (F images) and the identity's `reference` image.
+        """Frames (F, H, W, 3) uint8 at `output_resolution` for the mesh `conditions` (F images) and the identity's
+        `reference` image.
 
         Inpainting (face) checkpoints also take `images` (the frames whose masked part is redone) and `masks`
         (uint8, 255 = redo). `output(first, frames)` receives the frames a window at a time (then nothing is
@@ -167,10 +182,12 @@ class SGDMPipeline:
             overlap.denoise_store(predict, latents, scheduler, window, overlap_frames,
                                   on_step=(lambda i: callback(i, steps)) if callback else None)
 
-            # 5. decode a window at a time
+            # 5. decode a window at a time, 6. through the refiner when the checkpoint has one
             collected: list[np.ndarray] = []
             for w in overlap.chunks(n, window):
                 frames = pipeline.decode_latents(self.vae, latents.read(w))[0]  # (3, F, H, W) in [0, 1]
+                if self.refiner is not None:
+                    frames = self._refine(frames, [conditions[i] for i in range(w.start, w.stop)], reference)
                 done = (frames.permute(1, 2, 3, 0).float() * 255).round().to(torch.uint8).cpu().numpy()
                 if output is not None:
                     output(w.start, done)
@@ -181,6 +198,16 @@ class SGDMPipeline:
             if extras is not None:
                 extras.close()
         return np.concatenate(collected) if output is None else None
+
+
+    def _refine(self, frames: torch.Tensor, conditions: list[np.ndarray], reference: np.ndarray) -> torch.Tensor:
+        """(3, F, h, w) SGDM frames in [0, 1] → (3, F, 2h, 2w) with the refiner's detail added."""
+        side, dtype = self.output_resolution, self.dtype
+        cond = _video([_sized(c, side) for c in conditions])[0].permute(1, 0, 2, 3)
+        ref = _video([_sized(reference, side)])[0].permute(1, 0, 2, 3).expand(len(conditions), -1, -1, -1)
+        low = frames.permute(1, 0, 2, 3)
+        out = self.refiner(*(x.to(self.device, dtype) * 2 - 1 for x in (low, cond, ref)))
+        return ((out.float() + 1) / 2).permute(1, 0, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------------- parts

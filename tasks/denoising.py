@@ -3,11 +3,11 @@ dtype and the guidance scales."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.section import Section, check_profiles
+from core.section import PROFILES, Section, check_profiles
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -23,18 +23,33 @@ class WindowParams(Section):
 
     window: int = Field(16, ge=1, le=128, description="frames per denoising window")
     overlap: int = Field(4, ge=0, le=127, description="frames shared by neighbouring windows")
-    scheduler: Literal["ddim", "dpmpp", "unipc"] = Field(
-        "ddim", description="sampler over the trained noise schedule: ddim, or a multistep solver (DPM-Solver++, "
-        "UniPC) that reaches DDIM's frames in about half the steps")
+    scheduler: dict[str, Literal["ddim", "dpmpp", "unipc"]] = Field(
+        {"tiny": "ddim", "cpu": "dpmpp", "sd15": "ddim"}, description="sampler over the trained noise schedule, per "
+        "profile: ddim (the paper's), or a multistep solver (DPM-Solver++, UniPC) that reaches DDIM's frames in about "
+        "half the steps")
+    steps: dict[str, int] = Field({"tiny": 20, "cpu": 10, "sd15": 20}, description="denoising steps, per profile "
+                                  "(paper: 20 DDIM steps; cpu: 10 DPM-Solver++ steps)")
     dtype: dict[str, Literal["float32", "float16", "bfloat16"]] = Field(
         {"tiny": "float32", "cpu": "float32", "sd15": "float16"}, description="weights and activations on a GPU, "
         "per profile (always float32 on a CPU)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_for_all(cls, data: Any) -> Any:
+        """A single value for a per-profile knob holds for every profile (params.yaml files before the tables)."""
+        if isinstance(data, dict):
+            for name in ("scheduler", "steps"):
+                if name in data and not isinstance(data[name], dict):
+                    data = {**data, name: dict.fromkeys(PROFILES, data[name])}
+        return data
 
     @model_validator(mode="after")
     def _overlap(self) -> WindowParams:
         if self.overlap >= self.window:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
         check_profiles("dtype", self.dtype, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
+        check_profiles("scheduler", self.scheduler, lambda v: True, "")
+        check_profiles("steps", self.steps, lambda v: 1 <= v <= 1000, "steps must be between 1 and 1000")
         for name, low, high in (("guidance", 1, 20), ("control_scale", 0, 10)):
             if hasattr(self, name):
                 check_profiles(name, getattr(self, name), lambda v, lo=low, hi=high: lo <= v <= hi,

@@ -11,8 +11,8 @@ from core.section import PROFILES, Section, check_profiles
 
 TRAIN_LOG = "train_log.json"  # beside each checkpoint: the profile it was trained on, and its losses
 
-PER_PROFILE = ("steps", "face_steps", "lr", "resolution", "face_resolution", "ema", "mixed_precision",
-               "gradient_checkpointing")
+PER_PROFILE = ("steps", "face_steps", "refiner_steps", "lr", "resolution", "face_resolution", "ema",
+               "perturbed_share", "mixed_precision", "gradient_checkpointing")
 
 
 class TrainParams(Section):
@@ -21,9 +21,16 @@ class TrainParams(Section):
     steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="body model steps (cpu: "
                                   "nothing shared to learn before the identity, so its pretrain only initialises)")
     face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="face model steps")
+    refiner_steps: dict[str, int] = Field(
+        {"tiny": 0, "cpu": 0, "sd15": 0}, description="steps of the 2× refiner learnt on the identity's frames (0 = "
+        "none: the body SGDM renders at `resolution`; else the SGDM renders at half of it and the refiner makes the "
+        "rest)")
     lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 2e-4, "sd15": 1e-5})
-    resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px")
-    face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 128, "sd15": 256}, description="face crops, px")
+    refiner_lr: float = Field(1e-3, gt=0, le=1, description="the refiner's learning rate (cosine decay to a tenth)")
+    resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px (the "
+                                       "output's, also with a refiner)")
+    face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 96, "sd15": 256}, description="face crops, px "
+                                            "(cpu: 96, about the face's own size in a 256 px frame)")
     ema: dict[str, float] = Field({"tiny": 0.0, "cpu": 0.995, "sd15": 0.0}, description="decay of the weight "
                                   "average kept as the result (0 = the last weights)")
     video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
@@ -32,7 +39,10 @@ class TrainParams(Section):
     warmup: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     ref_drop: float = Field(0.1, ge=0, le=1, description="share of samples trained without the reference image, "
                             "so classifier-free guidance has a trained unconditional branch")
-    perturbed_share: float = Field(0.5, ge=0, le=1, description="share of samples conditioned on a perturbed mesh")
+    perturbed_share: dict[str, float] = Field(
+        {"tiny": 0.5, "cpu": 0.0, "sd15": 0.5}, description="share of samples conditioned on a perturbed mesh, per "
+        "profile (cpu: none; its model learns one person from minutes of steps, and the exact mesh teaches it where "
+        "the body is)")
     save_every: int = Field(100, ge=1, description="steps between resumable training states")
     mixed_precision: dict[str, Literal["no", "fp16", "bf16"]] = Field(
         {"tiny": "no", "cpu": "no", "sd15": "bf16"}, description="autocast on a GPU, per profile (a CPU trains in "
@@ -47,7 +57,7 @@ class TrainParams(Section):
     def _one_for_all(cls, data: Any) -> Any:
         """A single value for a per-profile knob holds for every profile (params.yaml files before the tables)."""
         if isinstance(data, dict):
-            for name in ("mixed_precision", "gradient_checkpointing"):
+            for name in ("mixed_precision", "gradient_checkpointing", "perturbed_share"):
                 if name in data and not isinstance(data[name], dict):
                     data = {**data, name: dict.fromkeys(PROFILES, data[name])}
         return data
@@ -57,6 +67,8 @@ class TrainParams(Section):
         for name in PER_PROFILE:
             if name == "ema":
                 check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
+            elif name == "perturbed_share":
+                check_profiles(name, self.perturbed_share, lambda v: 0 <= v <= 1, "shares must be in [0, 1]")
             elif name in ("mixed_precision", "gradient_checkpointing"):
                 check_profiles(name, getattr(self, name), lambda v: True, "")
             else:
@@ -69,7 +81,12 @@ class TrainParams(Section):
 
 def describe(s: dict[str, Any]) -> str:
     """A training stage's summary: per model, steps and loss."""
-    return "; ".join(f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
-                     for which in ("body", "face") if isinstance(m := s.get(which), dict))
+    def one(which: str, m: dict[str, Any]) -> str:
+        text = f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
+        if isinstance(r := m.get("refiner"), dict):
+            text += f" (refiner {r['steps']} steps, loss {r['loss_first']} → {r['loss_last']})"
+        return text
+
+    return "; ".join(one(which, m) for which in ("body", "face") if isinstance(m := s.get(which), dict))
 
 

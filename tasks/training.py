@@ -14,6 +14,7 @@ stopped (on a CPU, bit for bit).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -24,12 +25,14 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.errors import StageError
 from models import parts
+from models.refiner import Refiner, degrade
 from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
 from tasks.train_params import TRAIN_LOG
-from tasks.training_data import ClipBatches, load_identity
+from tasks.training_data import ClipBatches, Identity, load_identity
 
 STATE = "train_state"
 
@@ -201,12 +204,15 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
     frozen = {"vae": base_paths.sd15 / "vae", "image_encoder": base_paths.image_encoder,
               "scheduler": base_paths.sd15 / "scheduler"}
     summary: dict[str, Any] = {"profile": settings.profile}
+    refiner_steps = int(prof["refiner_steps"])
+    # with a refiner (the cpu cascade) the SGDM learns the frames at half the output side
+    body_res = int(prof["resolution"]) // (2 if refiner_steps else 1)
     for which, face in (("body", False), ("face", True)):
-        ids = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]),
+        ids = [load_identity(name, ingest, render, frames, res=body_res,
                              video_length=section.video_length, face=face, face_res=int(prof["face_resolution"]))
                for name, ingest, render, frames in sources]
         data = ClipBatches([i for i in ids if i is not None], vae, encoder, section.video_length,
-                           section.perturbed_share, face)
+                           float(prof["perturbed_share"]), face)
         model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(base_paths, face=face,
                                                                                  seed=section.seed)
         model.to(device)
@@ -218,9 +224,18 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                           gradient_checkpointing=bool(prof["gradient_checkpointing"]), ema=float(prof["ema"]))
         progress.start(f"training {which} SGDM", steps)
         result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
-        res = int(prof["face_resolution" if face else "resolution"])
-        SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res).save_pretrained(out / which,
-                                                                                        parts_from=frozen)
+        res = int(prof["face_resolution"]) if face else body_res
+        refiner, refined = None, None
+        if refiner_steps and not face:
+            full = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]), video_length=1)
+                    for name, ingest, render, frames in sources]
+            progress.start("training the 2× refiner", refiner_steps)
+            refiner = Refiner().to(device)
+            refined = train_refiner(refiner, [i for i in full if i is not None], refiner_steps, section.refiner_lr,
+                                    section.seed, scratch / "refiner", lambda: progress.advance(1))
+            refiner.to("cpu")
+        SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res, refiner).save_pretrained(
+            out / which, parts_from=frozen)
         losses = result["losses"]
         (out / which / TRAIN_LOG).write_text(json.dumps({"profile": settings.profile, "resolution": res,
                                                          "video_length": section.video_length,
@@ -232,4 +247,53 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                           "samples": sum(len(i.starts) for i in ids if i is not None),
                           "loss_first": round(sum(losses[:k]) / k, 5) if losses else None,
                           "loss_last": round(sum(losses[-k:]) / k, 5) if losses else None}
+        if refined is not None:
+            summary[which]["refiner"] = refined
     return summary
+
+
+REFINER_CROP = 128  # the refiner trains on crops of this side of the output frames (it is fully convolutional)
+REFINER_BATCH = 4
+
+
+def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: float, seed: int, out: Path,
+                  advance: Callable[[], None] | None = None, save_every: int = 100) -> dict[str, Any]:
+    """Learn `refiner` in place: each step, crops of the identities' own training frames, their mesh conditions and
+    another frame of theirs as reference; the input is the crop halved and degraded like a generated frame, the
+    target the crop itself (L1). Resumable and reproducible like `train`: per-step generators, saved states."""
+    if not identities:
+        raise StageError("no training frames for the refiner")
+    device = next(refiner.parameters()).device
+    refiner.train()
+    params = list(refiner.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = _load_state(refiner, opt, out)
+    losses: list[float] = []
+    for step in range(start, steps):
+        for group in opt.param_groups:  # cosine decay to a tenth: the last steps settle instead of jitter
+            group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        gen = _step_gen(seed, step, 0, 2)
+        real, cond, ref = [], [], []
+        for _ in range(REFINER_BATCH):
+            ident = identities[int(torch.randint(len(identities), (1,), generator=gen))]
+            i, r = (int(torch.randint(len(ident), (1,), generator=gen)) for _ in range(2))
+            crop = min(REFINER_CROP, ident.res)
+            y, x = (int(torch.randint((ident.res - crop) // 2 + 1, (1,), generator=gen)) * 2 for _ in range(2))
+            for images, image in ((real, ident.frame(i)), (cond, ident.cond(i)), (ref, ident.frame(r))):
+                images.append(torch.from_numpy(image[y:y + crop, x:x + crop].copy()).permute(2, 0, 1))
+        real_t, cond_t, ref_t = (torch.stack(v).float().div(127.5).sub(1).to(device) for v in (real, cond, ref))
+        low = degrade(real_t.cpu(), gen).to(device)
+        loss = torch.nn.functional.l1_loss(refiner(low, cond_t, ref_t), real_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            _save_state(refiner, opt, step + 1, out)
+        if advance:
+            advance()
+    refiner.eval()
+    k = max(1, len(losses) // 10)
+    return {"steps": steps, "resumed_at": start, "loss_first": round(sum(losses[:k]) / k, 5) if losses else None,
+            "loss_last": round(sum(losses[-k:]) / k, 5) if losses else None}

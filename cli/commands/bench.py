@@ -159,7 +159,8 @@ def bench_quality(video: Annotated[Path, typer.Option("--video", help="Video of 
                   as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
     """Learns the person from the first 70% of the video and renders the last 30% from its own fitted motion:
     MediaPipe pose/face found in the generated frames, body landmark distance (% of the frame) and SSIM inside the
-    person against the real frames, the same for the "nearest training frame" baseline, and training minutes.
+    person against the real frames, hands found (generated over real), the same for the "nearest training frame"
+    baseline, training minutes and render frames per second.
     Runs the `make demo` commands (about 23 minutes on 2 cores for a 20 s clip); their progress goes to stderr."""
     import shutil
     import tempfile
@@ -191,11 +192,14 @@ def bench_quality(video: Annotated[Path, typer.Option("--video", help="Video of 
                   "{:.2f}"), "≤ 1.5, below baseline")
     table.add_row("SSIM in the person", num(result["ssim_person"], "{:.3f}"), num(result["nn_ssim_person"], "{:.3f}"),
                   "≥ 0.80, above baseline")
+    table.add_row("hands found, generated / real (lower hand)", num(result["hand_rate_ratio"], "{:.2f}"),
+                  num(result["nn_hand_rate_ratio"], "{:.2f}"), "≥ 0.9")
     table.add_row("training minutes", f"{result['train_min']:.1f}", "", "≤ 20")
+    table.add_row("render frames/s (body + face + encoding)", num(result["render_fps"], "{:.2f}"), "", "≥ 2")
     table.add_row("total minutes (onboard → report)", f"{result['total_min']:.1f}", "", "≤ 30")
     out.print(table)
     if workspace is not None:
-        out.print(f"report: {result['report']}", markup=False)
+        out.print(f"report: {result['report']}\nside by side: {result['side_by_side']}", markup=False)
 
 
 @bench_app.command("memory")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import wave
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -65,9 +66,11 @@ def _audio(container: av.container.OutputContainer, wav: Path) -> tuple[Any, np.
     return stream, pcm, rate, layout
 
 
-def encode(frames: list[Path], out: Path, params: AssembleParams, wav: Path | None, progress: Progress) -> int:
-    """Frames (PNG paths, in order) → H.264 mp4; returns the number of video frames written."""
-    first = read_rgb(frames[0])
+def encode(frames: Sequence[Any], out: Path, params: AssembleParams, wav: Path | None, progress: Progress,
+           read: Callable[[Any], np.ndarray] = read_rgb) -> int:
+    """Frames (PNG paths, or anything `read` makes an RGB image of, in order) → H.264 mp4; returns the number of
+    video frames written."""
+    first = read(frames[0])
     h, w = first.shape[:2]
     with av.open(str(out), "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=FPS)
@@ -78,7 +81,7 @@ def encode(frames: list[Path], out: Path, params: AssembleParams, wav: Path | No
         progress.start("encoding video", len(frames))
         for i, path in enumerate(frames):
             # RGB → YUV 4:2:0 (BT.601, video range) by OpenCV, one deterministic conversion whatever the threads
-            yuv = cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2YUV_I420)
+            yuv = cv2.cvtColor(read(path), cv2.COLOR_RGB2YUV_I420)
             frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
             frame.pts = i
             for packet in video.encode(frame):

@@ -52,7 +52,6 @@ class FaceParams(WindowParams):
     """Algorithm 2: crop the generated face, inpaint it with the Face SGDM, blend it back."""
 
     enabled: bool = Field(True, description="false: frames pass through unchanged (`anchor render --no-face`)")
-    steps: int = Field(20, ge=1, le=1000)
     guidance: dict[str, float] = Field({"tiny": 3.5, "cpu": 1.0, "sd15": 3.5}, description="per profile")
     control_scale: dict[str, float] = Field({"tiny": 2.0, "cpu": 1.0, "sd15": 2.0}, description="per profile")
     feather: float = Field(0.06, ge=0, le=0.5, description="blend edge width, share of the face crop side")
@@ -202,7 +201,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
     feather = params.feather * fres
     gen = torch.Generator().manual_seed(params.seed)
-    progress.start("face: inpainting", params.steps * len(stretches))
+    progress.start("face: inpainting", params.steps[settings.profile] * len(stretches))
     for run_ in stretches:
         frames = [generated / frame_name(i, "png") for i in range(run_.start, run_.stop)]
 
@@ -220,13 +219,14 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         pipe(ImageFiles([out / COND / frame_name(i, "png") for i in range(run_.start, run_.stop)]), reference,
              images=ImageFiles(frames, transform=crop),
              masks=ImageFiles([out / MASK / frame_name(i, "png") for i in range(run_.start, run_.stop)], gray=True),
-             steps=params.steps, guidance=params.guidance[settings.profile],
+             steps=params.steps[settings.profile], guidance=params.guidance[settings.profile],
              control_scale=params.control_scale[settings.profile], window=params.window,
              overlap_frames=params.overlap, generator=gen, callback=lambda _step, _steps: progress.advance(1),
              output=blend, max_latent_bytes=compute.max_latent_bytes, spill_dir=out)
     return {"frames": n, "enhanced": sum(r is None for r in reasons), "runs": len(stretches),
             "resolution": fres, "missing": _count(reasons), "device": compute.device.type,
-            "dtype": str(pipe.dtype).removeprefix("torch."), "scheduler": params.scheduler, "face_check": check}
+            "dtype": str(pipe.dtype).removeprefix("torch."), "scheduler": params.scheduler[settings.profile],
+            "face_check": check}
 
 
 AWAY = "away from the body's face"

@@ -33,13 +33,15 @@ from core.stage import Stage
 from models import scores
 from tasks.devices import Compute
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
-from tasks.stages import face, keypoints, motion
+from tasks.stages import face, keypoints, motion, render_body
 from tasks.workers import run_parallel
 
 RESULT = "metrics.json"
 PER_FRAME = "lmd_per_frame.csv"
 NEAREST = "nearest"  # the baseline's frames, one PNG per render frame
 NEAREST_TABLE = "nearest.csv"  # which training frame each one copies, and both SSIMs per frame
+SIDE_BY_SIDE = "side_by_side.mp4"  # real | mesh condition | generated | nearest training frame, with the audio
+PANELS = ("real", "mesh condition", "generated", "nearest training frame")
 SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "baseline_lmd_body",
           "baseline_ssim_person")
 PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
@@ -70,7 +72,7 @@ STAGE = Stage(
     "metrics", flow="evaluate", scope="render",
     inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"), params=MetricsParams,
     weights=("inception_weights", "i3d_weights"), resource="gpu", device=True, in_dvc=False, describe=describe,
-    outputs=(RESULT, f"{PER_FRAME}?", f"{NEAREST}/?", f"{NEAREST_TABLE}?"),
+    outputs=(RESULT, f"{PER_FRAME}?", f"{NEAREST}/?", f"{NEAREST_TABLE}?", f"{SIDE_BY_SIDE}?"),
     description="FID, FVD, landmark distance face/body/hand, flicker against the real frames")
 
 
@@ -189,6 +191,42 @@ def _rates(rows: list[dict[str, Any]]) -> dict[str, float]:
             for part in ("body", "face", "left_hand", "right_hand")}
 
 
+def hand_rate_ratio(generated: dict[str, float], real: dict[str, float]) -> float | None:
+    """Share of frames where MediaPipe finds each hand, generated over real, the lower of the two hands (a hand
+    never found in the real frames does not count); None when neither is."""
+    ratios = [generated[h] / real[h] for h in ("left_hand", "right_hand") if real.get(h)]
+    return round(min(ratios), 4) if ratios else None
+
+
+class _Panels:
+    """The side-by-side frames, made one at a time when the encoder asks: `picks` in order, each a row of the
+    four panels at the render's side with their names."""
+
+    def __init__(self, picks: list[int], sources: list[Any], side: int) -> None:
+        self.picks, self.sources, self.side = picks, sources, side
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        t = self.picks[k]
+        row = np.concatenate([read(t) for read in self.sources], axis=1)
+        for i, name in enumerate(PANELS):
+            cv2.putText(row, name, (i * self.side + 4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1,
+                        cv2.LINE_AA)
+        return row
+
+
+def side_by_side(out: Path, picks: list[int], sources: list[Any], side: int, wav: Path | None,
+                 progress: Progress) -> None:
+    """real | mesh condition | generated | nearest training frame as one H.264 video (the assemble stage's
+    encoder), with the motion's audio when every frame is there to keep it in step."""
+    from tasks.stages import assemble
+
+    params = assemble.AssembleParams(crf=23, preset="veryfast")
+    assemble.encode(_Panels(picks, sources, side), out, params, wav, progress, read=lambda image: image)
+
+
 def _not(reason: str) -> dict[str, Any]:
     return {"value": None, "note": f"not computed: {reason}"}
 
@@ -232,6 +270,8 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
         row["frame"] = t
     result.update(lmd)
     result["detection_rate_generated"] = _rates(generated_lm)
+    result["detection_rate_real"] = _rates(real_lm)
+    result["hand_rate_ratio"] = hand_rate_ratio(result["detection_rate_generated"], result["detection_rate_real"])
     del generated_lm
 
     # the baseline: copy the training frame whose keypoints are nearest, scored exactly like the model
@@ -245,6 +285,8 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     nn_lmd, _ = landmark_scores(nn_lm, real_lm, side, params.hand_outlier)
     result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
     result["baseline_detection_rate"] = _rates(nn_lm)
+    result["baseline_hand_rate_ratio"] = hand_rate_ratio(result["baseline_detection_rate"],
+                                                         result["detection_rate_real"])
     result["baseline"] = ("each held-out frame replaced by the training frame whose body and hand keypoints are "
                           "nearest (mean distance over the points inside the frame found in both, among the "
                           "training frames sharing the most of them)")
@@ -299,6 +341,12 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
         g, r = fvd.i3d_features(net, clips(gen_image)), fvd.i3d_features(net, clips(real_image))
         result["fvd"] = {"value": round(fvd.fvd(g, r), 4), "clips": len(g)}
     progress.advance(1)
+
+    wav = inputs["motion"] / motion.AUDIO
+    cond_dir = inputs["render_body"] / render_body.COND
+    side_by_side(out / SIDE_BY_SIDE, picks, [real_image, lambda t: read_rgb(cond_dir / frame_name(t, "png"), res),
+                                             gen_image, lambda t: read_rgb(nn_paths[t])],
+                 res, wav if wav.is_file() and len(picks) == n else None, progress)
 
     (out / RESULT).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     with open(out / PER_FRAME, "w", newline="") as f:

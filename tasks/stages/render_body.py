@@ -35,7 +35,6 @@ class RenderBodyParams(WindowParams):
     """Algorithm 1 over the whole motion. Paper defaults: window 16, overlap 4, 20 DDIM steps, CFG 3.5, W_c 2
     (CFG 1 and W_c 1 on the cpu profile)."""
 
-    steps: int = Field(20, ge=1, le=1000, description="DDIM steps")
     guidance: dict[str, float] = Field(
         {"tiny": 3.5, "cpu": 1.0, "sd15": 3.5}, description="classifier-free guidance scale on the reference image, "
         "per profile (1 = the conditional branch only, half the cost: cpu's model learns one person, whose "
@@ -117,7 +116,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
     n = len(blocks["transl"])
     betas, side, K = camera(inputs["smplx_fit"], settings)
     pipe = load_pipeline(inputs["finetune"] / "body", params, settings.profile, compute)
-    res = pipe.resolution
+    res = pipe.output_resolution  # conditions at the output's side: the refiner reads them there, the SGDM halved
     (out / COND).mkdir()
     (out / FRAMES).mkdir()
     render_conditions(out / COND, inputs["body_model"], betas, blocks, K, side, res, settings.render_mesh.ambient,
@@ -134,9 +133,9 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
         if step == steps:
             progress.start("decoding frames", n)
 
-    progress.start(f"denoising {n} frames", params.steps)
+    progress.start(f"denoising {n} frames", params.steps[settings.profile])
     pipe(ImageFiles([out / COND / frame_name(i, "png") for i in range(n)]), read_rgb(ref),
-         steps=params.steps, guidance=params.guidance[settings.profile],
+         steps=params.steps[settings.profile], guidance=params.guidance[settings.profile],
          control_scale=params.control_scale[settings.profile], window=params.window, overlap_frames=params.overlap,
          generator=torch.Generator().manual_seed(params.seed), noise=params.noise,
          callback=on_step, output=write, max_latent_bytes=compute.max_latent_bytes, spill_dir=out)
@@ -144,7 +143,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
             "windows": len(overlap.windows(n, params.window, params.overlap)),
             "frame_evals_per_step": overlap.evaluations_per_step(n, params.window, params.overlap),
             "device": compute.device.type, "dtype": str(pipe.dtype).removeprefix("torch."),
-            "scheduler": params.scheduler}
+            "scheduler": params.scheduler[settings.profile]}
 
 
 def load_pipeline(checkpoint: Path, params: Any, profile: str, compute: Compute) -> Any:
@@ -159,5 +158,7 @@ def load_pipeline(checkpoint: Path, params: Any, profile: str, compute: Compute)
     pipe.sgdm.eval().skip_identity_temporal()
     pipe.vae.eval()
     pipe.image_encoder.eval()
-    pipe.use_scheduler(params.scheduler)
+    if pipe.refiner is not None:
+        pipe.refiner.eval()
+    pipe.use_scheduler(params.scheduler[profile])
     return pipe

@@ -198,6 +198,24 @@ def detection_rates(keypoints_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+RENDER_TIMED = ("render_body", "face", "assemble")  # what a render costs, frames to video
+
+
+def render_fps(ev: dict[str, Path], frames: int) -> float | None:
+    """Frames per second of the evaluation render, body + face + assemble, from their manifests' run times."""
+    seconds = [(read_manifest(ev[s]) or {}).get("duration_s") for s in RENDER_TIMED if s in ev]
+    if len(seconds) != len(RENDER_TIMED) or any(t is None for t in seconds) or not sum(seconds):
+        return None
+    return round(frames / sum(seconds), 3)
+
+
+def video_uri(path: Path) -> str | None:
+    """An mp4 as a data URI, so the page plays it with nothing beside it."""
+    if not path.is_file():
+        return None
+    return f"data:video/mp4;base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
 def stage_times(artifacts: dict[str, Path]) -> list[dict[str, Any]]:
     """For each stage, how long the run that made the artifact shown here took (from its manifest)."""
     out = []
@@ -312,6 +330,8 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         "frames": n,
         "detection_rate": real_rates.get("all", {}),
         "detection_rate_generated": scored.get("detection_rate_generated", {}),
+        "hand_rate_ratio": scored.get("hand_rate_ratio"),
+        "render_fps": render_fps(ev, n),
         "fit_error_pct": fit_summary.get("error_pct", {}),
         "fit_jitter_ratio": fit_summary.get("jitter_ratio"),
     })
@@ -336,7 +356,10 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         sampled=scored.get("sampled"),
         framing=((read_manifest(ev["motion"]) or {}).get("summary") or {}).get("framing"),
         face_check=((read_manifest(ev["face"]) or {}).get("summary") or {}).get("face_check"),
-        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1), speech=spoken)
+        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1), speech=spoken,
+        video=video_uri(ev["metrics"] / metrics.SIDE_BY_SIDE), panels=metrics.PANELS,
+        hand_ratio=scored.get("hand_rate_ratio"), nn_hand_ratio=scored.get("baseline_hand_rate_ratio"),
+        fps_render=dvc_metrics["render_fps"])
     (out / HTML).write_text(page)
     return {"frames": n, "samples": len(cells), "metrics": {k: dvc_metrics[k] for k in ROWS},
             "stages_timed": sum(t["seconds"] is not None for t in times)}
@@ -386,6 +409,12 @@ Hand outliers: {{ hand_rule }}.
 LMD is in pixels at this identity's crop; the paper's at its own crop and with OpenPose, so compare
 tendencies, not digits. FID/FVD over one identity's held-out frames are small-sample estimates.</p>
 
+<h2>The held-out clips side by side</h2>
+{% if video %}<video controls preload="metadata" style="width:100%" src="{{ video }}"></video>
+<p class="muted">{{ panels|join(" | ") }}{% if sampled %} (the scored frames only, without audio){% endif %}.
+{% if fps_render %}Rendered at {{ fps_render }} frames/s (body, face and encoding).{% endif %}</p>
+{% else %}<p>No side-by-side video (made before the metrics stage wrote one).</p>{% endif %}
+
 <h2>Detection rates (MediaPipe on the real frames)</h2>
 <table><tr><th>split</th>{% for p in real_rates.get("all", {}) %}<th>{{ p }}</th>{% endfor %}</tr>
 {% for split, rates in real_rates.items() %}<tr><td>{{ split }}</td>
@@ -394,6 +423,9 @@ tendencies, not digits. FID/FVD over one identity's held-out frames are small-sa
 {% for p in real_rates.get("all", {}) %}<td class="n">{% if p in generated_rates %}{{ "%.1f"|format(100 *
 generated_rates[p]) }} %{% else %}—{% endif %}</td>{% endfor %}</tr>{% endif %}
 </table>
+{% if hand_ratio is not none %}<p>Hands found in the generated frames over the real ones (the lower hand):
+{{ hand_ratio }}{% if nn_hand_ratio is not none %} (nearest training frame: {{ nn_hand_ratio }}){% endif %}.</p>
+{% endif %}
 
 <h2>SMPL-X fit</h2>
 <p>Median reprojection error: {% for p, v in fit.get("error_pct", {}).items() %}{{ p }}

@@ -69,6 +69,22 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     assert "<svg" in page and "35.91" in page and "53.38" in page and "OpenPose" in page
     assert "not computed: no Inception weights" in page and "not computed: no I3D weights" in page
     assert "pictures are noise" in page  # the tiny profile says so
+    # the held-out clips side by side, embedded: real | mesh | generated | nearest, every frame, with the audio
+    import base64
+
+    import av
+
+    videos = re.findall(r'<video controls preload="metadata" style="width:100%" src="data:video/mp4;base64,([^"]+)"',
+                        page)
+    assert len(videos) == 1
+    (ws.root / "side.mp4").write_bytes(base64.b64decode(videos[0]))
+    with av.open(str(ws.root / "side.mp4")) as container:
+        assert [s.type for s in container.streams] == ["video", "audio"]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    side = json.loads((artifact_dir(ws, "finetune", ID) / "body" / "model_index.json").read_text())["resolution"]
+    assert len(frames) == 19 and frames[0].shape == (side, 4 * side, 3)
+    assert (next(ws.root.glob(f"data/renders/{ID}/*/metrics/side_by_side.mp4"))).read_bytes() == \
+        base64.b64decode(videos[0])
     # its own held-out motion is inside its own framing; the face stage's check is counted, every shown face once
     assert re.search(r"head or shoulders outside the training frames' framing in\s+0\.0 %", page), page
     check = read_manifest(next(ws.root.glob(f"data/renders/{ID}/*/face")))["summary"]["face_check"]
@@ -85,6 +101,11 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
         assert f"<tr><td>{stage}</td>" in times
     scored = json.loads((report / "metrics.json").read_text())
     assert scored["fid"] is None and scored["fvd"] is None and scored["frames"] == 19
+    assert scored["render_fps"] > 0 and f"Rendered at {scored['render_fps']} frames/s" in page
+    metrics_file = json.loads(next(ws.root.glob(f"data/renders/{ID}/*/metrics/metrics.json")).read_text())
+    real_hands = [metrics_file["detection_rate_real"][h] for h in ("left_hand", "right_hand")]
+    assert scored["hand_rate_ratio"] == metrics_file["hand_rate_ratio"]
+    assert (scored["hand_rate_ratio"] is None) == (not any(real_hands))
     # the held-out audio through the speech model, against the real held-out motion
     spoken = page[page.index("Speech-driven motion"):page.index("Time per stage")]
     assert "jaw correlation" in spoken and spoken.count("<svg") == 1

@@ -24,11 +24,11 @@ def cpu_paths(tmp_path_factory: pytest.TempPathFactory) -> parts.BasePaths:
 
 def test_space_to_depth_is_lossless_and_loads_from_its_folder(cpu_paths: parts.BasePaths) -> None:
     vae = parts.load_vae(cpu_paths)
-    assert isinstance(vae, SpaceToDepth) and pipeline.vae_factor(vae) == 8
-    assert vae.config.latent_channels == 192 and parts.vae_factor_from_config(cpu_paths.sd15 / "vae") == 8
+    assert isinstance(vae, SpaceToDepth) and pipeline.vae_factor(vae) == 4
+    assert vae.config.latent_channels == 48 and parts.vae_factor_from_config(cpu_paths.sd15 / "vae") == 4
     frames = torch.randint(0, 256, (1, 3, 2, 64, 64)).float() / 255
     latents = pipeline.encode_frames(vae, frames)
-    assert latents.shape == (1, 192, 2, 8, 8)
+    assert latents.shape == (1, 48, 2, 16, 16)
     # a pixel lands in one channel of one latent cell: the top-left pixel of frame 1 is channel 0 of cell (0, 0)
     assert latents[0, 0, 1, 0, 0] == pytest.approx(float(frames[0, 0, 1, 0, 0]) * 2 - 1)
     assert torch.allclose(pipeline.decode_latents(vae, latents), frames, atol=1e-6)
@@ -50,21 +50,21 @@ def test_patch_tokens_are_the_reference_pixels(cpu_paths: parts.BasePaths) -> No
 
 def test_cpu_base_builds_both_sgdms_with_identity_motion_modules(cpu_paths: parts.BasePaths) -> None:
     body, face = parts.new_sgdm(cpu_paths), parts.new_sgdm(cpu_paths, face=True)
-    assert body.unet.config.in_channels == 192 and not body.inpaint
-    assert face.unet.config.in_channels == 2 * 192 + 1 and face.inpaint
-    assert body.controlnet.config.conditioning_embedding_out_channels == (16, 32, 64, 128)
+    assert body.unet.config.in_channels == 48 and not body.inpaint
+    assert face.unet.config.in_channels == 2 * 48 + 1 and face.inpaint
+    assert body.controlnet.config.conditioning_embedding_out_channels == (16, 32, 64)
     sched = parts.load_scheduler(cpu_paths)
     assert sched.config.prediction_type == "sample" and sched.config.beta_schedule == "squaredcos_cap_v2"
     # the frozen motion modules start as the identity: reversing the frames reverses the output, nothing mixes
     body.eval()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 192, 4, 8, 8, generator=g)
-    cond = torch.rand(1, 3, 4, 64, 64, generator=g)
+    x = torch.randn(1, 48, 4, 8, 8, generator=g)
+    cond = torch.rand(1, 3, 4, 32, 32, generator=g)
     tokens = torch.randn(1, 64, 192, generator=g)
     with torch.no_grad():
         out = body(x, 500, tokens, cond)
         rev = body(x.flip(2), 500, tokens, cond.flip(2))
-    assert out.shape == (1, 192, 4, 8, 8)
+    assert out.shape == (1, 48, 4, 8, 8)
     assert torch.allclose(out.flip(2), rev, atol=1e-5)
     # so their computation is skipped, exactly; a module that does something is kept
     with torch.no_grad():
@@ -80,15 +80,15 @@ def test_cpu_base_builds_both_sgdms_with_identity_motion_modules(cpu_paths: part
 def test_base_folder_with_a_stem_that_does_not_meet_the_latents_is_refused(tmp_path: Path) -> None:
     paths = parts.write_cpu(tmp_path)
     (paths.sd15 / parts.BRANCH_FILE).write_text('{"stem": [16, 32]}')
-    with pytest.raises(parts.ModelFilesError, match="shrinks images by 2, the VAE by 8"):
+    with pytest.raises(parts.ModelFilesError, match="shrinks images by 2, the VAE by 4"):
         parts.new_sgdm(paths)
 
 
 def test_loss_target_follows_the_prediction_type(cpu_paths: parts.BasePaths) -> None:
     model = parts.new_sgdm(cpu_paths).eval()
     g = torch.Generator().manual_seed(1)
-    batch = {"latents": torch.rand(1, 192, 4, 8, 8, generator=g) * 2 - 1, "tokens": torch.randn(1, 64, 192),
-             "cond": torch.rand(1, 3, 4, 64, 64, generator=g)}
+    batch = {"latents": torch.rand(1, 48, 4, 8, 8, generator=g) * 2 - 1, "tokens": torch.randn(1, 64, 192),
+             "cond": torch.rand(1, 3, 4, 32, 32, generator=g)}
     x0 = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
     eps = DDIMScheduler.from_config(x0.config, prediction_type="epsilon")
     # the draws loss_on makes: the noise, then the timestep
@@ -168,3 +168,25 @@ def test_inference_scales_are_per_profile() -> None:
     # one check for every per-profile table, the training ones included
     with pytest.raises(ParamsError, match="steps: values must not be negative"):
         parse_params({"finetune": {"steps": {"tiny": 30, "cpu": -1, "sd15": 1}}})
+
+
+def test_the_cpu_cascade_and_sampler_are_per_profile_and_a_single_value_holds_for_all() -> None:
+    params = parse_params({})
+    assert params.finetune.for_profile("cpu")["refiner_steps"] > 0 == params.finetune.for_profile("sd15")[
+        "refiner_steps"]
+    assert params.pretrain.for_profile("cpu")["refiner_steps"] == 0  # the refiner learns the identity only
+    assert params.finetune.for_profile("cpu")["perturbed_share"] == 0.0
+    assert params.finetune.for_profile("sd15")["perturbed_share"] == 0.5
+    for section in (params.render_body, params.face):
+        assert (section.scheduler["cpu"], section.steps["cpu"]) == ("dpmpp", 10)
+        assert (section.scheduler["sd15"], section.steps["sd15"]) == ("ddim", 20)
+    older = parse_params({"render_body": {"steps": 4, "scheduler": "unipc"}, "finetune": {"perturbed_share": 0.3}})
+    assert older.render_body.steps == {"tiny": 4, "cpu": 4, "sd15": 4}
+    assert set(older.render_body.scheduler.values()) == {"unipc"}
+    assert older.finetune.for_profile("tiny")["perturbed_share"] == 0.3
+    with pytest.raises(ParamsError, match="scheduler"):
+        parse_params({"face": {"scheduler": "euler"}})
+    with pytest.raises(ParamsError, match="steps must be between 1 and 1000"):
+        parse_params({"face": {"steps": {"tiny": 0, "cpu": 10, "sd15": 20}}})
+    with pytest.raises(ParamsError, match=r"perturbed_share: shares must be in \[0, 1\]"):
+        parse_params({"finetune": {"perturbed_share": {"tiny": 0.5, "cpu": 1.5, "sd15": 0.5}}})

@@ -14,6 +14,7 @@ from core.workspace import Workspace, render_subject
 from tasks import runner
 from tasks.frames import read_rgb
 from tasks.registry import artifact_dir
+from tasks.stages import metrics
 from tasks.stages import motion as motion_task
 from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render
 
@@ -101,6 +102,9 @@ def test_the_real_frames_scored_as_if_generated_are_perfect(ws: Workspace, monke
     assert data["lmd_body"]["frames"] == 19
     assert data["ssim_person"]["value"] == pytest.approx(1.0, abs=1e-9)
     assert data["flicker"]["value"] == 0.0 and data["flicker"]["change_real"] > 0
+    # the same hands found as in the real frames: the ratio is 1 (or none, if the real frames show no hand)
+    real_hands = [data["detection_rate_real"][h] for h in ("left_hand", "right_hand")]
+    assert data["hand_rate_ratio"] == (1.0 if any(real_hands) else None)
 
 
 def test_a_long_hold_out_is_scored_on_evenly_spaced_frames_and_says_so(ws: Workspace) -> None:
@@ -114,3 +118,19 @@ def test_a_long_hold_out_is_scored_on_evenly_spaced_frames_and_says_so(ws: Works
     rows = list(csv.DictReader((art / "lmd_per_frame.csv").read_text().splitlines()))
     assert [int(r["frame"]) for r in rows] == [0, 4, 9, 14, 18]
     assert sorted(p.name for p in (art / "nearest").iterdir()) == [f"{t:06d}.png" for t in (0, 4, 9, 14, 18)]
+    # the side-by-side video holds the scored frames only, and so no audio (it would run out of step)
+    import av
+
+    with av.open(str(art / metrics.SIDE_BY_SIDE)) as container:
+        assert [s.type for s in container.streams] == ["video"]
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_hand_rate_ratio_is_the_lower_hand_over_the_real_rate() -> None:
+    real = {"body": 1.0, "face": 1.0, "left_hand": 1.0, "right_hand": 0.8}
+    assert metrics.hand_rate_ratio({"left_hand": 0.5, "right_hand": 0.8}, real) == 0.5
+    assert metrics.hand_rate_ratio({"left_hand": 1.0, "right_hand": 0.4}, real) == 0.5
+    # a hand the real frames never show does not count; neither shown: no ratio
+    assert metrics.hand_rate_ratio({"left_hand": 0.9, "right_hand": 0.0}, {**real, "right_hand": 0.0}) == 0.9
+    assert metrics.hand_rate_ratio({"left_hand": 0.3, "right_hand": 0.3}, {"left_hand": 0.0, "right_hand": 0.0}) \
+        is None

@@ -49,7 +49,7 @@ def test_held_out_render_has_the_motions_length_and_records_what_shaped_it(ws: W
     fine = read_manifest(artifact_dir(ws, "finetune", ID))["output_hash"]
     assert record["model_version"] == fine
     assert record["motion"]["hash"] == read_manifest(artifact_dir(ws, "motion", subject))["output_hash"]
-    assert record["params"]["render_body"]["steps"] == 3 and record["params"]["render_body"]["window"] == 16
+    assert record["params"]["render_body"]["steps"]["tiny"] == 3 and record["params"]["render_body"]["window"] == 16
     assert record["params"]["face"]["enabled"] is True and record["frames"] == n
     body = read_manifest(artifact_dir(ws, "render_body", subject))
     assert body["summary"]["frame_evals_per_step"] == 32 and body["summary"]["windows"] == 2  # 19 frames: 0, 3
