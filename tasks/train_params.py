@@ -25,7 +25,7 @@ class TrainParams(Section):
         {"tiny": 0, "cpu": 0, "sd15": 0}, description="steps of the 2× refiner learnt on the identity's frames (0 = "
         "none: the body SGDM renders at `resolution`; else the SGDM renders at half of it and the refiner makes the "
         "rest)")
-    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 2e-4, "sd15": 1e-5})
+    lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 5e-4, "sd15": 1e-5})
     refiner_lr: float = Field(1e-3, gt=0, le=1, description="the refiner's learning rate (cosine decay to a tenth)")
     resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px (the "
                                        "output's, also with a refiner)")

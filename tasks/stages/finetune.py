@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 
 
 class FinetuneParams(TrainParams):
-    steps: dict[str, int] = Field({"tiny": 30, "cpu": 2200, "sd15": 50000}, description="body model steps")
-    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 800, "sd15": 80000}, description="face model steps")
+    steps: dict[str, int] = Field({"tiny": 30, "cpu": 1700, "sd15": 50000}, description="body model steps")
+    face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 600, "sd15": 80000}, description="face model steps")
     refiner_steps: dict[str, int] = Field(
-        {"tiny": 0, "cpu": 600, "sd15": 0}, description="steps of the 2× refiner learnt on the identity's frames "
+        {"tiny": 0, "cpu": 500, "sd15": 0}, description="steps of the 2× refiner learnt on the identity's frames "
         "(0 = none: the body SGDM renders at `resolution`; else the SGDM renders at half of it and the refiner makes "
         "the rest; cpu: the SGDM's 32 × 32 latent grid is sharp at 128 px, blocky at 256)")
 

@@ -178,7 +178,7 @@ def test_the_cpu_cascade_and_sampler_are_per_profile_and_a_single_value_holds_fo
     assert params.finetune.for_profile("cpu")["perturbed_share"] == 0.0
     assert params.finetune.for_profile("sd15")["perturbed_share"] == 0.5
     for section in (params.render_body, params.face):
-        assert (section.scheduler["cpu"], section.steps["cpu"]) == ("dpmpp", 10)
+        assert (section.scheduler["cpu"], section.steps["cpu"]) == ("dpmpp", 4)
         assert (section.scheduler["sd15"], section.steps["sd15"]) == ("ddim", 20)
     older = parse_params({"render_body": {"steps": 4, "scheduler": "unipc"}, "finetune": {"perturbed_share": 0.3}})
     assert older.render_body.steps == {"tiny": 4, "cpu": 4, "sd15": 4}
