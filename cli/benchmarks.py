@@ -288,7 +288,8 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
     if scored is None:
         raise FileNotFoundError(f"{workspace}: the evaluation render left no metrics.json")
     log_path = registry.artifact_dir(ws, "finetune", name) / "body" / "train_log.json"
-    resolution = json.loads(log_path.read_text())["resolution"] if log_path.is_file() else None
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    resolution = log.get("output_resolution", log.get("resolution"))  # of the frames scored
 
     def value(key: str, field: str = "value") -> float | None:
         row = scored.get(key) or {}

@@ -21,12 +21,7 @@ class TrainParams(Section):
     steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="body model steps (cpu: "
                                   "nothing shared to learn before the identity, so its pretrain only initialises)")
     face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 0, "sd15": 300000}, description="face model steps")
-    refiner_steps: dict[str, int] = Field(
-        {"tiny": 0, "cpu": 0, "sd15": 0}, description="steps of the 2× refiner learnt on the identity's frames (0 = "
-        "none: the body SGDM renders at `resolution`; else the SGDM renders at half of it and the refiner makes the "
-        "rest)")
     lr: dict[str, float] = Field({"tiny": 1e-3, "cpu": 5e-4, "sd15": 1e-5})
-    refiner_lr: float = Field(1e-3, gt=0, le=1, description="the refiner's learning rate (cosine decay to a tenth)")
     resolution: dict[str, int] = Field({"tiny": 64, "cpu": 256, "sd15": 512}, description="body frames, px (the "
                                        "output's, also with a refiner)")
     face_resolution: dict[str, int] = Field({"tiny": 64, "cpu": 96, "sd15": 256}, description="face crops, px "
@@ -71,12 +66,12 @@ class TrainParams(Section):
                 check_profiles(name, self.perturbed_share, lambda v: 0 <= v <= 1, "shares must be in [0, 1]")
             elif name in ("mixed_precision", "gradient_checkpointing"):
                 check_profiles(name, getattr(self, name), lambda v: True, "")
-            else:
+            elif hasattr(self, name):
                 check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
         return self
 
     def for_profile(self, profile: str) -> dict[str, float]:
-        return {n: getattr(self, n)[profile] for n in PER_PROFILE}
+        return {n: getattr(self, n)[profile] for n in PER_PROFILE if hasattr(self, n)}
 
 
 def describe(s: dict[str, Any]) -> str:

@@ -204,7 +204,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
     frozen = {"vae": base_paths.sd15 / "vae", "image_encoder": base_paths.image_encoder,
               "scheduler": base_paths.sd15 / "scheduler"}
     summary: dict[str, Any] = {"profile": settings.profile}
-    refiner_steps = int(prof["refiner_steps"])
+    refiner_steps = int(prof.get("refiner_steps", 0))  # finetune's knob: the refiner learns the identity
     # with a refiner (the cpu cascade) the SGDM learns the frames at half the output side
     body_res = int(prof["resolution"]) // (2 if refiner_steps else 1)
     for which, face in (("body", False), ("face", True)):
@@ -230,7 +230,10 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
             full = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]), video_length=1)
                     for name, ingest, render, frames in sources]
             progress.start("training the 2× refiner", refiner_steps)
-            refiner = Refiner().to(device)
+            with torch.random.fork_rng(devices=[]):  # the same start whatever ran before (a resume included)
+                torch.manual_seed(section.seed)
+                refiner = Refiner()
+            refiner.to(device)
             refined = train_refiner(refiner, [i for i in full if i is not None], refiner_steps, section.refiner_lr,
                                     section.seed, scratch / "refiner", lambda: progress.advance(1))
             refiner.to("cpu")
@@ -238,6 +241,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
             out / which, parts_from=frozen)
         losses = result["losses"]
         (out / which / TRAIN_LOG).write_text(json.dumps({"profile": settings.profile, "resolution": res,
+                                                         "output_resolution": res * (2 if refiner else 1),
                                                          "video_length": section.video_length,
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")

@@ -7,9 +7,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.progress import Progress
+from core.section import check_profiles
 from core.stage import Stage
 from tasks.devices import Compute
 from tasks.train_params import TrainParams, describe
@@ -19,12 +20,24 @@ if TYPE_CHECKING:
 
 
 class FinetuneParams(TrainParams):
+    """Stage 2 on one identity; the cascade's refiner (the cpu profile's) learns here, on the identity's frames."""
+
     steps: dict[str, int] = Field({"tiny": 30, "cpu": 1700, "sd15": 50000}, description="body model steps")
     face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 600, "sd15": 80000}, description="face model steps")
     refiner_steps: dict[str, int] = Field(
         {"tiny": 0, "cpu": 500, "sd15": 0}, description="steps of the 2× refiner learnt on the identity's frames "
         "(0 = none: the body SGDM renders at `resolution`; else the SGDM renders at half of it and the refiner makes "
         "the rest; cpu: the SGDM's 32 × 32 latent grid is sharp at 128 px, blocky at 256)")
+    refiner_lr: float = Field(1e-3, gt=0, le=1, description="the refiner's learning rate (cosine decay to a tenth)")
+
+    @model_validator(mode="after")
+    def _cascade(self) -> FinetuneParams:
+        check_profiles("refiner_steps", self.refiner_steps, lambda v: v >= 0, "values must not be negative")
+        odd = [p for p, n in self.refiner_steps.items() if n and self.resolution[p] % 8]
+        if odd:
+            raise ValueError(f"resolution of {', '.join(odd)}: with a refiner the body model renders at half the "
+                             f"side, so the side must be a multiple of 8, got {self.resolution}")
+        return self
 
 
 STAGE = Stage(

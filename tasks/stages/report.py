@@ -349,7 +349,8 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         identity=fine.get("identity", ""), source=source_summary, clips=clips, fps=meta.get("fps", 30),
         resolution=meta.get("resolution"), model_version=(fine.get("output_hash") or "")[:12],
         model_finished=fine.get("finished_at"), code=fine.get("code_version", {}), profile=train_log.get("profile"),
-        train_resolution=train_log.get("resolution"), real_rates=real_rates,
+        train_resolution=train_log.get("resolution"), output_resolution=train_log.get("output_resolution"),
+        real_rates=real_rates,
         generated_rates=scored.get("detection_rate_generated", {}), fit=fit_summary,
         fit_svg=fit_plot_svg(fit_rows, boundaries), cells=cells, columns=COLUMNS, table=table,
         detector=scored.get("detector"), hand_rule=scored.get("hand_outlier_rule"), frames=n, times=times,
@@ -383,7 +384,9 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}img{di
 </td></tr>
 <tr><th>model version</th><td>finetune {{ model_version }} <span class="muted">made {{ model_finished }},
   code {{ code.get("commit", "?")[:12] }}{% if code.get("dirty") %} (uncommitted changes){% endif %}</span></td></tr>
-<tr><th>profile</th><td>{{ profile }} (trained at {{ train_resolution }} px)
+<tr><th>profile</th><td>{{ profile }} (trained at {{ train_resolution }} px{% if output_resolution and
+  output_resolution != train_resolution %}, rendered at {{ output_resolution }} px through the learned 2× refiner{%
+  endif %})
 {% if profile == "tiny" %}<br><b>The tiny profile uses small random-initialised models: its pictures are noise by
 design and its scores say nothing about quality.</b>{% elif profile == "cpu" %}<br>The cpu profile learns this
 person from scratch on a CPU, with no pretrained weights: judge it against the baseline rows and the last column of

@@ -81,7 +81,7 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     with av.open(str(ws.root / "side.mp4")) as container:
         assert [s.type for s in container.streams] == ["video", "audio"]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    side = json.loads((artifact_dir(ws, "finetune", ID) / "body" / "model_index.json").read_text())["resolution"]
+    side = json.loads((artifact_dir(ws, "finetune", ID) / "body" / "model_index.json").read_text())["output_resolution"]
     assert len(frames) == 19 and frames[0].shape == (side, 4 * side, 3)
     assert (next(ws.root.glob(f"data/renders/{ID}/*/metrics/side_by_side.mp4"))).read_bytes() == \
         base64.b64decode(videos[0])

@@ -174,7 +174,7 @@ def test_the_cpu_cascade_and_sampler_are_per_profile_and_a_single_value_holds_fo
     params = parse_params({})
     assert params.finetune.for_profile("cpu")["refiner_steps"] > 0 == params.finetune.for_profile("sd15")[
         "refiner_steps"]
-    assert params.pretrain.for_profile("cpu")["refiner_steps"] == 0  # the refiner learns the identity only
+    assert "refiner_steps" not in params.pretrain.for_profile("cpu")  # the refiner learns the identity, in finetune
     assert params.finetune.for_profile("cpu")["perturbed_share"] == 0.0
     assert params.finetune.for_profile("sd15")["perturbed_share"] == 0.5
     for section in (params.render_body, params.face):
@@ -188,5 +188,21 @@ def test_the_cpu_cascade_and_sampler_are_per_profile_and_a_single_value_holds_fo
         parse_params({"face": {"scheduler": "euler"}})
     with pytest.raises(ParamsError, match="steps must be between 1 and 1000"):
         parse_params({"face": {"steps": {"tiny": 0, "cpu": 10, "sd15": 20}}})
+    with pytest.raises(ParamsError, match="with a refiner the body model renders at half the side"):
+        parse_params({"finetune": {"resolution": {"tiny": 64, "cpu": 252, "sd15": 512}}})
+    assert parse_params({"finetune": {"resolution": {"tiny": 64, "cpu": 252, "sd15": 512},
+                                      "refiner_steps": {"tiny": 0, "cpu": 0, "sd15": 0}}})
     with pytest.raises(ParamsError, match=r"perturbed_share: shares must be in \[0, 1\]"):
         parse_params({"finetune": {"perturbed_share": {"tiny": 0.5, "cpu": 1.5, "sd15": 0.5}}})
+
+
+def test_the_cpu_mesh_branch_starts_live_and_the_tiny_one_at_zero(cpu_paths: parts.BasePaths,
+                                                                   tmp_path: Path) -> None:
+    live = parts.new_sgdm(cpu_paths).controlnet
+    convs = (*live.controlnet_down_blocks, live.controlnet_mid_block, live.controlnet_cond_embedding.conv_out)
+    assert all(torch.count_nonzero(c.weight) > 0 for c in convs)
+    # seeded: the same call builds the same branch
+    again = parts.new_sgdm(cpu_paths).controlnet
+    assert torch.equal(again.controlnet_mid_block.weight, live.controlnet_mid_block.weight)
+    zero = parts.new_sgdm(parts.write_tiny(tmp_path / "tiny")).controlnet
+    assert all(torch.count_nonzero(c.weight) == 0 for c in zero.controlnet_down_blocks)

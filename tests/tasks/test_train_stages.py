@@ -223,3 +223,32 @@ def test_finetune_starts_from_the_pretrained_weights(learned: Workspace, tmp_pat
         assert any(not torch.equal(trained[k], start[k]) for k in start), which
     moved = _tensors(artifact_dir(learned, "finetune", ID) / "body")
     assert any(not torch.equal(moved[k], v) for k, v in _tensors(pre / "body").items())
+
+
+def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Workspace, tmp_path: Path) -> None:
+    """The cascade through the real stages: the body SGDM learns at half the output side, the refiner on the
+    identity's frames at the output's; render_body's conditions and frames come out at the output's side."""
+    from tasks.frames import read_rgb
+    from tasks.train_params import describe
+    from tests.conftest import held_out, render
+
+    few = {"tiny": 2, "cpu": 1, "sd15": 1}
+    ws = Workspace(copy_workspace(learned.root, tmp_path / "ws", {"finetune": {
+        "steps": few, "face_steps": few, "refiner_steps": {"tiny": 3, "cpu": 1, "sd15": 0}}}))
+    result = runner.execute(ws, "finetune", ID)
+    body = artifact_dir(ws, "finetune", ID) / "body"
+    index = json.loads((body / "model_index.json").read_text())
+    side = int(yaml.safe_load((ws.root / "params.yaml").read_text())["finetune"]["resolution"]["tiny"])
+    assert (index["resolution"], index["output_resolution"]) == (side // 2, side)
+    assert (body / "refiner" / "config.json").is_file() and index["refiner"] == ["models.refiner", "Refiner"]
+    assert not (artifact_dir(ws, "finetune", ID) / "face" / "refiner").exists()
+    assert result.summary["body"]["refiner"]["steps"] == 3 and "refiner" not in result.summary["face"]
+    assert "(refiner 3 steps, loss" in describe(result.summary)
+    log = json.loads((body / "train_log.json").read_text())
+    assert (log["resolution"], log["output_resolution"]) == (side // 2, side)
+    blocks, _ = held_out(ws)
+    subject = render(ws, {k: v[:5] for k, v in blocks.items()})
+    out = artifact_dir(ws, "render_body", subject)
+    assert read_rgb(out / "frames" / "000004.png").shape == (side, side, 3)
+    assert read_rgb(out / "cond" / "000000.png").shape == (side, side, 3)
+    assert sorted(p.name for p in (out / "frames").iterdir()) == [f"{t:06d}.png" for t in range(5)]
