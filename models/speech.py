@@ -44,13 +44,33 @@ CONFIG = "speech_model.json"
 WEIGHTS = "speech_model.npz"
 
 
-def single_thread() -> Any:
-    """BLAS sums in another order with more threads, so features, regressor and graph would differ in the last bits
-    between a CLI process and a Dask worker (which runs BLAS on one thread): one thread everywhere makes every
-    result here bitwise the same wherever it runs. The matrices are small; it costs nothing measurable."""
-    from threadpoolctl import threadpool_limits
+# ------------------------------------------------------------------------------ arithmetic the same in any process
+# OpenBLAS and its LAPACK sum in another order with another thread count, and that count is one setting for the
+# whole process: a Dask worker runs BLAS on one thread, a CLI process on all cores, and identities onboarded side by
+# side in threads share one pool that no thread can pin for itself alone. Every product and solve that shapes the
+# speech model or its motion therefore runs in numpy's own loops, which give the same bits wherever they run. The
+# matrices are small (a few hundred columns); it costs a fraction of a second per identity.
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a @ b` without BLAS."""
+    return np.einsum("ij,jk->ik", a, b, optimize=False)
 
-    return threadpool_limits(limits=1, user_api="blas")
+
+def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a⁻¹ b` for a symmetric positive definite `a` (a ridge system): Cholesky by columns and two triangular
+    substitutions, every sum an elementwise numpy reduction rather than LAPACK."""
+    n = len(a)
+    low = np.zeros_like(a)
+    for j in range(n):
+        row = low[j, :j]
+        low[j, j] = np.sqrt(a[j, j] - (row * row).sum())
+        low[j + 1:, j] = (a[j + 1:, j] - (low[j + 1:, :j] * row).sum(1)) / low[j, j]
+    z = np.zeros_like(b)
+    for i in range(n):
+        z[i] = (b[i] - (low[i, :i, None] * z[:i]).sum(0)) / low[i, i]
+    w = np.zeros_like(b)
+    for i in reversed(range(n)):
+        w[i] = (z[i] - (low[i + 1:, i, None] * w[i + 1:]).sum(0)) / low[i, i]
+    return w
 
 
 # ------------------------------------------------------------------------------------------------ audio features
@@ -81,11 +101,6 @@ def frames_of(samples: int) -> int:
 def features(y: np.ndarray) -> Features:
     """`y`: mono float samples at SAMPLE_RATE. Analysed CHUNK_FRAMES at a time with a margin wider than any
     analysis window (the same values as in one pass), then normalised over the whole recording."""
-    with single_thread():
-        return _features(y)
-
-
-def _features(y: np.ndarray) -> Features:
     import librosa
 
     y = np.asarray(y, np.float32)
@@ -93,6 +108,7 @@ def _features(y: np.ndarray) -> Features:
     if t == 0:
         raise ValueError("audio shorter than one video frame")
     skip = MARGIN // HOP
+    mel_basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmax=8000)
     mel_db = np.empty((t, N_MELS), np.float32)
     rms_db, onset, f0 = (np.empty(t, np.float32) for _ in range(3))
     for a in range(0, t, CHUNK_FRAMES):
@@ -102,8 +118,7 @@ def _features(y: np.ndarray) -> Features:
         part = y[max(lo, 0): max(min(hi, len(y)), 0)]
         seg[max(lo, 0) - lo: max(lo, 0) - lo + len(part)] = part
         keep = slice(skip, skip + b - a)
-        power = librosa.feature.melspectrogram(y=seg, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS,
-                                               fmax=8000)
+        power = _matmul(mel_basis, np.abs(librosa.stft(seg, n_fft=N_FFT, hop_length=HOP)) ** 2)  # mel power
         db = librosa.power_to_db(power, top_db=None)  # absolute: the same in every chunk
         mel_db[a:b] = db.T[keep]
         rms = librosa.feature.rms(y=seg, frame_length=N_FFT, hop_length=HOP)[0]
@@ -142,13 +157,11 @@ def mouth_inputs(f: Features, context: int) -> np.ndarray:
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Standardised ridge regression: (mean of x, scale of x, weights, mean of y)."""
-    with single_thread():
-        mx, sx = x.mean(0), x.std(0) + 1e-6
-        xs = (x - mx) / sx
-        my = y.mean(0)
-        a = xs.T @ xs + alpha * len(xs) * np.eye(xs.shape[1])
-        w = np.linalg.solve(a, xs.T @ (y - my))
-    return mx, sx, w, my
+    mx, sx = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mx) / sx
+    my = y.mean(0)
+    a = _matmul(xs.T, xs) + alpha * len(xs) * np.eye(xs.shape[1])
+    return mx, sx, _solve_spd(a, _matmul(xs.T, y - my)), my
 
 
 def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, context: int, alpha: float) -> np.ndarray:
@@ -159,8 +172,7 @@ def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, context: int,
 
     x = inputs(train)
     mx, sx, w, my = ridge(x, np.asarray(jaw, np.float64)[:, None], alpha)
-    with single_thread():
-        return (((np.clip(inputs(test), x.min(0), x.max(0)) - mx) / sx) @ w + my)[:, 0]
+    return (_matmul((np.clip(inputs(test), x.min(0), x.max(0)) - mx) / sx, w) + my)[:, 0]
 
 
 def jaw_angle(jaw_pose: np.ndarray) -> np.ndarray:
@@ -217,10 +229,6 @@ class SpeechModel:
         return model
 
     def predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
-        with single_thread():
-            return self._predict_mouth(feats)
-
-    def _predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
         from scipy.ndimage import gaussian_filter1d
 
         m, c = self.mouth, self.config["context"]
@@ -231,7 +239,7 @@ class SpeechModel:
             x = mouth_inputs(feats.window(lo, hi), c)[a - lo: a - lo + b - a]
             # inside what it learnt from: digital silence or a shout does not open the jaw past the person's own
             x = np.clip(x, m["low_x"], m["high_x"])
-            y[a:b] = np.clip(((x - m["mean_x"]) / m["scale_x"]) @ m["weights"] + m["mean_y"], m["low_y"],
+            y[a:b] = np.clip(_matmul((x - m["mean_x"]) / m["scale_x"], m["weights"]) + m["mean_y"], m["low_y"],
                              m["high_y"])
         y = gaussian_filter1d(y, self.config["mouth_smoothing"], axis=0, mode="nearest") if len(y) > 1 else y
         out, at = {}, 0
@@ -281,10 +289,6 @@ class SpeechModel:
     def synthesise(self, feats: Features, seed: int = 0, progress: Any = None) -> tuple[dict[str, np.ndarray],
                                                                                       dict[str, Any]]:
         """SMPL-X blocks for every frame of `feats` (30 fps): the graph path, blended seams, the predicted mouth."""
-        with single_thread():
-            return self._synthesise(feats, seed, progress)
-
-    def _synthesise(self, feats: Features, seed: int, progress: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         c, length = self.config, self.config["segment"]
         t_total = feats.frames
         steps = max(1, int(np.ceil(t_total / length)))
@@ -373,7 +377,7 @@ class SpeechModel:
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0.0)
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * _matmul(a, b.T), 0.0)
 
 
 def _emission(target: np.ndarray, sources: np.ndarray) -> np.ndarray:

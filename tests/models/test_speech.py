@@ -213,7 +213,8 @@ def test_an_audio_only_file_is_audio_whatever_its_suffix(speech: np.ndarray, tmp
 
 
 def test_the_model_and_its_motion_are_the_same_bits_whatever_the_blas_threads(speech: np.ndarray) -> None:
-    """A Dask worker runs BLAS on one thread, a CLI process on all cores: learning and speaking must not care."""
+    """A Dask worker runs BLAS on one thread, a CLI process on all cores, and identities onboarded in threads share
+    one pool none can pin for itself: learning and speaking must not care."""
     from threadpoolctl import threadpool_limits
 
     made = []
@@ -225,3 +226,4 @@ def test_the_model_and_its_motion_are_the_same_bits_whatever_the_blas_threads(sp
     (m1, f1, b1), (m2, f2, b2) = made
     assert all(np.array_equal(m1[k], m2[k]) for k in m1) and np.array_equal(f1, f2)
     assert all(np.array_equal(b1[k], b2[k]) for k in b1)
+
