@@ -28,7 +28,7 @@ class Refiner(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), layers_per_block: int = 1, unshuffle: int = 2,
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), layers_per_block: int = 1, unshuffle: int = 4,
                  norm_num_groups: int = 8) -> None:
         super().__init__()
         packed = 3 * unshuffle * unshuffle
