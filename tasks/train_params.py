@@ -11,10 +11,6 @@ from core.section import PROFILES, Section, check_profiles
 
 TRAIN_LOG = "train_log.json"  # beside each checkpoint: the profile it was trained on, and its losses
 
-PER_PROFILE = ("steps", "face_steps", "refiner_steps", "lr", "resolution", "face_resolution", "ema",
-               "perturbed_share", "mixed_precision", "gradient_checkpointing")
-
-
 class TrainParams(Section):
     """The sections of pretrain and finetune; numbers keyed by profile so one file serves every machine."""
 
@@ -57,21 +53,25 @@ class TrainParams(Section):
                     data = {**data, name: dict.fromkeys(PROFILES, data[name])}
         return data
 
+    def per_profile(self) -> list[str]:
+        """The knobs keyed by profile: every table field, a subclass's own included."""
+        return [n for n in type(self).model_fields if isinstance(getattr(self, n), dict)]
+
     @model_validator(mode="after")
     def _profiles(self) -> TrainParams:
-        for name in PER_PROFILE:
+        for name in self.per_profile():
             if name == "ema":
                 check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
             elif name == "perturbed_share":
                 check_profiles(name, self.perturbed_share, lambda v: 0 <= v <= 1, "shares must be in [0, 1]")
             elif name in ("mixed_precision", "gradient_checkpointing"):
                 check_profiles(name, getattr(self, name), lambda v: True, "")
-            elif hasattr(self, name):
+            else:
                 check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
         return self
 
     def for_profile(self, profile: str) -> dict[str, float]:
-        return {n: getattr(self, n)[profile] for n in PER_PROFILE if hasattr(self, n)}
+        return {n: getattr(self, n)[profile] for n in self.per_profile()}
 
 
 def describe(s: dict[str, Any]) -> str:

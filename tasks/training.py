@@ -245,12 +245,9 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "video_length": section.video_length,
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
-        k = max(1, len(losses) // 10)
         summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
                           "identities": sum(i is not None for i in ids),
-                          "samples": sum(len(i.starts) for i in ids if i is not None),
-                          "loss_first": round(sum(losses[:k]) / k, 5) if losses else None,
-                          "loss_last": round(sum(losses[-k:]) / k, 5) if losses else None}
+                          "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}
         if refined is not None:
             summary[which]["refiner"] = refined
     return summary
@@ -298,6 +295,11 @@ def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: 
         if advance:
             advance()
     refiner.eval()
+    return {"steps": steps, "resumed_at": start, **_loss_ends(losses)}
+
+
+def _loss_ends(losses: list[float]) -> dict[str, float | None]:
+    """Mean loss of the first and of the last tenth of the steps run: the summary's "from → to"."""
     k = max(1, len(losses) // 10)
-    return {"steps": steps, "resumed_at": start, "loss_first": round(sum(losses[:k]) / k, 5) if losses else None,
+    return {"loss_first": round(sum(losses[:k]) / k, 5) if losses else None,
             "loss_last": round(sum(losses[-k:]) / k, 5) if losses else None}

@@ -161,7 +161,7 @@ def bench_quality(video: Annotated[Path, typer.Option("--video", help="Video of 
     MediaPipe pose/face found in the generated frames, body landmark distance (% of the frame) and SSIM inside the
     person against the real frames, hands found (generated over real), the same for the "nearest training frame"
     baseline, training minutes and render frames per second.
-    Runs the `make demo` commands (about 27 minutes on 2 cores for a 20 s clip); their progress goes to stderr."""
+    Runs the `make demo` commands (about 24 minutes on 2 cores for a 20 s clip); their progress goes to stderr."""
     import shutil
     import tempfile
 

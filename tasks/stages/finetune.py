@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from core.progress import Progress
-from core.section import check_profiles
 from core.stage import Stage
 from tasks.devices import Compute
 from tasks.train_params import TrainParams, describe
@@ -32,7 +31,6 @@ class FinetuneParams(TrainParams):
 
     @model_validator(mode="after")
     def _cascade(self) -> FinetuneParams:
-        check_profiles("refiner_steps", self.refiner_steps, lambda v: v >= 0, "values must not be negative")
         odd = [p for p, n in self.refiner_steps.items() if n and self.resolution[p] % 8]
         if odd:
             raise ValueError(f"resolution of {', '.join(odd)}: with a refiner the body model renders at half the "
