@@ -116,9 +116,10 @@ class _RandomClips:
         return out
 
 
-def train_tiny(steps: int = 20) -> dict[str, Any]:
+def train_tiny(steps: int = 20, device: str = "cpu") -> dict[str, Any]:
     """Steps/s of the real training loop on the tiny profile: pretrain (from the base weights) and finetune (from
-    a saved checkpoint, loaded with from_pretrained), body model, at the profile's resolution and clip length."""
+    a saved checkpoint, loaded with from_pretrained), body model, at the profile's resolution and clip length, on
+    `device`."""
     from models import parts
     from models.sgdm import SGDM
     from tasks import training
@@ -127,7 +128,7 @@ def train_tiny(steps: int = 20) -> dict[str, Any]:
     from tasks.stages.pretrain import PretrainParams
 
     quiet()
-    out: dict[str, Any] = {"profile": "tiny"}
+    out: dict[str, Any] = {"profile": "tiny", "device": device}
     with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp, PeakRSS() as mem:
         root = Path(tmp)
         paths = parts.write_tiny(root / "base")
@@ -137,6 +138,7 @@ def train_tiny(steps: int = 20) -> dict[str, Any]:
             prof = section.for_profile("tiny")
             res = int(prof["resolution"])
             model = parts.new_sgdm(paths) if stage == "pretrain" else SGDM.from_pretrained(root / "pretrain")
+            model.to(device)
             data = _RandomClips(res // factor, res, section.video_length, model.token_dim, inpaint=False)
             cfg = training.TrainConfig(steps=steps, lr=float(prof["lr"]), batch_size=section.batch_size,
                                        save_every=10 * steps)
@@ -151,7 +153,6 @@ def train_tiny(steps: int = 20) -> dict[str, Any]:
             out["video_length"] = section.video_length
     out["peak_rss_mb"] = mem.peak_mb
     return out
-
 
 
 def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
@@ -200,7 +201,7 @@ def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
             "body_model": body_file, "_ws": ws.root}
 
 
-def _render_mode(frames: int, window: int, overlap: int, steps: int) -> dict[str, Any]:
+def _render_mode(frames: int, window: int, overlap: int, steps: int, device: str) -> dict[str, Any]:
     """One render_body run in this (fresh) process: frames/s and this process's peak memory."""
     import torch
 
@@ -218,22 +219,23 @@ def _render_mode(frames: int, window: int, overlap: int, steps: int) -> dict[str
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             render_body.run(inputs, root / "out", params, NullProgress(),
-                            settings=registry.settings(ws, render_body.STAGE), compute=Compute(torch.device("cpu")))
+                            settings=registry.settings(ws, render_body.STAGE), compute=Compute(torch.device(device)))
             seconds = time.perf_counter() - t0
     return {"fps": round(frames / seconds, 2), "frame_evals_per_step": evaluations_per_step(frames, window, overlap),
             "peak_rss_mb": mem.peak_mb, "seconds": round(seconds, 1)}
 
 
-def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4) -> dict[str, Any]:
-    """render_body on the tiny profile three ways, each in a fresh process so the peaks do not mix."""
+def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4,
+                device: str = "cpu") -> dict[str, Any]:
+    """render_body on the tiny profile three ways on `device`, each in a fresh process so the peaks do not mix."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     layouts = {"overlapped": (window, overlap), "disjoint": (window, 0), "framewise": (1, 0)}
-    out: dict[str, Any] = {"frames": frames, "steps": steps, "window": window, "overlap": overlap}
+    out: dict[str, Any] = {"frames": frames, "steps": steps, "window": window, "overlap": overlap, "device": device}
     for mode, (w, o) in layouts.items():
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            out[mode] = pool.submit(_render_mode, frames, w, o, steps).result()
+            out[mode] = pool.submit(_render_mode, frames, w, o, steps, device).result()
     return out
 
 
@@ -414,7 +416,8 @@ def memory(video: Path, repeat: int, log: Any = None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------- speak
 SPEAK_KEYS = ("jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consistency_real",
-              "beat_consistency_shuffled", "seam_jerk_ratio", "synth_s_per_audio_min")
+              "beat_consistency_shuffled", "beat_percentile", "beat_percentile_real", "beat_judgeable",
+              "seam_jerk_ratio", "synth_s_per_audio_min")
 
 
 def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") -> dict[str, Any]:
@@ -458,3 +461,41 @@ def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") ->
     return {**{k: v for k, v in result.items() if k not in ("series", "generated")},
             "synth_s_per_audio_min": round(per_minute, 2),
             "speech_model": (read_manifest(model_dir) or {}).get("output_hash")}
+
+
+# ------------------------------------------------------------------------------------------------------ cached
+def cached_onboard(video: Path, workspace: Path, log: Any = None, repeat: int = 3,
+                   name: str = "bench") -> dict[str, Any]:
+    """`anchor onboard` of the video once (untimed unless its stages were all cached already), then `repeat` more
+    times as a user types it, each a fresh process with its own Prefect home in the workspace: wall seconds of each
+    re-run (the median is the figure) and how many files of the workspace they wrote, the ledger aside."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    anchor = [sys.executable, "-m", "cli.main", "-w", str(workspace)]
+    if not (workspace / "params.yaml").is_file():
+        subprocess.run([sys.executable, "-m", "cli.main", "init", str(workspace)], env=env, check=True, stdout=log,
+                       stderr=log)
+    t0 = time.perf_counter()
+    subprocess.run([*anchor, "onboard", name, "--video", str(video)], env=env, check=True, stdout=log, stderr=log)
+    first = time.perf_counter() - t0
+    ws = Workspace(workspace)
+
+    def stamps() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in workspace.rglob("*")
+                if p.is_file() and not p.is_relative_to(ws.ledger_dir)}
+
+    before, seconds = stamps(), []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([*anchor, "onboard", name, "--video", str(video)], env=env, check=True, stdout=log,
+                       stderr=log)
+        seconds.append(time.perf_counter() - t0)
+    after = stamps()
+    rewritten = sorted(p for p in after if before.get(p) != after[p])
+    return {"video": video.name, "first_s": round(first, 1), "cached_s": round(statistics.median(seconds), 2),
+            "cached_runs_s": [round(s, 2) for s in seconds], "files_rewritten": len(rewritten),
+            "rewritten": [os.path.relpath(p, workspace) for p in rewritten[:20]]}

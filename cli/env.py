@@ -11,11 +11,13 @@ import ctypes
 import fcntl
 import functools
 import importlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,11 @@ from core.workspace import Workspace, find_workspace
 
 
 def workspace() -> Workspace:
-    return find_workspace(STATE["workspace"])
+    """The command's workspace, with Prefect pointed at it before anything can import Prefect (which reads its
+    settings at import)."""
+    ws = find_workspace(STATE["workspace"])
+    prefect_env(ws)
+    return ws
 
 
 def under_dvc() -> bool:
@@ -41,15 +47,77 @@ def dvc(root: Path, *args: str) -> None:
 
 
 def prefect_env(ws: Workspace) -> None:
-    """Point Prefect at the workspace's state directory, analytics off, quiet unless --verbose."""
-    (ws.state / "logs").mkdir(parents=True, exist_ok=True)
+    """Point Prefect at the workspace's state directory, analytics off."""
     os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if STATE["verbose"] else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
     os.environ.setdefault("ANCHOR_NATIVE_LOG", str(ws.state / "logs" / "native.log"))
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if STATE["verbose"] else "error")
+
+
+class _RunFormatter(logging.Formatter):
+    """Names the flow or task run a Prefect line belongs to, as Prefect's console does."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f" [{run}]" if run else ""
+        return super().format(record)
+
+
+# this process's routing: its log file's handler, the loggers it was added to, terminal handlers' former levels
+_ROUTED: dict[str, Any] = {}
+
+
+def route_logs(ws: Workspace) -> Path:
+    """Prefect's own lines (flow and task runs starting and finishing, the embedded server starting and stopping)
+    go to this command's log file, `.anchor/logs/run-<time>-<pid>.log`, for the rest of the process; the terminal
+    shows their warnings and errors only, between the command's own progress and summary (everything with
+    --verbose)."""
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    unroute_logs()
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()
+    (ws.state / "logs").mkdir(parents=True, exist_ok=True)
+    path = ws.state / "logs" / f"run-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{os.getpid()}.log"
+    to_file = logging.FileHandler(path, delay=True)
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(name)s%(run)s: %(message)s"))
+    terminal = logging.DEBUG if STATE["verbose"] else logging.WARNING
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("prefect", "uvicorn", "fastapi")),
+               *(lg for n, lg in logging.root.manager.loggerDict.items()
+                 if n.startswith("prefect.") and isinstance(lg, logging.Logger) and not lg.propagate)]
+    levels: dict[logging.Handler, int] = {}
+    added: list[logging.Logger] = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) or (
+                    type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout)):
+                levels.setdefault(handler, handler.level)
+                handler.setLevel(terminal)
+        if (logger is logging.getLogger() or not logger.propagate) and logger not in added:
+            logger.addHandler(to_file)
+            added.append(logger)
+    prefect = logging.getLogger("prefect")
+    _ROUTED.update(handler=to_file, loggers=added, levels=levels, prefect_level=prefect.level)
+    prefect.setLevel(logging.INFO)
+    return path
+
+
+def unroute_logs() -> None:
+    """Undo `route_logs` (a process that runs several commands, as the tests do): the log file closed, the
+    terminal's handlers and Prefect's level as they were."""
+    if not _ROUTED:
+        return
+    for logger in _ROUTED["loggers"]:
+        logger.removeHandler(_ROUTED["handler"])
+    _ROUTED["handler"].close()
+    for handler, level in _ROUTED["levels"].items():
+        handler.setLevel(level)
+    logging.getLogger("prefect").setLevel(_ROUTED["prefect_level"])
+    _ROUTED.clear()
 
 
 SERVER_START_S = 120  # Prefect waits 20 s by default: too little for a first start on a busy 2-core machine
@@ -87,6 +155,7 @@ def prefect_api(ws: Workspace) -> Iterator[None]:
     """The workspace's embedded Prefect server (or the shared one PREFECT_API_URL names), its address a setting so
     that other processes (Dask workers, served runs) reach the same server."""
     prefect_env(ws)
+    route_logs(ws)
     api_url = _start_ephemeral_server()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -133,10 +202,11 @@ def run_flow(ws: Workspace, module: str, name: str, *args: Any) -> Any:
         flow = getattr(importlib.import_module(module), name)
         flow = flow.with_options(task_runner=task_runner(registry.params(ws).execution))
         with ProgressDisplay(err) as factory:
-            stage_task.progress_factory = factory
+            drawn_by, stage_task.progress_factory = stage_task.progress_factory, factory
             before, progress.notice = progress.notice, lambda message: err.print(message, markup=False,
                                                                                  highlight=False, soft_wrap=True)
             try:
                 return flow(*args)
             finally:
                 progress.notice = before
+                stage_task.progress_factory = drawn_by

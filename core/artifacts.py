@@ -16,15 +16,14 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from core.hashing import MANIFEST, hash_tree
+from core.stage import PROJECT_PACKAGES
 
 TMP_TAG = ".tmp-"
 OLD_TAG = ".old-"
-PACKAGES = ("numpy", "opencv-contrib-python", "av", "mediapipe", "torch", "pandas", "pyarrow", "prefect", "dvc")
 
 
 def now_iso() -> str:
@@ -113,29 +112,28 @@ def find_artifact(path: Path, stop: Path) -> Path | None:
     return None
 
 
+# What "the code" is when a run asks whether it had uncommitted changes: the project's packages and the files that
+# decide what they compute. The workspace's records (dvc.lock, identities.yaml, versions.yaml), which the pipeline
+# itself updates, are not code.
+CODE_CONFIG = ("pyproject.toml", "constraints.txt", "params.yaml")
+CODE_FILES = (*PROJECT_PACKAGES, *CODE_CONFIG)
+
+
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
 @cache
-def code_version() -> dict[str, Any]:
-    """Git commit of the pipeline code and whether the checkout had uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
+def code_version(files: tuple[str, ...] = CODE_FILES, root: Path = CODE_ROOT) -> dict[str, Any]:
+    """Git commit of the pipeline code and whether `files` (paths relative to the code's checkout `root`) had
+    uncommitted changes there, a new file not yet committed included."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *files], cwd=root,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
-
-
-@cache
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 def host() -> str:

@@ -9,6 +9,7 @@ module and every module of this project it imports, directly or not, found by re
 from __future__ import annotations
 
 import ast
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.hashing import hash_obj, sha256_bytes
+from core.packages import distributions_of, installed_versions
 
 PROJECT_PACKAGES = ("core", "models", "tasks", "flows", "cli")
 Scope = Literal["identity", "shared", "render"]
@@ -75,12 +77,24 @@ class Stage:
     def code_hash(self) -> str:
         return code_hash_of(self.module)
 
+    def code_files(self) -> tuple[str, ...]:
+        """The files of its import closure, relative to the folder holding the project's packages."""
+        return tuple(_source_path(m, CODE_ROOT).relative_to(CODE_ROOT).as_posix()  # type: ignore[union-attr]
+                     for m in self.code_modules())
+
+    def packages(self) -> dict[str, str]:
+        """Installed versions of the third-party distributions the stage's code imports: a library that computes
+        the artifact (MediaPipe, diffusers, librosa) at another version may compute it differently."""
+        return package_versions_of(self.module)
+
     def cache_key(self, owner: str, params_hash: str | None, input_hashes: dict[str, str]) -> str:
-        """hash(stage code, params section, input content hashes) plus the owner the artifact belongs to."""
+        """hash(stage code, its libraries' versions, params section, input content hashes) plus the owner the
+        artifact belongs to."""
         return hash_obj({
             "stage": self.name,
             "identity": owner,
             "code": self.code_hash(),
+            "packages": self.packages(),
             "params": params_hash,
             "inputs": dict(sorted(input_hashes.items())),
         })
@@ -120,6 +134,29 @@ def _type_checking_only(node: ast.AST) -> bool:
 
 
 _RAW: dict[tuple[str, str], list[tuple[str, tuple[str, ...]]]] = {}
+_EXTERNAL: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def _external_imports(module: str, digest: str, tree: ast.Module) -> frozenset[str]:
+    """Top-level names of the third-party modules `tree` imports anywhere (not the standard library, not ours,
+    not relative, not under `if TYPE_CHECKING:`)."""
+    key = (module, digest)
+    if key not in _EXTERNAL:
+        skip: set[int] = set()
+        for node in ast.walk(tree):
+            if _type_checking_only(node):
+                skip.update(id(n) for n in ast.walk(node))
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+        _EXTERNAL[key] = frozenset(n for n in names if n not in sys.stdlib_module_names and n not in PROJECT_PACKAGES
+                                   and n != "__future__")
+    return _EXTERNAL[key]
 
 
 def _raw_imports(module: str, digest: str, tree: ast.Module, is_package: bool) -> list[tuple[str, tuple[str, ...]]]:
@@ -229,6 +266,21 @@ def module_hash(module: str, root: Path = CODE_ROOT) -> str:
             tree = _NoDocstrings().visit(ast.parse(text))  # a fresh tree: the transformer edits it
         _HASHES[digest] = sha256_bytes(ast.dump(tree, include_attributes=False).encode())
     return _HASHES[digest]
+
+
+def external_modules(module: str, root: Path = CODE_ROOT) -> list[str]:
+    """Third-party top-level modules that `module` and its project import closure import, sorted."""
+    found: set[str] = set()
+    for name in import_closure(module, root):
+        text, digest, _ = _read(name, root)
+        found |= _external_imports(name, digest, _tree(text, digest))
+    return sorted(found)
+
+
+def package_versions_of(module: str, root: Path = CODE_ROOT) -> dict[str, str]:
+    """{distribution: installed version} for the third-party modules `module`'s code imports; a module no
+    installed distribution provides is left out (an optional import that is not there)."""
+    return installed_versions(distributions_of(external_modules(module, root)))
 
 
 def code_hash_of(*modules: str, root: Path = CODE_ROOT) -> str:

@@ -35,8 +35,9 @@ def task_runner(p: ExecutionParams) -> TaskRunner[Any]:
         import dask
         from prefect_dask import DaskTaskRunner
 
-        # stages start worker processes of their own (MediaPipe, decoders): Dask's workers must not be daemons
-        dask.config.set({"distributed.worker.daemon": False})
+        # stages start worker processes of their own (MediaPipe, decoders): Dask's workers must not be daemons; a
+        # busy machine starts a local cluster's workers slowly: Dask's 5 s to connect would fail a sound run
+        dask.config.set({"distributed.worker.daemon": False, "distributed.comm.timeouts.connect": "120s"})
         if p.dask_address:
             return DaskTaskRunner(address=p.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": p.dask_workers, "threads_per_worker": 1,

@@ -135,9 +135,10 @@ class SGDMPipeline:
         `reference` image.
 
         Inpainting (face) checkpoints also take `images` (the frames whose masked part is redone) and `masks`
-        (uint8, 255 = redo). `output(first, frames)` receives the frames a window at a time (then nothing is
-        returned); `callback(step, steps)` follows the denoising. The only randomness is the initial noise, drawn
-        from `generator` (DDIM with eta 0 and the multistep solvers are deterministic), so a seed fixes the frames.
+        (uint8, 255 = redo): outside the mask, their frames are the images themselves. `output(first, frames)`
+        receives the frames a window at a time (then nothing is returned); `callback(step, steps)` follows the
+        denoising. The only randomness is the initial noise, drawn from `generator` (DDIM with eta 0 and the
+        multistep solvers are deterministic), so a seed fixes the frames.
         """
         n, res, device = len(conditions), self.resolution, self.device
         if n < 1:
@@ -189,6 +190,8 @@ class SGDMPipeline:
                 if self.refiner is not None:
                     frames = self._refine(frames, [conditions[i] for i in range(w.start, w.stop)], reference)
                 done = (frames.permute(1, 2, 3, 0).float() * 255).round().to(torch.uint8).cpu().numpy()
+                if self.inpaint:  # 7. inpainting redoes the masked part only: the rest is the image as given
+                    done = _overlay(done, images, masks, w)
                 if output is not None:
                     output(w.start, done)
                 else:
@@ -235,6 +238,14 @@ def _sized(image: np.ndarray, side: int) -> np.ndarray:
     if image.shape[:2] != (side, side):
         return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
     return image
+
+
+def _overlay(generated: np.ndarray, images: Frames, masks: Frames, w: slice) -> np.ndarray:
+    """The generated frames of window `w` where the mask says redo, the given images elsewhere (at the output's
+    size), as diffusers' inpainting pipelines paste the result back over the original."""
+    side = generated.shape[1]
+    keep = np.stack([_sized(masks[i], side) <= 127 for i in range(w.start, w.stop)])[..., None]
+    return np.where(keep, np.stack([_sized(images[i], side) for i in range(w.start, w.stop)]), generated)
 
 
 def _video(images: list[np.ndarray]) -> torch.Tensor:

@@ -395,20 +395,77 @@ def _padded(f: Features, pad: int) -> Features:
 
 
 # ------------------------------------------------------------------------------------------------- scores
-def beat_consistency(audio_beats: np.ndarray, joints: np.ndarray, fps: float = FPS, sigma: float = 0.1) -> float:
-    """BC: mean over audio beats of exp(-d²/2σ²), d = seconds to the nearest kinematic beat (a local minimum of
-    the joints' mean speed). `joints`: (T, J, 3)."""
+BEAT_ORDER = 7  # a kinematic beat is smaller than every speed within 7 frames either side (BEAT/EMAGE)
+BEAT_STILL = 0.3  # ... and the joint moves: normalised speed above this (a still joint has no beats)
+BEAT_SIGMA = 0.3  # seconds: the Gaussian of an onset's distance to its nearest beat (BEAT/EMAGE)
+
+
+def kinematic_beats(joints: np.ndarray, fps: float = FPS) -> list[np.ndarray]:
+    """Per joint, the times (s) of its kinematic beats: local minima (order BEAT_ORDER) of its speed (central
+    differences) over its mean speed, where that ratio is above BEAT_STILL. `joints`: (T, J, 3)."""
     from scipy.signal import argrelextrema
 
-    speed = np.linalg.norm(np.diff(joints, axis=0), axis=-1).mean(1)
-    minima = argrelextrema(speed, np.less, order=2)[0]
-    beats = (minima + 1) / fps
-    a = np.asarray(audio_beats, np.float64)
-    a = a[(a >= 0) & (a <= len(joints) / fps)]
-    if len(a) == 0 or len(beats) == 0:
+    if len(joints) < 3:
+        return [np.zeros(0) for _ in range(joints.shape[1])]
+    speed = np.linalg.norm(joints[2:] - joints[:-2], axis=-1) * fps / 2  # at frames 1 .. T-2
+    mean = speed.mean(0)
+    out = []
+    for j in range(speed.shape[1]):
+        if mean[j] <= 0:
+            out.append(np.zeros(0))
+            continue
+        norm = speed[:, j] / mean[j]
+        minima = argrelextrema(norm, np.less, order=BEAT_ORDER)[0]
+        out.append((minima[norm[minima] > BEAT_STILL] + 1) / fps)
+    return out
+
+
+def beat_consistency(onsets: np.ndarray, joints: np.ndarray, fps: float = FPS, sigma: float = BEAT_SIGMA) -> float:
+    """BC as BEAT and EMAGE compute it: for each audio onset (s) inside the motion, exp(-d²/2σ²) with d the
+    distance to a joint's nearest kinematic beat, averaged over onsets, then over the upper-body joints given.
+    A joint with no beat scores 0. `joints`: (T, J, 3)."""
+    return _alignment(onsets, kinematic_beats(joints, fps), len(joints) / fps, sigma)
+
+
+def _alignment(onsets: np.ndarray, beats: list[np.ndarray], duration: float, sigma: float = BEAT_SIGMA) -> float:
+    a = np.asarray(onsets, np.float64)
+    a = a[(a >= 0) & (a <= duration)]
+    if len(a) == 0:
         return 0.0
-    d = np.abs(a[:, None] - beats[None]).min(1)
-    return float(np.exp(-(d ** 2) / (2 * sigma ** 2)).mean())
+    scores = []
+    for b in beats:
+        if len(b) == 0:
+            scores.append(0.0)
+            continue
+        d = np.abs(a[:, None] - b[None]).min(1)
+        scores.append(float(np.exp(-(d ** 2) / (2 * sigma ** 2)).mean()))
+    return float(np.mean(scores))
+
+
+def beat_null(onsets: np.ndarray, joints: np.ndarray, shifts: int = 200, min_shift_s: float = 1.0, seed: int = 0,
+              fps: float = FPS) -> np.ndarray:
+    """BC of the same motion circularly shifted in time by `shifts` seeded offsets of at least `min_shift_s`
+    either way, against the same onsets: what chance alignment of this very motion scores. The beats are found
+    once and shifted with it (rolling the positions would add a jump where the ends meet, and with it a speed
+    spike that changes every joint's normalisation)."""
+    n = len(joints)
+    lo = int(np.ceil(min_shift_s * fps))
+    if n <= 2 * lo:
+        return np.zeros(0)
+    beats, duration = kinematic_beats(joints, fps), n / fps
+    offsets = np.random.default_rng(seed).integers(lo, n - lo + 1, size=shifts) / fps
+    return np.array([_alignment(onsets, [(b + k) % duration for b in beats], duration) for k in offsets])
+
+
+def beat_percentile(onsets: np.ndarray, joints: np.ndarray, shifts: int = 200, seed: int = 0,
+                    fps: float = FPS) -> tuple[float, float | None]:
+    """(BC, its percentile among `beat_null`'s shifts: 50 is chance, ties count half); None when the motion is too
+    short to shift by a second either way."""
+    score = beat_consistency(onsets, joints, fps)
+    null = beat_null(onsets, joints, shifts, seed=seed, fps=fps)
+    if len(null) == 0:
+        return score, None
+    return score, float(100 * ((null < score).mean() + 0.5 * (null == score).mean()))
 
 
 def jerk(joints: np.ndarray, fps: float = FPS) -> np.ndarray:

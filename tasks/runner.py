@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
-from core import ledger
+from core import contract, ledger
 from core.artifacts import (
+    CODE_CONFIG,
     atomic_dir,
     code_version,
     host,
     now_iso,
-    package_versions,
     read_manifest,
     sweep_partials,
     verify,
@@ -189,15 +189,39 @@ def execute(ws: Workspace, stage: str, identity: str, *, external: Path | None =
             raise StageError(f"{stage} of {identity!r}: another run is writing {ws.rel(target)} (waited {wait:g} s, "
                              f"storage.lock_wait_s); run again when it has finished") from None
     try:
-        done = read_manifest(target)
-        if done and done.get("cache_key") == key and verify(target):
-            # made under this very cache key (earlier, by `dvc repro`, or by another run while we waited): take it
-            return StageResult(stage, identity, ws.rel(target), done["output_hash"], key, params_hash, hashes,
-                               done.get("started_at", ""), done.get("duration_s", 0.0), done.get("peak_rss_mb", 0.0),
-                               done.get("summary") or {}, reused=True)
-        return _execute_locked(ws, spec, identity, target, section, params_hash, hashes, key, external, progress)
+        # made under this very cache key (earlier, by `dvc repro`, or by another run while we waited): take it
+        return (_made(ws, spec, identity, target, params_hash, hashes, key)
+                or _execute_locked(ws, spec, identity, target, section, params_hash, hashes, key, external, progress))
     finally:
         lock.release()
+
+
+def _made(ws: Workspace, spec: Stage, owner: str, target: Path, params_hash: str | None, hashes: dict[str, str],
+          key: str) -> StageResult | None:
+    """The artifact at `target` when it was made under `key` and still matches its manifest."""
+    done = read_manifest(target)
+    if not (done and done.get("cache_key") == key and verify(target)):
+        return None
+    return StageResult(spec.name, owner, ws.rel(target), done["output_hash"], key, params_hash, hashes,
+                       done.get("started_at", ""), done.get("duration_s", 0.0), done.get("peak_rss_mb", 0.0),
+                       done.get("summary") or {}, reused=True)
+
+
+def cached(ws: Workspace, stage: str, owner: str, external: Path | None = None) -> StageResult | None:
+    """The stage's artifact when one made under its current cache key is in place and intact, without running or
+    locking anything; None when it would run (or cannot yet: an input is missing)."""
+    spec = registry.get(stage)
+    owner = check_owner(spec, owner)
+    target = registry.artifact_dir(ws, stage, owner)
+    if read_manifest(target) is None:
+        return None  # never made: no need to hash its inputs to know
+    try:
+        hashes = input_hashes(ws, spec, owner, external, check=False)
+    except StageError:
+        return None
+    section = registry.section(ws, spec)
+    params_hash = section.digest() if section else None
+    return _made(ws, spec, owner, target, params_hash, hashes, spec.cache_key(owner, params_hash, hashes))
 
 
 def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, section: Section | None,
@@ -238,7 +262,12 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
             devices.claim(execution.device if spec.device else "cpu", ws.state / "locks") as device:
         if spec.device:
             kwargs["compute"] = devices.Compute(device, execution.max_latent_mb << 20)
-        summary = module.run(inputs, tmp, section, Interruptible(progress), **kwargs) or {}
+        reads = [art for _, _, art in dirs.values()] + list(files.values())
+        reads += [external] if external is not None else []
+        reads += [p for p in vars(kwargs["base"]).values() if p] if spec.base_weights else []
+        writes = [tmp] + ([kwargs["scratch"]] if "scratch" in kwargs else [])
+        with contract.watch(stage, ws.root, reads, writes):
+            summary = module.run(inputs, tmp, section, Interruptible(progress), **kwargs) or {}
         _check_outputs(spec, tmp)
         output_hash = hash_tree(tmp)
         manifest_inputs: list[dict[str, Any]] = [
@@ -264,8 +293,9 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
             "params_section": spec.section,
             "params": section.model_dump(mode="json") if section else None,
             "params_hash": params_hash,
-            "code_version": {**code_version(), "stage_code_hash": spec.code_hash()},
-            "packages": package_versions(),
+            "code_version": {**code_version((*spec.code_files(), *CODE_CONFIG)),
+                             "stage_code_hash": spec.code_hash()},
+            "packages": spec.packages(),
             "started_at": started,
             "finished_at": now_iso(),
             "duration_s": round(time.perf_counter() - t0, 3),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
-from core import interrupt
+from core import contract, interrupt
 from core.progress import Progress
 
 NATIVE_LOG_ENV = "ANCHOR_NATIVE_LOG"
@@ -52,7 +52,8 @@ def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int
         for first in range(0, len(jobs), max(size, 1)):
             round_ = jobs[first:first + size]
             with ProcessPoolExecutor(max_workers=min(workers, len(round_)), mp_context=ctx,
-                                     initializer=_quiet_stderr, initargs=(os.environ.get(NATIVE_LOG_ENV),)) as pool:
+                                     initializer=_init_worker,
+                                     initargs=(os.environ.get(NATIVE_LOG_ENV), contract.worker_state())) as pool:
                 results += _run_round(pool, fn, round_, report, q, progress)
     return results
 
@@ -85,10 +86,12 @@ def _abandon(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
-def _quiet_stderr(log_path: str | None) -> None:
+def _init_worker(log_path: str | None, watched: dict[str, Any] | None) -> None:
+    """Native logs to the log file, then the parent stage's contract on what the worker opens."""
     fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 2)
     os.close(fd)
+    contract.install_in_worker(watched)
 
 
 def _drain(q: Any, progress: Progress) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.pop("ANCHOR_WORKSPACE", None)
 os.environ["ANCHOR_CACHE_HOME"] = tempfile.mkdtemp(prefix="anchor-test-cache-")  # Prefect's records, per user
+os.environ["ANCHOR_CHECK_CONTRACT"] = "1"  # every stage a test runs reads and writes only what it declares
 
 TEST_PARAMS = {"profile": "tiny", "ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
 
@@ -37,11 +41,21 @@ def shared_video(name: str) -> Path:
     return path
 
 
-def make_workspace(root: Path, overrides: dict | None = None) -> Path:
-    """`anchor init` into root, then small-and-fast params for tests."""
-    from cli.commands.workspace import init
+_EMPTY: list[Path] = []
 
-    init(root)
+
+def make_workspace(root: Path, overrides: dict | None = None) -> Path:
+    """A new workspace at root as `anchor init` makes it (git and DVC initialised: made once per session, then
+    copied, a few seconds saved each time), then small-and-fast params for tests."""
+    import shutil
+
+    if not _EMPTY:
+        from cli.commands.workspace import init
+
+        template = Path(tempfile.mkdtemp(prefix="anchor-test-empty-")) / "ws"
+        init(template)
+        _EMPTY.append(template)
+    shutil.copytree(_EMPTY[0], root, symlinks=True)
     params = yaml.safe_load((root / "params.yaml").read_text())
     merge_params(params, overrides if overrides is not None else TEST_PARAMS)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -146,6 +160,25 @@ def onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Pa
     return ws.root
 
 
+SECOND_ID = "half"
+
+
+@pytest.fixture(scope="session")
+def second_person(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Path:
+    """The onboarded template with a second, different person beside `demo` (2.1 s of the half-body portrait),
+    fitted: source → ingest → keypoints → smplx_fit. A template for motion from another body; copy it."""
+    from core.workspace import Workspace
+    from tasks import runner
+
+    ws = Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("second") / "ws"))
+    video = cut_clip(shared_video("halfbody_portrait.mp4"), tmp_path_factory.mktemp("half") / "half.mp4", 63, 240,
+                     454)
+    runner.execute(ws, "source", SECOND_ID, external=video)
+    for stage in ("ingest", "keypoints", "smplx_fit"):
+        runner.execute(ws, stage, SECOND_ID)
+    return ws.root
+
+
 def copy_workspace(template: Path, dest: Path, overrides: dict | None = None) -> Path:
     """A private copy of a template workspace, with params sections updated by `overrides`."""
     import shutil
@@ -157,12 +190,29 @@ def copy_workspace(template: Path, dest: Path, overrides: dict | None = None) ->
     return dest
 
 
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
+_PREFECT = contextlib.ExitStack()
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+
+def prefect_server() -> str:
+    """The session's one Prefect server (Prefect's test harness: a temporary database), started on first use:
+    flows run in this process and `anchor` subprocesses (through PREFECT_API_URL) all talk to it, so no test pays
+    for a server start of its own. Stopped when the session ends."""
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        _PREFECT.enter_context(prefect_test_harness(server_startup_timeout=120))
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    return os.environ["PREFECT_API_URL"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _PREFECT.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[str]:
+    yield prefect_server()
 
 
 @pytest.fixture
@@ -220,13 +270,50 @@ def video_frames(path: Path) -> list:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
-def cli(root: Path, *args: str, timeout: float = 900, env: dict | None = None):
-    """`anchor -w ROOT ARGS` in a subprocess, as a user runs it."""
-    import subprocess
-    import sys
-
+def cli(root: Path, *args: str, timeout: float = 900, env: dict | None = None,
+        embedded: bool = False) -> subprocess.CompletedProcess[str]:
+    """`anchor -w ROOT ARGS` in a subprocess, as a user runs it, on the session's Prefect server (`embedded`: on
+    an embedded server of its own, as a user's command starts one, for tests of that server)."""
+    env = dict(env if env is not None else os.environ)
+    if embedded:
+        env.pop("PREFECT_API_URL", None)
+    else:
+        env["PREFECT_API_URL"] = prefect_server()
     return subprocess.run([sys.executable, "-m", "cli.main", "-w", str(root), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def anchor(root: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """`anchor -w ROOT ARGS` in this process: the command line's own entry point (`cli.main.main`) with its exit
+    code, stdout and stderr, on the session's Prefect server, without a new interpreter. For tests of what a
+    command does; `cli` for those of how a process behaves."""
+    import io
+    import signal
+    from unittest import mock
+
+    from cli import env as cli_env
+    from cli import main as cli_main
+    from core import interrupt
+
+    prefect_server()
+    argv = ["anchor", *(["-w", str(root)] if root is not None else []), *args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sigint, saved_argv = signal.getsignal(signal.SIGINT), sys.argv
+    code: int | str | None = 0
+    try:
+        sys.argv = argv
+        # what a command sets up for its process (environment, log routing) ends with it here too
+        with mock.patch.dict(os.environ), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli_main.main()
+    except SystemExit as ended:
+        code = ended.code
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGINT, sigint)
+        interrupt._REQUESTED.clear()
+        cli_env.unroute_logs()
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def set_param(root: Path, section: str, key: str, value: object) -> None:

@@ -41,7 +41,13 @@ def onboard(
         name = check_identity_name(targets[0])
         ws = workspace()
         path = _check_video(ws, name, video)
-        show.stage_table(ws, run_flow(ws, "flows.onboard", "onboard", str(ws.root), name, str(path)))
+        from flows import cached
+        from tasks import devices, registry
+
+        devices.check(registry.params(ws).execution.device)  # refused as every flow command refuses it
+        summary = cached.onboard(ws, name, path) or run_flow(ws, "flows.onboard", "onboard", str(ws.root), name,
+                                                             str(path))
+        show.stage_table(ws, summary)
         return
     pairs = _pairs(targets, manifest)
     ws = workspace()

@@ -339,8 +339,9 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
     spoken = speech_section(inputs, settings.render_body.seed, side)
     progress.advance(1)
     if "figures" in spoken:
-        dvc_metrics["speech"] = {k: spoken["figures"][k] for k in ("jaw_corr", "jaw_corr_loudness", "beat_consistency",
-                                                                     "beat_consistency_real", "seam_jerk_ratio")}
+        dvc_metrics["speech"] = {k: spoken["figures"][k] for k in (
+            "jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consistency_real", "beat_percentile",
+            "beat_percentile_real", "seam_jerk_ratio")}
     (out / METRICS).write_text(json.dumps(dvc_metrics, indent=2, sort_keys=True) + "\n")
 
     table = [{"name": label, "value": _value(scored.get(key)), "note": _note(scored.get(key)),
@@ -451,9 +452,14 @@ jitter of the fit {{ fit.get("jitter_fit_px") }} px vs the detections' {{ fit.ge
 <table><tr><th>figure</th><th>value</th><th>what it says</th></tr>
 <tr><td>jaw correlation</td><td class="n">{{ f.jaw_corr }}</td><td>per frame, generated vs real jaw opening
   (loudness-only baseline: {{ f.jaw_corr_loudness }})</td></tr>
-<tr><td>beat consistency</td><td class="n">{{ f.beat_consistency }}</td><td>audio onsets near a pause of the upper
-  body (real motion: {{ f.beat_consistency_real }}, real motion shuffled in 1 s pieces:
-  {{ f.beat_consistency_shuffled }})</td></tr>
+<tr><td>beat consistency</td><td class="n">{{ f.beat_consistency }}</td><td>audio onsets near a kinematic beat of
+  each upper-body joint, BEAT/EMAGE's way (real motion: {{ f.beat_consistency_real }}, real motion shuffled in 1 s
+  pieces: {{ f.beat_consistency_shuffled }})</td></tr>
+<tr><td>beat percentile</td><td class="n">{{ f.beat_percentile if f.beat_percentile is not none else "—" }}</td>
+  <td>where the generated motion's beat consistency falls among the same motion shifted in time (50: chance; real
+  motion: {{ f.beat_percentile_real if f.beat_percentile_real is not none else "—" }}).
+  {% if not f.beat_judgeable %}<b>This clip cannot judge gesture timing:</b> its real motion is not above its own
+  shifts (percentile below 75), so no beat target is claimed on it.{% endif %}</td></tr>
 <tr><td>seam jerk</td><td class="n">{{ f.seam_jerk_ratio if f.seam_jerk_ratio is not none else "—" }}</td>
   <td>95th percentile of joint jerk at the {{ f.seams }} seams over the real motion's</td></tr>
 </table>

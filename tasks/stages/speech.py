@@ -154,6 +154,7 @@ def synthesise(model_dir: Path, samples: np.ndarray, seed: int, progress: Progre
 
 # ---------------------------------------------------------------------------------------- held-out comparison
 SHUFFLE_S = 1.0  # piece length of the shuffled-real baseline
+BEAT_JUDGEABLE = 75.0  # the real motion's percentile in its own null above which a clip can judge gesture timing
 
 
 def held_out_audio(ingest_dir: Path, fit_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
@@ -202,10 +203,18 @@ def compare(model_dir: Path, real: dict[str, np.ndarray], audio: np.ndarray, joi
     def corr(a: np.ndarray, b: np.ndarray) -> float | None:
         return None if len(a) < 2 or a.std() == 0 or b.std() == 0 else round(float(np.corrcoef(a, b)[0, 1]), 3)
 
+    bc_gen, pct_gen = sp.beat_percentile(beats, upper["gen"], seed=seed)
+    bc_real, pct_real = sp.beat_percentile(beats, upper["real"], seed=seed)
+
+    def pct(p: float | None) -> float | None:
+        return None if p is None else round(p, 1)
+
     return {"jaw_corr": corr(jaw_gen, jaw_real), "jaw_corr_loudness": corr(jaw_loud, jaw_real),
-            "beat_consistency": round(sp.beat_consistency(beats, upper["gen"]), 3),
-            "beat_consistency_real": round(sp.beat_consistency(beats, upper["real"]), 3),
+            "beat_consistency": round(bc_gen, 3), "beat_consistency_real": round(bc_real, 3),
             "beat_consistency_shuffled": round(sp.beat_consistency(beats, upper["shuffled"]), 3),
+            "beat_percentile": pct(pct_gen), "beat_percentile_real": pct(pct_real),
+            # gesture timing can be judged on a clip only where its real motion beats its own shifts
+            "beat_judgeable": pct_real is not None and pct_real >= BEAT_JUDGEABLE,
             "seam_jerk_ratio": round(float(np.percentile(jerk_gen[near], 95) / np.percentile(jerk_real, 95)), 3)
             if near and np.percentile(jerk_real, 95) > 0 else None,
             "frames": n, "seams": len(said["seam_frames"]), "segments": said["segments"],

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from core.errors import StageError
-from tests.conftest import ONBOARDED_ID, cli, copy_workspace
+from tests.conftest import ONBOARDED_ID, anchor, cli, copy_workspace
 
 ID = ONBOARDED_ID
-slow = pytest.mark.slow  # the command line in a subprocess, on an onboarded identity
+slow = pytest.mark.slow  # on an onboarded identity
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_a_motion_at_an_impossible_frame_rate(ws: Path, tmp_path: Path) -> None:
 @slow
 def test_a_motion_longer_than_a_render_may_be(ws: Path, tmp_path: Path) -> None:
     before = _files(ws)
-    proc = cli(ws, "motion", "import", str(_amass(tmp_path / "long.npz", 2000, 60.0)), "--identity", ID, "--out",
-               str(tmp_path / "out.parquet"))  # 2000 frames at 60 fps: 1000 at 30, more than the 900 allowed
+    proc = anchor(ws, "motion", "import", str(_amass(tmp_path / "long.npz", 2000, 60.0)), "--identity", ID, "--out",
+                  str(tmp_path / "out.parquet"))  # 2000 frames at 60 fps: 1000 at 30, more than the 900 allowed
     _refused(ws, proc, "more than motion.max_frames = 900")
     assert _files(ws) == before
 
@@ -76,7 +76,7 @@ def test_an_npz_whose_header_claims_gigabytes(ws: Path, tmp_path: Path) -> None:
             with archive.open(f"{name}.npy", "w") as member:
                 np.lib.format.write_array_header_1_0(member, header)
                 member.write(b"\0" * 64)
-    proc = cli(ws, "motion", "import", str(path), "--identity", ID, "--out", str(tmp_path / "o.parquet"))
+    proc = anchor(ws, "motion", "import", str(path), "--identity", ID, "--out", str(tmp_path / "o.parquet"))
     _refused(ws, proc, "claims", "GiB", "not a motion file")
 
 
@@ -102,7 +102,7 @@ def test_a_body_model_pickle_carrying_code_is_refused_unrun(ws: Path, tmp_path: 
     params["body_model"]["path"] = str(folder)
     (w / "params.yaml").write_text(yaml.safe_dump(params))
     before = _files(w)
-    proc = cli(w, "stage", "run", "smplx_fit", ID)
+    proc = anchor(w, "stage", "run", "smplx_fit", ID)
     _refused(w, proc, "refused to unpickle", "use the SMPL-X .npz files")
     assert not marker.exists() and _files(w) == before
     # an .npz holding a pickled object is refused the same way; one of plain arrays is taken as it is
@@ -131,10 +131,10 @@ def _mannequin(root: Path) -> Path:
 def test_paths_named_like_rich_markup_are_printed_as_they_are(ws: Path, tmp_path: Path) -> None:
     motion = _amass(tmp_path / "take [2] [bold]x.npz", 40, 30.0)
     out = tmp_path / "interview [take2] [red]y.parquet"
-    done = cli(ws, "motion", "import", str(motion), "--identity", ID, "--out", str(out))
+    done = anchor(ws, "motion", "import", str(motion), "--identity", ID, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and out.is_file()
-    missing = cli(ws, "onboard", ID, "--video", str(tmp_path / "gone [take3] [bold]z.mp4"))
+    missing = anchor(ws, "onboard", ID, "--video", str(tmp_path / "gone [take3] [bold]z.mp4"))
     _refused(ws, missing, "gone [take3] [bold]z.mp4: no such file")
 
 
@@ -166,7 +166,6 @@ def test_a_full_disk_is_not_retried_as_transient() -> None:
     assert not is_transient(FileNotFoundError(errno.ENOENT, "no such file"))
 
 
-
 @slow
 def test_cuda_on_a_machine_without_it_is_one_line_before_any_work(ws: Path, tmp_path: Path) -> None:
     import torch
@@ -175,7 +174,10 @@ def test_cuda_on_a_machine_without_it_is_one_line_before_any_work(ws: Path, tmp_
         pytest.skip("this machine has CUDA")
     w = copy_workspace(ws, tmp_path / "ws", {"execution": {"device": "cuda"}})
     before = _files(w)
-    _refused(w, cli(w, "finetune", ID), "execution.device = 'cuda'", "no CUDA device")
+    _refused(w, anchor(w, "finetune", ID), "execution.device = 'cuda'", "no CUDA device")
     assert _files(w) == before
-    _refused(w, cli(w, "bench", "render", "--profile", "sd15-shapes", "--device", "cuda:1", "--json"),
-             "device 'cuda:1'", "no CUDA device")
+    for bench in (("render", "--profile", "sd15-shapes", "--device", "cuda:1"),
+                  ("render", "--profile", "tiny", "--device", "cuda"),
+                  ("train", "--profile", "tiny", "--device", "cuda"),
+                  ("train", "--profile", "sd15-shapes", "--device", "cuda:0")):
+        _refused(w, anchor(w, "bench", *bench, "--json"), f"device '{bench[-1]}'", "no CUDA device")

@@ -221,3 +221,40 @@ def test_verify_unreadable_manifest(tmp_path: Path) -> None:
     art = make_tree(tmp_path / "art")
     (art / MANIFEST).write_text("{not json")
     assert not verify(art)
+
+
+def test_uncommitted_changes_are_about_code_params_and_the_project_file_only(tmp_path: Path) -> None:
+    """The pipeline updates dvc.lock, identities.yaml and versions.yaml itself: none of them makes the code dirty."""
+    import subprocess
+
+    from core.artifacts import code_version
+
+    repo = tmp_path / "repo"
+    files = {"tasks/stages/a.py": "A = 1\n", "tasks/b.py": "B = 1\n", "params.yaml": "x: 1\n",
+             "pyproject.toml": "[project]\n", "dvc.lock": "{}\n", "identities.yaml": "identities: []\n",
+             "versions.yaml": "{}\n"}
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+
+    def dirty(files: tuple[str, ...] = ("tasks", "params.yaml", "pyproject.toml")) -> bool:
+        code_version.cache_clear()
+        return code_version(files, repo)["dirty"]
+
+    assert dirty() is False
+    for name in ("dvc.lock", "identities.yaml", "versions.yaml"):
+        (repo / name).write_text("changed by a run\n")
+    assert dirty() is False
+    for name in ("tasks/b.py", "params.yaml", "pyproject.toml"):
+        before = (repo / name).read_text()
+        (repo / name).write_text(before + "# edited\n")
+        assert dirty() is True, name
+        assert dirty(("tasks/stages/a.py", "params.yaml", "pyproject.toml")) is (name != "tasks/b.py"), name
+        (repo / name).write_text(before)
+    (repo / "tasks" / "new_module.py").write_text("C = 1\n")  # a module not yet committed is a change too
+    assert dirty() is True and dirty(("tasks/stages/a.py", "params.yaml")) is False
+    code_version.cache_clear()

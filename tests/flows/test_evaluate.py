@@ -13,7 +13,7 @@ import yaml
 from core.artifacts import read_manifest
 from core.workspace import Workspace
 from tasks.registry import artifact_dir
-from tests.conftest import FEW, ONBOARDED_ID, cli, copy_workspace, set_param
+from tests.conftest import FEW, ONBOARDED_ID, anchor, cli, copy_workspace, set_param
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -34,14 +34,14 @@ def test_training_commands_run_the_flows(ws: Workspace) -> None:
     cached = cli(ws.root, "finetune", ID, "--no-evaluate")
     assert cached.returncode == 0 and f"finetune[{ID}]: cached" in cached.stdout, cached.stdout + cached.stderr
     set_param(ws.root, "finetune", "steps", {**FEW["steps"], "tiny": 3})
-    done = cli(ws.root, "finetune", ID, "--no-evaluate")  # the evaluation it would run: the next test
+    done = anchor(ws.root, "finetune", ID, "--no-evaluate")  # the evaluation it would run: the next test
     assert done.returncode == 0, done.stderr
     assert f"finetune[{ID}]: ran" in done.stdout and "body: 3 steps (from 0)" in done.stdout
     assert "render_body[" not in done.stdout and "report: " not in done.stdout
     assert f"{ID} model v2 (new" in done.stdout and f"git tag {ID}-v2" in done.stdout
-    again = cli(ws.root, "finetune", ID, "--no-evaluate")
+    again = anchor(ws.root, "finetune", ID, "--no-evaluate")
     assert again.returncode == 0 and f"finetune[{ID}]: cached" in again.stdout, again.stdout + again.stderr
-    bad = cli(ws.root, "finetune", "Not A Name")
+    bad = anchor(ws.root, "finetune", "Not A Name")
     assert bad.returncode != 0 and "invalid identity name" in bad.stderr
 
 
@@ -50,7 +50,7 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
 
     import cv2
 
-    first = cli(ws.root, "finetune", ID)  # the model is cached; then the evaluation protocol runs
+    first = anchor(ws.root, "finetune", ID)  # the model is cached; then the evaluation protocol runs
     assert first.returncode == 0, first.stderr
     assert f"finetune[{ID}]: cached" in first.stdout, first.stdout
     for stage in ("render_body", "face", "assemble", "metrics"):  # the held-out clips rendered, scored, reported
@@ -109,8 +109,18 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     # the held-out audio through the speech model, against the real held-out motion
     spoken = page[page.index("Speech-driven motion"):page.index("Time per stage")]
     assert "jaw correlation" in spoken and spoken.count("<svg") == 1
-    assert -1 <= scored["speech"]["jaw_corr"] <= 1 and 0 <= scored["speech"]["beat_consistency"] <= 1
-    assert f"<td class=\"n\">{scored['speech']['jaw_corr']}</td>" in spoken
+    from tasks import registry, runner
+    from tasks.stages import motion as motion_task
+    from tasks.stages import speech as speech_task
+
+    fit, ingest = artifact_dir(ws, "smplx_fit", ID), artifact_dir(ws, "ingest", ID)
+    real, audio = speech_task.held_out_audio(ingest, fit)
+    expected = speech_task.compare(artifact_dir(ws, "speech", ID), real, audio,
+                                   motion_task.reference(fit, runner.body_model_path(ws)).joints,
+                                   registry.params(ws).render_body.seed)
+    for key in ("jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consistency_real", "seam_jerk_ratio"):
+        assert scored["speech"][key] == expected[key], key
+    assert f"<td class=\"n\">{expected['jaw_corr']}</td>" in spoken
     assert scored["flicker"] > 0 and set(scored["detection_rate"]) == {"body", "left_hand", "right_hand", "face"}
     fit = (report / "plots" / "fit_error_body_pct.csv").read_text().splitlines()
     assert fit[0] == "frame,body_pct" and len(fit) > 20
@@ -118,7 +128,7 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
         "fit_error_body_pct.csv", "fit_error_face_pct.csv", "fit_error_hands_pct.csv", "lmd_body_px.csv",
         "lmd_face_px.csv"]
 
-    again = cli(ws.root, "evaluate", ID)
+    again = anchor(ws.root, "evaluate", ID)
     assert again.returncode == 0 and f"report[{ID}]: cached" in again.stdout, again.stdout + again.stderr
     # recorded in DVC: up to date, and `dvc metrics show` / `dvc plots show` read it
     status = _dvc(ws, "status", f"report@{ID}")
@@ -139,7 +149,7 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     params["render_body"]["seed"] = 7
     (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
     try:
-        second = cli(ws.root, "evaluate", ID)
+        second = anchor(ws.root, "evaluate", ID)
         assert second.returncode == 0, second.stderr
         diff = json.loads(_dvc(ws, "metrics", "diff", "--json").stdout)
         changed = diff[metrics_file]
@@ -150,5 +160,5 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
 
 
 def test_report_is_made_by_evaluate_not_stage_run(ws: Workspace) -> None:
-    done = cli(ws.root, "stage", "run", "report", ID)
+    done = anchor(ws.root, "stage", "run", "report", ID)
     assert done.returncode != 0 and f"report is made by `anchor evaluate {ID}`" in done.stderr

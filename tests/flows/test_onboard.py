@@ -17,7 +17,7 @@ from core import ledger
 from core.artifacts import read_manifest, verify
 from core.workspace import Workspace
 from tasks.registry import artifact_dir
-from tests.conftest import make_workspace
+from tests.conftest import copy_workspace, make_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 STAGES = ["source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech"]
@@ -47,13 +47,16 @@ def set_param(root: Path, section: str, key: str, value: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path, prefect_harness: None) -> tuple[Path, dict]:
+def flow_onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path, prefect_harness: str
+                   ) -> tuple[Path, dict]:
+    """The short clip onboarded by the flow from nothing (the session's `onboarded` template was made by the runner
+    alone, stage by stage)."""
     root = make_workspace(tmp_path_factory.mktemp("onboarded") / "ws")
     return root, onboard(root, short_video)
 
 
-def test_first_run_computes_every_stage_and_writes_manifests(onboarded: tuple[Path, dict]) -> None:
-    root, summary = onboarded
+def test_first_run_computes_every_stage_and_writes_manifests(flow_onboarded: tuple[Path, dict]) -> None:
+    root, summary = flow_onboarded
     assert hits(root, summary) == {s: False for s in STAGES}
     ws = Workspace(root)
     for stage in STAGES:
@@ -88,9 +91,9 @@ def _files(root: Path) -> dict[str, tuple[int, int]]:
             if p.is_file() and ".anchor" not in p.relative_to(root).parts and ".git" not in p.relative_to(root).parts}
 
 
-def test_second_run_with_nothing_changed_runs_no_stage_body_and_writes_no_file(onboarded: tuple[Path, dict],
+def test_second_run_with_nothing_changed_runs_no_stage_body_and_writes_no_file(flow_onboarded: tuple[Path, dict],
                                                                                 short_video: Path) -> None:
-    root, first = onboarded
+    root, first = flow_onboarded
     before = {s: read_manifest(artifact_dir(Workspace(root), s, "demo"))["started_at"] for s in STAGES}
     files = _files(root)
     assert "data/identities/demo/source.dvc" in files and "dvc.lock" in files
@@ -103,8 +106,8 @@ def test_second_run_with_nothing_changed_runs_no_stage_body_and_writes_no_file(o
                                                                        for s in STAGES}
 
 
-def test_dvc_sees_the_flow_outputs_as_up_to_date(onboarded: tuple[Path, dict]) -> None:
-    root, _ = onboarded
+def test_dvc_sees_the_flow_outputs_as_up_to_date(flow_onboarded: tuple[Path, dict]) -> None:
+    root, _ = flow_onboarded
     targets = [f"{s}@demo" for s in STAGES[1:]]
     status = subprocess.run([sys.executable, "-m", "dvc", "status", *targets], cwd=root, capture_output=True,
                             text=True)
@@ -123,10 +126,10 @@ def test_dvc_sees_the_flow_outputs_as_up_to_date(onboarded: tuple[Path, dict]) -
     assert (root / "data/identities/demo/source.dvc").is_file()
 
 
-def test_lineage_json_reaches_the_source_video(onboarded: tuple[Path, dict], short_video: Path) -> None:
+def test_lineage_json_reaches_the_source_video(flow_onboarded: tuple[Path, dict], short_video: Path) -> None:
     import hashlib
 
-    root, summary = onboarded
+    root, summary = flow_onboarded
     res = CliRunner().invoke(app, ["-w", str(root), "lineage", "--json",
                                    str(root / "data/identities/demo/keypoints/keypoints.parquet")])
     assert res.exit_code == 0, res.output
@@ -140,8 +143,8 @@ def test_lineage_json_reaches_the_source_video(onboarded: tuple[Path, dict], sho
     assert steps[1]["params"]["resolution"] == 128
 
 
-def test_push_then_pull_restores_an_identity(onboarded: tuple[Path, dict]) -> None:
-    root, summary = onboarded
+def test_push_then_pull_restores_an_identity(flow_onboarded: tuple[Path, dict]) -> None:
+    root, summary = flow_onboarded
     runner = CliRunner()
     res = runner.invoke(app, ["-w", str(root), "push", "demo"])
     assert res.exit_code == 0, res.output
@@ -155,9 +158,10 @@ def test_push_then_pull_restores_an_identity(onboarded: tuple[Path, dict]) -> No
     assert verify(artifact_dir(ws, "ingest", "demo"), summary["stages"]["ingest"]["output_hash"])
 
 
-def test_changing_a_matting_param_reruns_only_matting(tmp_path: Path, short_video: Path) -> None:
-    root = make_workspace(tmp_path / "ws")
-    first = onboard(root, short_video)
+def test_changing_a_matting_param_reruns_only_matting(tmp_path: Path, short_video: Path, onboarded: Path) -> None:
+    root = copy_workspace(onboarded, tmp_path / "ws")
+    first = onboard(root, short_video)  # the template's artifacts, every one cached
+    assert hits(root, first) == {s: True for s in STAGES}
     set_param(root, "matting", "temporal_window", 3)
     second = onboard(root, short_video)
     assert hits(root, second) == {s: s != "matting" for s in STAGES}
@@ -180,15 +184,18 @@ def test_changing_a_matting_param_reruns_only_matting(tmp_path: Path, short_vide
     assert verify(artifact_dir(Workspace(root), "ingest", "demo"), first["stages"]["ingest"]["output_hash"])
 
 
-def test_two_clean_runs_give_identical_hashes(tmp_path: Path, short_video: Path, onboarded: tuple[Path, dict]) -> None:
-    _, first = onboarded
-    other = onboard(make_workspace(tmp_path / "other"), short_video)
-    assert {s: other["stages"][s]["output_hash"] for s in STAGES} == {s: first["stages"][s]["output_hash"]
-                                                                       for s in STAGES}
+def test_two_clean_runs_give_identical_hashes(flow_onboarded: tuple[Path, dict], onboarded: Path) -> None:
+    """The flow's onboarding from nothing and the session template's, made independently stage by stage by the
+    runner in another workspace: the same bytes."""
+    _, first = flow_onboarded
+    template = Workspace(onboarded)
+    assert {s: read_manifest(artifact_dir(template, s, "demo"))["output_hash"] for s in STAGES} == {
+        s: first["stages"][s]["output_hash"] for s in STAGES}
 
 
-def test_changing_perturb_reruns_perturb_and_render_mesh_only(onboarded: tuple[Path, dict], short_video: Path) -> None:
-    root, first = onboarded
+def test_changing_perturb_reruns_perturb_and_render_mesh_only(flow_onboarded: tuple[Path, dict],
+                                                              short_video: Path) -> None:
+    root, first = flow_onboarded
     set_param(root, "perturb", "sigma_transl", 0.02)
     second = onboard(root, short_video)
     assert hits(root, second) == {s: s not in ("perturb", "render_mesh") for s in STAGES}

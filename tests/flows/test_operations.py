@@ -27,7 +27,7 @@ from tests.conftest import ONBOARDED_ID, ROOT, TEST_PARAMS, copy_workspace, make
 
 PREPROCESS = ("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech")
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # on onboarded or trained identities; the quick checks below are not
 ID = ONBOARDED_ID
 
 
@@ -40,6 +40,7 @@ def _lock(ws: Workspace, stage: str) -> FileLock:
     return FileLock(ws.state / "locks" / f"{stage}@{ID}.lock")
 
 
+@slow
 def test_a_second_writer_waits_then_takes_what_the_first_made(onboarded: Path, tmp_path: Path) -> None:
     # a bounded wait: were the waiting to regress, the run would stop in a minute rather than hang the suite
     ws = Workspace(copy_workspace(onboarded, tmp_path / "ws", {"storage": {"lock_wait_s": 60.0}}))
@@ -68,6 +69,7 @@ def test_a_second_writer_waits_then_takes_what_the_first_made(onboarded: Path, t
     assert read_manifest(art) == before  # and took the finished artifact instead of writing it again
 
 
+@slow
 def test_a_second_writer_stops_with_a_clear_message(onboarded: Path, tmp_path: Path) -> None:
     ws = Workspace(copy_workspace(onboarded, tmp_path / "ws", {"storage": {"lock_wait_s": 1.0}}))
     before = read_manifest(artifact_dir(ws, "perturb", ID))
@@ -96,6 +98,7 @@ def _set(root: Path, section: str, values: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+@slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_four_identities_at_once_then_one_shared_pretrain_then_their_finetunes(onboarded: Path, short_video: Path,
                                                                                tmp_path: Path) -> None:
@@ -137,6 +140,7 @@ def test_four_identities_at_once_then_one_shared_pretrain_then_their_finetunes(o
     assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), spans
 
 
+@slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_two_identities_on_a_two_worker_dask_cluster_match_a_sequential_run(onboarded: Path, short_video: Path,
                                                                              tmp_path: Path) -> None:
@@ -150,6 +154,10 @@ def test_two_identities_on_a_two_worker_dask_cluster_match_a_sequential_run(onbo
     ws = Workspace(root)
     runner = task_runner(params(ws).execution)
     assert type(runner).__name__ == "DaskTaskRunner"
+    import dask
+
+    # a cluster that starts slowly on a busy machine is waited for, not failed after Dask's default 5 s
+    assert dask.config.get("distributed.comm.timeouts.connect") == "120s"
     summary = onboard_many.with_options(task_runner=runner)(str(root), {"ann": str(short_video),
                                                                          "bob": str(short_video)})
     statuses = {n: o["status"] for n, o in summary["identities"].items()}
@@ -161,6 +169,7 @@ def test_two_identities_on_a_two_worker_dask_cluster_match_a_sequential_run(onbo
     assert os.getpid() not in pids and len(pids) == 2, made_by  # made by the two Dask worker processes, not here
 
 
+@slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_transient_io_error_is_retried_by_prefect_and_the_flow_completes(onboarded: Path, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:

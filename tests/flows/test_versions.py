@@ -14,7 +14,7 @@ import yaml
 from core.artifacts import read_manifest
 from core.workspace import Workspace
 from tasks.registry import artifact_dir
-from tests.conftest import ONBOARDED_ID, ROOT, cli, copy_workspace, held_out, render, set_param
+from tests.conftest import ONBOARDED_ID, ROOT, anchor, copy_workspace, held_out, render, set_param
 
 pytestmark = pytest.mark.slow
 ID = ONBOARDED_ID
@@ -33,7 +33,7 @@ def test_each_new_model_is_a_version_older_renders_go_stale_and_a_pulled_version
     from flows.versions import current_model, versions
 
     def status() -> dict:
-        done = cli(ws.root, "status", ID, "--json")
+        done = anchor(ws.root, "status", ID, "--json")
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)[0]
 
@@ -41,17 +41,18 @@ def test_each_new_model_is_a_version_older_renders_go_stale_and_a_pulled_version
         params = yaml.safe_load((ws.root / "params.yaml").read_text())
         params["finetune"]["steps"]["tiny"] = n
         (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
-        return cli(ws.root, "finetune", ID, "--no-evaluate")
+        return anchor(ws.root, "finetune", ID, "--no-evaluate")
 
     def render(out: Path) -> bytes:
-        done = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--frames", "6", "--seed", "11", "--out", str(out))
+        done = anchor(ws.root, "render", ID, "--motion", f"{ID}:test", "--frames", "6", "--seed", "11", "--out",
+                      str(out))
         assert done.returncode == 0, done.stderr
         return out.read_bytes()
 
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     params["finetune"]["steps"]["tiny"] = 4
     (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
-    made = cli(ws.root, "finetune", ID, "--no-evaluate")  # v1
+    made = anchor(ws.root, "finetune", ID, "--no-evaluate")  # v1
     assert made.returncode == 0 and f"{ID} model v1 (new" in made.stdout, made.stdout + made.stderr
     video_v1 = render(tmp_path / "v1.mp4")
     first = status()
@@ -60,7 +61,7 @@ def test_each_new_model_is_a_version_older_renders_go_stale_and_a_pulled_version
     assert any(not r["stale"] and r["model_version"] == 1 and r["why"] == [] for r in first["renders"])
     tags = subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True).stdout.split()
     assert f"{ID}-v1" in tags
-    assert cli(ws.root, "push", ID).returncode == 0
+    assert anchor(ws.root, "push", ID).returncode == 0
 
     newer = finetune_steps(3)
     assert newer.returncode == 0 and f"{ID} model v2 (new" in newer.stdout, newer.stdout + newer.stderr
@@ -78,13 +79,13 @@ def test_each_new_model_is_a_version_older_renders_go_stale_and_a_pulled_version
     assert lock_v2.returncode == 0 and f"finetune@{ID}" in lock_v2.stdout
     table = versions(ws)[ID]
     assert len(table) == 2 and current_model(ws, ID) == table[1]["finetune"]
-    assert cli(ws.root, "push", ID).returncode == 0
+    assert anchor(ws.root, "push", ID).returncode == 0
 
     # v1's dvc.lock and `anchor pull` bring its weights back; with nothing cached, its video is made again, the same
     checkout = subprocess.run(["git", "checkout", f"{ID}-v1", "--", "dvc.lock"], cwd=ws.root, capture_output=True,
                               text=True)
     assert checkout.returncode == 0, checkout.stderr
-    pulled = cli(ws.root, "pull", ID)
+    pulled = anchor(ws.root, "pull", ID)
     assert pulled.returncode == 0, pulled.stderr
     assert current_model(ws, ID) == table[0]["finetune"]
     shutil.rmtree(ws.data / "renders" / ID)

@@ -102,9 +102,16 @@ def test_the_face_checkpoint_inpaints_frames_under_masks(checkpoints: dict[str, 
     masks = [np.zeros((RES, RES), np.uint8) for _ in range(5)]
     for m in masks:
         m[16:48, 16:48] = 255
-    kw = {"steps": 3, "window": 4, "overlap_frames": 1, "generator": torch.Generator().manual_seed(0)}
-    frames = pipe(conditions, reference, images=images, masks=masks, **kw)
-    assert frames.shape == (5, RES, RES, 3)
+    kw = {"steps": 3, "window": 4, "overlap_frames": 1}
+    frames = pipe(conditions, reference, images=images, masks=masks, generator=torch.Generator().manual_seed(0), **kw)
+    other = pipe(conditions, reference, images=images, masks=masks, generator=torch.Generator().manual_seed(1), **kw)
+    assert frames.shape == other.shape == (5, RES, RES, 3)
+    inside = np.stack(masks) == 255
+    # outside the mask: the images as given, whatever the seed; inside: redone, and redone otherwise by another seed
+    assert np.array_equal(frames[~inside], np.stack(images)[~inside])
+    assert np.array_equal(other[~inside], np.stack(images)[~inside])
+    assert (frames[inside] != np.stack(images)[inside]).mean() > 0.9
+    assert (frames[inside] != other[inside]).mean() > 0.5
     with pytest.raises(ValueError, match="needs images and masks"):
         pipe(conditions, reference, **kw)
     body = SGDMPipeline.from_pretrained(checkpoints["body"])

@@ -131,17 +131,66 @@ def test_a_saved_model_loads_and_speaks_the_same(speech: np.ndarray, tmp_path: P
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def _paused_at(times: np.ndarray, frames: int, joints: int = 3, seed: int = 0, noise: float = 0.1) -> np.ndarray:
+    """(frames, joints, 3) positions whose speed is high but for a short pause at each of `times` (s): gestures
+    that stop on the beat, each joint with a direction and a little speed noise of its own."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames) / sp.FPS
+    pause = np.exp(-((t[:, None] - times[None]) ** 2) / (2 * 0.05 ** 2)).max(1) if len(times) else np.zeros(frames)
+    out = np.zeros((frames, joints, 3))
+    for j in range(joints):
+        speed = (1 - 0.6 * pause) * (1 + noise * rng.random(frames))  # slows to ~0.4 (a beat: above BEAT_STILL)
+        path = np.cumsum(speed) - speed / 2  # so that the central difference at frame k is centred on speed[k]
+        out[:, j] = path[:, None] * rng.normal(size=3) / sp.FPS
+    return out
+
+
 def test_beat_consistency_is_one_on_the_beat_and_falls_off_with_sigma() -> None:
-    t = np.arange(90)
-    beat_frames = [20, 50, 80]
-    speed = np.ones(89)
-    for f in beat_frames:
-        speed[f - 1] = 0.1  # a speed minimum between frames f-1 and f, i.e. at frame f
-    joints = np.zeros((90, 1, 3))
-    joints[1:, 0, 0] = np.cumsum(speed)
-    assert sp.beat_consistency(np.array(beat_frames) / 30, joints) == pytest.approx(1.0)
-    assert sp.beat_consistency(np.array(beat_frames) / 30 + 0.1, joints) == pytest.approx(np.exp(-0.5), abs=1e-6)
-    assert sp.jerk(joints).shape == (len(t) - 3, 1)
+    onsets = np.array([1.0, 2.0, 3.0])
+    joints = _paused_at(onsets, 120, joints=1, noise=0.0)
+    assert [np.round(b, 3).tolist() for b in sp.kinematic_beats(joints)] == [[1.0, 2.0, 3.0]]
+    assert sp.beat_consistency(onsets, joints) == pytest.approx(1.0)
+    late = onsets + sp.BEAT_SIGMA
+    assert sp.beat_consistency(late, joints) == pytest.approx(np.exp(-0.5), abs=1e-6)
+    still = np.zeros((120, 1, 3))
+    assert sp.kinematic_beats(still)[0].size == 0 and sp.beat_consistency(onsets, still) == 0.0
+    # each joint counts on its own: a second joint that never pauses halves the score
+    both = np.concatenate([joints, np.cumsum(np.ones((120, 1, 3)), 0) / 30], axis=1)
+    assert sp.beat_consistency(onsets, both) == pytest.approx(0.5)
+
+
+def test_gestures_that_pause_on_the_onsets_beat_their_own_shifts_and_chance_does_not() -> None:
+    rng = np.random.default_rng(1)
+    frames = 30 * 20
+    onsets = np.sort(rng.uniform(0.5, 19.5, 24))
+    on_beat, pct = sp.beat_percentile(onsets, _paused_at(onsets, frames, joints=4))
+    assert on_beat > 0.8 and pct > 95
+    # chance: gestures pausing at random times, smooth random motion and jitter, against these onsets, land
+    # anywhere in their own nulls (a percentile is uniform under chance: about 50 on average, rarely above 95)
+    percentiles, scores = [], []
+    for seed in range(16):
+        r = np.random.default_rng(100 + seed)
+        smooth = np.cumsum(np.cumsum(r.normal(size=(frames, 4, 3)), 0), 0) / 1e3
+        jitter = r.normal(size=(frames, 4, 3)) * 0.01
+        elsewhere = _paused_at(np.sort(r.uniform(0.5, 19.5, 24)), frames, joints=4, seed=seed)
+        for motion in (smooth, jitter, elsewhere):
+            score, p = sp.beat_percentile(onsets, motion, shifts=100, seed=seed)
+            percentiles.append(p)
+            scores.append(score)
+    assert 38 < np.mean(percentiles) < 62 and np.mean(np.array(percentiles) > 95) <= 0.15, percentiles
+    assert np.mean(scores) < 0.9 * on_beat
+    assert sp.beat_percentile(onsets, _paused_at(onsets, 50, joints=1))[1] is None  # too short to shift
+
+
+def test_jerk_is_the_third_derivative_of_position() -> None:
+    t = np.arange(60) / sp.FPS
+    joints = np.zeros((60, 2, 3))
+    joints[:, 0, 0] = t ** 3  # 6 m/s³
+    joints[:, 1, 2] = 2 * t  # steady: none
+    jerk = sp.jerk(joints)
+    assert jerk.shape == (57, 2)
+    np.testing.assert_allclose(jerk[:, 0], 6.0, rtol=1e-6)
+    np.testing.assert_allclose(jerk[:, 1], 0.0, atol=1e-6)
 
 
 def test_audio_reader_refuses_what_is_not_audio_and_reads_any_container(tmp_path: Path) -> None:

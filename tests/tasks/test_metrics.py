@@ -18,7 +18,7 @@ from tasks.stages import metrics
 from tasks.stages import motion as motion_task
 from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # on a trained (or onboarded) identity; the unit tests below are not
 ID = ONBOARDED_ID
 
 
@@ -27,6 +27,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
     return Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
 
 
+@slow
 def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp_path: Path) -> None:
     import torch
 
@@ -41,18 +42,16 @@ def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp
     assert data["fid"]["note"].startswith("not computed: no Inception weights")
     assert data["fvd"]["note"].startswith("not computed: no I3D weights")
     assert "OpenPose" in data["detector"] and "0.1 of the frame side" in data["hand_outlier_rule"]
-    for part in ("face", "body", "hand"):
-        row = data[f"lmd_{part}"]
-        assert (row["value"] is None and row["note"].startswith("not computed")) or row["value"] >= 0
     assert set(data["detection_rate_generated"]) == {"body", "face", "left_hand", "right_hand"}
-    assert data["flicker"]["value"] >= 0 and data["flicker"]["change_real"] > 0
     assert len((art / "lmd_per_frame.csv").read_text().splitlines()) == 1 + 19
     assert result.summary["ground_truth"] is True
-    # SSIM inside the person and the nearest-training-frame baseline, scored the same way
-    assert -1 <= data["ssim_person"]["value"] <= 1 and data["ssim_person"]["frames"] == 19
-    assert -1 <= data["baseline_ssim_person"]["value"] <= 1
-    assert data["baseline_lmd_body"]["value"] >= 0 and set(data["baseline_detection_rate"]) == {
-        "body", "face", "left_hand", "right_hand"}
+    # the tiny profile's pictures are noise: they flicker where the real frames hardly change, and the nearest
+    # real training frame (the person, in another pose) is far closer to the held-out frames, scored the same way
+    assert data["flicker"]["value"] > 2 * data["flicker"]["change_real"] > 0
+    assert data["ssim_person"]["frames"] == 19
+    assert data["ssim_person"]["value"] < 0.5 < data["baseline_ssim_person"]["value"] < 1
+    assert data["baseline_detection_rate"]["body"] == 1.0 and data["baseline_lmd_body"]["value"] < 5
+    assert set(data["baseline_detection_rate"]) == {"body", "face", "left_hand", "right_hand"}
     rows = list(csv.DictReader((art / "nearest.csv").read_text().splitlines()))
     assert [int(r["frame"]) for r in rows] == list(range(19))
     ingest = artifact_dir(ws, "ingest", ID)
@@ -71,10 +70,11 @@ def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp
     torch.manual_seed(0)
     torch.save(fid.InceptionV3Pool(width=0.125).state_dict(), weights)
     scored = runner.execute(ws, "metrics", subject, overrides={"inception_weights": str(weights)})
-    assert scored.summary["fid"] is not None and scored.summary["fid"] >= 0
+    assert scored.summary["fid"] > 0.01  # noise against the person (the real frames against themselves: below)
     assert any(i.get("param") == "metrics.inception_weights" for i in read_manifest(art)["inputs"])
 
 
+@slow
 def test_metrics_of_a_foreign_motion_are_not_computed(ws: Workspace, tmp_path: Path) -> None:
     blocks, _ = held_out(ws)
     key, staged = motion_task.stage(ws.state / "motions", {k: v[:6] for k, v in blocks.items()},
@@ -87,26 +87,49 @@ def test_metrics_of_a_foreign_motion_are_not_computed(ws: Workspace, tmp_path: P
     assert all(data[k]["note"].startswith("not computed: no ground truth") for k in ("fid", "fvd", "lmd_body"))
 
 
-def test_the_real_frames_scored_as_if_generated_are_perfect(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+@slow
+def test_the_real_frames_scored_as_if_generated_are_perfect_and_out_of_order_they_are_not(
+        ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The held-out frames themselves in place of a render: the same detector sees the same landmarks (LMD ≈ 0),
-    SSIM inside the person is 1 and there is no flicker. A metric that is off by a frame, a scale or an axis fails."""
+    SSIM inside the person is 1, there is no flicker and FID is 0. A metric that is off by a frame, a scale or an
+    axis fails. The same frames played backwards (the right person, the wrong pose at each moment) score worse on
+    every count."""
+    import torch
+
+    from models import fid
     from tasks.stages import face, metrics
 
     blocks, _ = held_out(ws)
     subject = render(ws, blocks, kind="held_out")
     real = metrics.real_frames(artifact_dir(ws, "ingest", ID), len(blocks["transl"]))
-    monkeypatch.setattr(face, "final_frames", lambda body, face_dir, n: real[:n])
-    runner.execute(ws, "metrics", subject, overrides={"hand_outlier": 0.11})  # its own cache key
-    data = json.loads((artifact_dir(ws, "metrics", subject) / "metrics.json").read_text())
+    weights = tmp_path / "inception.pth"
+    torch.manual_seed(0)
+    torch.save(fid.InceptionV3Pool(width=0.125).state_dict(), weights)
+
+    def score(frames: list, outlier: float) -> dict:
+        monkeypatch.setattr(face, "final_frames", lambda body, face_dir, n: frames[:n])
+        runner.execute(ws, "metrics", subject, overrides={"hand_outlier": outlier,  # a cache key of its own
+                                                          "inception_weights": str(weights)})
+        return json.loads((artifact_dir(ws, "metrics", subject) / "metrics.json").read_text())
+
+    data = score(real, 0.11)
     assert data["lmd_body"]["value"] < 0.5 and data["lmd_face"]["value"] < 0.5, (data["lmd_body"], data["lmd_face"])
     assert data["lmd_body"]["frames"] == 19
     assert data["ssim_person"]["value"] == pytest.approx(1.0, abs=1e-9)
     assert data["flicker"]["value"] == 0.0 and data["flicker"]["change_real"] > 0
+    assert data["fid"]["value"] == pytest.approx(0.0, abs=1e-3)
     # the same hands found as in the real frames: the ratio is 1 (or none, if the real frames show no hand)
     real_hands = [data["detection_rate_real"][h] for h in ("left_hand", "right_hand")]
     assert data["hand_rate_ratio"] == (1.0 if any(real_hands) else None)
 
+    backwards = score(real[::-1], 0.12)
+    assert backwards["lmd_body"]["value"] > 4 * max(data["lmd_body"]["value"], 0.1)
+    assert backwards["lmd_face"]["value"] > data["lmd_face"]["value"]
+    assert backwards["ssim_person"]["value"] < 0.95
+    assert backwards["flicker"]["value"] > 0.5 * backwards["flicker"]["change_real"]
 
+
+@slow
 def test_a_long_hold_out_is_scored_on_evenly_spaced_frames_and_says_so(ws: Workspace) -> None:
     blocks, _ = held_out(ws)
     subject = render(ws, blocks, kind="held_out")

@@ -23,7 +23,7 @@ from tasks.registry import artifact_dir
 from tasks.stages import motion as motion_task
 from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render, video_frames
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # on a trained (or onboarded) identity; the unit tests below are not
 ID = ONBOARDED_ID
 
 
@@ -32,6 +32,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
     return Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
 
 
+@slow
 def test_held_out_render_has_the_motions_length_and_records_what_shaped_it(ws: Workspace) -> None:
     blocks, _ = held_out(ws)
     n = len(blocks["transl"])
@@ -59,6 +60,7 @@ def test_held_out_render_has_the_motions_length_and_records_what_shaped_it(ws: W
     assert len(list((artifact_dir(ws, "render_body", subject) / "cond").glob("*.png"))) == n
 
 
+@slow
 def test_same_seed_same_frames_other_seed_other_frames(ws: Workspace) -> None:
     blocks, _ = held_out(ws)
     subject = render(ws, blocks)
@@ -73,6 +75,7 @@ def test_same_seed_same_frames_other_seed_other_frames(ws: Workspace) -> None:
         runner.execute(ws, "render_body", subject, overrides={"overlap": 16})
 
 
+@slow
 def test_faces_that_leave_the_view_pass_through_and_nothing_crashes(ws: Workspace) -> None:
     blocks, _ = held_out(ws)
     blocks = {k: v.copy() for k, v in blocks.items()}
@@ -94,6 +97,7 @@ def test_faces_that_leave_the_view_pass_through_and_nothing_crashes(ws: Workspac
     assert len(video_frames(artifact_dir(ws, "assemble", subject) / "video.mp4")) == 19
 
 
+@slow
 def test_no_face_leaves_every_body_frame(ws: Workspace) -> None:
     blocks, _ = held_out(ws)
     subject = render(ws, blocks, overrides={"face": {"enabled": False}})
@@ -101,6 +105,7 @@ def test_no_face_leaves_every_body_frame(ws: Workspace) -> None:
     assert read_manifest(artifact_dir(ws, "assemble", subject))["summary"]["faces_enhanced"] == 0
 
 
+@slow
 def test_driving_audio_is_muxed_with_the_motions_duration(ws: Workspace, tmp_path: Path) -> None:
     wav = tmp_path / "tone.wav"
     rate, seconds = 16000, 2.0
@@ -123,6 +128,7 @@ def test_driving_audio_is_muxed_with_the_motions_duration(ws: Workspace, tmp_pat
     assert len(video_frames(video)) == 12
 
 
+@slow
 def test_render_stages_refuse_an_identity_owner(ws: Workspace) -> None:
     with pytest.raises(StageError, match="belongs to a render"):
         runner.execute(ws, "render_body", ID)
@@ -151,6 +157,7 @@ def _face_on_grey(side: int, centre: tuple[float, float], size: int, tmp: Path) 
     return frame
 
 
+@slow
 @pytest.mark.parametrize("mode", ["align", "skip"])
 def test_the_face_stage_never_pastes_beside_the_face_the_body_drew(ws: Workspace, tmp_path: Path,
                                                                    mode: str) -> None:

@@ -66,3 +66,51 @@ def test_a_shared_stage_reads_each_identitys_artifacts_by_name(ws: Workspace) ->
     dirs = runner.input_dirs(ws, registry.get("pretrain"), SHARED)
     assert {k: (stage, owner) for k, (stage, owner, _) in dirs.items()} == {
         f"{s}@{ID}": (s, ID) for s in ("ingest", "matting", "render_mesh")}
+
+
+def test_a_stage_that_reads_an_undeclared_file_or_writes_beside_its_output_breaks_the_contract(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage in the suite runs under the contract check; here perturb is changed to read keypoints (not its
+    input) and then to write into smplx_fit (not its output)."""
+    import tasks.stages.perturb as perturb
+    from core.contract import ContractViolation
+
+    real = perturb.run
+    keypoints = registry.artifact_dir(ws, "keypoints", ID) / "keypoints.parquet"
+    fit = registry.artifact_dir(ws, "smplx_fit", ID)
+
+    def reads_keypoints(inputs, out, params, progress, **kw):  # noqa: ANN001, ANN202
+        keypoints.read_bytes()
+        return real(inputs, out, params, progress, **kw)
+
+    def writes_into_its_input(inputs, out, params, progress, **kw):  # noqa: ANN001, ANN202
+        summary = real(inputs, out, params, progress, **kw)
+        (fit / "note.txt").write_text("mine")
+        return summary
+
+    before = read_manifest(registry.artifact_dir(ws, "perturb", ID))["output_hash"]
+    for sneaky, says in ((reads_keypoints, f"perturb read {keypoints}"), (writes_into_its_input, "perturb wrote")):
+        monkeypatch.setattr(perturb, "run", sneaky)
+        with pytest.raises(ContractViolation, match=says):
+            runner.execute(ws, "perturb", ID, overrides={"seed": 7})
+    assert not (fit / "note.txt").exists()
+    parent = registry.artifact_dir(ws, "perturb", ID).parent
+    assert read_manifest(registry.artifact_dir(ws, "perturb", ID))["output_hash"] == before  # nothing replaced
+    assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+    monkeypatch.setattr(perturb, "run", real)
+    assert not runner.execute(ws, "perturb", ID, overrides={"seed": 7}).reused  # the honest stage passes
+
+
+def test_a_library_at_another_version_reruns_the_stages_that_import_it_and_no_other(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.stage
+    from core.packages import installed_versions
+
+    assert "librosa" in registry.get("speech").packages() and "librosa" not in registry.get("perturb").packages()
+    monkeypatch.setattr(core.stage, "installed_versions",
+                        lambda names: {**installed_versions(names), **({"librosa": "99.0"} if "librosa" in names
+                                                                        else {})})
+    onboard = ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech")
+    reran = {stage for stage in onboard if not runner.execute(ws, stage, ID).reused}
+    assert reran == {"speech"}
+    assert read_manifest(registry.artifact_dir(ws, "speech", ID))["packages"]["librosa"] == "99.0"

@@ -26,10 +26,10 @@ from tasks.registry import artifact_dir
 from tasks.stages import perturb, render_mesh
 from tasks.stages.perturb import PerturbParams
 from tasks.stages.render_mesh import RenderMeshParams
-from tests.conftest import copy_workspace, make_workspace
+from tests.conftest import ONBOARDED_ID, copy_workspace
 
 pytestmark = pytest.mark.slow
-ID = "seated"
+ID = ONBOARDED_ID
 
 
 def set_param(root: Path, section: str, key: str, value: object) -> None:
@@ -39,13 +39,9 @@ def set_param(root: Path, section: str, key: str, value: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Workspace:
-    """The short seated clip through every stage up to render_mesh, without Prefect."""
-    ws = Workspace(make_workspace(tmp_path_factory.mktemp("smplx") / "ws"))
-    runner.execute(ws, "source", ID, external=short_video)
-    for stage in ("ingest", "keypoints", "smplx_fit", "perturb", "render_mesh"):
-        runner.execute(ws, stage, ID)
-    return ws
+def fitted(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Workspace:
+    """The short seated clip through every stage up to render_mesh, without Prefect: the session's template."""
+    return Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("smplx") / "ws"))
 
 
 def test_fit_report_and_outputs(fitted: Workspace) -> None:

@@ -20,7 +20,7 @@ from tasks import runner, training
 from tasks.registry import artifact_dir
 from tests.conftest import ONBOARDED_ID, copy_workspace
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # on onboarded or trained identities; the quick checks below are not
 ID = ONBOARDED_ID
 TRAIN = {"steps": {"tiny": 60, "cpu": 1, "sd15": 1}, "face_steps": {"tiny": 6, "cpu": 1, "sd15": 1},
          "save_every": 20}
@@ -40,6 +40,7 @@ def learned(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Worksp
     return ws
 
 
+@slow
 def test_checkpoints_and_manifests(learned: Workspace) -> None:
     pre = artifact_dir(learned, "pretrain", SHARED)
     fine = artifact_dir(learned, "finetune", ID)
@@ -61,6 +62,7 @@ def test_checkpoints_and_manifests(learned: Workspace) -> None:
     assert not any((learned.state / "scratch").rglob("step.json"))
 
 
+@slow
 def test_losses_fall_and_the_prior_stays_frozen(learned: Workspace) -> None:
     s = read_manifest(artifact_dir(learned, "pretrain", SHARED))["summary"]
     assert s["body"]["loss_last"] < 0.5 * s["body"]["loss_first"]
@@ -84,6 +86,7 @@ def _training_batches(ws: Workspace, n: int) -> tuple[list[dict[str, torch.Tenso
     return [ClipBatches([ident], vae, enc, 4, 0.0).batch(gen, 1) for _ in range(n)], vae, parts.load_scheduler(paths)
 
 
+@slow
 def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_one(learned: Workspace) -> None:
     """Full generation from noise (20 DDIM steps, guidance 3.5) for a training clip's mesh condition and a
     reference of the same person: the identity's model comes closer to the real frames than the pretrained one,
@@ -106,6 +109,7 @@ def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_on
     assert fine < 0.85 * pre, (fine, pre)
 
 
+@slow
 def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_one(learned: Workspace) -> None:
     """The same training frame, condition, reference and noise: the identity's own model recovers the frame from
     a half-noised latent better than the pretrained one (learned on foregrounds only), and both beat the prior."""
@@ -132,6 +136,7 @@ def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_on
     assert fine < pre < fresh, (fine, pre, fresh)
 
 
+@slow
 def test_finetune_killed_midway_resumes_from_its_saved_state(learned: Workspace, monkeypatch) -> None:
     params = yaml.safe_load(learned.params_path.read_text())
     params["finetune"]["seed"] = 7  # a new cache key: a new version of the identity's models
@@ -182,6 +187,7 @@ def test_finetune_killed_midway_resumes_from_its_saved_state(learned: Workspace,
     assert {p.relative_to(fine): sha256_file(p) for p in weights} == resumed
 
 
+@slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_pretrain_flow_reproduces_the_checkpoint_and_records_it_in_dvc(learned: Workspace) -> None:
     import subprocess
@@ -206,6 +212,7 @@ def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(str(f)).items()}
 
 
+@slow
 def test_finetune_starts_from_the_pretrained_weights(learned: Workspace, tmp_path: Path) -> None:
     """With no steps, finetune is the pretrained model itself (a finetune that ignored its start would be the base
     model instead); with steps, it has moved from there."""
@@ -225,6 +232,7 @@ def test_finetune_starts_from_the_pretrained_weights(learned: Workspace, tmp_pat
     assert any(not torch.equal(moved[k], v) for k, v in _tensors(pre / "body").items())
 
 
+@slow
 def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Workspace, tmp_path: Path) -> None:
     """The cascade through the real stages: the body SGDM learns at half the output side, the refiner on the
     identity's frames at the output's; render_body's conditions and frames come out at the output's side."""

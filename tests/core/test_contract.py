@@ -1,0 +1,135 @@
+"""The contract check itself: what a watched block may open, and that a caught violation still fails it."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import pytest
+
+from core import contract
+
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(contract.ENV, "1")
+    root = tmp_path / "ws"
+    for d in ("in", "other", "out"):
+        (root / d).mkdir(parents=True)
+        (root / d / "f.txt").write_text(d)
+    return root
+
+
+def test_declared_reads_output_writes_and_temporary_space_pass(ws: Path, tmp_path: Path) -> None:
+    import tempfile
+
+    with contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+        assert (ws / "in" / "f.txt").read_text() == "in"
+        (ws / "out" / "new.txt").write_text("made")
+        assert sorted(p.name for p in (ws / "out").iterdir()) == ["f.txt", "new.txt"]
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "scratch").write_text("x")
+        import json  # noqa: F401 - the interpreter's own files
+    assert (ws / "out" / "new.txt").read_text() == "made"
+
+
+@pytest.mark.parametrize("act, says", [
+    (lambda ws: (ws / "other" / "f.txt").read_text(), "read {ws}/other/f.txt (in the workspace)"),
+    (lambda ws: (ws / "in" / "new.txt").write_text("x"), "wrote {ws}/in/new.txt (in the workspace)"),
+    (lambda ws: sorted((ws / "other").iterdir()), "read {ws}/other (in the workspace)"),
+    (lambda ws: (ws / "out" / "f.txt").rename(ws / "moved.txt"), "wrote {ws}/moved.txt"),
+    (lambda ws: (ws / "in" / "f.txt").unlink(), "wrote {ws}/in/f.txt"),
+])
+def test_an_undeclared_read_or_a_write_outside_the_output_fails(ws: Path, act, says: str) -> None:
+    with pytest.raises(contract.ContractViolation, match=re.escape(says.format(ws=ws.resolve()))), \
+            contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+        act(ws)
+
+
+def test_outside_the_workspace_only_libraries_and_temporary_space(ws: Path) -> None:
+    elsewhere = Path(__file__)  # the project's tests: neither a library nor declared
+    with pytest.raises(contract.ContractViolation, match="outside the workspace"), \
+            contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+        elsewhere.read_text()
+    with contract.watch("s", ws, [elsewhere], [ws / "out"]):  # declared (an external input): fine
+        elsewhere.read_text()
+
+
+def test_a_violation_a_library_swallowed_still_fails_the_stage(ws: Path) -> None:
+    with pytest.raises(contract.ContractViolation, match="other/f.txt"), \
+            contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+        with contextlib.suppress(Exception):  # what a careless library does
+            (ws / "other" / "f.txt").read_text()
+        (ws / "out" / "after.txt").write_text("went on")
+
+
+def test_threads_the_stage_starts_are_judged_others_and_disabled_checks_are_not(
+        ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read_other() -> str:
+        return (ws / "other" / "f.txt").read_text()
+
+    with pytest.raises(contract.ContractViolation, match="other/f.txt"), \
+            contract.watch("s", ws, [ws / "in"], [ws / "out"]), ThreadPoolExecutor(2) as pool:
+        pool.submit(read_other).result()
+    with ThreadPoolExecutor(1) as elsewhere:  # its thread started before the stage: not the stage's
+        elsewhere.submit(int).result()
+        with contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+            assert elsewhere.submit(read_other).result() == "other"
+        assert elsewhere.submit(read_other).result() == "other"
+    monkeypatch.setenv(contract.ENV, "0")
+    with contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+        assert read_other() == "other"
+
+
+def test_temporary_space_is_the_stages_own(ws: Path, tmp_path: Path) -> None:
+    """What the stage makes in temporary space it may read back; another workspace there it may not."""
+    import tempfile
+
+    elsewhere = tmp_path / "another-ws" / "data.txt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("not yours")
+    with contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / "a.txt").write_text("mine")
+            assert (Path(scratch) / "a.txt").read_text() == "mine"
+        with pytest.raises(contract.ContractViolation, match="another-ws/data.txt"):
+            elsewhere.read_text()
+        contract._current().violations.clear()  # type: ignore[union-attr] - go on checking the rest
+
+
+def test_native_readers_and_writers_are_judged_too(ws: Path) -> None:
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cv2.imwrite(str(ws / "other" / "img.png"), np.zeros((4, 4, 3), np.uint8))
+    pq.write_table(pa.table({"a": [1]}), ws / "other" / "t.parquet")
+    for act, says in ((lambda: cv2.imread(str(ws / "other" / "img.png")), "read"),
+                      (lambda: pq.read_table(ws / "other" / "t.parquet"), "read"),
+                      (lambda: cv2.imwrite(str(ws / "in" / "x.png"), np.zeros((4, 4, 3), np.uint8)), "wrote"),
+                      (lambda: pq.write_table(pa.table({"a": [1]}), ws / "in" / "t.parquet"), "wrote")):
+        with pytest.raises(contract.ContractViolation, match=f"s {says} "), \
+                contract.watch("s", ws, [ws / "in"], [ws / "out"]):
+            act()
+    with contract.watch("s", ws, [ws / "other"], [ws / "out"]):
+        assert cv2.imread(str(ws / "other" / "img.png")).shape == (4, 4, 3)
+        pq.write_table(pa.table({"a": [1]}), ws / "out" / "t.parquet")
+
+
+def test_a_spawned_worker_is_held_to_the_same_allowance(ws: Path) -> None:
+    from core.progress import NullProgress
+    from tasks.workers import run_parallel
+
+    tests = Path(__file__).parents[1]  # where the worker imports `_read` from
+    with contract.watch("s", ws, [ws / "in", tests], [ws / "out"]):
+        assert run_parallel(_read, [str(ws / "in" / "f.txt")], 1, NullProgress()) == ["in"]
+        with pytest.raises(contract.ContractViolation, match="other/f.txt"):
+            run_parallel(_read, [str(ws / "other" / "f.txt")], 1, NullProgress())
+
+
+def _read(path: str, report) -> str:
+    return Path(path).read_text()
