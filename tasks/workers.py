@@ -88,6 +88,8 @@ def _abandon(pool: ProcessPoolExecutor) -> None:
 
 def _init_worker(log_path: str | None, watched: dict[str, Any] | None) -> None:
     """Native logs to the log file, then the parent stage's contract on what the worker opens."""
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 2)
     os.close(fd)

@@ -191,19 +191,33 @@ def copy_workspace(template: Path, dest: Path, overrides: dict | None = None) ->
 
 
 _PREFECT = contextlib.ExitStack()
+_PREFECT_URL: list[str] = []
 
 
 def prefect_server() -> str:
     """The session's one Prefect server (Prefect's test harness: a temporary database), started on first use:
     flows run in this process and `anchor` subprocesses (through PREFECT_API_URL) all talk to it, so no test pays
     for a server start of its own. Stopped when the session ends."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not _PREFECT_URL:
         from prefect.settings import PREFECT_API_URL
         from prefect.testing.utilities import prefect_test_harness
 
         _PREFECT.enter_context(prefect_test_harness(server_startup_timeout=120))
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    return os.environ["PREFECT_API_URL"]
+        _PREFECT_URL.append(PREFECT_API_URL.value())
+    os.environ["PREFECT_API_URL"] = _PREFECT_URL[0]
+    return _PREFECT_URL[0]
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """What a test, or a command it runs in this process, sets in os.environ ends with the test (the session's
+    Prefect server stays named)."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+    if _PREFECT_URL:
+        os.environ["PREFECT_API_URL"] = _PREFECT_URL[0]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
