@@ -114,6 +114,8 @@ class Allowance:
         """Why touching `path` breaks the contract, or None."""
         if _under(path, self.writes) or _under(path, self.libraries):
             return None
+        if not write and path.endswith(".py") and _module_source(path):
+            return None  # the source of an imported module, read for a traceback or a warning's line
         if not write and (_under(path, self.reads) or _under(path, self.made) or (listing and path in self.listable)):
             return None  # importlib lists the directories on sys.path when one changes
         inside = _under(path, (self.workspace,))
@@ -127,6 +129,17 @@ class Allowance:
     def state(self) -> dict[str, Any]:
         return {"stage": self.stage, "workspace": self.workspace, "reads": self.reads, "writes": self.writes,
                 "made": set(self.made)}
+
+
+_SOURCES: set[str] = set()
+
+
+def _module_source(path: str) -> bool:
+    """True for the file of a module this process has imported (the set refreshed when a path is not in it)."""
+    if path not in _SOURCES:
+        _SOURCES.update(_real(f) for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None),
+                                                                                   str))
+    return path in _SOURCES
 
 
 _LOCAL = threading.local()
