@@ -254,6 +254,7 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
     if spec.resumable:
         # partial work (e.g. training state) survives a kill under the cache key, outside the atomic artifact
         kwargs["scratch"] = ws.state / "scratch" / stage / identity / key[:16]
+        kwargs["scratch"].mkdir(parents=True, exist_ok=True)  # the stage's own: it writes inside, never beside
     module = registry.module_of(spec)
     execution = registry.params(ws).execution
 
