@@ -52,6 +52,10 @@ def prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    # Prefect's INFO lines are what the command's log file is for (the terminal shows its warnings: route_logs)
+    level = logging.getLevelNamesMapping().get(os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").upper(), 0)
+    if level > logging.INFO:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
     os.environ.setdefault("ANCHOR_NATIVE_LOG", str(ws.state / "logs" / "native.log"))
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if STATE["verbose"] else "error")
 

@@ -143,19 +143,13 @@ def _module_source(path: str) -> bool:
 
 
 _LOCAL = threading.local()
-_STARTED: dict[threading.Thread, Allowance] = {}  # threads started by a watched one, judged by its allowance
 _INSTALLED: list[bool] = []
 _INSTALL = threading.Lock()
 
 
 def _current() -> Allowance | None:
     allowance = getattr(_LOCAL, "allowance", None)
-    if allowance is None and _STARTED:
-        ident = threading.get_ident()  # never threading.current_thread(): in a starting thread it makes a dummy
-        for thread, inherited in list(_STARTED.items()):
-            if thread.ident == ident:
-                return inherited if inherited.active else None
-    return allowance
+    return allowance if allowance is not None and allowance.active else None
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
@@ -236,7 +230,16 @@ def _follow_threads() -> None:
     def started(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
         allowance = _current()
         if allowance is not None:
-            _STARTED[self] = allowance
+            run = self.run
+
+            def run_watched() -> None:
+                _LOCAL.allowance = allowance
+                try:
+                    run()
+                finally:
+                    _LOCAL.allowance = None
+
+            self.run = run_watched  # type: ignore[method-assign]
         start(self, *args, **kwargs)
 
     threading.Thread.start = started  # type: ignore[method-assign]
@@ -266,9 +269,7 @@ def watch(stage: str, workspace: Path, reads: Iterable[Path], writes: Iterable[P
         yield
     finally:
         _LOCAL.allowance = before
-        allowance.active = False
-        for thread in [t for t, a in _STARTED.items() if a is allowance]:
-            _STARTED.pop(thread, None)
+        allowance.active = False  # threads it started and that outlive it are judged no more
     if allowance.violations:
         raise ContractViolation(allowance.violations[0])
 

@@ -133,3 +133,22 @@ def test_a_spawned_worker_is_held_to_the_same_allowance(ws: Path) -> None:
 
 def _read(path: str, report) -> str:
     return Path(path).read_text()
+
+
+def test_stages_side_by_side_each_with_its_own_pools_are_each_judged_by_their_own(ws: Path) -> None:
+    """Two stages in two threads, each writing through pools it starts again and again (threads come and go, their
+    idents reused): each write is judged by the stage that started the thread, never the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for d in ("a", "b"):
+        (ws / d).mkdir()
+
+    def stage(name: str) -> int:
+        with contract.watch(name, ws, [ws / "in"], [ws / name]):
+            for round_ in range(20):
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda i, r=round_: (ws / name / f"{r}-{i}.txt").write_text(name), range(4)))
+        return len(list((ws / name).iterdir()))
+
+    with ThreadPoolExecutor(2) as stages:
+        assert list(stages.map(stage, ("a", "b"))) == [80, 80]

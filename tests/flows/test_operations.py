@@ -100,7 +100,7 @@ def _set(root: Path, section: str, values: dict) -> None:
 
 @slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_four_identities_at_once_then_one_shared_pretrain_then_their_finetunes(onboarded: Path, short_video: Path,
+def test_three_identities_at_once_then_one_shared_pretrain_then_their_finetunes(onboarded: Path, short_video: Path,
                                                                                tmp_path: Path) -> None:
     import os
 
@@ -108,7 +108,7 @@ def test_four_identities_at_once_then_one_shared_pretrain_then_their_finetunes(o
 
     few = {"steps": {"tiny": 2, "cpu": 1, "sd15": 1}, "face_steps": {"tiny": 2, "cpu": 1, "sd15": 1}}
     ws = Workspace(make_workspace(tmp_path / "ws", {**TEST_PARAMS, "pretrain": few, "finetune": few}))
-    names = ["ann", "bob", "cy", "dee"]
+    names = ["ann", "bob", "cy"]  # more than the cores: they take turns
     summary = onboard_many(str(ws.root), {n: str(short_video) for n in names}, train=True, evaluate=False)
     assert {n: o["status"] for n, o in summary["identities"].items()} == dict.fromkeys(names, "trained")
     assert {n: o["version"]["version"] for n, o in summary["identities"].items()} == dict.fromkeys(names, 1)
@@ -121,7 +121,7 @@ def test_four_identities_at_once_then_one_shared_pretrain_then_their_finetunes(o
         assert set(own["status"]) == {"completed"} and not own["cache_hit"].any()
         # concurrency changed nothing: every artifact is the one a plain sequential run makes
         assert _hashes(ws, name) == _reference(onboarded)
-    # the shared pretrain ran once, over all four, and every finetune started after it had finished
+    # the shared pretrain ran once, over all three, and every finetune started after it had finished
     shared = rows[rows["stage"] == "pretrain"]
     assert len(shared) == 1 and len(rows) == len(names) * (len(PREPROCESS) + 1) + 1
     pretrain = read_manifest(artifact_dir(ws, "pretrain", SHARED))

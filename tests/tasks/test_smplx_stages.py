@@ -82,9 +82,11 @@ def test_fit_report_and_outputs(fitted: Workspace) -> None:
 def test_fit_manifest_records_the_body_model(fitted: Workspace) -> None:
     man = read_manifest(artifact_dir(fitted, "smplx_fit", ID))
     entry = next(i for i in man["inputs"] if i.get("kind") == "body_model")
-    path = Path(entry["path"])
-    assert path.name == "SMPLX_NEUTRAL.npz" and path.parent.parent == fitted.state / "body_models"
-    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    path = Path(entry["path"])  # where the workspace that made it (the session's template) kept it
+    assert path.name == "SMPLX_NEUTRAL.npz" and path.parts[-4:-2] == (".anchor", "body_models")
+    here = runner.body_model_path(fitted)  # this workspace's: the same model, by content
+    assert here.parent.parent == fitted.state / "body_models" and here.name == path.name
+    assert entry["sha256"] == hashlib.sha256(here.read_bytes()).hexdigest()
 
 
 def test_perturb_is_seeded_noise_on_training_frames(fitted: Workspace, tmp_path: Path) -> None:

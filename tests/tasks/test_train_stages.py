@@ -33,7 +33,7 @@ def test_pretrain_needs_an_identity(workspace: Path) -> None:
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Workspace:
-    params = {"pretrain": TRAIN, "finetune": {**TRAIN, "steps": {"tiny": 400, "cpu": 1, "sd15": 1}}}
+    params = {"pretrain": TRAIN, "finetune": {**TRAIN, "steps": {"tiny": 200, "cpu": 1, "sd15": 1}}}
     ws = Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("train") / "ws", params))
     runner.execute(ws, "pretrain", SHARED)
     runner.execute(ws, "finetune", ID)

@@ -54,10 +54,10 @@ def test_loss_falls_on_a_fixed_small_batch(paths: parts.BasePaths, tmp_path: Pat
     sched = parts.load_scheduler(paths)
     data = FixedClips(1)
     before = _eval_loss(model, data, sched)
-    result = training.train(model, data, sched, training.TrainConfig(steps=150, lr=2e-3, warmup=10,
+    result = training.train(model, data, sched, training.TrainConfig(steps=80, lr=2e-3, warmup=10,
                                                                       save_every=1000), tmp_path)
     after = _eval_loss(model, data, sched)
-    assert len(result["losses"]) == 150 and result["started_at_step"] == 0
+    assert len(result["losses"]) == 80 and result["started_at_step"] == 0
     assert after < 0.5 * before, (before, after)
 
 
@@ -117,10 +117,10 @@ def test_face_model_learns_with_mask_inputs_and_its_prior_stays_frozen(paths: pa
     data = FixedClips(1, inpaint=True)
     temporal = {n: p.detach().clone() for n, p in face.temporal_parameters().items()}
     before = _eval_loss(face, data, sched)
-    result = training.train(face, data, sched, training.TrainConfig(steps=150, lr=2e-3, warmup=10,
+    result = training.train(face, data, sched, training.TrainConfig(steps=80, lr=2e-3, warmup=10,
                                                                      save_every=1000), tmp_path)
     after = _eval_loss(face, data, sched)
-    assert len(result["losses"]) == 150 and after < 0.5 * before, (before, after)
+    assert len(result["losses"]) == 80 and after < 0.5 * before, (before, after)
     assert all(torch.equal(temporal[n], p) for n, p in face.temporal_parameters().items())
     # the mask and the masked latent are inputs it reads: other ones give another prediction
     batch = data.batch(torch.Generator().manual_seed(0), 1)
