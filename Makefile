@@ -6,10 +6,9 @@ STAMP  := $(VENV)/.installed
 VIDEO  ?=
 NAME   ?= demo
 PYTEST_ARGS ?=
-# pytest-xdist workers (a test file each): 0 runs the suite in one process. On the 2-core machine two workers did
-# not pay (32 min against 31: torch and MediaPipe already use both cores, and the shared fixtures are built twice);
-# a machine with more cores can pass TEST_WORKERS=N.
-TEST_WORKERS ?= 0
+# pytest-xdist workers, a test file at a time each, one compute thread each (tests/conftest.py); the templates tests
+# copy are made once for all of them. 0 runs the suite in one process (as a debugger wants it).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint constraints clean-state help
 

@@ -7,6 +7,8 @@ threads of one process, Dask workers and other commands on the same machine neve
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,3 +94,24 @@ def claim(spec: str, locks: Path, poll_s: float = 1.0) -> Iterator[torch.device]
                 lock.release()
             return
         time.sleep(poll_s)
+
+
+@contextmanager
+def threads_kept() -> Iterator[None]:
+    """torch's CPU thread count as it was before a stage ran: stages that set it for their own work (the fit, the
+    mesh renderer, matting) would otherwise leave every later stage of the process, training included, on one core."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(before or default_threads())
+
+
+def default_threads() -> int:
+    """What torch starts with: OMP_NUM_THREADS if set, else one thread per physical core."""
+    import psutil
+
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or psutil.cpu_count(logical=False) or 1

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,10 @@ TESTDATA = ROOT / "../shared/testdata"
 # workers' command-line runs never share one embedded Prefect database.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"anchor-test-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    # one compute thread per worker (and per command it starts): two workers on two cores each spinning two OpenMP
+    # threads made every torch-heavy test three times slower, not two
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_threads] = "1"
 else:
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="anchor-test-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -135,11 +139,37 @@ def _add_audio(src: Path, video: Path, seconds: float) -> None:
     tmp.replace(video)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`name`, made by `build(path)` once per test session: with pytest-xdist, by the first worker that asks (the
+    others wait for it, then read the same files), so no template is made twice. Templates are never changed."""
+    import shutil
+
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.mktemp(name) / "ws"
+        build(path)
+        return path
+    shared = tmp_path_factory.getbasetemp().parent / "built-once"  # the session's folder, above every worker's
+    shared.mkdir(exist_ok=True)
+    path, done = shared / name / "ws", shared / name / "done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path.parent, ignore_errors=True)  # what a worker that failed half-way left
+            path.parent.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2.1 s (63 frames) of the seated anchor at 360x640 with its speech: one train clip and one test clip."""
-    out = tmp_path_factory.mktemp("video") / "short.mp4"
-    return cut_clip(shared_video("anchor_seated_hevc.mp4"), out, 63, 360, 640, audio=True)
+    def build(path: Path) -> None:
+        path.mkdir()
+        cut_clip(shared_video("anchor_seated_hevc.mp4"), path / "short.mp4", 63, 360, 640, audio=True)
+
+    return built_once(tmp_path_factory, "video", build) / "short.mp4"
 
 
 ONBOARDED_ID = "demo"
@@ -152,12 +182,14 @@ def onboarded(tmp_path_factory: pytest.TempPathFactory, short_video: Path) -> Pa
     from core.workspace import Workspace
     from tasks import runner
 
-    ws = Workspace(make_workspace(tmp_path_factory.mktemp("onboarded") / "ws"))
-    ws.register_identity(ONBOARDED_ID)
-    runner.execute(ws, "source", ONBOARDED_ID, external=short_video)
-    for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech"):
-        runner.execute(ws, stage, ONBOARDED_ID)
-    return ws.root
+    def build(path: Path) -> None:
+        ws = Workspace(make_workspace(path))
+        ws.register_identity(ONBOARDED_ID)
+        runner.execute(ws, "source", ONBOARDED_ID, external=short_video)
+        for stage in ("ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech"):
+            runner.execute(ws, stage, ONBOARDED_ID)
+
+    return built_once(tmp_path_factory, "onboarded", build)
 
 
 SECOND_ID = "half"
@@ -170,13 +202,14 @@ def second_person(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> 
     from core.workspace import Workspace
     from tasks import runner
 
-    ws = Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("second") / "ws"))
-    video = cut_clip(shared_video("halfbody_portrait.mp4"), tmp_path_factory.mktemp("half") / "half.mp4", 63, 240,
-                     454)
-    runner.execute(ws, "source", SECOND_ID, external=video)
-    for stage in ("ingest", "keypoints", "smplx_fit"):
-        runner.execute(ws, stage, SECOND_ID)
-    return ws.root
+    def build(path: Path) -> None:
+        ws = Workspace(copy_workspace(onboarded, path))
+        video = cut_clip(shared_video("halfbody_portrait.mp4"), path.parent / "half.mp4", 63, 240, 454)
+        runner.execute(ws, "source", SECOND_ID, external=video)
+        for stage in ("ingest", "keypoints", "smplx_fit"):
+            runner.execute(ws, stage, SECOND_ID)
+
+    return built_once(tmp_path_factory, "second", build)
 
 
 def copy_workspace(template: Path, dest: Path, overrides: dict | None = None) -> Path:
@@ -221,7 +254,20 @@ def _environment_restored() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _PREFECT.close()
+    import logging
+
+    logging.disable(logging.INFO)  # the server's "stopping" line: a pytest-xdist worker's output is closed by now
+    try:
+        _PREFECT.close()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with end-to-end (slow) cases first, in their own order: pytest-xdist hands files out in this order, so
+    the long ones start early and the short ones fill in around them instead of one long file finishing alone."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)
 
 
 @pytest.fixture(scope="session")
@@ -246,11 +292,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, onboarded: Path) -> Path:
     from core.workspace import SHARED, Workspace
     from tasks import runner
 
-    ws = Workspace(copy_workspace(onboarded, tmp_path_factory.mktemp("trained") / "ws",
-                                  {"pretrain": FEW, "finetune": FEW, **FAST}))
-    runner.execute(ws, "pretrain", SHARED)
-    runner.execute(ws, "finetune", ONBOARDED_ID)
-    return ws.root
+    def build(path: Path) -> None:
+        ws = Workspace(copy_workspace(onboarded, path, {"pretrain": FEW, "finetune": FEW, **FAST}))
+        runner.execute(ws, "pretrain", SHARED)
+        runner.execute(ws, "finetune", ONBOARDED_ID)
+
+    return built_once(tmp_path_factory, "trained", build)
 
 
 def held_out(ws) -> tuple[dict, float]:

@@ -71,3 +71,30 @@ def test_each_running_task_holds_its_own_gpu_and_a_fourth_waits(tmp_path: Path,
         assert device == torch.device("cuda", 2)
     with pytest.raises(StageError, match="only 3 CUDA device"), devices.claim("cuda:3", tmp_path):
         pass
+
+
+def test_a_stage_that_sets_torchs_thread_count_leaves_it_as_it_found_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with devices.threads_kept():
+            torch.set_num_threads(1)  # as the fit and the mesh renderer do for their own work
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert devices.default_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_peak_memory_sees_a_short_allocation() -> None:
+    import numpy as np
+
+    from core.monitor import PeakRSS
+
+    with PeakRSS() as quiet:
+        time.sleep(0.6)
+    with PeakRSS() as busy:
+        block = np.ones(200 << 20, np.uint8)  # 200 MB, held for a little over two samples
+        time.sleep(0.6)
+        del block
+    assert busy.peak_mb - quiet.peak_mb > 150
