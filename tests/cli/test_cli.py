@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from tests.conftest import ROOT, make_workspace
+from tests.conftest import ROOT, cut_clip, make_workspace, shared_video
 
 
 def test_dvc_check_passes_on_the_repository_and_fails_on_drift(tmp_path: Path) -> None:
@@ -87,14 +87,15 @@ def test_init_makes_a_git_and_dvc_workspace(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_preprocess_json_has_the_issue_keys(short_video: Path) -> None:
+def test_bench_preprocess_json_has_the_issue_keys(tmp_path: Path) -> None:
     import json
 
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "preprocess", "--video", str(short_video),
+    video = cut_clip(shared_video("anchor_seated_hevc.mp4"), tmp_path / "clip.mp4", 16, 360, 640)  # at the defaults
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "preprocess", "--video", str(video),
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["frames"] == 63
+    assert result["frames"] == 16
     assert set(result["fps"]) == {"ingest", "keypoints", "matting"}
     assert result["fps_total"] > 0 and result["peak_rss_mb"] > 0
     assert result["fps_total"] < min(result["fps"].values())
