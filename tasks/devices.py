@@ -7,10 +7,12 @@ threads of one process, Dask workers and other commands on the same machine neve
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +92,15 @@ def claim(spec: str, locks: Path, poll_s: float = 1.0) -> Iterator[torch.device]
                 if torch.cuda.is_available():
                     torch.cuda.set_device(i)
                 yield torch.device("cuda", i)
+            except BaseException as failed:
+                # the traceback holds the failed work's frames (pipeline, model, optimiser): cleared, collected
+                # and the cache emptied before the GPU is free, or the next task to claim it runs out of memory
+                _forget(failed)
+                gc.collect()
+                raise
             finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 lock.release()
             return
         time.sleep(poll_s)
@@ -115,3 +125,29 @@ def default_threads() -> int:
     import psutil
 
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or psutil.cpu_count(logical=False) or 1
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+def out_of_memory(stage: str, device: torch.device, fields: Iterable[str], exc: BaseException) -> StageError:
+    """One clear error for a CUDA out-of-memory error, naming the knobs of the stage's params section that lower
+    its memory (`fields`: the section's)."""
+    knobs = [k for k in ("window", "batch_size", "resolution", "dtype", "gradient_checkpointing") if k in fields]
+    lower = ", ".join(f"{stage}.{k}" for k in knobs) or "the size of what it computes"
+    said = (str(exc).strip().splitlines() or [""])[0]
+    return StageError(f"{stage}: out of GPU memory on {device} ({said}); lower {lower}, or free the GPU of other "
+                      "work")
+
+
+def _forget(failed: BaseException) -> None:
+    """Clear the frames of a failed run's tracebacks (the exception and what it was raised from) so what they
+    held can be collected."""
+    seen: set[int] = set()
+    exc: BaseException | None = failed
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__

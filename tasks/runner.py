@@ -269,7 +269,13 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
         reads += [p for p in vars(kwargs["base"]).values() if p] if spec.base_weights else []
         writes = [tmp] + ([kwargs["scratch"]] if "scratch" in kwargs else [])
         with contract.watch(stage, ws.root, reads, writes):
-            summary = module.run(inputs, tmp, section, Interruptible(progress), **kwargs) or {}
+            try:
+                summary = module.run(inputs, tmp, section, Interruptible(progress), **kwargs) or {}
+            except Exception as exc:
+                if devices.is_out_of_memory(exc):
+                    raise devices.out_of_memory(stage, device, type(section).model_fields if section else (),
+                                                exc) from None
+                raise
         _check_outputs(spec, tmp)
         output_hash = hash_tree(tmp)
         manifest_inputs: list[dict[str, Any]] = [

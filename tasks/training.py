@@ -128,7 +128,9 @@ def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path, ema: dict[st
                                         "run started with train.ema 0?)")
             for n, v in load_file(str(saved)).items():
                 ema[n].copy_(v)
-    opt.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
+    # to the host first: a state saved on another GPU index (or machine) never lands on that GPU, and the optimiser
+    # moves each tensor to its parameter's device as it loads
+    opt.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True, map_location="cpu"))
     return int(json.loads((state / "step.json").read_text())["step"])
 
 

@@ -98,3 +98,42 @@ def test_peak_memory_sees_a_short_allocation() -> None:
         time.sleep(0.6)
         del block
     assert busy.peak_mb - quiet.peak_mb > 150
+
+
+def test_a_failed_task_lets_go_of_what_it_held_before_its_gpu_is_free(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 1)  # a fake one-GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    events: list[str] = []
+
+    class Lock(devices.FileLock):
+        def release(self, force: bool = False) -> None:
+            if self.is_locked:  # (not the no-op release of its clean-up when the lock object goes)
+                events.append("gpu free")
+            super().release(force)
+
+    monkeypatch.setattr(devices, "FileLock", Lock)
+
+    class Pipeline:  # what a stage builds on the GPU
+        pass
+
+    def stage() -> None:
+        pipe = Pipeline()
+        weakref.finalize(pipe, events.append, "pipeline gone")
+        raise RuntimeError("the stage failed")
+
+    with pytest.raises(RuntimeError, match="the stage failed"), devices.claim("cuda", tmp_path):
+        stage()
+    assert events == ["pipeline gone", "gpu free"]
+
+
+def test_out_of_gpu_memory_is_one_error_naming_the_knobs_that_lower_it() -> None:
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)\nmore")
+    assert devices.is_out_of_memory(oom) and not devices.is_out_of_memory(MemoryError())
+    err = devices.out_of_memory("render_body", torch.device("cuda", 0), ("steps", "window", "overlap", "dtype"), oom)
+    assert isinstance(err, StageError) and "\n" not in str(err)
+    assert str(err) == ("render_body: out of GPU memory on cuda:0 (CUDA out of memory. Tried to allocate 2.00 GiB "
+                        "(GPU 0; 23.6 GiB total)); lower render_body.window, render_body.dtype, or free the GPU of "
+                        "other work")

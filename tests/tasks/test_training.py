@@ -95,6 +95,40 @@ def test_killed_run_resumes_to_the_same_weights(paths: parts.BasePaths, tmp_path
         assert all(torch.equal(a[k], p[k]) for k in a if "motion_modules" in k)
 
 
+def test_a_state_saved_on_another_gpu_resumes_here_to_the_same_weights(paths: parts.BasePaths, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimiser state of a run killed on a CUDA machine's second GPU (its storages tagged cuda:1, faked here)
+    resumes on this device: loaded to the host first, then moved to where the model is."""
+    cfg = training.TrainConfig(steps=4, lr=1e-3, warmup=1, save_every=2, seed=3)
+    sched = parts.load_scheduler(paths)
+    straight = parts.new_sgdm(paths, seed=1)
+    training.train(straight, FixedClips(2), sched, cfg, tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_three(step: int, _loss: float) -> None:
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        training.train(parts.new_sgdm(paths, seed=1), FixedClips(2), sched, cfg, tmp_path / "resumed",
+                       progress=kill_at_three)
+    saved = tmp_path / "resumed" / training.STATE / "optimizer.pt"
+    state = torch.load(saved, weights_only=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+        torch.save(state, saved)
+    if not torch.cuda.is_available():  # the file really says cuda:1: loaded where it was saved, it cannot be here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(saved, weights_only=True)
+    again = parts.new_sgdm(paths, seed=1)
+    result = training.train(again, FixedClips(2), sched, cfg, tmp_path / "resumed")
+    assert result["started_at_step"] == 2
+    a, b = straight.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_reference_drop_zeroes_the_tokens(paths: parts.BasePaths) -> None:
     model = parts.new_sgdm(paths).eval()
     sched = parts.load_scheduler(paths)
