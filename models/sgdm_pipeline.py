@@ -92,10 +92,13 @@ class SGDMPipeline:
     # ----------------------------------------------------------------------------------------------- device
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SGDMPipeline:
         for module in (self.sgdm, self.vae, self.image_encoder, *([self.refiner] if self.refiner else [])):
-            if dtype is None or dtype == device_dtype(module)[1]:  # a same-dtype cast only makes diffusers warn
+            wanted = dtype
+            if module is self.vae and dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+                wanted = torch.float32  # the VAE's own config says float16 overflows in it (diffusers' default)
+            if wanted is None or wanted == device_dtype(module)[1]:  # a same-dtype cast only makes diffusers warn
                 module.to(device=device)
             else:
-                module.to(device=device, dtype=dtype)
+                module.to(device=device, dtype=wanted)
         return self
 
     @property

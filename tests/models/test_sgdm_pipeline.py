@@ -95,6 +95,18 @@ def test_to_moves_every_parameter_and_buffer(checkpoints: dict[str, Path]) -> No
     assert pipe.device.type == "meta"
 
 
+def test_a_vae_whose_config_asks_to_be_upcast_stays_float32_in_a_float16_pipeline(checkpoints: dict[str, Path]
+                                                                                 ) -> None:
+    pipe = SGDMPipeline.from_pretrained(checkpoints["body"])
+    assert pipe.vae.config.force_upcast  # diffusers' default, as SD's VAE folders leave it
+    pipe.to(dtype=torch.float16)
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.sgdm.parameters()} == {torch.float16}
+    pipe.vae.register_to_config(force_upcast=False)  # a VAE fine-tuned for float16 says so, and gets it
+    pipe.to(dtype=torch.float16)
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float16}
+
+
 def test_the_face_checkpoint_inpaints_frames_under_masks(checkpoints: dict[str, Path]) -> None:
     pipe = SGDMPipeline.from_pretrained(checkpoints["face"])
     assert pipe.inpaint
