@@ -263,14 +263,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         logging.disable(logging.NOTSET)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with end-to-end (slow) cases first, in their own order: pytest-xdist hands files out in this order
-    (`--no-loadscope-reorder`: by default it puts the files with the most tests first), so the long ones start early
-    and the short ones fill in around them instead of one long file finishing alone."""
-    heavy = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in heavy)
-
-
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[str]:
     yield prefect_server()
