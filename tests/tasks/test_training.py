@@ -61,6 +61,18 @@ def test_loss_falls_on_a_fixed_small_batch(paths: parts.BasePaths, tmp_path: Pat
     assert after < 0.5 * before, (before, after)
 
 
+class Killed(Exception):
+    pass
+
+
+def _killed_at(at: int):  # noqa: ANN202
+    """A progress callback that stops training when it reports step `at` (a kill after the last save)."""
+    def progress(step: int, _loss: float) -> None:
+        if step == at:
+            raise Killed
+    return progress
+
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_killed_run_resumes_to_the_same_weights(paths: parts.BasePaths, tmp_path: Path, ema: float) -> None:
     cfg = training.TrainConfig(steps=6, lr=1e-3, warmup=2, grad_accum=2, save_every=2, ref_drop=0.5, seed=3, ema=ema)
@@ -69,16 +81,9 @@ def test_killed_run_resumes_to_the_same_weights(paths: parts.BasePaths, tmp_path
     straight = parts.new_sgdm(paths, seed=1)
     training.train(straight, FixedClips(3), sched, cfg, tmp_path / "straight")
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_five(step: int, _loss: float) -> None:
-        if step == 5:
-            raise Killed
-
     first = parts.new_sgdm(paths, seed=1)
     with pytest.raises(Killed):
-        training.train(first, FixedClips(3), sched, cfg, tmp_path / "resumed", progress=kill_after_five)
+        training.train(first, FixedClips(3), sched, cfg, tmp_path / "resumed", progress=_killed_at(5))
     assert (tmp_path / "resumed" / training.STATE / "step.json").read_text().strip() == '{"step": 4}'
     again = parts.new_sgdm(paths, seed=1)
     result = training.train(again, FixedClips(3), sched, cfg, tmp_path / "resumed")
@@ -104,16 +109,9 @@ def test_a_state_saved_on_another_gpu_resumes_here_to_the_same_weights(paths: pa
     straight = parts.new_sgdm(paths, seed=1)
     training.train(straight, FixedClips(2), sched, cfg, tmp_path / "straight")
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_three(step: int, _loss: float) -> None:
-        if step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
         training.train(parts.new_sgdm(paths, seed=1), FixedClips(2), sched, cfg, tmp_path / "resumed",
-                       progress=kill_at_three)
+                       progress=_killed_at(3))
     saved = tmp_path / "resumed" / training.STATE / "optimizer.pt"
     state = torch.load(saved, weights_only=True)
     with monkeypatch.context() as m:
