@@ -49,7 +49,9 @@ class Stage:
     body_model: bool = False  # reads the SMPL-X body model file (params section body_model), hashed as an input
     base_weights: bool = False  # starts from the profile's base weights (hashed as an input)
     resumable: bool = False  # keeps partial work (training state) under the cache key across a kill
-    device: bool = False  # runs models: gets a `compute` (its device, held for the run, and its memory bound)
+    # runs models: gets a `compute` (its device, held for the run, and its memory bound); "part": models in part
+    # of its run only, whose device is claimed for that part (`compute.held()`)
+    device: bool | Literal["part"] = False
     describe: Callable[[dict[str, Any]], str] | None = None  # its manifest summary as one line for people
     in_dvc: bool = True  # a dvc.yaml stage (the source is tracked with `dvc add` instead)
     command: str | None = None  # dvc.yaml's cmd when not `anchor stage run` ({item} = the identity)

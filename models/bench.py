@@ -22,8 +22,8 @@ import torch
 
 from models import shapes
 from models.overlap import evaluations_per_step
+from models.precision import AMP, grad_scaler, training_precision
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -72,8 +72,7 @@ def train(device: str = "auto", resolution: int = 512, frames: int = 4, batch: i
     (allocation, kernel selection, compilation) is a warm-up and not timed; `step_s` is the mean of the rest.
     Latents are `factor` times smaller than the images (SD's VAE: 8)."""
     dev = pick_device(device)
-    if mixed_precision == "auto":
-        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "no"
+    mixed_precision = training_precision(mixed_precision, dev)  # as training resolves it, for this very device
     amp = AMP[mixed_precision]
     g = torch.Generator().manual_seed(seed)
     model = shapes.sd15_shapes_models(gradient_checkpointing=True)
@@ -84,7 +83,7 @@ def train(device: str = "auto", resolution: int = 512, frames: int = 4, batch: i
     forward = torch.compile(model) if compile else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5) if optimizer == "adamw" else None
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16 and dev.type == "cuda")
+    scaler = grad_scaler(mixed_precision, dev)
     schedule = shapes.sd15_scheduler()
     latent = resolution // factor
 

@@ -1,8 +1,9 @@
 """Where a stage's models compute: `execution.device` (auto | cpu | cuda | cuda:N), one GPU per running task.
 
 With N GPUs visible, N heavy tasks run at once (the `gpu` concurrency limit defaults to N) and each holds its own
-GPU for its duration: `claim` takes the first free index under a lock file in the workspace's state directory, so
-threads of one process, Dask workers and other commands on the same machine never share a GPU by accident.
+GPU for its duration: `claim` takes the first free one under a lock file named by the GPU's UUID in the user's
+runtime directory, so threads of one process, Dask workers, other commands and other workspaces on the same
+machine never share a GPU by accident, whatever index CUDA_VISIBLE_DEVICES gives it in each process.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ class Compute:
 
     device: torch.device
     max_latent_bytes: int = 1 << 31
+    on_demand: str | None = None  # a stage with models in part of its run: the device spec `held` claims then
+
+    @contextmanager
+    def held(self) -> Iterator[torch.device]:
+        """The device for the part of a stage that runs models: the one claimed for the whole run, or (on demand)
+        one claimed now and freed when the part ends, so the rest of the run holds no GPU."""
+        if self.on_demand is None:
+            yield self.device
+            return
+        with claim(self.on_demand) as device:
+            yield device
 
 
 def gpu_limit(limits: dict[str, int]) -> int:
@@ -67,10 +79,41 @@ def check(spec: str) -> None:
             raise StageError(f"execution.device = {spec!r}, but only {count} CUDA device(s) are visible")
 
 
+def lock_dir() -> Path:
+    """Where GPU locks live: one directory per user for the whole machine ($XDG_RUNTIME_DIR, else the temp dir),
+    not per workspace, since two workspaces on one machine share its GPUs."""
+    import getpass
+    import tempfile
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(runtime) / "anchor" if runtime else Path(tempfile.gettempdir()) / f"anchor-{getpass.getuser()}"
+    (path / "gpu-locks").mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path / "gpu-locks"
+
+
+def gpu_ids(count: int) -> list[str]:
+    """The visible GPUs' identities, in torch's order: each one's UUID, the same in every process whatever index
+    CUDA_VISIBLE_DEVICES gives it there (without one from the driver: its index on the machine)."""
+    import torch
+
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ids = []
+    for i in range(count):
+        uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None) if torch.cuda.is_available() else None
+        if uuid:
+            ids.append(f"GPU-{uuid}")
+        elif i < len(visible):
+            ids.append(visible[i] if visible[i].startswith(("GPU-", "MIG-")) else f"index-{visible[i]}")
+        else:
+            ids.append(f"index-{i}")
+    return ids
+
+
 @contextmanager
-def claim(spec: str, locks: Path, poll_s: float = 1.0) -> Iterator[torch.device]:
+def claim(spec: str, locks: Path | None = None, poll_s: float = 1.0) -> Iterator[torch.device]:
     """The device a task computes on, held for as long as the context lasts. cpu (or auto without a GPU): the CPU;
-    cuda:N: that GPU; cuda (or auto with GPUs): the first GPU no other task holds, waiting for one if all are."""
+    cuda:N: that GPU; cuda (or auto with GPUs): the first GPU no other task holds, waiting for one if all are.
+    `locks`: where the machine's GPU locks are (default `lock_dir()`)."""
     import torch
 
     check(spec)
@@ -80,10 +123,12 @@ def claim(spec: str, locks: Path, poll_s: float = 1.0) -> Iterator[torch.device]
         yield torch.device("cpu")
         return
     candidates = [int(index)] if index else list(range(count))
+    ids = gpu_ids(count)
+    locks = locks or lock_dir()
     locks.mkdir(parents=True, exist_ok=True)
     while True:
         for i in candidates:
-            lock = FileLock(locks / f"gpu-{i}.lock")
+            lock = FileLock(locks / f"{ids[i]}.lock")
             try:
                 lock.acquire(timeout=0)
             except Timeout:

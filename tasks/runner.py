@@ -260,10 +260,11 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
 
     started, t0 = now_iso(), time.perf_counter()
     with PeakRSS() as mem, atomic_dir(target) as tmp, \
-            devices.claim(execution.device if spec.device else "cpu", ws.state / "locks") as device, \
+            devices.claim(execution.device if spec.device is True else "cpu") as device, \
             devices.threads_kept():
         if spec.device:
-            kwargs["compute"] = devices.Compute(device, execution.max_latent_mb << 20)
+            kwargs["compute"] = devices.Compute(device, execution.max_latent_mb << 20,
+                                                on_demand=execution.device if spec.device == "part" else None)
         reads = [art for _, _, art in dirs.values()] + list(files.values())
         reads += [external] if external is not None else []
         reads += [p for p in vars(kwargs["base"]).values() if p] if spec.base_weights else []

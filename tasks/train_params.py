@@ -34,10 +34,12 @@ class TrainParams(Section):
         {"tiny": 0.5, "cpu": 0.0, "sd15": 0.5}, description="share of samples conditioned on a perturbed mesh, per "
         "profile (cpu: none; its model learns one person from minutes of steps, and the exact mesh teaches it where "
         "the body is)")
-    save_every: int = Field(100, ge=1, description="steps between resumable training states")
+    save_every: dict[str, int] = Field(
+        {"tiny": 100, "cpu": 100, "sd15": 2000}, description="steps between resumable training states, per profile "
+        "(an sd15 state is ~15 GB: weights and AdamW moments; the summary reports what the saves cost)")
     mixed_precision: dict[str, Literal["no", "fp16", "bf16"]] = Field(
         {"tiny": "no", "cpu": "no", "sd15": "bf16"}, description="autocast on a GPU, per profile (a CPU trains in "
-        "float32 whatever this says)")
+        "float32 whatever this says; bf16 on a GPU without it in hardware trains in fp16 with a gradient scaler)")
     gradient_checkpointing: dict[str, bool] = Field(
         {"tiny": False, "cpu": False, "sd15": True}, description="recompute activations in the backward pass: less "
         "memory, more time, per profile")
@@ -48,7 +50,7 @@ class TrainParams(Section):
     def _one_for_all(cls, data: Any) -> Any:
         """A single value for a per-profile knob holds for every profile (params.yaml files before the tables)."""
         if isinstance(data, dict):
-            for name in ("mixed_precision", "gradient_checkpointing", "perturbed_share"):
+            for name in ("mixed_precision", "gradient_checkpointing", "perturbed_share", "save_every"):
                 if name in data and not isinstance(data[name], dict):
                     data = {**data, name: dict.fromkeys(PROFILES, data[name])}
         return data
@@ -64,6 +66,8 @@ class TrainParams(Section):
                 check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
             elif name == "perturbed_share":
                 check_profiles(name, self.perturbed_share, lambda v: 0 <= v <= 1, "shares must be in [0, 1]")
+            elif name == "save_every":
+                check_profiles(name, self.save_every, lambda v: v >= 1, "values must be at least 1")
             elif name in ("mixed_precision", "gradient_checkpointing"):
                 check_profiles(name, getattr(self, name), lambda v: True, "")
             else:
@@ -78,6 +82,8 @@ def describe(s: dict[str, Any]) -> str:
     """A training stage's summary: per model, steps and loss."""
     def one(which: str, m: dict[str, Any]) -> str:
         text = f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
+        if m.get("saves"):
+            text += f", {m['saves']} saved states ({m['save_s']} s, {m['state_mb']} MB each)"
         if isinstance(r := m.get("refiner"), dict):
             text += f" (refiner {r['steps']} steps, loss {r['loss_first']} → {r['loss_last']})"
         return text

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import StageError
 from models import parts
+from models.precision import AMP, grad_scaler, training_precision
 from models.refiner import Refiner, degrade
 from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
@@ -49,7 +51,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     save_every: int = 100
     seed: int = 0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (autocast; fp16 with a grad scaler on CUDA)
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" | "auto", as models.precision resolves it for the device
     gradient_checkpointing: bool = False
     control_scale: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, saved as the result (0 = none)
@@ -92,9 +94,10 @@ def _trainable(model: SGDM) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _save_state(model: SGDM, opt: torch.optim.Optimizer, step: int, out: Path,
-                ema: dict[str, torch.Tensor] | None = None) -> None:
+                ema: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
     """Weights, optimiser state and weight average at `step`, written beside and renamed into place (a kill leaves
-    the old one)."""
+    the old one). Returns its cost, (seconds, bytes): on sd15 a state is ~15 GB, so how often to save is a budget."""
+    began = time.perf_counter()
     tmp = out / f".{STATE}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -103,12 +106,14 @@ def _save_state(model: SGDM, opt: torch.optim.Optimizer, step: int, out: Path,
         save_file({n: v.contiguous() for n, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
+    size = sum(f.stat().st_size for f in tmp.iterdir())
     final = out / STATE
     old = out / f".{STATE}.old"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    return time.perf_counter() - began, size
 
 
 def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path, ema: dict[str, torch.Tensor] | None = None
@@ -155,9 +160,11 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
         return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
     device = next(model.parameters()).device
-    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16 and device.type == "cuda")
+    precision = training_precision(cfg.mixed_precision, device)
+    amp = AMP[precision]
+    scaler = grad_scaler(precision, device)
     losses: list[float] = []
+    saves: list[tuple[float, int]] = []
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -182,14 +189,21 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
         losses.append(total)
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
-            _save_state(model, opt, done, out, ema)
+            saves.append(_save_state(model, opt, done, out, ema))
         if progress:
             progress(done, total)
     if ema is not None:
         with torch.no_grad():
             for n, p in _trainable(model):
                 p.copy_(ema[n])
-    return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg)}
+    return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg),
+            "precision": precision, **_save_cost(saves)}
+
+
+def _save_cost(saves: list[tuple[float, int]]) -> dict[str, Any]:
+    """What the resumable states of one run cost: how many, seconds in all, the size of one."""
+    return {"saves": len(saves), "save_s": round(sum(s for s, _ in saves), 2),
+            "state_mb": round(saves[-1][1] / 2**20, 1) if saves else None}
 
 
 def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, section: Any, base_paths: Any,
@@ -220,9 +234,9 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
         model.to(device)
         steps = int(prof["face_steps" if face else "steps"])
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
-                          batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=section.save_every,
+                          batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=int(prof["save_every"]),
                           seed=section.seed,
-                          mixed_precision=str(prof["mixed_precision"]) if device.type == "cuda" else "no",
+                          mixed_precision=str(prof["mixed_precision"]),
                           gradient_checkpointing=bool(prof["gradient_checkpointing"]), ema=float(prof["ema"]))
         progress.start(f"training {which} SGDM", steps)
         result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
@@ -237,7 +251,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                 refiner = Refiner()
             refiner.to(device)
             refined = train_refiner(refiner, [i for i in full if i is not None], refiner_steps, section.refiner_lr,
-                                    section.seed, scratch / "refiner", lambda: progress.advance(1))
+                                    section.seed, scratch / "refiner", lambda: progress.advance(1),
+                                    save_every=int(prof["save_every"]))
             refiner.to("cpu")
         SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res, refiner).save_pretrained(
             out / which, parts_from=frozen)
@@ -247,7 +262,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "video_length": section.video_length,
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
-        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
+        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"], "precision": result["precision"],
+                          "saves": result["saves"], "save_s": result["save_s"], "state_mb": result["state_mb"],
                           "identities": sum(i is not None for i in ids),
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}
         if refined is not None:
@@ -272,6 +288,7 @@ def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start = _load_state(refiner, opt, out)
     losses: list[float] = []
+    saves: list[tuple[float, int]] = []
     for step in range(start, steps):
         for group in opt.param_groups:  # cosine decay to a tenth: the last steps settle instead of jitter
             group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
@@ -293,11 +310,11 @@ def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: 
         opt.step()
         losses.append(float(loss.detach()))
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            _save_state(refiner, opt, step + 1, out)
+            saves.append(_save_state(refiner, opt, step + 1, out))
         if advance:
             advance()
     refiner.eval()
-    return {"steps": steps, "resumed_at": start, **_loss_ends(losses)}
+    return {"steps": steps, "resumed_at": start, **_save_cost(saves), **_loss_ends(losses)}
 
 
 def _loss_ends(losses: list[float]) -> dict[str, float | None]:

@@ -71,7 +71,7 @@ def describe(s: dict[str, Any]) -> str:
 STAGE = Stage(
     "metrics", flow="evaluate", scope="render",
     inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"), params=MetricsParams,
-    weights=("inception_weights", "i3d_weights"), resource="gpu", device=True, in_dvc=False, describe=describe,
+    weights=("inception_weights", "i3d_weights"), resource="cpu", device="part", in_dvc=False, describe=describe,
     outputs=(RESULT, f"{PER_FRAME}?", f"{NEAREST}/?", f"{NEAREST_TABLE}?", f"{SIDE_BY_SIDE}?"),
     description="FID, FVD, landmark distance face/body/hand, flicker against the real frames")
 
@@ -315,14 +315,16 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     result["flicker"] = ({"value": round(flick["flicker"], 6), "change_generated": round(flick["change_generated"], 6),
                           "change_real": round(flick["change_real"], 6)} if flick else _not("one frame"))
 
+    # the only models of this stage: a GPU is claimed for them alone, and only when their weights are set
     progress.start("metrics: FID / FVD", 2)
-    device = compute.device
     if params.inception_weights is None:
         result["fid"] = _not("no Inception weights (set metrics.inception_weights to pytorch-fid's file)")
     else:
-        net = fid.load_inception(inputs["inception_weights"]).to(device)
-        g = fid.inception_features(net, (gen_image(t) for t in picks))
-        r = fid.inception_features(net, (real_image(t) for t in picks))
+        with compute.held() as device:
+            net = fid.load_inception(inputs["inception_weights"]).to(device)
+            g = fid.inception_features(net, (gen_image(t) for t in picks))
+            r = fid.inception_features(net, (real_image(t) for t in picks))
+            del net
         result["fid"] = {"value": round(fid.frechet_distance(*fid.statistics(g), *fid.statistics(r)), 4),
                          "frames": len(picks)}
     progress.advance(1)
@@ -332,13 +334,14 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     elif len(starts) < 2:
         result["fvd"] = _not(f"{n} frames make fewer than two {fvd.CLIP_LENGTH}-frame clips")
     else:
-        net = fvd.load_i3d(inputs["i3d_weights"]).to(device)
-
         def clips(read: Any) -> Iterator[np.ndarray]:
             for s0 in starts:
                 yield np.stack([read(t) for t in range(s0, s0 + fvd.CLIP_LENGTH)])
 
-        g, r = fvd.i3d_features(net, clips(gen_image)), fvd.i3d_features(net, clips(real_image))
+        with compute.held() as device:
+            net = fvd.load_i3d(inputs["i3d_weights"]).to(device)
+            g, r = fvd.i3d_features(net, clips(gen_image)), fvd.i3d_features(net, clips(real_image))
+            del net
         result["fvd"] = {"value": round(fvd.fvd(g, r), 4), "clips": len(g)}
     progress.advance(1)
 

@@ -137,3 +137,72 @@ def test_out_of_gpu_memory_is_one_error_naming_the_knobs_that_lower_it() -> None
     assert str(err) == ("render_body: out of GPU memory on cuda:0 (CUDA out of memory. Tried to allocate 2.00 GiB "
                         "(GPU 0; 23.6 GiB total)); lower render_body.window, render_body.dtype, or free the GPU of "
                         "other work")
+
+
+def test_gpu_locks_are_the_machines_by_gpu_uuid_whatever_index_a_process_sees(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workspaces' commands on one machine: the first sees both GPUs (cuda:1 is GPU-b), the second runs with
+    CUDA_VISIBLE_DEVICES=1 (its cuda:0 is GPU-b). Neither passes a lock directory of its own: the user's runtime
+    directory holds the machine's locks, by UUID, so the second waits for GPU-b instead of sharing it."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    seen = threading.local()  # each thread is one process's view of the machine
+
+    class Props:
+        def __init__(self, uuid: str) -> None:
+            self.uuid = uuid
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: len(seen.gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props(seen.gpus[i]))
+    holding, release, second = threading.Event(), threading.Event(), {}
+
+    def first_workspace() -> None:
+        seen.gpus = ["aaaa", "bbbb"]
+        with devices.claim("cuda:1", poll_s=0.02) as device:
+            assert device == torch.device("cuda", 1)
+            holding.set()
+            release.wait(10)
+
+    def second_workspace() -> None:
+        seen.gpus = ["bbbb"]
+        with devices.claim("cuda", poll_s=0.02) as device:
+            second["at"] = (device, time.monotonic())
+
+    a = threading.Thread(target=first_workspace)
+    a.start()
+    assert holding.wait(10)
+    b = threading.Thread(target=second_workspace)
+    b.start()
+    time.sleep(0.3)
+    assert not second  # GPU-b is held, under another index
+    freed = time.monotonic()
+    release.set()
+    for t in (a, b):
+        t.join(10)
+    assert second["at"][0] == torch.device("cuda", 0) and second["at"][1] >= freed
+    assert sorted(p.name for p in (tmp_path / "run" / "anchor" / "gpu-locks").iterdir()) == ["GPU-bbbb.lock"]
+    assert devices.lock_dir() == tmp_path / "run" / "anchor" / "gpu-locks"
+    seen.gpus = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-1234")
+    assert devices.gpu_ids(3) == ["index-3", "GPU-1234", "index-2"]  # no UUID from the driver: the machine's index
+
+
+def test_a_stage_with_models_in_part_of_its_run_claims_the_device_only_for_that_part(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    whole = devices.Compute(torch.device("cpu"))
+    with whole.held() as device:  # claimed by the runner for the whole run: that device, nothing claimed again
+        assert device == torch.device("cpu")
+    part = devices.Compute(torch.device("cpu"), on_demand="cuda")
+    with pytest.raises(StageError, match="no CUDA device"), part.held():  # the claim happens here, not before
+        pass
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with part.held() as device:
+        assert device == torch.device("cuda", 0)
+        with pytest.raises(StageError, match="only 1 CUDA"), devices.Compute(device, on_demand="cuda:1").held():
+            pass

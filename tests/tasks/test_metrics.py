@@ -16,7 +16,7 @@ from tasks.frames import read_rgb
 from tasks.registry import artifact_dir
 from tasks.stages import metrics
 from tasks.stages import motion as motion_task
-from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render
+from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render, set_param
 
 slow = pytest.mark.slow  # on a trained (or onboarded) identity; the unit tests below are not
 ID = ONBOARDED_ID
@@ -51,9 +51,17 @@ def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
 def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp_path: Path) -> None:
 
 
+    import torch
+
     blocks, _ = held_out(ws)
     subject = render(ws, blocks, kind="held_out")
-    result = runner.execute(ws, "metrics", subject)
+    # without FID/FVD weights the stage runs no model and claims no GPU: asked for CUDA on a machine without one,
+    # it still runs (a claim would stop it: "no CUDA device")
+    set_param(ws.root, "execution", "device", "cpu" if torch.cuda.is_available() else "cuda")
+    try:
+        result = runner.execute(ws, "metrics", subject)
+    finally:
+        set_param(ws.root, "execution", "device", "auto")
     art = artifact_dir(ws, "metrics", subject)
     data = json.loads((art / "metrics.json").read_text())
     assert data["fid"] == {"value": None, "note": data["fid"]["note"]}

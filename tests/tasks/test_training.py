@@ -183,3 +183,19 @@ def test_gpu_options_run_on_cpu_with_small_shapes(paths: parts.BasePaths, tmp_pa
                             training.TrainConfig(steps=2, lr=1e-3, mixed_precision="bf16",
                                                  gradient_checkpointing=True), tmp_path)
     assert len(result["losses"]) == 2 and all(0 < x < 10 for x in result["losses"])
+
+
+def test_a_run_reports_what_its_saved_states_cost_and_a_cpu_trains_in_float32(paths: parts.BasePaths,
+                                                                              tmp_path: Path) -> None:
+    from tasks.train_params import describe
+
+    cfg = training.TrainConfig(steps=5, lr=1e-3, save_every=2, mixed_precision="bf16")
+    result = training.train(parts.new_sgdm(paths, seed=1), FixedClips(2), parts.load_scheduler(paths), cfg,
+                            tmp_path)
+    assert result["saves"] == 3  # after steps 2 and 4, and the last
+    size = sum(f.stat().st_size for f in (tmp_path / training.STATE).iterdir())
+    assert result["state_mb"] == round(size / 2**20, 1) > 0 and result["save_s"] > 0
+    assert result["precision"] == "no"  # bf16 asked, but a CPU has no autocast worth taking
+    text = describe({"body": {"steps": 5, "loss_first": 1.0, "loss_last": 0.5, **{k: result[k] for k in (
+        "saves", "save_s", "state_mb")}}})
+    assert f"3 saved states ({result['save_s']} s, {result['state_mb']} MB each)" in text
