@@ -155,7 +155,7 @@ def train_tiny(steps: int = 20, device: str = "cpu") -> dict[str, Any]:
     return out
 
 
-def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
+def _render_inputs(root: Path, frames: int, profile: str = "tiny") -> dict[str, Path]:
     """A synthetic identity for render_body: the mannequin gesturing for `frames` frames in front of a 512 px
     camera, a fresh tiny SGDM saved as its checkpoint, and one rendered frame as its reference image."""
     import cv2
@@ -170,12 +170,12 @@ def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
 
     ws = Workspace(root / "ws")
     ws.root.mkdir()
-    ws.params_path.write_text(default_params_yaml())
+    ws.params_path.write_text(default_params_yaml().replace("\nprofile: cpu", f"\nprofile: {profile}", 1))
     body_file = runner.body_model_path(ws)
     paths = runner.base_paths(ws)
     ckpt = root / "finetune" / "body"
     SGDMPipeline(parts.new_sgdm(paths), parts.load_vae(paths), parts.load_image_encoder(paths),
-                 parts.load_scheduler(paths), 64).save_pretrained(ckpt)
+                 parts.load_scheduler(paths), RENDER_SIDE[profile]).save_pretrained(ckpt)
     t = np.arange(frames, dtype=np.float32)
     blocks = {k: np.zeros((frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
     blocks["global_orient"][:, 0] = np.pi  # facing the camera
@@ -201,7 +201,8 @@ def _render_inputs(root: Path, frames: int) -> dict[str, Path]:
             "body_model": body_file, "_ws": ws.root}
 
 
-def _render_mode(frames: int, window: int, overlap: int, steps: int, device: str) -> dict[str, Any]:
+def _render_mode(frames: int, window: int, overlap: int, steps: int, device: str, profile: str = "tiny",
+                 scheduler: str | None = None, max_latent_mb: int = 2048) -> dict[str, Any]:
     """One render_body run in this (fresh) process: frames/s and this process's peak memory."""
     import torch
 
@@ -212,30 +213,44 @@ def _render_mode(frames: int, window: int, overlap: int, steps: int, device: str
 
     with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp:
         root = Path(tmp)
-        inputs = _render_inputs(root, frames)
+        inputs = _render_inputs(root, frames, profile)
         ws = Workspace(inputs.pop("_ws"))
-        params = render_body.RenderBodyParams(steps=steps, window=window, overlap=overlap)
+        params = render_body.RenderBodyParams(steps=steps, window=window, overlap=overlap,
+                                              **({"scheduler": scheduler} if scheduler else {}))
         (root / "out").mkdir()
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             render_body.run(inputs, root / "out", params, NullProgress(),
-                            settings=registry.settings(ws, render_body.STAGE), compute=Compute(torch.device(device)))
+                            settings=registry.settings(ws, render_body.STAGE),
+                            compute=Compute(torch.device(device), max_latent_mb << 20))
             seconds = time.perf_counter() - t0
     return {"fps": round(frames / seconds, 2), "frame_evals_per_step": evaluations_per_step(frames, window, overlap),
             "peak_rss_mb": mem.peak_mb, "seconds": round(seconds, 1)}
 
 
-def render_tiny(frames: int, steps: int = 20, window: int = 16, overlap: int = 4,
-                device: str = "cpu") -> dict[str, Any]:
-    """render_body on the tiny profile three ways on `device`, each in a fresh process so the peaks do not mix."""
+RENDER_SIDE = {"tiny": 64, "cpu": 128}  # the SGDM's own side per profile (cpu: 48 x 32 x 32 latents)
+
+
+def render_profile(frames: int, steps: int = 20, window: int = 16, overlap: int = 4, device: str = "cpu",
+                   profile: str = "tiny", scheduler: str | None = None, max_latent_mb: int = 2048,
+                   layouts: tuple[str, ...] = ("overlapped", "disjoint", "framewise")) -> dict[str, Any]:
+    """render_body with random weights of `profile` on `device`, in each window layout, each in a fresh process
+    so the peaks do not mix. `scheduler`: the profile's own unless given."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    layouts = {"overlapped": (window, overlap), "disjoint": (window, 0), "framewise": (1, 0)}
-    out: dict[str, Any] = {"frames": frames, "steps": steps, "window": window, "overlap": overlap, "device": device}
-    for mode, (w, o) in layouts.items():
+    from tasks.stages.render_body import RenderBodyParams
+
+    shapes = {"overlapped": (window, overlap), "disjoint": (window, 0), "framewise": (1, 0)}
+    scheduler = scheduler or RenderBodyParams().scheduler[profile]
+    out: dict[str, Any] = {"profile": profile, "frames": frames, "steps": steps, "window": window,
+                           "overlap": overlap, "device": device, "scheduler": scheduler,
+                           "max_latent_mb": max_latent_mb}
+    for mode in layouts:
+        w, o = shapes[mode]
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            out[mode] = pool.submit(_render_mode, frames, w, o, steps, device).result()
+            out[mode] = pool.submit(_render_mode, frames, w, o, steps, device, profile, scheduler,
+                                    max_latent_mb).result()
     return out
 
 

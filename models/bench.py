@@ -137,7 +137,7 @@ class _MovingShapes(Sequence):
 
 def render(device: str = "auto", frames: int = 300, steps: int = 20, resolution: int = 512, window: int = 16,
            overlap: int = 4, guidance: float = 3.5, scheduler: str = "ddim", dtype: str = "auto",
-           channels_last: bool = False, seed: int = 0,
+           channels_last: bool = False, seed: int = 0, max_latent_mb: int = 2048,
            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Seconds to render `frames` frames with the full-size pipeline: reference encoding, Algorithm 1 (both CFG
     branches in one batched call), decoding a window at a time. Frames are discarded as they come out."""
@@ -153,7 +153,8 @@ def render(device: str = "auto", frames: int = 300, steps: int = 20, resolution:
     with _Peak(dev) as peak:
         start = time.perf_counter()
         pipe(conditions, reference, steps=steps, guidance=guidance, window=window, overlap_frames=overlap,
-             generator=torch.Generator().manual_seed(seed), output=lambda first, done: None, callback=progress)
+             generator=torch.Generator().manual_seed(seed), output=lambda first, done: None, callback=progress,
+             max_latent_bytes=max_latent_mb << 20)
         _sync(dev)
         seconds = time.perf_counter() - start
     return {"device": str(dev), "resolution": resolution, "frames": frames, "steps": steps, "scheduler": scheduler,
@@ -185,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=20)
     r.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp", "unipc"])
     r.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    r.add_argument("--max-latent-mb", type=int, default=2048,
+                   help="latents and sampler history beyond this go to a scratch file")
     args = parser.parse_args(argv)
     try:
         if args.what == "train":
@@ -192,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            args.optimizer, args.channels_last, args.compile)
         else:
             result = render(args.device, args.frames, args.steps, args.resolution, scheduler=args.scheduler,
-                            dtype=args.dtype, channels_last=args.channels_last)
+                            dtype=args.dtype, channels_last=args.channels_last, max_latent_mb=args.max_latent_mb)
     except RuntimeError as e:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(result))

@@ -20,12 +20,15 @@ class LatentStore:
     """Latents (1, C, F, h, w) addressed by frame slices; `read` returns them on `device` in `dtype`."""
 
     def __init__(self, channels: int, frames: int, height: int, width: int, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_bytes: int = 1 << 31, spill_dir: Path | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, max_bytes: int = 1 << 31, spill_dir: Path | None = None,
+                 copies: int = 1) -> None:
+        """`copies`: how many videos of this shape the render will hold in all (a multistep sampler's history
+        adds two or three, `like`): they fit `max_bytes` together, or all go to disk."""
         self.channels, self.frames, self.height, self.width = channels, frames, height, width
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.spill_dir = torch.device(device), dtype, spill_dir
         self.frame_elems = channels * height * width
         self.nbytes = frames * self.frame_elems * 4  # float32 whatever the compute dtype: steps accumulate in it
-        self.on_disk = self.nbytes > max_bytes
+        self.on_disk = self.nbytes * copies > max_bytes
         self._file: int | None = None
         self._path: Path | None = None
         if self.on_disk:
@@ -35,6 +38,11 @@ class LatentStore:
             self._ram: torch.Tensor | None = None
         else:
             self._ram = torch.zeros((1, channels, frames, height, width), device=self.device, dtype=torch.float32)
+
+    def like(self) -> LatentStore:
+        """Another video of the same shape, kept where this one is (memory or disk): for a sampler's history."""
+        return LatentStore(self.channels, self.frames, self.height, self.width, device=self.device, dtype=self.dtype,
+                           max_bytes=0 if self.on_disk else self.nbytes, spill_dir=self.spill_dir)
 
     # ----------------------------------------------------------------------------------------------- frames
     def read(self, frames: slice, dtype: torch.dtype | None = None) -> torch.Tensor:

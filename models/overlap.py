@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,34 +94,100 @@ def denoise_store(predict: Predict, latents: LatentStore, scheduler, window: int
     have all their predictions (no later window covers them), so they are averaged and stepped right away. Each
     such group of frames keeps its own copy of the scheduler: every update the samplers make (DDIM, DPM-Solver++,
     UniPC) is element by element with scalars from the timestep, so stepping groups apart equals stepping the
-    whole sequence, and a multistep solver's history stays with its group."""
+    whole sequence. A multistep solver's history (its previous model outputs, UniPC's last sample: two or three
+    more latent videos) is kept between steps in stores like the latents' (`SamplerHistory`), so it is bounded
+    the same way, in memory or on disk."""
     n = latents.frames
     starts = window_starts(n, window, overlap)
     wins = windows(n, window, overlap)
     groups = [slice(s, starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)]
     counts = torch.from_numpy(frame_counts(n, window, overlap)).to(latents.device, torch.float32)
     per_group = [copy.deepcopy(scheduler) for _ in groups]
-    for i, t in enumerate(scheduler.timesteps):
-        eps: torch.Tensor | None = None  # summed predictions of frames [lo, lo + eps.shape[2])
-        lo, next_group = 0, 0
-        for k, w in enumerate(wins):
-            x = latents.read(w)
-            pred = predict(scheduler.scale_model_input(x, t), t, w).to(torch.float32)
-            if eps is None:
-                eps = torch.zeros_like(pred)
-                lo = w.start
-            if w.stop > lo + eps.shape[2]:
-                grow = torch.zeros((*eps.shape[:2], w.stop - lo - eps.shape[2], *eps.shape[3:]), dtype=eps.dtype,
-                                   device=eps.device)
-                eps = torch.cat([eps, grow], dim=2)
-            eps[:, :, w.start - lo:w.stop - lo] += pred
-            complete = starts[k + 1] if k + 1 < len(starts) else n
-            while next_group < len(groups) and groups[next_group].stop <= complete:
-                g = groups[next_group]
-                mean = eps[:, :, g.start - lo:g.stop - lo] / counts[g].view(1, 1, -1, 1, 1)
-                latents.write(g, per_group[next_group].step(mean, t, latents.read(g, torch.float32)).prev_sample)
-                next_group += 1
-            eps = eps[:, :, complete - lo:]
-            lo = complete
-        if on_step:
-            on_step(i + 1)
+    history = SamplerHistory(latents)
+    try:
+        for i, t in enumerate(scheduler.timesteps):
+            eps: torch.Tensor | None = None  # summed predictions of frames [lo, lo + eps.shape[2])
+            lo, next_group = 0, 0
+            for k, w in enumerate(wins):
+                x = latents.read(w)
+                pred = predict(scheduler.scale_model_input(x, t), t, w).to(torch.float32)
+                if eps is None:
+                    eps = torch.zeros_like(pred)
+                    lo = w.start
+                if w.stop > lo + eps.shape[2]:
+                    grow = torch.zeros((*eps.shape[:2], w.stop - lo - eps.shape[2], *eps.shape[3:]), dtype=eps.dtype,
+                                       device=eps.device)
+                    eps = torch.cat([eps, grow], dim=2)
+                eps[:, :, w.start - lo:w.stop - lo] += pred
+                complete = starts[k + 1] if k + 1 < len(starts) else n
+                while next_group < len(groups) and groups[next_group].stop <= complete:
+                    g = groups[next_group]
+                    mean = eps[:, :, g.start - lo:g.stop - lo] / counts[g].view(1, 1, -1, 1, 1)
+                    sched = per_group[next_group]
+                    history.restore(sched, g)
+                    latents.write(g, sched.step(mean, t, latents.read(g, torch.float32)).prev_sample)
+                    history.stash(sched, g)
+                    next_group += 1
+                eps = eps[:, :, complete - lo:]
+                lo = complete
+            if on_step:
+                on_step(i + 1)
+    finally:
+        history.close()
+
+
+def history_videos(scheduler: Any) -> int:
+    """How many latent videos a sampler keeps between steps: DPM-Solver++'s and UniPC's previous model outputs
+    (one per order) and UniPC's last sample; none for DDIM."""
+    outputs = getattr(scheduler, "model_outputs", None)
+    return (len(outputs) if isinstance(outputs, list) else 0) + int(hasattr(scheduler, "last_sample"))
+
+
+class _Stashed:
+    """Where a per-frame tensor of a sampler's state went while its group waits for the next step."""
+
+    def __init__(self, key: tuple[str, int | None], dtype: torch.dtype) -> None:
+        self.key, self.dtype = key, dtype
+
+
+class SamplerHistory:
+    """The per-frame tensors a multistep sampler keeps between steps, for every group of frames, in `LatentStore`s
+    made `like` the latent video (in memory while the latents are, else in scratch files beside them): each
+    group's sampler holds them only while it steps. Float32 in, float32 out: the numbers are unchanged."""
+
+    def __init__(self, latents: LatentStore) -> None:
+        self.latents = latents
+        self.stores: dict[tuple[str, int | None], LatentStore] = {}
+
+    def stash(self, sched: Any, g: slice) -> None:
+        for name, value in list(vars(sched).items()):
+            if self._per_frame(value, g):
+                setattr(sched, name, self._put((name, None), value, g))
+            elif isinstance(value, list) and any(self._per_frame(v, g) for v in value):
+                setattr(sched, name, [self._put((name, j), v, g) if self._per_frame(v, g) else v
+                                      for j, v in enumerate(value)])
+
+    def restore(self, sched: Any, g: slice) -> None:
+        for name, value in list(vars(sched).items()):
+            if isinstance(value, _Stashed):
+                setattr(sched, name, self._get(value, g))
+            elif isinstance(value, list) and any(isinstance(v, _Stashed) for v in value):
+                setattr(sched, name, [self._get(v, g) if isinstance(v, _Stashed) else v for v in value])
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+
+    def _per_frame(self, value: object, g: slice) -> bool:
+        return (isinstance(value, torch.Tensor) and value.dim() == 5 and value.shape[1] == self.latents.channels
+                and value.shape[2] == g.stop - g.start)
+
+    def _put(self, key: tuple[str, int | None], value: torch.Tensor, g: slice) -> _Stashed:
+        if key not in self.stores:
+            self.stores[key] = self.latents.like()
+        self.stores[key].write(g, value)
+        return _Stashed(key, value.dtype)
+
+    def _get(self, stashed: _Stashed, g: slice) -> torch.Tensor:
+        return self.stores[stashed.key].read(g, stashed.dtype)

@@ -160,8 +160,10 @@ class SGDMPipeline:
         scheduler.set_timesteps(steps, device=device)
         f = pipeline.vae_factor(self.vae)
         channels = self.vae.config.latent_channels
+        # the latents and the sampler's history (overlap.SamplerHistory) fit the memory bound together, or spill
         latents = LatentStore(channels, n, res // f, res // f, device=device, dtype=self.dtype,
-                              max_bytes=max_latent_bytes, spill_dir=spill_dir)
+                              max_bytes=max_latent_bytes, spill_dir=spill_dir,
+                              copies=1 + overlap.history_videos(scheduler))
         extras = None
         try:
             latents.fill_noise(generator, shared=noise == "shared")

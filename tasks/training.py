@@ -54,6 +54,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" | "auto", as models.precision resolves it for the device
     gradient_checkpointing: bool = False
     control_scale: float = 1.0
+    loss_every: int = 50  # steps between reads of the loss (each read waits for the device)
     ema: float = 0.0  # decay of an exponential moving average of the weights, saved as the result (0 = none)
 
 
@@ -140,9 +141,10 @@ def _load_state(model: SGDM, opt: torch.optim.Optimizer, out: Path, ema: dict[st
 
 
 def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, out: Path,
-          progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+          progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train `model` in place for cfg.steps optimiser steps, resuming from `out`'s saved state if there is one.
-    Returns the loss history of this call and where it started."""
+    Returns the loss history of this call and where it started. Losses stay on the device and are read every
+    `cfg.loss_every` steps: reading one is a host-device synchronisation, which every step would pay for."""
     model.freeze_temporal()
     model.skip_identity_temporal()
     model.train()
@@ -165,11 +167,12 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
     scaler = grad_scaler(precision, device)
     losses: list[float] = []
     saves: list[tuple[float, int]] = []
+    pending: list[torch.Tensor] = []  # this run's losses not yet read
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             batch = data.batch(_step_gen(cfg.seed, step, micro, 0), cfg.batch_size)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -177,7 +180,7 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
                 loss = loss_on(model, batch, noise_scheduler, _step_gen(cfg.seed, step, micro, 1), cfg.ref_drop,
                                cfg.control_scale) / cfg.grad_accum
             scaler.scale(loss).backward()
-            total += float(loss.detach())
+            total += loss.detach()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         scaler.step(opt)
@@ -186,12 +189,17 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
             with torch.no_grad():
                 for n, p in _trainable(model):
                     ema[n].lerp_(p.detach(), 1 - cfg.ema)
-        losses.append(total)
+        pending.append(total)
+        if len(pending) >= cfg.loss_every:
+            losses += torch.stack(pending).float().tolist()
+            pending.clear()
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
             saves.append(_save_state(model, opt, done, out, ema))
         if progress:
-            progress(done, total)
+            progress(done)
+    if pending:
+        losses += torch.stack(pending).float().tolist()
     if ema is not None:
         with torch.no_grad():
             for n, p in _trainable(model):
@@ -239,7 +247,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                           mixed_precision=str(prof["mixed_precision"]),
                           gradient_checkpointing=bool(prof["gradient_checkpointing"]), ema=float(prof["ema"]))
         progress.start(f"training {which} SGDM", steps)
-        result = train(model, data, noise_scheduler, cfg, scratch / which, lambda done, _loss: progress.advance(1))
+        result = train(model, data, noise_scheduler, cfg, scratch / which, lambda _done: progress.advance(1))
         res = int(prof["face_resolution"]) if face else body_res
         refiner, refined = None, None
         if refiner_steps and not face:

@@ -115,42 +115,53 @@ def bench_train(profile: Annotated[str, typer.Option("--profile", help="tiny (th
 
 
 @bench_app.command("render")
-def bench_render(profile: Annotated[str, typer.Option("--profile", help="tiny (random tiny weights, three window "
-                                                      "layouts), or sd15-shapes (the full-size pipeline, random "
-                                                      "weights)")] = "tiny",
+def bench_render(profile: Annotated[str, typer.Option("--profile", help="tiny or cpu (render_body with random "
+                                                      "weights of that profile, three window layouts), or "
+                                                      "sd15-shapes (the full-size pipeline, random weights)")] = "tiny",
                  frames: Annotated[int, typer.Option("--frames", min=1, help="Motion length.")] = 300,
                  steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 20,
                  device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
                  resolution: Annotated[int, typer.Option("--resolution", min=64, help="sd15-shapes image side.")] = 512,
-                 scheduler: Annotated[str, typer.Option("--scheduler", help="sd15-shapes: ddim, dpmpp or "
-                                                        "unipc")] = "ddim",
+                 scheduler: Annotated[str | None, typer.Option("--scheduler", help="ddim, dpmpp or unipc (default: "
+                                                               "the profile's own; sd15-shapes: ddim)")] = None,
+                 max_latent_mb: Annotated[int, typer.Option("--max-latent-mb", min=0, help="execution.max_latent_mb: "
+                                                            "latents and sampler history beyond it go to a scratch "
+                                                            "file")] = 2048,
+                 layout: Annotated[str | None, typer.Option("--layout", help="tiny/cpu: only this window layout "
+                                                            "(overlapped, disjoint or framewise)")] = None,
                  as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
-    """Render speed and peak memory. tiny: render_body frames/s, denoiser frame evaluations per step and peak RSS
-    for overlapped windows (16/4), disjoint windows and frame by frame, on a synthetic gesturing mannequin.
+    """Render speed and peak memory. tiny/cpu: render_body frames/s, denoiser frame evaluations per step and peak
+    RSS for overlapped windows (16/4), disjoint windows and frame by frame, on a synthetic gesturing mannequin.
     sd15-shapes: seconds for --frames frames at 512² with CFG (the same code as `python -m models.bench render`)."""
     from core.errors import InputError
 
-    if profile not in ("tiny", "sd15-shapes"):
-        raise InputError(f"--profile {profile!r}: choose tiny or sd15-shapes (the others need trained weights)")
+    if profile not in ("tiny", "cpu", "sd15-shapes"):
+        raise InputError(f"--profile {profile!r}: choose tiny, cpu or sd15-shapes (sd15 needs trained weights)")
+    if scheduler is not None and scheduler not in ("ddim", "dpmpp", "unipc"):
+        raise InputError(f"--scheduler {scheduler!r}: choose ddim, dpmpp or unipc")
+    layouts = ("overlapped", "disjoint", "framewise")
+    if layout is not None and layout not in layouts:
+        raise InputError(f"--layout {layout!r}: choose {', '.join(layouts)}")
     on = _device(device)
     if profile == "sd15-shapes":
-        if scheduler not in ("ddim", "dpmpp", "unipc"):
-            raise InputError(f"--scheduler {scheduler!r}: choose ddim, dpmpp or unipc")
         result = _model_bench("render", device=on, frames=frames, steps=steps, resolution=resolution,
-                              scheduler=scheduler)
+                              scheduler=scheduler or "ddim", max_latent_mb=max_latent_mb)
         _print(result, as_json, f"bench render --profile sd15-shapes --frames {frames}")
         return
-    from cli.benchmarks import render_tiny
+    from cli.benchmarks import render_profile
 
-    result = render_tiny(frames, steps, device=on)
+    result = render_profile(frames, steps, device=on, profile=profile, scheduler=scheduler,
+                            max_latent_mb=max_latent_mb, layouts=(layout,) if layout else layouts)
     if as_json:
         print(json.dumps(result))
         return
     table = Table("layout", "frames/s", "frame evals / step", "peak RSS MB", "seconds",
-                  title=f"bench render --profile tiny --frames {frames} ({steps} steps)")
-    for mode in ("overlapped", "disjoint", "framewise"):
-        r = result[mode]
-        table.add_row(mode, str(r["fps"]), str(r["frame_evals_per_step"]), str(r["peak_rss_mb"]), str(r["seconds"]))
+                  title=f"bench render --profile {profile} --frames {frames} ({steps} {result['scheduler']} steps)")
+    for mode in layouts:
+        if mode in result:
+            r = result[mode]
+            table.add_row(mode, str(r["fps"]), str(r["frame_evals_per_step"]), str(r["peak_rss_mb"]),
+                          str(r["seconds"]))
     out.print(table)
     out.print("paper (Algorithm 1, 300 frames, window 16, overlap 4): 400 frame evaluations per step")
 

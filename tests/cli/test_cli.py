@@ -99,3 +99,20 @@ def test_bench_preprocess_json_has_the_issue_keys(tmp_path: Path) -> None:
     assert set(result["fps"]) == {"ingest", "keypoints", "matting"}
     assert result["fps_total"] > 0 and result["peak_rss_mb"] > 0
     assert result["fps_total"] < min(result["fps"].values())
+
+
+@pytest.mark.slow
+def test_bench_render_takes_the_cpu_profile_its_scheduler_and_memory_bound() -> None:
+    import json
+
+    from tests.conftest import anchor
+
+    done = anchor(None, "bench", "render", "--profile", "cpu", "--scheduler", "unipc", "--max-latent-mb", "0",
+                  "--frames", "6", "--steps", "2", "--layout", "overlapped", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["profile"], result["scheduler"], result["max_latent_mb"]) == ("cpu", "unipc", 0)
+    assert set(result) >= {"overlapped"} and not {"disjoint", "framewise"} & set(result)
+    assert result["overlapped"]["frame_evals_per_step"] == 6 and result["overlapped"]["fps"] > 0
+    # the profile's own sampler unless one is asked for
+    assert anchor(None, "bench", "render", "--scheduler", "euler").returncode != 0

@@ -178,6 +178,7 @@ def test_cuda_on_a_machine_without_it_is_one_line_before_any_work(ws: Path, tmp_
     assert _files(w) == before
     for bench in (("render", "--profile", "sd15-shapes", "--device", "cuda:1"),
                   ("render", "--profile", "tiny", "--device", "cuda"),
+                  ("render", "--profile", "cpu", "--device", "cuda"),
                   ("train", "--profile", "tiny", "--device", "cuda"),
                   ("train", "--profile", "sd15-shapes", "--device", "cuda:0")):
         _refused(w, anchor(w, "bench", *bench, "--json"), f"device '{bench[-1]}'", "no CUDA device")

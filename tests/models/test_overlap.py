@@ -140,3 +140,42 @@ def test_paste_changes_only_pixels_under_the_mask() -> None:
     own = cv2.warpAffine(frame, m, (64, 64), flags=cv2.INTER_LINEAR)
     back = face_align.paste(frame, own, mask, m, feather=2)
     assert np.abs(back.astype(int) - frame)[26:36, 31:41].max() <= 1
+
+
+@pytest.mark.parametrize(("kind", "history"), [("ddim", 0), ("dpmpp", 2), ("unipc", 3)])
+def test_a_multistep_samplers_history_spills_with_the_latents_and_changes_no_number(
+        tiny: dict, tmp_path, kind: str, history: int) -> None:
+    """Latents spilled to disk (a bound of 0 bytes): DPM-Solver++'s two previous outputs and UniPC's two and its
+    last sample are scratch files beside them, never held by the samplers between steps; the frames are those of
+    the whole sequence stepped in memory by one sampler."""
+    from models.latents import LatentStore
+    from models.sgdm_pipeline import SCHEDULERS
+
+    base = tiny["scheduler"]
+    extra = {"algorithm_type": "dpmsolver++"} if kind == "dpmpp" else {}
+    sched = SCHEDULERS[kind].from_config(base.config, **extra)
+    sched.set_timesteps(4)
+    assert overlap.history_videos(sched) == history
+    noise = torch.randn(1, 4, 20, 8, 8, generator=torch.Generator().manual_seed(3)) * sched.init_noise_sigma
+
+    def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:  # any function of the window
+        return torch.tanh(x * 0.7 + 0.01 * float(t)) + 0.05 * w.start
+
+    import copy
+
+    expected = overlap.denoise(predict, noise.clone(), copy.deepcopy(sched), 8, 4)
+    files: list[int] = []
+
+    def watched(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
+        files.append(len(list(tmp_path.glob(".latents-*"))))
+        return predict(x, t, w)
+
+    with LatentStore(4, 20, 8, 8, max_bytes=0, spill_dir=tmp_path) as store:
+        store.write(slice(0, 20), noise)
+        overlap.denoise_store(watched, store, copy.deepcopy(sched), 8, 4)
+        assert torch.equal(store.read(slice(0, 20)), expected)
+    assert max(files) == 1 + history  # the latents, then one file per video of history
+    assert not list(tmp_path.glob(".latents-*"))  # each removed when the render ends
+    # in memory while they fit together: a bound for the latents alone spills them when there is a history
+    one = 20 * 4 * 8 * 8 * 4
+    assert LatentStore(4, 20, 8, 8, max_bytes=one, copies=1 + history).on_disk == (history > 0)

@@ -67,7 +67,7 @@ class Killed(Exception):
 
 def _killed_at(at: int):  # noqa: ANN202
     """A progress callback that stops training when it reports step `at` (a kill after the last save)."""
-    def progress(step: int, _loss: float) -> None:
+    def progress(step: int) -> None:
         if step == at:
             raise Killed
     return progress
@@ -199,3 +199,13 @@ def test_a_run_reports_what_its_saved_states_cost_and_a_cpu_trains_in_float32(pa
     text = describe({"body": {"steps": 5, "loss_first": 1.0, "loss_last": 0.5, **{k: result[k] for k in (
         "saves", "save_s", "state_mb")}}})
     assert f"3 saved states ({result['save_s']} s, {result['state_mb']} MB each)" in text
+
+
+def test_losses_read_every_few_steps_are_every_steps_loss(paths: parts.BasePaths, tmp_path: Path) -> None:
+    sched = parts.load_scheduler(paths)
+    runs = {}
+    for every in (1, 3):
+        cfg = training.TrainConfig(steps=5, lr=1e-3, save_every=100, seed=2, loss_every=every)
+        runs[every] = training.train(parts.new_sgdm(paths, seed=1), FixedClips(2), sched, cfg, tmp_path / str(every))
+    assert len(runs[3]["losses"]) == 5 and all(isinstance(v, float) for v in runs[3]["losses"])
+    assert runs[3]["losses"] == runs[1]["losses"] and len(set(runs[1]["losses"])) == 5
