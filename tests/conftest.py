@@ -19,20 +19,28 @@ TESTDATA = ROOT / "../shared/testdata"
 # Prefect reads its settings at import: keep everything it writes out of the repository and the user's home. Each
 # pytest-xdist worker gets its own (it inherits the controller's environment, which loaded this file first), so two
 # workers' command-line runs never share one embedded Prefect database.
+_SCRATCH: list[str] = []  # this process's own temporary homes, removed when its session ends
+
+
+def _scratch(prefix: str) -> str:
+    _SCRATCH.append(tempfile.mkdtemp(prefix=prefix))
+    return _SCRATCH[-1]
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"anchor-test-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ["PREFECT_HOME"] = _scratch(f"anchor-test-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
     # one compute thread per worker (and per command it starts): two workers on two cores each spinning two OpenMP
     # threads made every torch-heavy test three times slower, not two
     for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_threads] = "1"
 else:
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="anchor-test-prefect-"))
+    os.environ.setdefault("PREFECT_HOME", _scratch("anchor-test-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.pop("ANCHOR_WORKSPACE", None)
-os.environ["ANCHOR_CACHE_HOME"] = tempfile.mkdtemp(prefix="anchor-test-cache-")  # Prefect's records, per user
+os.environ["ANCHOR_CACHE_HOME"] = _scratch("anchor-test-cache-")  # Prefect's records, per user
 os.environ["ANCHOR_CHECK_CONTRACT"] = "1"  # every stage a test runs reads and writes only what it declares
 
 TEST_PARAMS = {"profile": "tiny", "ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1}}
@@ -56,7 +64,7 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
     if not _EMPTY:
         from cli.commands.workspace import init
 
-        template = Path(tempfile.mkdtemp(prefix="anchor-test-empty-")) / "ws"
+        template = Path(_scratch("anchor-test-empty-")) / "ws"
         init(template)
         _EMPTY.append(template)
     shutil.copytree(_EMPTY[0], root, symlinks=True)
@@ -255,12 +263,15 @@ def _environment_restored() -> Iterator[None]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import logging
+    import shutil
 
     logging.disable(logging.INFO)  # the server's "stopping" line: a pytest-xdist worker's output is closed by now
     try:
         _PREFECT.close()
     finally:
         logging.disable(logging.NOTSET)
+        for path in _SCRATCH:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

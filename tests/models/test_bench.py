@@ -30,11 +30,16 @@ def test_imports_nothing_of_the_orchestration_stack() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("argv", [["train", "--device", "cuda"], ["render", "--device", "cuda:0", "--frames", "4"]])
-def test_cuda_on_a_machine_without_it_is_one_line_and_exit_2(argv: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "models.bench", *argv], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == ["error: device 'cuda" + argv[2][4:] + "': this machine has no CUDA "
-                                                f"device (torch {torch.__version__})"]
+def test_cuda_on_a_machine_without_it_is_one_line_and_exit_2(argv: list[str],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m models.bench ARGV` is `raise SystemExit(main(ARGV))`: its entry point, here in this process (a new
+    interpreter's imports are the test above's)."""
+    with pytest.raises(SystemExit) as ended:
+        bench.main(argv)
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and out == ""
+    assert err.strip().splitlines() == ["error: device 'cuda" + argv[2][4:] + "': this machine has no CUDA "
+                                        f"device (torch {torch.__version__})"]
 
 
 @pytest.fixture(scope="module")
