@@ -180,8 +180,11 @@ class SGDMPipeline:
                     extras.write(w, pipeline.inpaint_inputs(self.vae, mask, image * (1 - mask) + 0.5 * mask))
 
             # 4. Algorithm 1: guided noise per window, averaged per frame, one scheduler step for the sequence
+            held = latents.nbytes * (1 + overlap.history_videos(scheduler)) if not latents.on_disk else 0
+            cond_frames = _Conditions(conditions, res, device, max(0, max_latent_bytes - held))
+
             def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
-                cond = _video([_sized(conditions[i], res) for i in range(w.start, w.stop)]).to(device, self.dtype)
+                cond = cond_frames.window(w, self.dtype)
                 extra = extras.read(w) if extras is not None else None
                 return pipeline.predict_noise(self.sgdm, x, t, tokens, cond, guidance, control_scale, extra).float()
 
@@ -251,6 +254,31 @@ def _overlay(generated: np.ndarray, images: Frames, masks: Frames, w: slice) -> 
     side = generated.shape[1]
     keep = np.stack([_sized(masks[i], side) <= 127 for i in range(w.start, w.stop)])[..., None]
     return np.where(keep, np.stack([_sized(images[i], side) for i in range(w.start, w.stop)]), generated)
+
+
+class _Conditions:
+    """The mesh conditions at the model's side for Algorithm 1, which reads each one at every step and in every
+    window covering it (about 27 times per frame over 20 steps). Decoded and resized once per render into uint8
+    (a quarter of float32's bytes; pinned host memory on CUDA, so copies to the device do not wait) while they fit
+    `budget` bytes, what the memory bound leaves beside the latents; beyond it, read per window as needed."""
+
+    def __init__(self, conditions: Frames, side: int, device: torch.device, budget: int) -> None:
+        self.source, self.side, self.device = conditions, side, device
+        self.frames: torch.Tensor | None = None
+        if len(conditions) * side * side * 3 <= budget:
+            self.frames = torch.empty((len(conditions), side, side, 3), dtype=torch.uint8,
+                                      pin_memory=device.type == "cuda")
+            for i in range(len(conditions)):
+                self.frames[i] = torch.from_numpy(np.ascontiguousarray(_sized(conditions[i], side)))
+
+    def window(self, w: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Frames w as (1, 3, F, H, W) in [0, 1] on the device: converted there, the same numbers as `_video`."""
+        if self.frames is None:
+            images = torch.from_numpy(np.stack([_sized(self.source[i], self.side) for i in range(w.start, w.stop)]))
+        else:
+            images = self.frames[w]
+        images = images.to(self.device, non_blocking=True)
+        return (images.permute(3, 0, 1, 2)[None].float() / 255).to(dtype)
 
 
 def _video(images: list[np.ndarray]) -> torch.Tensor:

@@ -148,3 +148,29 @@ def test_a_multistep_solver_can_replace_ddim_and_an_old_checkpoint_is_named(chec
     (old / "model_index.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a pipeline checkpoint"):
         SGDMPipeline.from_pretrained(old)
+
+
+def test_conditions_are_decoded_once_per_render_while_they_fit_the_memory_bound(checkpoints: dict[str, Path]
+                                                                                ) -> None:
+    from collections.abc import Sequence
+
+    class Counted(Sequence):  # conditions as a render reads them (render_body: a PNG decoded per read)
+        def __init__(self, images: list[np.ndarray]) -> None:
+            self.images, self.reads = images, 0
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, i):  # noqa: ANN001, ANN204
+            self.reads += 1
+            return self.images[i]
+
+    pipe = SGDMPipeline.from_pretrained(checkpoints["body"])
+    kw = {"steps": 4, "guidance": 3.5, "window": 4, "overlap_frames": 2}
+    once, per_window = Counted(_images(F, 1)), Counted(_images(F, 1))
+    reference = _images(1, 2)[0]
+    frames = pipe(once, reference, generator=torch.Generator().manual_seed(5), **kw)
+    assert once.reads == F  # each frame once, for every window and step that reads it
+    bounded = pipe(per_window, reference, generator=torch.Generator().manual_seed(5), max_latent_bytes=0, **kw)
+    assert per_window.reads == 4 * overlap.evaluations_per_step(F, 4, 2)  # no room: read as windows need them
+    assert np.array_equal(frames, bounded)
