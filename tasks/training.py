@@ -168,36 +168,36 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
     losses: list[float] = []
     saves: list[tuple[float, int]] = []
     pending: list[torch.Tensor] = []  # this run's losses not yet read
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            batch = data.batch(_step_gen(cfg.seed, step, micro, 0), cfg.batch_size)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = loss_on(model, batch, noise_scheduler, _step_gen(cfg.seed, step, micro, 1), cfg.ref_drop,
-                               cfg.control_scale) / cfg.grad_accum
-            scaler.scale(loss).backward()
-            total += loss.detach()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in _trainable(model):
-                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
-        pending.append(total)
-        if len(pending) >= cfg.loss_every:
-            losses += torch.stack(pending).float().tolist()
-            pending.clear()
-        done = step + 1
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            saves.append(_save_state(model, opt, done, out, ema))
-        if progress:
-            progress(done)
+    with _Prefetched(data, cfg, start, device) as batch_for:
+        for step in range(start, cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch_for(step, micro).items()}
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = loss_on(model, batch, noise_scheduler, _step_gen(cfg.seed, step, micro, 1), cfg.ref_drop,
+                                   cfg.control_scale) / cfg.grad_accum
+                scaler.scale(loss).backward()
+                total += loss.detach()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in _trainable(model):
+                        ema[n].lerp_(p.detach(), 1 - cfg.ema)
+            pending.append(total)
+            if len(pending) >= cfg.loss_every:
+                losses += torch.stack(pending).float().tolist()
+                pending.clear()
+            done = step + 1
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                saves.append(_save_state(model, opt, done, out, ema))
+            if progress:
+                progress(done)
     if pending:
         losses += torch.stack(pending).float().tolist()
     if ema is not None:
@@ -206,6 +206,41 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
                 p.copy_(ema[n])
     return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg),
             "precision": precision, **_save_cost(saves)}
+
+
+class _Prefetched:
+    """The batches of the steps to come, each made one ahead in a thread while the device computes the current
+    one (decoding frames and running the frozen encoders is the data side's work), from its own step's
+    generator, so they are the batches made in line; pinned on CUDA for an asynchronous copy."""
+
+    def __init__(self, data: Batches, cfg: TrainConfig, start: int, device: torch.device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.cfg, self.pin = data, cfg, device.type == "cuda"
+        self.keys = iter([(s, m) for s in range(start, cfg.steps) for m in range(cfg.grad_accum)])
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.ahead = self._submit()
+
+    def _submit(self) -> Any:
+        key = next(self.keys, None)
+        return (key, self.pool.submit(self._make, key)) if key is not None else None
+
+    def _make(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            batch = self.data.batch(_step_gen(self.cfg.seed, *key, 0), self.cfg.batch_size)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
+
+    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        key, made = self.ahead
+        assert key == (step, micro), (key, step, micro)
+        self.ahead = self._submit()
+        return made.result()
+
+    def __enter__(self) -> _Prefetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _save_cost(saves: list[tuple[float, int]]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from models import pipeline
 from tasks.frames import frame_name, read_meta
 
 CACHE_BYTES = 1 << 30  # decoded training images kept between batches
+ENCODED_BYTES = 1 << 30  # the frozen encoders' outputs per frame (latents, reference tokens) kept between batches
 
 
 class _Images:
@@ -163,22 +164,46 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 
 class ClipBatches:
-    """`training.Batches` over several identities: VAE latents and CLIP tokens computed per batch (both frozen)."""
+    """`training.Batches` over several identities. The VAE and the CLIP encoder are frozen, so what they make of a
+    frame never changes: each frame's latent (the face model's masked-frame latent too) and each reference's tokens
+    are computed the first time a batch needs them and kept (host memory, least recently used dropped beyond
+    `encoded_bytes`), not recomputed at every step."""
 
     def __init__(self, identities: list[Identity], vae, encoder, video_length: int, perturbed_share: float,
-                 face: bool = False) -> None:
+                 face: bool = False, encoded_bytes: int = ENCODED_BYTES) -> None:
         if not identities:
             raise StageError("no training clips: every identity's training frames are fewer than video_length"
                              + (" or show no face" if face else ""))
         self.ids, self.vae, self.encoder = identities, vae, encoder
         self.f, self.share, self.face = video_length, perturbed_share, face
+        self.encoded = _Images(encoded_bytes)
+
+    def _latent(self, ident: Identity, i: int) -> torch.Tensor:
+        """Frame i's latent (C, h, w)."""
+        return self.encoded.get(("latent", ident.name, ident.res, self.face, i), lambda: pipeline.encode_frames(
+            self.vae, _tensor(ident.frame(i)[None])[None])[0, :, 0].cpu())
+
+    def _masked(self, ident: Identity, i: int) -> torch.Tensor:
+        """The face model's inputs for frame i (1 + C, h, w): its mask at latent size, the masked frame's latent."""
+        def make() -> torch.Tensor:
+            mask = torch.from_numpy(ident.mask(i)[None, None, None] > 127).float()  # (1, 1, 1, H, W)
+            video = _tensor(ident.frame(i)[None])[None]
+            return pipeline.inpaint_inputs(self.vae, mask, video * (1 - mask) + 0.5 * mask)[0, :, 0].cpu()
+
+        return self.encoded.get(("masked", ident.name, ident.res, i), make)
+
+    def _tokens(self, ident: Identity, r: int) -> torch.Tensor:
+        """The CLIP tokens of frame r as a reference (T, D)."""
+        return self.encoded.get(("tokens", ident.name, ident.res, self.face, r), lambda: pipeline.encode_reference(
+            self.encoder, torch.from_numpy(np.ascontiguousarray(ident.frame(r))).permute(2, 0, 1).float()[None]
+            / 255)[0].cpu())
 
     def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]:
-        frames, conds, refs, masks = [], [], [], []
+        latents, conds, tokens, masked = [], [], [], []
         for _ in range(size):
             ident = self.ids[int(torch.randint(len(self.ids), (1,), generator=gen))]
             s = ident.starts[int(torch.randint(len(ident.starts), (1,), generator=gen))]
-            window = slice(s, s + self.f)
+            window = range(s, s + self.f)
             # the reference is another moment of the same person, so appearance comes from it, not from the target
             n = len(ident)
             r = int(torch.randint(n - self.f, (1,), generator=gen)) if n > self.f else 0
@@ -187,20 +212,16 @@ class ClipBatches:
             use_perturbed = bool(ident.perturbed_paths) and float(torch.rand(1, generator=gen)) < self.share
             if use_perturbed:
                 k = int(torch.randint(len(ident.perturbed_paths), (1,), generator=gen))
-                cond = np.stack([ident.perturbed(k, i) for i in range(window.start, window.stop)])
+                cond = np.stack([ident.perturbed(k, i) for i in window])
             else:
-                cond = np.stack([ident.cond(i) for i in range(window.start, window.stop)])
-            frames.append(_tensor(np.stack([ident.frame(i) for i in range(window.start, window.stop)])))
+                cond = np.stack([ident.cond(i) for i in window])
+            latents.append(torch.stack([self._latent(ident, i) for i in window], dim=1))
             conds.append(_tensor(cond))
-            refs.append(torch.from_numpy(np.ascontiguousarray(ident.frame(r))).permute(2, 0, 1).float() / 255)
+            tokens.append(self._tokens(ident, r))
             if self.face:
-                masks.append(torch.from_numpy(np.stack([ident.mask(i) for i in range(window.start, window.stop)])
-                                              > 127).float()[None])
-        video = torch.stack(frames)
-        out = {"latents": pipeline.encode_frames(self.vae, video), "cond": torch.stack(conds),
-               "tokens": pipeline.encode_reference(self.encoder, torch.stack(refs))}
+                masked.append(torch.stack([self._masked(ident, i) for i in window], dim=1))
+        out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens)}
         if self.face:
-            mask = torch.stack(masks)
-            extra = pipeline.inpaint_inputs(self.vae, mask, video * (1 - mask) + 0.5 * mask)
+            extra = torch.stack(masked)
             out["mask"], out["masked"] = extra[:, :1], extra[:, 1:]
         return out

@@ -152,8 +152,8 @@ def test_finetune_killed_midway_resumes_from_its_saved_state(learned: Workspace,
     def interrupted(*args, **kwargs):
         progress = kwargs.get("progress") or args[5]
 
-        def tick(done: int, loss: float) -> None:
-            progress(done, loss)
+        def tick(done: int) -> None:
+            progress(done)
             calls["n"] += 1
             if done == 50:
                 raise Stop
@@ -260,3 +260,35 @@ def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Worksp
     assert read_rgb(out / "frames" / "000004.png").shape == (side, side, 3)
     assert read_rgb(out / "cond" / "000000.png").shape == (side, side, 3)
     assert sorted(p.name for p in (out / "frames").iterdir()) == [f"{t:06d}.png" for t in range(5)]
+
+
+@slow
+def test_the_frozen_encoders_run_once_per_frame_however_many_batches_read_it(trained: Path) -> None:
+    from tasks.training_data import ClipBatches, load_identity
+
+    ws = Workspace(trained)  # read only
+    paths = runner.base_paths(ws)
+    vae, enc = parts.load_vae(paths).eval(), parts.load_image_encoder(paths).eval()
+    encoded: list[int] = []
+    real_encode = vae.encode
+    vae.encode = lambda x: (encoded.append(x.shape[0]), real_encode(x))[1]  # frames through the VAE
+
+    def batches(data: ClipBatches) -> list[dict[str, torch.Tensor]]:
+        return [data.batch(torch.Generator().manual_seed(k), 2) for k in range(6)]
+
+    for face in (False, True):
+        ident = load_identity(ID, artifact_dir(ws, "ingest", ID), artifact_dir(ws, "render_mesh", ID),
+                              artifact_dir(ws, "ingest", ID), res=64, video_length=4, face=face, face_res=64)
+        kept = ClipBatches([ident], vae, enc, 4, 0.0, face=face)
+        encoded.clear()
+        first = batches(kept)
+        once = sum(encoded)
+        assert 0 < once <= (2 if face else 1) * len(ident)  # at most once per frame (and per masked frame)
+        assert first[0]["latents"].shape[:3] == (2, 4, 4)  # 2 samples of 4 frames: 48 frames read
+        again = batches(kept)
+        assert sum(encoded) == once  # read again: nothing through the VAE
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+        # the same numbers as encoders run for every batch (a cache that keeps one entry at a time)
+        fresh = batches(ClipBatches([ident], vae, enc, 4, 0.0, face=face, encoded_bytes=0))
+        assert sum(encoded) > once
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(first, fresh, strict=True) for k in a)
