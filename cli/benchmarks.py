@@ -170,12 +170,13 @@ def _render_inputs(root: Path, frames: int, profile: str = "tiny") -> dict[str, 
 
     ws = Workspace(root / "ws")
     ws.root.mkdir()
-    ws.params_path.write_text(default_params_yaml().replace("\nprofile: cpu", f"\nprofile: {profile}", 1))
+    ws.params_path.write_text(default_params_yaml())
+    _set_profile(ws.root, profile)
     body_file = runner.body_model_path(ws)
     paths = runner.base_paths(ws)
     ckpt = root / "finetune" / "body"
     SGDMPipeline(parts.new_sgdm(paths), parts.load_vae(paths), parts.load_image_encoder(paths),
-                 parts.load_scheduler(paths), RENDER_SIDE[profile]).save_pretrained(ckpt)
+                 parts.load_scheduler(paths), _sgdm_side(profile)).save_pretrained(ckpt)
     t = np.arange(frames, dtype=np.float32)
     blocks = {k: np.zeros((frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
     blocks["global_orient"][:, 0] = np.pi  # facing the camera
@@ -228,7 +229,13 @@ def _render_mode(frames: int, window: int, overlap: int, steps: int, device: str
             "peak_rss_mb": mem.peak_mb, "seconds": round(seconds, 1)}
 
 
-RENDER_SIDE = {"tiny": 64, "cpu": 128}  # the SGDM's own side per profile (cpu: 48 x 32 x 32 latents)
+def _sgdm_side(profile: str) -> int:
+    """The side the profile's body SGDM renders at, as finetune trains it (half the output with a refiner: cpu's
+    128 px, 48 x 32 x 32 latents)."""
+    from tasks.stages.finetune import FinetuneParams
+    from tasks.train_params import sgdm_side
+
+    return sgdm_side(FinetuneParams().for_profile(profile))
 
 
 def render_profile(frames: int, steps: int = 20, window: int = 16, overlap: int = 4, device: str = "cpu",
@@ -258,16 +265,22 @@ QUALITY_KEYS = ("pose_rate", "face_rate", "lmd_body_pct", "ssim_person", "nn_lmd
                 "hand_rate_ratio", "nn_hand_rate_ratio", "train_min", "render_fps", "resolution")
 
 
-def hold_out_last_30_percent(workspace: Path, profile: str | None = None) -> None:
-    """Every second of the video counts as "short", so exactly the last 30% is held out (the split of the quality
-    and speak benches)."""
+def _set_profile(workspace: Path, profile: str | None, **sections: dict[str, Any]) -> None:
+    """A bench workspace's params.yaml with another profile and sections updated key by key."""
     import yaml
 
     params = yaml.safe_load((workspace / "params.yaml").read_text()) or {}
     if profile is not None:
         params["profile"] = profile
-    params["ingest"] = {**params.get("ingest", {}), "train_seconds": 1e9, "short_test_fraction": 0.3}
+    for name, values in sections.items():
+        params[name] = {**params.get(name, {}), **values}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def hold_out_last_30_percent(workspace: Path, profile: str | None = None) -> None:
+    """Every second of the video counts as "short", so exactly the last 30% is held out (the split of the quality
+    and speak benches)."""
+    _set_profile(workspace, profile, ingest={"train_seconds": 1e9, "short_test_fraction": 0.3})
 
 
 def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None) -> dict[str, Any]:

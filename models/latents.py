@@ -28,6 +28,7 @@ class LatentStore:
         self.device, self.dtype, self.spill_dir = torch.device(device), dtype, spill_dir
         self.frame_elems = channels * height * width
         self.nbytes = frames * self.frame_elems * 4  # float32 whatever the compute dtype: steps accumulate in it
+        self.copies = copies
         self.on_disk = self.nbytes * copies > max_bytes
         self._file: int | None = None
         self._path: Path | None = None
@@ -43,6 +44,11 @@ class LatentStore:
         """Another video of the same shape, kept where this one is (memory or disk): for a sampler's history."""
         return LatentStore(self.channels, self.frames, self.height, self.width, device=self.device, dtype=self.dtype,
                            max_bytes=0 if self.on_disk else self.nbytes, spill_dir=self.spill_dir)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What this video and the copies it was made for hold in memory (nothing when they are on disk)."""
+        return 0 if self.on_disk else self.nbytes * self.copies
 
     # ----------------------------------------------------------------------------------------------- frames
     def read(self, frames: slice, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -180,8 +180,7 @@ class SGDMPipeline:
                     extras.write(w, pipeline.inpaint_inputs(self.vae, mask, image * (1 - mask) + 0.5 * mask))
 
             # 4. Algorithm 1: guided noise per window, averaged per frame, one scheduler step for the sequence
-            held = latents.nbytes * (1 + overlap.history_videos(scheduler)) if not latents.on_disk else 0
-            cond_frames = _Conditions(conditions, res, device, max(0, max_latent_bytes - held))
+            cond_frames = _Conditions(conditions, res, device, max(0, max_latent_bytes - latents.memory_bytes))
 
             def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
                 cond = cond_frames.window(w, self.dtype)
@@ -274,10 +273,8 @@ class _Conditions:
     def window(self, w: slice, dtype: torch.dtype) -> torch.Tensor:
         """Frames w as (1, 3, F, H, W) in [0, 1] on the device: converted there, the same numbers as `_video`."""
         if self.frames is None:
-            images = torch.from_numpy(np.stack([_sized(self.source[i], self.side) for i in range(w.start, w.stop)]))
-        else:
-            images = self.frames[w]
-        images = images.to(self.device, non_blocking=True)
+            return _video([_sized(self.source[i], self.side) for i in range(w.start, w.stop)]).to(self.device, dtype)
+        images = self.frames[w].to(self.device, non_blocking=True)
         return (images.permute(3, 0, 1, 2)[None].float() / 255).to(dtype)
 
 

@@ -78,6 +78,12 @@ class TrainParams(Section):
         return {n: getattr(self, n)[profile] for n in self.per_profile()}
 
 
+def sgdm_side(prof: dict[str, Any]) -> int:
+    """The side a profile's body SGDM learns and renders at (`for_profile`'s values): the output's, or half of it
+    when a refiner makes the rest."""
+    return int(prof["resolution"]) // (2 if prof.get("refiner_steps") else 1)
+
+
 def describe(s: dict[str, Any]) -> str:
     """A training stage's summary: per model, steps and loss."""
     def one(which: str, m: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from models.refiner import Refiner, degrade
 from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
-from tasks.train_params import TRAIN_LOG
+from tasks.train_params import TRAIN_LOG, sgdm_side
 from tasks.training_data import ClipBatches, Identity, load_identity
 
 STATE = "train_state"
@@ -217,7 +217,7 @@ class _Prefetched:
         from concurrent.futures import ThreadPoolExecutor
 
         self.data, self.cfg, self.pin = data, cfg, device.type == "cuda"
-        self.keys = iter([(s, m) for s in range(start, cfg.steps) for m in range(cfg.grad_accum)])
+        self.keys = ((s, m) for s in range(start, cfg.steps) for m in range(cfg.grad_accum))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self.ahead = self._submit()
 
@@ -265,7 +265,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
     summary: dict[str, Any] = {"profile": settings.profile}
     refiner_steps = int(prof.get("refiner_steps", 0))  # finetune's knob: the refiner learns the identity
     # with a refiner (the cpu cascade) the SGDM learns the frames at half the output side
-    body_res = int(prof["resolution"]) // (2 if refiner_steps else 1)
+    body_res = sgdm_side(prof)
     for which, face in (("body", False), ("face", True)):
         ids = [load_identity(name, ingest, render, frames, res=body_res,
                              video_length=section.video_length, face=face, face_res=int(prof["face_resolution"]))
@@ -305,8 +305,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "video_length": section.video_length,
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
-        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"], "precision": result["precision"],
-                          "saves": result["saves"], "save_s": result["save_s"], "state_mb": result["state_mb"],
+        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
+                          **{k: result[k] for k in ("precision", "saves", "save_s", "state_mb")},
                           "identities": sum(i is not None for i in ids),
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}
         if refined is not None:
