@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.abc
 import os
 import site
 import sys
@@ -211,14 +212,57 @@ def _audited(fn: Callable[..., Any], position: int, keyword: str, write: bool | 
 
 
 def _wrap_native() -> None:
+    """Wrap the modules already loaded now and the others when they are first imported: installing the check
+    imports nothing itself (a spawned worker that never uses torch does not load it for safetensors' sake)."""
+    for name in {entry[0] for entry in _NATIVE}:
+        if name in sys.modules:
+            _wrap_module(name, sys.modules[name])
+    if not any(isinstance(finder, _WrapOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _WrapOnImport())
+
+
+def _wrap_module(name: str, module: Any) -> None:
     for module_name, attr, position, keyword, write in _NATIVE:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        fn = getattr(module, attr, None)
+        fn = getattr(module, attr, None) if module_name == name else None
         if fn is not None and not getattr(fn, "__wrapped_for_contract__", False):
             setattr(module, attr, _audited(fn, position, keyword, write))
+
+
+class _WrapOnImport(importlib.abc.MetaPathFinder):
+    """Finds a native module's spec with the other finders and wraps its loader, so the module's file functions
+    are wrapped as soon as it has run (before anyone can call them)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in {entry[0] for entry in _NATIVE}:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _WrappingLoader(spec.loader, fullname)
+                return spec
+        return None
+
+
+class _WrappingLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader, self._name = loader, name
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = self._loader  # the module keeps its own loader (resources, reloads)
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _wrap_module(self._name, module)
+        if sys.modules.get(self._name) is not module:  # a package that replaced itself while it ran (cv2)
+            _wrap_module(self._name, sys.modules.get(self._name))
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._loader, attr)
 
 
 def _follow_threads() -> None:

@@ -135,6 +135,33 @@ def _read(path: str, report) -> str:
     return Path(path).read_text()
 
 
+def test_a_native_reader_first_imported_in_a_worker_is_judged_and_the_check_loads_no_torch(ws: Path) -> None:
+    """The native readers are wrapped when first imported, not loaded up front by the check (a spawned worker of a
+    stage that never uses torch used to import it, ~3 s, for safetensors' sake)."""
+    import cv2
+    import numpy as np
+
+    from core.progress import NullProgress
+    from tasks.workers import run_parallel
+
+    cv2.imwrite(str(ws / "in" / "a.png"), np.zeros((3, 5, 3), np.uint8))
+    cv2.imwrite(str(ws / "other" / "b.png"), np.zeros((3, 5, 3), np.uint8))
+    tests = Path(__file__).parents[1]
+    with contract.watch("s", ws, [ws / "in", tests], [ws / "out"]):
+        assert run_parallel(_read_image, [str(ws / "in" / "a.png")], 1, NullProgress()) == [((3, 5, 3), False)]
+        with pytest.raises(contract.ContractViolation, match="other/b.png"):
+            run_parallel(_read_image, [str(ws / "other" / "b.png")], 1, NullProgress())
+
+
+def _read_image(path: str, report) -> tuple[tuple[int, ...], bool]:
+    import sys
+
+    assert "cv2" not in sys.modules  # imported here, after the worker's check was installed
+    import cv2
+
+    return cv2.imread(path).shape, "torch" in sys.modules
+
+
 def test_stages_side_by_side_each_with_its_own_pools_are_each_judged_by_their_own(ws: Path) -> None:
     """Two stages in two threads, each writing through pools it starts again and again (threads come and go, their
     idents reused): each write is judged by the stage that started the thread, never the other."""
