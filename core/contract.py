@@ -9,7 +9,8 @@ site-packages, the system, user caches) and the project's code are aside. Anythi
 outside it, is a hidden input or a stray write: the stage fails with a `ContractViolation` naming the file.
 
 Native code opens files without Python's audit events (OpenCV, pyarrow, PyAV, safetensors): while the check is on,
-their file functions are wrapped to raise the same `open` event first, so their reads and writes are judged too.
+their file functions are wrapped to raise the same `open` event first (when their module is first imported), so
+their reads and writes are judged too.
 What other native code opens by itself (MediaPipe's graphs, torch's kernels) is not seen.
 
 Off unless `ANCHOR_CHECK_CONTRACT=1`; the test suite sets it, so every stage a test runs is checked.

@@ -67,6 +67,7 @@ def test_bad_identity_names(ws: Path, name: str) -> None:
     assert_refused(ws, proc, "invalid identity name")
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 def test_malformed_params(tmp_path: Path) -> None:
     root = make_workspace(tmp_path / "ws")
     video = str(shared_video("halfbody_portrait.mp4"))
@@ -78,6 +79,7 @@ def test_malformed_params(tmp_path: Path) -> None:
     assert_refused(root, anchor(root, "onboard", "demo", "--video", video), "unknown key ingest.resolutoin")
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 def test_video_without_a_person(ws: Path, tmp_path: Path) -> None:
     video = tmp_path / "empty_room.mp4"
     rng = np.random.default_rng(0)

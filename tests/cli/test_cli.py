@@ -13,6 +13,7 @@ from cli.main import app
 from tests.conftest import ROOT, cut_clip, make_workspace, shared_video
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 def test_dvc_check_passes_on_the_repository_and_fails_on_drift(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "cli.main", "-w", str(ROOT), "dvc", "check"], cwd=ROOT,
                         capture_output=True, text=True)

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ORCHESTRATION = ("prefect", "dvc", "mediapipe", "typer", "rich", "core", "tasks", "flows", "cli")
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 def test_imports_nothing_of_the_orchestration_stack() -> None:
     code = ("import sys, json, models.bench; "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")

@@ -63,6 +63,7 @@ def _reference_render(pipe: SGDMPipeline, conditions: list[np.ndarray], referenc
     return (torch.cat(frames, dim=1).permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 def test_a_checkpoint_folder_alone_renders_the_frames_of_the_plain_algorithm(checkpoints: dict[str, Path]) -> None:
     pipe = SGDMPipeline.from_pretrained(checkpoints["body"])
     assert pipe.resolution == RES and not pipe.inpaint

@@ -86,6 +86,7 @@ def _fake_rvm(path: Path, gain: float) -> None:
     torch.jit.script(FakeRVM()).save(str(path))
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 def test_rvm_backend_loads_local_torchscript_weights(tmp_path: Path, short_video: Path) -> None:
     weights = tmp_path / "rvm.torchscript"
     _fake_rvm(weights, 1.0)

@@ -73,6 +73,7 @@ def _killed_at(at: int):  # noqa: ANN202
     return progress
 
 
+@pytest.mark.slow  # 8-20 s on a busy machine: `make test`, not the edit loop
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_killed_run_resumes_to_the_same_weights(paths: parts.BasePaths, tmp_path: Path, ema: float) -> None:
     cfg = training.TrainConfig(steps=6, lr=1e-3, warmup=2, grad_accum=2, save_every=2, ref_drop=0.5, seed=3, ema=ema)
