@@ -43,12 +43,8 @@ os.environ.pop("ANCHOR_WORKSPACE", None)
 os.environ["ANCHOR_CACHE_HOME"] = _scratch("anchor-test-cache-")  # Prefect's records, per user
 os.environ["ANCHOR_CHECK_CONTRACT"] = "1"  # every stage a test runs reads and writes only what it declares
 
-# 300 fit iterations, not 400: the fit of the 128 px test clip is within 2% either way (body 1.7% against 1.6%), in
-# three quarters of the time, and a dozen onboardings a suite run pay it (at 200, 2.0%: the silence and framing checks
-# downstream, tuned on the full fit, no longer hold)
 TEST_PARAMS = {"profile": "tiny", "ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1},
-               "keypoints": {"workers": 1},
-               "smplx_fit": {"iterations": 300}}
+               "keypoints": {"workers": 1}}
 
 
 def shared_video(name: str) -> Path:
