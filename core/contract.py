@@ -66,6 +66,7 @@ _NATIVE: tuple[tuple[str, str, int, str, bool | None], ...] = (
     ("safetensors.torch", "save_file", 1, "filename", True),
     ("safetensors", "safe_open", 0, "filename", False),
 )
+_NATIVE_MODULES = frozenset(entry[0] for entry in _NATIVE)
 
 
 class ContractViolation(StageError):
@@ -215,7 +216,7 @@ def _audited(fn: Callable[..., Any], position: int, keyword: str, write: bool | 
 def _wrap_native() -> None:
     """Wrap the modules already loaded now and the others when they are first imported: installing the check
     imports nothing itself (a spawned worker that never uses torch does not load it for safetensors' sake)."""
-    for name in {entry[0] for entry in _NATIVE}:
+    for name in _NATIVE_MODULES:
         if name in sys.modules:
             _wrap_module(name, sys.modules[name])
     if not any(isinstance(finder, _WrapOnImport) for finder in sys.meta_path):
@@ -234,7 +235,7 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
     are wrapped as soon as it has run (before anyone can call them)."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname not in {entry[0] for entry in _NATIVE}:
+        if fullname not in _NATIVE_MODULES:  # asked of every import while the check is on
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None) if finder is not self else None
