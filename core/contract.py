@@ -5,8 +5,9 @@ copies) of the thread that runs a stage, of the threads it starts while it runs,
 spawns through `tasks.workers`. A stage may read its declared inputs (upstream artifacts, external files, weights,
 the body model, base weights) and write only its output directory, its scratch space and temporary space — and
 read back from temporary space only what it made there itself. The libraries' own files (the interpreter,
-site-packages, the system, user caches) and the project's code are aside. Anything else, inside the workspace or
-outside it, is a hidden input or a stray write: the stage fails with a `ContractViolation` naming the file.
+site-packages, the system, user caches and fonts) and the project's code are aside. Anything else, inside the
+workspace or outside it, is a hidden input or a stray write: the stage fails with a `ContractViolation` naming the
+file.
 
 Native code opens files without Python's audit events (OpenCV, pyarrow, PyAV, safetensors): while the check is on,
 their file functions are wrapped to raise the same `open` event first (when their module is first imported), so
@@ -86,13 +87,14 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 
 def _library_roots() -> tuple[str, ...]:
-    """Where libraries keep their own files: the interpreter and its packages, the system, user caches."""
+    """Where libraries keep their own files: the interpreter and its packages, the system, user caches and fonts
+    (matplotlib, which MediaPipe imports, lists every font directory the first time it runs on a machine)."""
     home = Path.home()
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(),
              site.getusersitepackages(), "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/proc",
              "/sys", "/dev", "/run", "/var/cache", "/var/lib", str(home / ".cache"), str(home / ".config"),
-             str(home / ".local"), *(os.environ.get(v, "") for v in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME",
-                                                                     "MPLCONFIGDIR", "NUMBA_CACHE_DIR"))}
+             str(home / ".local"), str(home / ".fonts"), str(home / ".fontconfig"),
+             *(os.environ.get(v, "") for v in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR"))}
     # the project's code (imports made while a stage runs) and its installed metadata
     roots |= {str(CODE_ROOT / p) for p in _PROJECT_PACKAGES} | {str(p) for p in CODE_ROOT.glob("*.egg-info")}
     return tuple(sorted({_real(r) for r in roots if r}))

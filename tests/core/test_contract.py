@@ -179,3 +179,31 @@ def test_stages_side_by_side_each_with_its_own_pools_are_each_judged_by_their_ow
 
     with ThreadPoolExecutor(2) as stages:
         assert list(stages.map(stage, ("a", "b"))) == [80, 80]
+
+
+def test_a_library_building_its_font_cache_on_a_new_machine_is_not_the_stages_doing(ws: Path, tmp_path: Path) -> None:
+    """MediaPipe imports matplotlib, which lists every font directory (`~/.fonts` among them) the first time it
+    runs for a user: on a machine where that never happened, every stage that imported it failed the check."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    (home / ".fonts").mkdir(parents=True)
+    (home / "notes.txt").write_text("the user's, not a library's")
+    script = ("import pathlib, sys; from core import contract\n"
+              "ws = pathlib.Path(sys.argv[1])\n"
+              "with contract.watch('s', ws, [ws / 'in'], [ws / 'out']):\n"
+              "    import matplotlib.font_manager\n"
+              "try:\n"
+              "    with contract.watch('s', ws, [ws / 'in'], [ws / 'out']):\n"
+              "        (pathlib.Path.home() / 'notes.txt').read_text()\n"
+              "except contract.ContractViolation as e:\n"
+              "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    done = subprocess.run([sys.executable, "-c", script, str(ws)], env={**env, "HOME": str(home)},
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (home / ".cache" / "matplotlib").is_dir()  # the cache was built under the check, as on a new machine
+    notes = (home / "notes.txt").resolve()
+    assert done.stdout.strip() == f"s read {notes} (outside the workspace), which it does not declare"
