@@ -136,30 +136,43 @@ def _read(path: str, report) -> str:
 
 
 def test_a_native_reader_first_imported_in_a_worker_is_judged_and_the_check_loads_no_torch(ws: Path) -> None:
-    """The native readers are wrapped when first imported, not loaded up front by the check (a spawned worker of a
-    stage that never uses torch used to import it, ~3 s, for safetensors' sake)."""
+    """The native readers are wrapped when first imported, not loaded up front by the check (a worker of a stage
+    that never uses torch used to import it, ~3 s, for safetensors' sake); those the fork server preloaded (cv2)
+    are wrapped when the worker's check is installed."""
     import cv2
     import numpy as np
+    from safetensors.numpy import save_file
 
     from core.progress import NullProgress
     from tasks.workers import run_parallel
 
-    cv2.imwrite(str(ws / "in" / "a.png"), np.zeros((3, 5, 3), np.uint8))
-    cv2.imwrite(str(ws / "other" / "b.png"), np.zeros((3, 5, 3), np.uint8))
+    for d in ("in", "other"):
+        save_file({"a": np.zeros((3, 5), np.float32)}, str(ws / d / "t.safetensors"))
+        cv2.imwrite(str(ws / d / "a.png"), np.zeros((3, 5, 3), np.uint8))
     tests = Path(__file__).parents[1]
     with contract.watch("s", ws, [ws / "in", tests], [ws / "out"]):
-        assert run_parallel(_read_image, [str(ws / "in" / "a.png")], 1, NullProgress()) == [((3, 5, 3), False)]
-        with pytest.raises(contract.ContractViolation, match="other/b.png"):
-            run_parallel(_read_image, [str(ws / "other" / "b.png")], 1, NullProgress())
+        assert run_parallel(_read_tensor, [str(ws / "in")], 1, NullProgress()) == [((3, 5), (3, 5, 3), False)]
+        for name in ("t.safetensors", "a.png"):
+            with pytest.raises(contract.ContractViolation, match=f"other/{name}"):
+                run_parallel(_read_tensor, [str(ws / "other" / name)], 1, NullProgress())
 
 
-def _read_image(path: str, report) -> tuple[tuple[int, ...], bool]:
+def _read_tensor(path: str, report) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """Both files of a folder; a file alone: only that one (the test of a refused read)."""
     import sys
 
-    assert "cv2" not in sys.modules  # imported here, after the worker's check was installed
+    assert "safetensors" not in sys.modules  # imported here, after the worker's check was installed
     import cv2
+    from safetensors import safe_open
 
-    return cv2.imread(path).shape, "torch" in sys.modules
+    if path.endswith(".png"):
+        return (), cv2.imread(path).shape, False
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="np") as f:
+            return f.get_tensor("a").shape, (), False
+    with safe_open(f"{path}/t.safetensors", framework="np") as f:
+        shape = f.get_tensor("a").shape
+    return shape, cv2.imread(f"{path}/a.png").shape, "torch" in sys.modules
 
 
 def test_stages_side_by_side_each_with_its_own_pools_are_each_judged_by_their_own(ws: Path) -> None:

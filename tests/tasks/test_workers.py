@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,36 @@ def test_a_failing_job_stops_the_others_at_once() -> None:
     with pytest.raises(ValueError, match="job 0 failed"):
         run_parallel(_slow_or_failing, [0, 1, 2], 2, NullProgress())
     assert time.monotonic() - started < 30  # the sleeping worker was terminated, not waited for
+
+
+def _started_with(name: str, report: Reporter) -> tuple[bool, str | None]:
+    import sys
+
+    return "mediapipe" in sys.modules, os.environ.get(name)
+
+
+def test_workers_start_with_mediapipe_loaded_and_the_callers_environment_of_now(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked from the fork server, which imported MediaPipe once: no worker pays the seconds of importing it
+    again. The server's environment is the one it started with; a worker runs with the caller's as it is."""
+    import sys
+
+    assert run_parallel(_started_with, ["ANCHOR_TEST_SEEN"], 1, NullProgress()) == [(True, None)]
+    monkeypatch.setenv("ANCHOR_TEST_SEEN", "later")
+    assert run_parallel(_started_with, ["ANCHOR_TEST_SEEN"], 1, NullProgress()) == [(True, "later")]
+    assert "mediapipe" not in sys.modules  # not in the caller: MediaPipe's native logging stays off its stderr
+
+
+def test_the_fork_server_has_one_thread_after_its_preload() -> None:
+    """A fork copies only the thread that forks: a preloaded module that started a thread (a pool, an allocator's
+    background thread) would leave its locks held in every worker."""
+    import subprocess
+    import sys
+
+    from tasks.workers import PRELOAD
+
+    script = f"import os\nfor m in {list(PRELOAD)!r}: __import__(m)\nprint(len(os.listdir('/proc/self/task')))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2], env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                              "OPENBLAS_NUM_THREADS": "1"})
+    assert done.stdout.strip() == "1", done.stderr
