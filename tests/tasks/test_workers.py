@@ -43,21 +43,24 @@ def test_a_failing_job_stops_the_others_at_once() -> None:
     assert time.monotonic() - started < 30  # the sleeping worker was terminated, not waited for
 
 
-def _started_with(name: str, report: Reporter) -> tuple[bool, str | None]:
+def _started_with(name: str, report: Reporter) -> tuple[bool, str | None, str]:
     import sys
 
-    return "mediapipe" in sys.modules, os.environ.get(name)
+    return "mediapipe" in sys.modules, os.environ.get(name), os.getcwd()
 
 
 def test_workers_start_with_mediapipe_loaded_and_the_callers_environment_of_now(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Forked from the fork server, which imported MediaPipe once: no worker pays the seconds of importing it
-    again. The server's environment is the one it started with; a worker runs with the caller's as it is."""
+    again. The server's environment and directory are those it started with; a worker runs with the caller's as
+    they are."""
     import sys
 
-    assert run_parallel(_started_with, ["ANCHOR_TEST_SEEN"], 1, NullProgress()) == [(True, None)]
+    before = os.getcwd()
+    assert run_parallel(_started_with, ["ANCHOR_TEST_SEEN"], 1, NullProgress()) == [(True, None, before)]
     monkeypatch.setenv("ANCHOR_TEST_SEEN", "later")
-    assert run_parallel(_started_with, ["ANCHOR_TEST_SEEN"], 1, NullProgress()) == [(True, "later")]
+    monkeypatch.chdir(tmp_path)
+    assert run_parallel(_started_with, ["ANCHOR_TEST_SEEN"], 1, NullProgress()) == [(True, "later", str(tmp_path))]
     assert "mediapipe" not in sys.modules  # not in the caller: MediaPipe's native logging stays off its stderr
 
 
