@@ -8,7 +8,7 @@ Workers are forked from multiprocessing's fork server, a single-threaded process
 imported what the workers need (`PRELOAD`) once: a worker starts in milliseconds where a fresh interpreter spent
 ~3 s importing MediaPipe and OpenCV, at every stage, round and render. Nothing of the calling process (its threads,
 torch, a model) is forked; a worker gets the caller's environment and working directory as they are when the work
-starts.
+starts (the directory multiprocessing sets itself, the environment `_init_worker`).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def run_parallel(fn: Callable[[J, Reporter], R], jobs: Sequence[J], workers: int
             round_ = jobs[first:first + size]
             with ProcessPoolExecutor(max_workers=min(workers, len(round_)), mp_context=ctx, initializer=_init_worker,
                                      initargs=(os.environ.get(NATIVE_LOG_ENV), contract.worker_state(),
-                                               dict(os.environ), os.getcwd(), q)) as pool:
+                                               dict(os.environ), q)) as pool:
                 results += _run_round(pool, fn, round_, report, q, progress)
     finally:
         q.close()
@@ -107,14 +107,11 @@ def _abandon(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
-def _init_worker(log_path: str | None, watched: dict[str, Any] | None, environ: dict[str, str], cwd: str,
-                 q: Any) -> None:
-    """The caller's environment and working directory as they are now (the fork server's are as they were when it
-    started), native logs to the log file, the queue progress goes to, then the parent stage's contract on what
-    the worker opens."""
+def _init_worker(log_path: str | None, watched: dict[str, Any] | None, environ: dict[str, str], q: Any) -> None:
+    """The caller's environment as it is now (the fork server's is as it was when it started), native logs to the
+    log file, the queue progress goes to, then the parent stage's contract on what the worker opens."""
     os.environ.clear()
     os.environ.update(environ)
-    os.chdir(cwd)
     _REPORTS[:] = [q]
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
