@@ -25,10 +25,13 @@ setup: check-system $(STAMP)
 # requirement resolves to a CUDA build of several GB); then uv installs the rest at the pinned versions (about 25 s
 # where pip took over 3 minutes: it resolves and unpacks in parallel). Nothing is byte-compiled up front: a module is
 # compiled on its first import, once, and most of torch's never are.
+# Then librosa's numba kernels are compiled once, here, into numba's cache: processes compiling one at the same
+# moment (two test workers, Dask workers) can leave a mismatched cache that crashes every later process.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt "torch==2.13.0" uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[dev]"
+	$(BIN)/python -c "from models.speech import compile_audio_kernels as c; c()"
 	@touch $(STAMP)
 
 # System libraries pip cannot install: the condition renderer (models/render.py) needs headless OpenGL through EGL,

@@ -147,6 +147,23 @@ def onset_times(y: np.ndarray) -> np.ndarray:
     return librosa.onset.onset_detect(y=np.asarray(y, np.float32), sr=SAMPLE_RATE, hop_length=HOP, units="time")
 
 
+def compile_audio_kernels() -> list[str]:
+    """Compile librosa's numba kernels that `features` and `onset_times` use, in this one process, into numba's
+    on-disk cache; returns the cache index files there. Run once after installing (`make setup` does): processes
+    that compile the same gufunc at once (pytest workers, Dask workers, two commands) can write a mismatched pair of
+    cache files, and every later process that loads the pair crashes with a segfault (numba issue 10128)."""
+    import librosa
+    import numba
+
+    rng = np.random.default_rng(0)
+    t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+    y = (0.3 * np.sin(2 * np.pi * 180 * t) * (t % 0.25 < 0.12) + 0.01 * rng.standard_normal(t.size))
+    features(y.astype(np.float32))
+    onset_times(y.astype(np.float32))
+    root = Path(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else Path(librosa.__file__).parent
+    return sorted(str(p) for p in root.rglob("*.nbi"))
+
+
 # ----------------------------------------------------------------------------------------------------- mouth
 def mouth_inputs(f: Features, context: int) -> np.ndarray:
     """Each frame's log-mel with `context` frames either side, and its loudness: the regressor's input."""

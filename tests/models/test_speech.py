@@ -276,3 +276,30 @@ def test_the_model_and_its_motion_are_the_same_bits_whatever_the_blas_threads(sp
     assert all(np.array_equal(m1[k], m2[k]) for k in m1) and np.array_equal(f1, f2)
     assert all(np.array_equal(b1[k], b2[k]) for k in b1)
 
+
+
+@pytest.mark.slow
+def test_the_audio_kernels_compiled_at_set_up_are_all_a_real_recording_needs(tmp_path: Path) -> None:
+    """After `compile_audio_kernels` (run once by `make setup`), the features and onsets of a real recording
+    compile nothing more: no process after set-up writes numba's cache, so none can race another writing it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    root = Path(__file__).parents[2]
+    warm = subprocess.run([sys.executable, "-c", "from models.speech import compile_audio_kernels as c\n"
+                           "print('\\n'.join(c()))"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 0, warm.stderr
+    index = warm.stdout.split()
+    for kernel in ("guf-utils.__peak_pick", "guf-utils._localmax", "guf-pitch._pi_wrapper"):
+        assert any(Path(p).name.startswith(kernel) for p in index), (kernel, index)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "numba").rglob("*")}
+    wav = tmp_path / "voice.wav"
+    aud.write_wav(wav, aud.decode(shared_video("anchor_seated_hevc.mp4"))[: 3 * sp.SAMPLE_RATE])
+    real = ("import sys\nfrom models import speech as sp\nfrom tasks import audio as aud\n"
+            "y = aud.decode(sys.argv[1])\nsp.features(y)\nprint(len(sp.onset_times(y)))")
+    used = subprocess.run([sys.executable, "-c", real, str(wav)], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert used.returncode == 0 and int(used.stdout) > 0, used.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "numba").rglob("*")} == before
