@@ -277,7 +277,6 @@ def test_the_model_and_its_motion_are_the_same_bits_whatever_the_blas_threads(sp
     assert all(np.array_equal(b1[k], b2[k]) for k in b1)
 
 
-
 @pytest.mark.slow
 def test_the_audio_kernels_compiled_at_set_up_are_all_a_real_recording_needs(tmp_path: Path) -> None:
     """After `compile_audio_kernels` (run once by `make setup`), the features and onsets of a real recording
