@@ -93,64 +93,89 @@ def smplx(video: Path) -> dict[str, Any]:
     }
 
 
-class _RandomClips:
-    """In-memory clips at the profile's latent size: times the training loop itself, not data loading."""
+def _identity_on_disk(root: Path, frames: int, side: int, video_length: int) -> Any:
+    """A synthetic identity as the training data reads one: `frames` frames and mesh conditions as image files."""
+    import cv2
 
-    def __init__(self, latent: int, image: int, frames: int, token_dim: int, inpaint: bool) -> None:
-        import torch
+    from models.bench import _MovingShapes
+    from tasks.frames import frame_name
+    from tasks.training_data import Identity
 
-        g = torch.Generator().manual_seed(0)
-        self.latents = torch.randn(4, 4, frames, latent, latent, generator=g)
-        self.cond = torch.rand(4, 3, frames, image, image, generator=g)
-        self.tokens = torch.randn(4, 17, token_dim, generator=g)
-        self.inpaint = inpaint
-
-    def batch(self, gen, size: int) -> dict:
-        import torch
-
-        idx = torch.randint(0, 4, (size,), generator=gen)
-        out = {"latents": self.latents[idx], "cond": self.cond[idx], "tokens": self.tokens[idx]}
-        if self.inpaint:
-            out["mask"] = torch.ones_like(out["latents"][:, :1])
-            out["masked"] = torch.zeros_like(out["latents"])
-        return out
+    images = _MovingShapes(frames, side, cycle=frames)
+    ident = Identity("bench", [], [], [], [(0, frames)], side, starts=list(range(frames - video_length + 1)))
+    for kind, paths in (("frames", ident.frame_paths), ("cond", ident.cond_paths)):
+        (root / kind).mkdir(parents=True)
+        for i in range(frames):
+            path = root / kind / frame_name(i, "jpg" if kind == "frames" else "png")
+            image = images[i] if kind == "cond" else 255 - images[(i + 7) % frames]
+            cv2.imwrite(str(path), image[:, :, ::-1])
+            paths.append(path)
+    return ident
 
 
-def train_tiny(steps: int = 20, device: str = "cpu") -> dict[str, Any]:
-    """Steps/s of the real training loop on the tiny profile: pretrain (from the base weights) and finetune (from
-    a saved checkpoint, loaded with from_pretrained), body model, at the profile's resolution and clip length, on
-    `device`."""
-    from models import parts
+def train_loop(profile: str = "tiny", steps: int = 20, device: str = "cpu", resolution: int | None = None,
+               frames: int = 48) -> dict[str, Any]:
+    """The real training loop, data side included, on a synthetic identity of `frames` frames on disk: the frozen
+    encoders run over its frames into the store (timed apart; then a second run finds them stored), then pretrain
+    (from fresh weights) and finetune (from the saved pretrained model) train the body model for `steps` steps,
+    batches decoded from the files, stacked and prefetched as training makes them. tiny: the profile's models and
+    sizes; sd15-shapes: the full-size body SGDM, VAE and CLIP encoder with random weights, batch 1 x 4 frames. The
+    first step (allocation, kernel choice) is not in `*_step_s`."""
+    import torch
+
+    from models import parts, shapes
     from models.sgdm import SGDM
     from tasks import training
     from tasks.base_weights import quiet
     from tasks.stages.finetune import FinetuneParams
     from tasks.stages.pretrain import PretrainParams
+    from tasks.training_data import ClipBatches
 
     quiet()
-    out: dict[str, Any] = {"profile": "tiny", "device": device}
+    dev = torch.device(device)
+    out: dict[str, Any] = {"profile": profile, "device": device, "frames_on_disk": frames, "steps": steps}
     with tempfile.TemporaryDirectory(prefix="anchor-bench-") as tmp, PeakRSS() as mem:
         root = Path(tmp)
-        paths = parts.write_tiny(root / "base")
-        factor = parts.vae_factor_from_config(paths.sd15 / "vae")
-        sched = parts.load_scheduler(paths)
-        for stage, section in (("pretrain", PretrainParams()), ("finetune", FinetuneParams())):
-            prof = section.for_profile("tiny")
-            res = int(prof["resolution"])
-            model = parts.new_sgdm(paths) if stage == "pretrain" else SGDM.from_pretrained(root / "pretrain")
-            model.to(device)
-            data = _RandomClips(res // factor, res, section.video_length, model.token_dim, inpaint=False)
-            cfg = training.TrainConfig(steps=steps, lr=float(prof["lr"]), batch_size=section.batch_size,
-                                       save_every=10 * steps)
+        if profile == "tiny":
+            paths = parts.write_tiny(root / "base")
+            vae, encoder, sched = parts.load_vae(paths), parts.load_image_encoder(paths), parts.load_scheduler(paths)
+            fresh = lambda: parts.new_sgdm(paths)  # noqa: E731
+            side, precision, lr_of = resolution or int(PretrainParams().for_profile("tiny")["resolution"]), "no", "tiny"
+        else:
+            vae, encoder, sched = shapes.sd15_vae(), shapes.clip_vit_l14(), shapes.sd15_scheduler()
+            fresh = lambda: shapes.sd15_shapes_models(gradient_checkpointing=True)  # noqa: E731
+            side, precision, lr_of = resolution or 512, "auto", "sd15"
+        vae.eval().to(dev)
+        encoder.eval().to(dev)
+        section = PretrainParams()
+        ident = _identity_on_disk(root / "identity", frames, side, section.video_length)
+        for run in ("", "_again"):  # the second finds everything stored
+            data = ClipBatches([ident], vae, encoder, section.video_length, 0.0, root / "encoded")
             t0 = time.perf_counter()
-            training.train(model, data, sched, cfg, root / f"state-{stage}")
+            made = data.encode()
+            out[f"encode{run}_s"] = round(time.perf_counter() - t0, 3)
+            out[f"encoded{run}"] = made
+        out["encode_ms_per_frame"] = round(1000 * out["encode_s"] / frames, 1)
+        for stage, section in (("pretrain", PretrainParams()), ("finetune", FinetuneParams())):
+            model = fresh() if stage == "pretrain" else SGDM.from_pretrained(root / "pretrain")
+            model.to(dev)
+            cfg = training.TrainConfig(steps=steps, lr=float(section.for_profile(lr_of)["lr"]),
+                                       batch_size=section.batch_size, save_every=10 * steps,
+                                       mixed_precision=precision, gradient_checkpointing=profile != "tiny")
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            result = training.train(model, data, sched, cfg, root / f"state-{stage}",
+                                    lambda _done, stamps=stamps: stamps.append(time.perf_counter()))
             seconds = time.perf_counter() - t0
             if stage == "pretrain":
                 model.save_pretrained(root / "pretrain")
             out[f"{stage}_steps_per_s"] = round(steps / seconds, 2)
-            out[f"{stage}_samples_per_s"] = round(steps * section.batch_size / seconds, 2)
-            out["resolution"] = res
-            out["video_length"] = section.video_length
+            out[f"{stage}_step_s"] = round((t0 + seconds - stamps[0]) / (steps - 1), 4) if steps > 1 else None
+            out[f"{stage}_data_wait_ms_per_step"] = round(1000 * result["data_wait_s"] / steps, 2)
+            del model
+        out["resolution"] = side
+        out["video_length"] = section.video_length
+        out["precision"] = result["precision"]
     out["peak_rss_mb"] = mem.peak_mb
     return out
 

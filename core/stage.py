@@ -49,6 +49,8 @@ class Stage:
     body_model: bool = False  # reads the SMPL-X body model file (params section body_model), hashed as an input
     base_weights: bool = False  # starts from the profile's base weights (hashed as an input)
     resumable: bool = False  # keeps partial work (training state) under the cache key across a kill
+    # reads and fills the workspace's store of frozen encoders' outputs (tasks.encoded; keyed by content, not by run)
+    encodings: bool = False
     # runs models: gets a `compute` (its device, held for the run, and its memory bound); "part": models in part
     # of its run only, whose device is claimed for that part (`compute.held()`)
     device: bool | Literal["part"] = False

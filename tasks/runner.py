@@ -255,6 +255,9 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
         # partial work (e.g. training state) survives a kill under the cache key, outside the atomic artifact
         kwargs["scratch"] = ws.state / "scratch" / stage / identity / key[:16]
         kwargs["scratch"].mkdir(parents=True, exist_ok=True)  # the stage's own: it writes inside, never beside
+    if spec.encodings:
+        kwargs["encoded"] = ws.state / "encoded"
+        kwargs["encoded"].mkdir(parents=True, exist_ok=True)
     module = registry.module_of(spec)
     execution = registry.params(ws).execution
 
@@ -268,7 +271,7 @@ def _execute_locked(ws: Workspace, spec: Stage, identity: str, target: Path, sec
         reads = [art for _, _, art in dirs.values()] + list(files.values())
         reads += [external] if external is not None else []
         reads += [p for p in vars(kwargs["base"]).values() if p] if spec.base_weights else []
-        writes = [tmp] + ([kwargs["scratch"]] if "scratch" in kwargs else [])
+        writes = [tmp] + [kwargs[k] for k in ("scratch", "encoded") if k in kwargs]
         with contract.watch(stage, ws.root, reads, writes):
             try:
                 summary = module.run(inputs, tmp, section, Interruptible(progress), **kwargs) or {}

@@ -169,6 +169,7 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
     saves: list[tuple[float, int]] = []
     pending: list[torch.Tensor] = []  # this run's losses not yet read
     with _Prefetched(data, cfg, start, device) as batch_for:
+        began = time.perf_counter()
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
@@ -198,6 +199,8 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
                 saves.append(_save_state(model, opt, done, out, ema))
             if progress:
                 progress(done)
+        _sync(device)
+        seconds, waited = time.perf_counter() - began, batch_for.waited
     if pending:
         losses += torch.stack(pending).float().tolist()
     if ema is not None:
@@ -205,7 +208,8 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
             for n, p in _trainable(model):
                 p.copy_(ema[n])
     return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg),
-            "precision": precision, **_save_cost(saves)}
+            "precision": precision, "seconds": round(seconds, 3), "data_wait_s": round(waited, 3),
+            **_save_cost(saves)}
 
 
 class _Prefetched:
@@ -220,6 +224,7 @@ class _Prefetched:
         self.keys = ((s, m) for s in range(start, cfg.steps) for m in range(cfg.grad_accum))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self.ahead = self._submit()
+        self.waited = 0.0  # seconds the loop waited for a batch: the data side falling behind the device
 
     def _submit(self) -> Any:
         key = next(self.keys, None)
@@ -234,13 +239,21 @@ class _Prefetched:
         key, made = self.ahead
         assert key == (step, micro), (key, step, micro)
         self.ahead = self._submit()
-        return made.result()
+        began = time.perf_counter()
+        batch = made.result()
+        self.waited += time.perf_counter() - began
+        return batch
 
     def __enter__(self) -> _Prefetched:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _save_cost(saves: list[tuple[float, int]]) -> dict[str, Any]:
@@ -250,10 +263,12 @@ def _save_cost(saves: list[tuple[float, int]]) -> dict[str, Any]:
 
 
 def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, section: Any, base_paths: Any,
-                 out: Path, scratch: Path, progress: Any, compute: Any, start: Path | None = None) -> dict[str, Any]:
+                 out: Path, scratch: Path, encoded: Path, progress: Any, compute: Any, start: Path | None = None
+                 ) -> dict[str, Any]:
     """Train the body SGDM and the Face SGDM on `sources` [(identity, ingest dir, render_mesh dir, frames dir)],
     from the base weights or from the checkpoints under `start`, on `compute.device`; write each to out/body and
-    out/face as a pipeline checkpoint (the SGDM with the codec, encoder and scheduler it samples with)."""
+    out/face as a pipeline checkpoint (the SGDM with the codec, encoder and scheduler it samples with). The frozen
+    encoders' outputs go to (and come from) the store `encoded` (tasks.encoded)."""
     quiet()
     device = compute.device
     prof = section.for_profile(settings.profile)
@@ -271,11 +286,15 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                              video_length=section.video_length, face=face, face_res=int(prof["face_resolution"]))
                for name, ingest, render, frames in sources]
         data = ClipBatches([i for i in ids if i is not None], vae, encoder, section.video_length,
-                           float(prof["perturbed_share"]), face)
+                           float(prof["perturbed_share"]), encoded, face)
+        steps = int(prof["face_steps" if face else "steps"])
+        made = 0
+        if steps:  # a run with no steps reads no image
+            progress.start(f"encoding the {which} frames", data.encodings())
+            made = data.encode(progress.advance)
         model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(base_paths, face=face,
                                                                                  seed=section.seed)
         model.to(device)
-        steps = int(prof["face_steps" if face else "steps"])
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
                           batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=int(prof["save_every"]),
                           seed=section.seed,
@@ -306,8 +325,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
         summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
-                          **{k: result[k] for k in ("precision", "saves", "save_s", "state_mb")},
-                          "identities": sum(i is not None for i in ids),
+                          **{k: result[k] for k in ("precision", "saves", "save_s", "state_mb", "data_wait_s")},
+                          "identities": sum(i is not None for i in ids), "encoded": made,
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}
         if refined is not None:
             summary[which]["refiner"] = refined

@@ -14,6 +14,7 @@ minute of video still fits the cache and is decoded once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
@@ -24,7 +25,10 @@ import pyarrow.parquet as pq
 import torch
 
 from core.errors import StageError
+from core.hashing import hash_obj
 from models import pipeline
+from models.codec import device_dtype
+from tasks.encoded import CHUNK, EncodedStore, entry_key, files_key, weights_key
 from tasks.frames import frame_name, read_meta
 
 CACHE_BYTES = 1 << 30  # decoded training images kept between batches
@@ -165,38 +169,72 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 class ClipBatches:
     """`training.Batches` over several identities. The VAE and the CLIP encoder are frozen, so what they make of a
-    frame never changes: each frame's latent (the face model's masked-frame latent too) and each reference's tokens
-    are computed the first time a batch needs them and kept (host memory, least recently used dropped beyond
-    `encoded_bytes`), not recomputed at every step."""
+    frame never changes: every frame's latent (the face model's masked-frame latent too) and its tokens as a
+    reference are encoded once, up front, into `store` (tasks.encoded: on disk, reused by later runs), and batches
+    read them from there (host memory keeps the chunks read last, up to `encoded_bytes`)."""
 
     def __init__(self, identities: list[Identity], vae, encoder, video_length: int, perturbed_share: float,
-                 face: bool = False, encoded_bytes: int = ENCODED_BYTES) -> None:
+                 store: Path, face: bool = False, encoded_bytes: int = ENCODED_BYTES) -> None:
         if not identities:
             raise StageError("no training clips: every identity's training frames are fewer than video_length"
                              + (" or show no face" if face else ""))
         self.ids, self.vae, self.encoder = identities, vae, encoder
         self.f, self.share, self.face = video_length, perturbed_share, face
-        self.encoded = _Images(encoded_bytes)
+        self.store = EncodedStore(store)
+        self.chunks = _Images(encoded_bytes)
+        self.keys: dict[tuple[str, str], str] | None = None  # (identity, kind) → its entry in the store
 
-    def _latent(self, ident: Identity, i: int) -> torch.Tensor:
-        """Frame i's latent (C, h, w)."""
-        return self.encoded.get(("latent", ident.name, ident.res, self.face, i), lambda: pipeline.encode_frames(
-            self.vae, _tensor(ident.frame(i)[None])[None])[0, :, 0].cpu())
+    def _kinds(self) -> tuple[str, ...]:
+        return ("latent", "tokens", "masked") if self.face else ("latent", "tokens")
 
-    def _masked(self, ident: Identity, i: int) -> torch.Tensor:
-        """The face model's inputs for frame i (1 + C, h, w): its mask at latent size, the masked frame's latent."""
-        def make() -> torch.Tensor:
-            mask = torch.from_numpy(ident.mask(i)[None, None, None] > 127).float()  # (1, 1, 1, H, W)
-            video = _tensor(ident.frame(i)[None])[None]
-            return pipeline.inpaint_inputs(self.vae, mask, video * (1 - mask) + 0.5 * mask)[0, :, 0].cpu()
+    def _entry(self, ident: Identity, kind: str, weights: str, device: torch.device) -> str:
+        content = {"frames": files_key(ident.frame_paths), "res": ident.res, "face": self.face}
+        if self.face:  # face frames are crops: the transforms and the crop side (the mesh face's) make them
+            content |= {"crops": files_key(ident.cond_paths),
+                        "transforms": hash_obj([t.tolist() for t in ident.transforms])}
+        if kind == "masked":
+            content["masks"] = files_key(ident.mask_paths)
+        return entry_key(kind, content, weights, device)
 
-        return self.encoded.get(("masked", ident.name, ident.res, i), make)
+    def encodings(self) -> int:
+        """How many frame encodings the identities need (a frame counts once per kind)."""
+        return sum(len(i) for i in self.ids) * len(self._kinds())
 
-    def _tokens(self, ident: Identity, r: int) -> torch.Tensor:
-        """The CLIP tokens of frame r as a reference (T, D)."""
-        return self.encoded.get(("tokens", ident.name, ident.res, self.face, r), lambda: pipeline.encode_reference(
-            self.encoder, torch.from_numpy(np.ascontiguousarray(ident.frame(r))).permute(2, 0, 1).float()[None]
-            / 255)[0].cpu())
+    def encode(self, advance: Callable[[int], None] | None = None) -> int:
+        """Make sure every encoding is in the store; returns how many were made now (0 when an earlier run left
+        them all). The first batch calls it; a caller calls it first to show progress (`advance(frames)`)."""
+        if self.keys is None:
+            weights = weights_key(self.vae, self.encoder)
+            device = device_dtype(self.vae)[0]
+            self.keys = {(i.name, k): self._entry(i, k, weights, device) for i in self.ids for k in self._kinds()}
+        made = {"latent": self._latents, "tokens": self._tokens, "masked": self._masked}
+        return sum(self.store.fill(self.keys[(i.name, k)], len(i), lambda frames, i=i, k=k: made[k](i, frames),
+                                   advance) for i in self.ids for k in self._kinds())
+
+    def _video(self, ident: Identity, frames: range) -> torch.Tensor:
+        return _tensor(np.stack([ident.frame(i) for i in frames]))[None]  # (1, 3, F, H, W)
+
+    def _latents(self, ident: Identity, frames: range) -> torch.Tensor:
+        """(F, C, h, w)"""
+        return pipeline.encode_frames(self.vae, self._video(ident, frames))[0].transpose(0, 1)
+
+    def _masked(self, ident: Identity, frames: range) -> torch.Tensor:
+        """The face model's inputs (F, 1 + C, h, w): the mask at latent size, the masked frame's latent."""
+        mask = torch.from_numpy(np.stack([ident.mask(i) for i in frames]) > 127).float()[None, None]  # (1,1,F,H,W)
+        video = self._video(ident, frames)
+        return pipeline.inpaint_inputs(self.vae, mask, video * (1 - mask) + 0.5 * mask)[0].transpose(0, 1)
+
+    def _tokens(self, ident: Identity, frames: range) -> torch.Tensor:
+        """The CLIP tokens of the frames as references (F, T, D)."""
+        images = np.stack([ident.frame(i) for i in frames])
+        return pipeline.encode_reference(self.encoder, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+
+    def _read(self, ident: Identity, kind: str, i: int) -> torch.Tensor:
+        if self.keys is None:
+            self.encode()
+        key = self.keys[(ident.name, kind)]
+        chunk = self.chunks.get((key, i // CHUNK), lambda: self.store.load_chunk(key, i))
+        return chunk[i % CHUNK]
 
     def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         latents, conds, tokens, masked = [], [], [], []
@@ -215,11 +253,11 @@ class ClipBatches:
                 cond = np.stack([ident.perturbed(k, i) for i in window])
             else:
                 cond = np.stack([ident.cond(i) for i in window])
-            latents.append(torch.stack([self._latent(ident, i) for i in window], dim=1))
+            latents.append(torch.stack([self._read(ident, "latent", i) for i in window], dim=1))
             conds.append(_tensor(cond))
-            tokens.append(self._tokens(ident, r))
+            tokens.append(self._read(ident, "tokens", r))
             if self.face:
-                masked.append(torch.stack([self._masked(ident, i) for i in window], dim=1))
+                masked.append(torch.stack([self._read(ident, "masked", i) for i in window], dim=1))
         out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens)}
         if self.face:
             extra = torch.stack(masked)

@@ -93,24 +93,23 @@ def bench_train(profile: Annotated[str, typer.Option("--profile", help="tiny (th
                                                      "size), or sd15-shapes (the full-size architecture with random "
                                                      "weights, no files)")] = "tiny",
                 device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
-                resolution: Annotated[int, typer.Option("--resolution", min=64, help="sd15-shapes image side.")] = 512,
-                optimizer: Annotated[str, typer.Option("--optimizer", help="sd15-shapes: adamw, or none (forward "
-                                                       "and backward only)")] = "adamw",
+                resolution: Annotated[int | None, typer.Option("--resolution", min=16, help="Image side (default: "
+                                                               "the profile's; sd15-shapes: 512).")] = None,
+                steps: Annotated[int, typer.Option("--steps", min=2, help="Training steps per stage.")] = 20,
+                frames: Annotated[int, typer.Option("--frames", min=8, help="Frames of the synthetic identity "
+                                                    "written to disk and encoded.")] = 48,
                 as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
-    """Training speed and peak memory: pretrain and finetune steps/s (tiny), or seconds per full-size step at
-    batch 1 x 4 frames (sd15-shapes; the same code as `python -m models.bench train`)."""
+    """Training as the pretrain and finetune stages run it, data side included: the frozen encoders' pass over a
+    synthetic identity's frames on disk (then again, finding them stored), and the training loop's steps/s,
+    seconds per step and time waiting for data. For the model's step alone on a bare GPU box: `python -m
+    models.bench train`."""
     from core.errors import InputError
 
     if profile not in ("tiny", "sd15-shapes"):
         raise InputError(f"--profile {profile!r}: choose tiny or sd15-shapes")
-    if profile == "tiny":
-        from cli.benchmarks import train_tiny
+    from cli.benchmarks import train_loop
 
-        result = train_tiny(device=_device(device))
-    else:
-        if optimizer not in ("adamw", "none"):
-            raise InputError(f"--optimizer {optimizer!r}: choose adamw or none")
-        result = _model_bench("train", device=_device(device), resolution=resolution, optimizer=optimizer)
+    result = train_loop(profile, steps, _device(device), resolution, frames)
     _print(result, as_json, f"bench train --profile {profile}")
 
 

@@ -41,13 +41,14 @@ class FinetuneParams(TrainParams):
 STAGE = Stage(
     "finetune", flow="finetune", inputs=("ingest", "render_mesh", "pretrain"), params=FinetuneParams,
     reads=("models",), base_weights=True, home="checkpoints", resource="gpu", device=True, resumable=True,
-    describe=describe, outputs=("body/", "face/"),
+    encodings=True, describe=describe, outputs=("body/", "face/"),
     description="stage 2: the identity's own body and face SGDMs from the pretrained ones")
 
 
 def run(inputs: dict[str, Path], out: Path, params: FinetuneParams, progress: Progress, *,
-        settings: SimpleNamespace, base: BasePaths, scratch: Path, compute: Compute) -> dict[str, Any]:
+        settings: SimpleNamespace, base: BasePaths, scratch: Path, encoded: Path, compute: Compute) -> dict[str, Any]:
     from tasks.training import train_models
 
     sources = [("identity", inputs["ingest"], inputs["render_mesh"], inputs["ingest"])]
-    return train_models(sources, settings, params, base, out, scratch, progress, compute, start=inputs["pretrain"])
+    return train_models(sources, settings, params, base, out, scratch, encoded, progress, compute,
+                        start=inputs["pretrain"])

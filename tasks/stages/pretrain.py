@@ -25,16 +25,17 @@ class PretrainParams(TrainParams):
 
 STAGE = Stage(
     "pretrain", flow="pretrain", scope="shared", inputs=("ingest", "matting", "render_mesh"), params=PretrainParams,
-    reads=("models",), base_weights=True, resource="gpu", device=True, resumable=True, describe=describe,
-    outputs=("body/", "face/"),
+    reads=("models",), base_weights=True, resource="gpu", device=True, resumable=True, encodings=True,
+    describe=describe, outputs=("body/", "face/"),
     description="stage 1: body and face SGDMs on every identity's foreground frames (motion frozen)")
 
 
 def run(inputs: dict[str, dict[str, Path]], out: Path, params: PretrainParams, progress: Progress, *,
-        settings: SimpleNamespace, base: BasePaths, scratch: Path, compute: Compute) -> dict[str, Any]:
+        settings: SimpleNamespace, base: BasePaths, scratch: Path, encoded: Path, compute: Compute) -> dict[str, Any]:
     """`inputs`: each identity's artifacts by stage."""
     from tasks.training import train_models
 
     names = sorted(inputs)
     sources = [(n, inputs[n]["ingest"], inputs[n]["render_mesh"], inputs[n]["matting"]) for n in names]
-    return {"identities": names, **train_models(sources, settings, params, base, out, scratch, progress, compute)}
+    summary = train_models(sources, settings, params, base, out, scratch, encoded, progress, compute)
+    return {"identities": names, **summary}

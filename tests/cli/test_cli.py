@@ -117,3 +117,19 @@ def test_bench_render_takes_the_cpu_profile_its_scheduler_and_memory_bound() -> 
     assert result["overlapped"]["frame_evals_per_step"] == 6 and result["overlapped"]["fps"] > 0
     # the profile's own sampler unless one is asked for
     assert anchor(None, "bench", "render", "--scheduler", "euler").returncode != 0
+
+
+@pytest.mark.slow
+def test_bench_train_times_the_loop_with_its_data_and_finds_the_encodings_stored_the_second_time() -> None:
+    import json
+
+    done = CliRunner().invoke(app, ["bench", "train", "--profile", "tiny", "--steps", "3", "--frames", "10",
+                                    "--device", "cpu", "--json"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["encoded"], result["encoded_again"]) == (2 * 10, 0)  # latent and tokens of each frame, once
+    assert result["encode_again_s"] < result["encode_s"]
+    for stage in ("pretrain", "finetune"):
+        assert result[f"{stage}_steps_per_s"] > 0 and 0 < result[f"{stage}_step_s"] < 60
+        assert 0 <= result[f"{stage}_data_wait_ms_per_step"] < 1000 * result[f"{stage}_step_s"] * 3
+    assert CliRunner().invoke(app, ["bench", "train", "--profile", "sd15"]).exit_code != 0

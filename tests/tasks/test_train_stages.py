@@ -56,6 +56,10 @@ def test_checkpoints_and_manifests(learned: Workspace) -> None:
     assert any(i.get("stage") == "pretrain" and i.get("identity") == SHARED for i in m["inputs"])
     pm = read_manifest(pre)
     assert pm["summary"]["identities"] == [ID]
+    # pretrain encoded the foreground frames, finetune the full ones (latents and reference tokens of each frame)
+    for summary in (pm["summary"], m["summary"]):
+        assert summary["body"]["encoded"] >= 2 * summary["body"]["samples"] > 0
+        assert summary["face"]["encoded"] >= 3 * summary["face"]["samples"] > 0
     assert {i["stage"] for i in pm["inputs"] if "stage" in i} == {"ingest", "matting", "render_mesh"}
     assert json.loads((fine / "face" / "sgdm_config.json").read_text())["inpaint"] is True
     # resumable state is dropped once the artifact is complete
@@ -75,7 +79,7 @@ def test_losses_fall_and_the_prior_stays_frozen(learned: Workspace) -> None:
     assert sum(not torch.equal(s0[k], s1[k]) for k in s0) > 0.9 * len(s0)
 
 
-def _training_batches(ws: Workspace, n: int) -> tuple[list[dict[str, torch.Tensor]], object, object]:
+def _training_batches(ws: Workspace, n: int, store: Path) -> tuple[list[dict[str, torch.Tensor]], object, object]:
     from tasks.training_data import ClipBatches, load_identity
 
     paths = runner.base_paths(ws)
@@ -83,16 +87,18 @@ def _training_batches(ws: Workspace, n: int) -> tuple[list[dict[str, torch.Tenso
     ident = load_identity(ID, artifact_dir(ws, "ingest", ID), artifact_dir(ws, "render_mesh", ID),
                           artifact_dir(ws, "ingest", ID), res=64, video_length=4)
     gen = torch.Generator().manual_seed(0)
-    return [ClipBatches([ident], vae, enc, 4, 0.0).batch(gen, 1) for _ in range(n)], vae, parts.load_scheduler(paths)
+    data = ClipBatches([ident], vae, enc, 4, 0.0, store)
+    return [data.batch(gen, 1) for _ in range(n)], vae, parts.load_scheduler(paths)
 
 
 @slow
-def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_one(learned: Workspace) -> None:
+def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_one(learned: Workspace,
+                                                                                tmp_path: Path) -> None:
     """Full generation from noise (20 DDIM steps, guidance 3.5) for a training clip's mesh condition and a
     reference of the same person: the identity's model comes closer to the real frames than the pretrained one,
     which never saw backgrounds. Pixels are compared with the real frames passed through the (random) tiny VAE,
     the best its decoder can show."""
-    batches, vae, sched = _training_batches(learned, 3)
+    batches, vae, sched = _training_batches(learned, 3, tmp_path)
 
     def error(model: SGDM) -> float:
         model.eval()
@@ -110,10 +116,11 @@ def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_on
 
 
 @slow
-def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_one(learned: Workspace) -> None:
+def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_one(learned: Workspace,
+                                                                                  tmp_path: Path) -> None:
     """The same training frame, condition, reference and noise: the identity's own model recovers the frame from
     a half-noised latent better than the pretrained one (learned on foregrounds only), and both beat the prior."""
-    batches, _, sched = _training_batches(learned, 3)
+    batches, _, sched = _training_batches(learned, 3, tmp_path)
     paths = runner.base_paths(learned)
 
     def error(model: SGDM) -> float:
@@ -175,6 +182,8 @@ def test_finetune_killed_midway_resumes_from_its_saved_state(learned: Workspace,
     monkeypatch.setattr(training, "train", real_train)
     result = runner.execute(learned, "finetune", ID)
     assert result.summary["body"]["resumed_at"] == 40
+    # the frames and the frozen encoders are those of the first finetune: their outputs are read, not remade
+    assert (result.summary["body"]["encoded"], result.summary["face"]["encoded"]) == (0, 0)
     assert result.output_hash != before
     fine = artifact_dir(learned, "finetune", ID)
     weights = sorted(fine.rglob("*.safetensors"))
@@ -263,7 +272,8 @@ def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Worksp
 
 
 @slow
-def test_the_frozen_encoders_run_once_per_frame_however_many_batches_read_it(trained: Path) -> None:
+def test_the_frozen_encoders_run_once_per_frame_and_never_again_on_the_same_frames_and_weights(
+        trained: Path, tmp_path: Path) -> None:
     from tasks.training_data import ClipBatches, load_identity
 
     ws = Workspace(trained)  # read only
@@ -272,6 +282,7 @@ def test_the_frozen_encoders_run_once_per_frame_however_many_batches_read_it(tra
     encoded: list[int] = []
     real_encode = vae.encode
     vae.encode = lambda x: (encoded.append(x.shape[0]), real_encode(x))[1]  # frames through the VAE
+    store = tmp_path / "encoded"
 
     def batches(data: ClipBatches) -> list[dict[str, torch.Tensor]]:
         return [data.batch(torch.Generator().manual_seed(k), 2) for k in range(6)]
@@ -279,16 +290,25 @@ def test_the_frozen_encoders_run_once_per_frame_however_many_batches_read_it(tra
     for face in (False, True):
         ident = load_identity(ID, artifact_dir(ws, "ingest", ID), artifact_dir(ws, "render_mesh", ID),
                               artifact_dir(ws, "ingest", ID), res=64, video_length=4, face=face, face_res=64)
-        kept = ClipBatches([ident], vae, enc, 4, 0.0, face=face)
+        first_run = ClipBatches([ident], vae, enc, 4, 0.0, store, face=face)
         encoded.clear()
-        first = batches(kept)
-        once = sum(encoded)
-        assert 0 < once <= (2 if face else 1) * len(ident)  # at most once per frame (and per masked frame)
-        assert first[0]["latents"].shape[:3] == (2, 4, 4)  # 2 samples of 4 frames: 48 frames read
-        again = batches(kept)
-        assert sum(encoded) == once  # read again: nothing through the VAE
+        assert first_run.encode() == first_run.encodings() == (3 if face else 2) * len(ident)
+        assert sum(encoded) == (2 if face else 1) * len(ident)  # each frame once (and each masked frame)
+        first = batches(first_run)
+        assert first[0]["latents"].shape[:3] == (2, 4, 4)  # 2 samples of 4 frames
+        assert sum(encoded) == (2 if face else 1) * len(ident)  # batches only read
+        # a later run (another process, nothing in memory; one chunk held at a time): read from disk, the same numbers
+        later = ClipBatches([ident], vae, enc, 4, 0.0, store, face=face, encoded_bytes=0)
+        assert later.encode() == 0
+        again = batches(later)
+        assert sum(encoded) == (2 if face else 1) * len(ident)
         assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
-        # the same numbers as encoders run for every batch (a cache that keeps one entry at a time)
-        fresh = batches(ClipBatches([ident], vae, enc, 4, 0.0, face=face, encoded_bytes=0))
-        assert sum(encoded) > once
-        assert all(torch.equal(a[k], b[k]) for a, b in zip(first, fresh, strict=True) for k in a)
+        # the numbers are the encoders' own: a frame encoded alone gives its stored latent
+        alone = pipeline.encode_frames(vae, torch.from_numpy(ident.frame(5)).permute(2, 0, 1)[None, :, None] / 255)
+        torch.testing.assert_close(later._read(ident, "latent", 5), alone[0, :, 0], atol=1e-5, rtol=1e-4)
+    # other weights are another entry: encoded anew, never the old numbers
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.01)
+    changed = ClipBatches([ident], vae, enc, 4, 0.0, store, face=True)
+    assert changed.encode() == changed.encodings()
+    assert not torch.equal(changed._read(ident, "latent", 5), later._read(ident, "latent", 5))
