@@ -7,7 +7,10 @@ VIDEO  ?=
 NAME   ?= demo
 PYTEST_ARGS ?=
 # pytest-xdist workers, a test file at a time each, one compute thread each (tests/conftest.py); the templates tests
-# copy are made once for all of them. 0 runs the suite in one process (as a debugger wants it).
+# copy are made once for all of them. Files are handed out longest first, by tests/durations.json (conftest's
+# pytest_collection_modifyitems; `python -m tests.durations` remakes it from a `--durations=0` run), not by
+# xdist's count of tests, which left the long end-to-end files to the end. 0 runs the suite in one process (as a
+# debugger wants it).
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint constraints clean-state help
@@ -61,11 +64,11 @@ demo: check-system $(STAMP)
 
 test: check-system $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: check-system $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
