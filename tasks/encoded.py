@@ -49,14 +49,15 @@ def weights_key(*models: torch.nn.Module) -> str:
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().contiguous().cpu()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim ones too
     return h.hexdigest()
 
 
-def entry_key(kind: str, content: dict, weights: str, device: torch.device) -> str:
-    """The name of one identity's encoded `kind`: its inputs' content, the weights, the device kind, the code."""
+def entry_key(kind: str, content: dict, weights: str, device: torch.device, code_module: str) -> str:
+    """The name of one identity's encoded `kind`: its inputs' content, the weights, the device kind, and the code
+    of `code_module` (the one that encodes) with all it imports."""
     return hash_obj({"kind": kind, "content": content, "weights": weights, "device": device.type,
-                     "chunk": CHUNK, "code": code_hash_of(__name__)})
+                     "chunk": CHUNK, "code": code_hash_of(code_module, __name__)})
 
 
 class EncodedStore:

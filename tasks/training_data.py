@@ -6,9 +6,10 @@ the CLIP vision model into tokens. Pretraining reads foreground-on-black frames 
 Face samples are the real frames warped by render_mesh's per-frame face transform, the face mesh crop, and the face
 mask; only runs of frames whose face is visible are used.
 
-Nothing is read until a batch asks for it, and what was read is kept in a cache of bounded size, so memory stays flat
-however many frames and identities there are (a pretrain with no steps reads no image at all), while one identity's
-minute of video still fits the cache and is decoded once.
+The frames go through the frozen encoders once, before the first step, into the store of tasks.encoded (on disk,
+reused by later runs on the same frames and weights); batches read those encodings and decode only the mesh
+conditions. Images and encodings are held in caches of bounded size, so memory stays flat however many frames and
+identities there are (a pretrain with no steps reads no image at all).
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class ClipBatches:
                         "transforms": hash_obj([t.tolist() for t in ident.transforms])}
         if kind == "masked":
             content["masks"] = files_key(ident.mask_paths)
-        return entry_key(kind, content, weights, device)
+        return entry_key(kind, content, weights, device, __name__)
 
     def encodings(self) -> int:
         """How many frame encodings the identities need (a frame counts once per kind)."""

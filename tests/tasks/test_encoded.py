@@ -40,6 +40,11 @@ def test_weights_differing_in_one_value_or_in_dtype_are_other_weights() -> None:
         net.bias[0] += 1e-6
     assert weights_key(net) != key
     assert weights_key(net.half()) != weights_key(net.float())
+    net.register_buffer("seen", torch.tensor(3))  # a 0-dim tensor in the state dict
+    counted = weights_key(net)
+    net.seen += 1
+    assert weights_key(net) != counted
+    assert weights_key(net.bfloat16()) != weights_key(net.half())
 
 
 def test_a_kill_loses_only_the_chunk_being_encoded(tmp_path: Path) -> None:
