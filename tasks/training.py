@@ -169,7 +169,6 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
     saves: list[tuple[float, int]] = []
     pending: list[torch.Tensor] = []  # this run's losses not yet read
     with _Prefetched(data, cfg, start, device) as batch_for:
-        began = time.perf_counter()
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
@@ -199,8 +198,7 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
                 saves.append(_save_state(model, opt, done, out, ema))
             if progress:
                 progress(done)
-        _sync(device)
-        seconds, waited = time.perf_counter() - began, batch_for.waited
+        waited = batch_for.waited
     if pending:
         losses += torch.stack(pending).float().tolist()
     if ema is not None:
@@ -208,8 +206,7 @@ def train(model: SGDM, data: Batches, noise_scheduler: Any, cfg: TrainConfig, ou
             for n, p in _trainable(model):
                 p.copy_(ema[n])
     return {"started_at_step": start, "steps": cfg.steps, "losses": losses, "config": asdict(cfg),
-            "precision": precision, "seconds": round(seconds, 3), "data_wait_s": round(waited, 3),
-            **_save_cost(saves)}
+            "precision": precision, "data_wait_s": round(waited, 3), **_save_cost(saves)}
 
 
 class _Prefetched:
@@ -249,11 +246,6 @@ class _Prefetched:
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _save_cost(saves: list[tuple[float, int]]) -> dict[str, Any]:

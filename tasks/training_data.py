@@ -188,14 +188,13 @@ class ClipBatches:
     def _kinds(self) -> tuple[str, ...]:
         return ("latent", "tokens", "masked") if self.face else ("latent", "tokens")
 
-    def _entry(self, ident: Identity, kind: str, weights: str, device: torch.device) -> str:
+    def _content(self, ident: Identity) -> dict:
+        """What the identity's encodings are made from, as hashes (keyed once, for all its kinds)."""
         content = {"frames": files_key(ident.frame_paths), "res": ident.res, "face": self.face}
-        if self.face:  # face frames are crops: the transforms and the crop side (the mesh face's) make them
-            content |= {"crops": files_key(ident.cond_paths),
+        if self.face:  # face frames are crops: the transforms and the crop side (the mesh face's) make them; masks
+            content |= {"crops": files_key(ident.cond_paths), "masks": files_key(ident.mask_paths),
                         "transforms": hash_obj([t.tolist() for t in ident.transforms])}
-        if kind == "masked":
-            content["masks"] = files_key(ident.mask_paths)
-        return entry_key(kind, content, weights, device, __name__)
+        return content
 
     def encodings(self) -> int:
         """How many frame encodings the identities need (a frame counts once per kind)."""
@@ -207,7 +206,9 @@ class ClipBatches:
         if self.keys is None:
             weights = weights_key(self.vae, self.encoder)
             device = device_dtype(self.vae)[0]
-            self.keys = {(i.name, k): self._entry(i, k, weights, device) for i in self.ids for k in self._kinds()}
+            contents = {i.name: self._content(i) for i in self.ids}
+            self.keys = {(i.name, k): entry_key(k, contents[i.name], weights, device, __name__)
+                         for i in self.ids for k in self._kinds()}
         made = {"latent": self._latents, "tokens": self._tokens, "masked": self._masked}
         return sum(self.store.fill(self.keys[(i.name, k)], len(i), lambda frames, i=i, k=k: made[k](i, frames),
                                    advance) for i in self.ids for k in self._kinds())

@@ -15,7 +15,7 @@ TABLE = Path(__file__).with_name("durations.json")
 LINE = re.compile(r"^([\d.]+)s (?:call|setup|teardown)\s+(tests/\S+?\.py)::")
 
 
-def per_file(log: str) -> dict[str, float]:
+def per_file(log: str) -> dict[str, int]:
     seconds: Counter[str] = Counter()
     for line in log.splitlines():
         if m := LINE.match(line):
