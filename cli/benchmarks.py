@@ -468,9 +468,9 @@ def memory(video: Path, repeat: int, log: Any = None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- speak
-SPEAK_KEYS = ("jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consistency_real",
-              "beat_consistency_shuffled", "beat_percentile", "beat_percentile_real", "beat_judgeable",
-              "seam_jerk_ratio", "synth_s_per_audio_min")
+SPEAK_KEYS = ("jaw_corr", "jaw_corr_loudness", "mouth_inputs", "jaw_corr_cv", "beat_consistency",
+              "beat_consistency_real", "beat_consistency_shuffled", "beat_percentile", "beat_percentile_real",
+              "beat_judgeable", "seam_jerk_ratio", "synth_s_per_audio_min")
 
 
 def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") -> dict[str, Any]:

@@ -165,31 +165,143 @@ def compile_audio_kernels() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- mouth
-def mouth_inputs(f: Features, context: int) -> np.ndarray:
-    """Each frame's log-mel with `context` frames either side, and its loudness: the regressor's input."""
-    pad = np.pad(f.mel, ((context, context), (0, 0)), mode="edge")
-    cols = [pad[k: k + f.frames] for k in range(2 * context + 1)]
-    return np.concatenate([*cols, f.rms[:, None]], axis=1)
+# The jaw and mouth expression are a ridge regression on a window of audio features. Which window and how strong a
+# ridge is chosen per identity by cross-validation on its own training minute, in contiguous time blocks (frames a
+# few apart are nearly the same, so a random split would grade the model on what it saw): a few hundred frames
+# cannot carry ~370 spectral inputs for every voice, and where the richer input does not predict held-back time
+# better than loudness alone, loudness is what the model uses.
+MOUTH_INPUTS = ("loudness", "mel")  # from least to most: the loudness window; log-mel windows and loudness
+BASELINE = ("loudness", 4, 0.3)  # the loudness-only baseline the benchmarks compare with (inputs, context, alpha)
 
 
-def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Standardised ridge regression: (mean of x, scale of x, weights, mean of y)."""
-    mx, sx = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mx) / sx
-    my = y.mean(0)
-    a = _matmul(xs.T, xs) + alpha * len(xs) * np.eye(xs.shape[1])
-    return mx, sx, _solve_spd(a, _matmul(xs.T, y - my)), my
+@dataclass(frozen=True)
+class MouthSpec:
+    """What the mouth regressor reads: `inputs` (MOUTH_INPUTS) over `context` frames either side, ridge `alpha`."""
+
+    inputs: str
+    context: int
+    alpha: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.inputs} ±{self.context} frames, alpha {self.alpha:g}"
 
 
-def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, context: int, alpha: float) -> np.ndarray:
-    """The baseline the mouth regressor must beat: jaw opening from loudness alone (the same window and ridge)."""
-    def inputs(f: Features) -> np.ndarray:
-        pad = np.pad(f.rms, (context, context), mode="edge")
-        return np.stack([pad[k: k + f.frames] for k in range(2 * context + 1)], 1).astype(np.float64)
+def spectral_mean(f: Features) -> np.ndarray:
+    """Each log-mel band's mean over the recording's speech: subtracted from the mel inputs, so a microphone's or a
+    room's colouring, or a voice's own timbre, is not read as a mouth shape."""
+    voiced = f.voiced if f.voiced.any() else np.ones(f.frames, bool)
+    return f.mel[voiced].astype(np.float64).mean(0)
 
-    x = inputs(train)
-    mx, sx, w, my = ridge(x, np.asarray(jaw, np.float64)[:, None], alpha)
-    return (_matmul((np.clip(inputs(test), x.min(0), x.max(0)) - mx) / sx, w) + my)[:, 0]
+
+def mouth_inputs(f: Features, spec: MouthSpec, band_mean: np.ndarray) -> np.ndarray:
+    """Each frame's inputs with `spec.context` frames either side: the loudness window, or the log-mel window
+    (relative to `band_mean`, the recording's `spectral_mean`) and the frame's loudness."""
+    c = spec.context
+    if spec.inputs == "loudness":
+        pad = np.pad(f.rms.astype(np.float64), (c, c), mode="edge")
+        return np.stack([pad[k: k + f.frames] for k in range(2 * c + 1)], 1)
+    if spec.inputs != "mel":
+        raise ValueError(f"mouth inputs {spec.inputs!r}: one of {', '.join(MOUTH_INPUTS)}")
+    pad = np.pad(f.mel.astype(np.float64) - band_mean, ((c, c), (0, 0)), mode="edge")
+    return np.concatenate([*(pad[k: k + f.frames] for k in range(2 * c + 1)), f.rms[:, None].astype(np.float64)],
+                          axis=1)
+
+
+def _standardised(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                          np.ndarray]:
+    """(x standardised, its mean, its scale, y centred, y's mean)."""
+    mx, sx, my = x.mean(0), x.std(0) + 1e-6, y.mean(0)
+    return (x - mx) / sx, mx, sx, y - my, my
+
+
+def _ridge_weights(gram: np.ndarray, rhs: np.ndarray, rows: int, alpha: float) -> np.ndarray:
+    return _solve_spd(gram + alpha * rows * np.eye(len(gram)), rhs)
+
+
+def fit_mouth(x: np.ndarray, y: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """A standardised ridge regression of `y` on `x`, with the ranges it learnt from (what `apply_mouth` clips to)."""
+    xs, mx, sx, yc, my = _standardised(x, y)
+    w = _ridge_weights(_matmul(xs.T, xs), _matmul(xs.T, yc), len(xs), alpha)
+    return {"mean_x": mx, "scale_x": sx, "weights": w, "mean_y": my, "low_x": x.min(0), "high_x": x.max(0),
+            "low_y": y.min(0), "high_y": y.max(0)}
+
+
+def apply_mouth(m: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    # inside what it learnt from: digital silence or a shout does not open the jaw past the person's own
+    x = np.clip(x, m["low_x"], m["high_x"])
+    return np.clip(_matmul((x - m["mean_x"]) / m["scale_x"], m["weights"]) + m["mean_y"], m["low_y"], m["high_y"])
+
+
+def time_folds(frames: int, fold_frames: int, max_folds: int) -> list[np.ndarray]:
+    """Contiguous blocks of at least `fold_frames` frames, at most `max_folds` of them; none when fewer than two
+    fit (too little to cross-validate)."""
+    k = min(max_folds, frames // max(1, fold_frames))
+    return [] if k < 2 else np.array_split(np.arange(frames), k)
+
+
+def cross_validate_mouth(feats: Features, y: np.ndarray, specs: list[MouthSpec], folds: list[np.ndarray],
+                         gap: int, smoothing: float) -> dict[MouthSpec, np.ndarray]:
+    """Each spec's jaw opening predicted on held-back blocks: every fold by a model fitted on the rest, less `gap`
+    frames either side of the fold (its window and smoothing reach that far). `y`: the regression targets, jaw pose
+    in its first three columns."""
+    from scipy.ndimage import gaussian_filter1d
+
+    band_mean = spectral_mean(feats)
+    predicted: dict[MouthSpec, np.ndarray] = {}
+    for inputs, context in sorted({(s.inputs, s.context) for s in specs}):
+        x = mouth_inputs(feats, MouthSpec(inputs, context, 0.0), band_mean)
+        mine = [s for s in specs if (s.inputs, s.context) == (inputs, context)]
+        for s in mine:
+            predicted[s] = np.empty(len(x))
+        for fold in folds:
+            keep = np.ones(len(x), bool)
+            keep[max(0, fold[0] - gap): fold[-1] + 1 + gap] = False
+            xs, mx, sx, yc, my = _standardised(x[keep], y[keep])
+            gram, rhs = _matmul(xs.T, xs), _matmul(xs.T, yc)
+            ranges = {"low_x": x[keep].min(0), "high_x": x[keep].max(0), "low_y": y[keep].min(0),
+                      "high_y": y[keep].max(0)}
+            for s in mine:
+                m = {"mean_x": mx, "scale_x": sx, "weights": _ridge_weights(gram, rhs, len(xs), s.alpha),
+                     "mean_y": my, **ranges}
+                out = apply_mouth(m, x[fold])[:, :3]
+                out = gaussian_filter1d(out, smoothing, axis=0, mode="nearest") if smoothing > 0 else out
+                predicted[s][fold] = jaw_angle(out)
+    return predicted
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else 0.0
+
+
+def choose_mouth(predicted: dict[MouthSpec, np.ndarray], jaw: np.ndarray, folds: list[np.ndarray],
+                 fallback: MouthSpec) -> tuple[MouthSpec, dict[MouthSpec, float]]:
+    """The spec to use and every spec's cross-validated jaw correlation (all folds' predictions pooled). The best
+    loudness spec, unless a richer one beats it by more than cross-validation's own noise: its fold-by-fold gain
+    over loudness must exceed one standard error of that gain (the one-standard-error rule, paired by fold).
+    `fallback` when nothing was cross-validated."""
+    scores = {s: _corr(p, jaw) for s, p in predicted.items()}
+    best = {i: max((s for s in scores if s.inputs == i), key=lambda s: scores[s], default=None) for i in MOUTH_INPUTS}
+    chosen = best["loudness"]
+    if chosen is None:
+        return fallback, scores
+    for inputs in MOUTH_INPUTS[1:]:
+        s = best[inputs]
+        if s is None or scores[s] <= scores[chosen]:
+            continue
+        gain = np.array([_corr(predicted[s][f], jaw[f]) - _corr(predicted[chosen][f], jaw[f]) for f in folds])
+        if gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)):
+            chosen = s
+    return chosen, scores
+
+
+def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, spec: MouthSpec = MouthSpec(*BASELINE)
+                 ) -> np.ndarray:
+    """The baseline the mouth regressor must beat: jaw opening from loudness alone."""
+    x = mouth_inputs(train, spec, np.zeros(0))
+    m = fit_mouth(x, np.asarray(jaw, np.float64)[:, None], spec.alpha)
+    return apply_mouth({**m, "low_y": np.full(1, -np.inf), "high_y": np.full(1, np.inf)},
+                       mouth_inputs(test, spec, np.zeros(0)))[:, 0]
 
 
 def jaw_angle(jaw_pose: np.ndarray) -> np.ndarray:
@@ -238,26 +350,37 @@ class SpeechModel:
             raise ValueError(f"{len(runs)} fitted frames: a speech model needs at least {2 * config['segment']}")
         model = cls({k: np.asarray(v, np.float32) for k, v in blocks.items()}, np.asarray(runs, np.int32), feats,
                     dict(config))
-        x = mouth_inputs(feats, config["context"])
         y = np.concatenate([blocks[b] for b in MOUTH_BLOCKS], axis=1).astype(np.float64)
-        mx, sx, w, my = ridge(x.astype(np.float64), y, config["ridge_alpha"])
-        model.mouth = {"mean_x": mx, "scale_x": sx, "weights": w, "mean_y": my, "low_x": x.min(0), "high_x": x.max(0),
-                       "low_y": y.min(0), "high_y": y.max(0)}
+        specs = [MouthSpec(i, c, a) for i in MOUTH_INPUTS for c in config["mouth_contexts"]
+                 for a in config["ridge_alphas"]]
+        fallback = MouthSpec("loudness", max(config["mouth_contexts"]),
+                             float(np.median(config["ridge_alphas"])))
+        folds = time_folds(len(runs), round(config["cv_fold_s"] * FPS), config["cv_folds"])
+        gap = max(config["mouth_contexts"]) + int(np.ceil(3 * config["mouth_smoothing"]))
+        predicted = cross_validate_mouth(feats, y, specs, folds, gap, config["mouth_smoothing"]) if folds else {}
+        spec, scores = choose_mouth(predicted, jaw_angle(blocks["jaw_pose"]), folds, fallback)
+        model.config["mouth"] = {"inputs": spec.inputs, "context": spec.context, "alpha": spec.alpha,
+                                 "jaw_corr_cv": round(scores[spec], 3) if spec in scores else None,
+                                 "folds": len(folds),
+                                 "scores": {s.label: round(v, 3) for s, v in scores.items()}}
+        model.mouth = fit_mouth(mouth_inputs(feats, spec, spectral_mean(feats)), y, spec.alpha)
         return model
+
+    @property
+    def mouth_spec(self) -> MouthSpec:
+        m = self.config["mouth"]
+        return MouthSpec(m["inputs"], m["context"], m["alpha"])
 
     def predict_mouth(self, feats: Features) -> dict[str, np.ndarray]:
         from scipy.ndimage import gaussian_filter1d
 
-        m, c = self.mouth, self.config["context"]
+        m, spec = self.mouth, self.mouth_spec
+        band_mean = spectral_mean(feats)  # this recording's own, as the training minute's was its own
         y = np.empty((feats.frames, len(m["mean_y"])), np.float64)
         for a in range(0, feats.frames, CHUNK_FRAMES):  # a window of inputs per frame: chunked, memory stays flat
             b = min(feats.frames, a + CHUNK_FRAMES)
-            lo, hi = max(0, a - c), min(feats.frames, b + c)
-            x = mouth_inputs(feats.window(lo, hi), c)[a - lo: a - lo + b - a]
-            # inside what it learnt from: digital silence or a shout does not open the jaw past the person's own
-            x = np.clip(x, m["low_x"], m["high_x"])
-            y[a:b] = np.clip(_matmul((x - m["mean_x"]) / m["scale_x"], m["weights"]) + m["mean_y"], m["low_y"],
-                             m["high_y"])
+            lo, hi = max(0, a - spec.context), min(feats.frames, b + spec.context)
+            y[a:b] = apply_mouth(m, mouth_inputs(feats.window(lo, hi), spec, band_mean)[a - lo: a - lo + b - a])
         y = gaussian_filter1d(y, self.config["mouth_smoothing"], axis=0, mode="nearest") if len(y) > 1 else y
         out, at = {}, 0
         for b in MOUTH_BLOCKS:

@@ -276,7 +276,8 @@ def bench_speak(video: Annotated[Path, typer.Option("--video", help="Video of on
     table = Table("figure", "value", "target", title=f"bench speak {video.name}: {result['frames']} held-out frames, "
                   f"learnt from {result['training_frames']}")
     judged = "≥ 75" if result["beat_judgeable"] else "none: the real motion is not above its shifts here"
-    targets = {"jaw_corr": "≥ 0.6 and ≥ loudness", "jaw_corr_loudness": "", "beat_consistency": "",
+    targets = {"jaw_corr": "≥ 0.6 and ≥ loudness", "jaw_corr_loudness": "", "mouth_inputs": "",
+               "jaw_corr_cv": "(on the training clips)", "beat_consistency": "",
                "beat_consistency_real": "", "beat_consistency_shuffled": "", "beat_percentile": judged,
                "beat_percentile_real": "≥ 75 for the clip to judge gesture timing", "beat_judgeable": "",
                "seam_jerk_ratio": "≤ 1.5", "synth_s_per_audio_min": "≤ 10"}

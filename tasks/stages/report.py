@@ -340,8 +340,8 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
     progress.advance(1)
     if "figures" in spoken:
         dvc_metrics["speech"] = {k: spoken["figures"][k] for k in (
-            "jaw_corr", "jaw_corr_loudness", "beat_consistency", "beat_consistency_real", "beat_percentile",
-            "beat_percentile_real", "seam_jerk_ratio")}
+            "jaw_corr", "jaw_corr_loudness", "jaw_corr_cv", "beat_consistency", "beat_consistency_real",
+            "beat_percentile", "beat_percentile_real", "seam_jerk_ratio")}
     (out / METRICS).write_text(json.dumps(dvc_metrics, indent=2, sort_keys=True) + "\n")
 
     table = [{"name": label, "value": _value(scored.get(key)), "note": _note(scored.get(key)),
@@ -451,7 +451,9 @@ jitter of the fit {{ fit.get("jitter_fit_px") }} px vs the detections' {{ fit.ge
 {{ f.frames }} held-out frames and compared with the motion fitted to them.</p>
 <table><tr><th>figure</th><th>value</th><th>what it says</th></tr>
 <tr><td>jaw correlation</td><td class="n">{{ f.jaw_corr }}</td><td>per frame, generated vs real jaw opening
-  (loudness-only baseline: {{ f.jaw_corr_loudness }})</td></tr>
+  (loudness-only baseline: {{ f.jaw_corr_loudness }}); the mouth reads {{ f.mouth_inputs }}, as cross-validation
+  on the training clips chose ({% if f.jaw_corr_cv is not none %}jaw correlation there {{ f.jaw_corr_cv }}{% else
+  %}too short to cross-validate: loudness{% endif %})</td></tr>
 <tr><td>beat consistency</td><td class="n">{{ f.beat_consistency }}</td><td>audio onsets near a kinematic beat of
   each upper-body joint, BEAT/EMAGE's way (real motion: {{ f.beat_consistency_real }}, real motion shuffled in 1 s
   pieces: {{ f.beat_consistency_shuffled }})</td></tr>

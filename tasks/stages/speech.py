@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.errors import InputError
 from core.progress import Progress
@@ -30,8 +30,14 @@ class SpeechParams(Section):
     segment: int = Field(12, ge=4, le=120, description="frames per motion-graph segment (12 = 0.4 s)")
     blend: int = Field(6, ge=1, le=60, description="frames a seam between two segments is blended over (slerp)")
     bins: int = Field(4, ge=1, le=30, description="sub-windows of a segment whose loudness and onsets are matched")
-    context: int = Field(4, ge=0, le=30, description="log-mel frames either side the mouth regressor sees")
-    ridge_alpha: float = Field(0.3, gt=0, le=1000, description="ridge regularisation of the mouth regressor")
+    mouth_contexts: list[int] = Field([0, 2, 4], min_length=1, description="frames either side the mouth "
+                                      "regressor may see (cross-validation chooses)")
+    ridge_alphas: list[float] = Field([0.1, 1.0, 10.0], min_length=1, description="ridge strengths of the mouth "
+                                      "regressor to choose from")
+    cv_fold_s: float = Field(2.0, ge=2.0, le=60, description="shortest held-back block of the mouth's "
+                             "cross-validation, seconds")
+    cv_folds: int = Field(5, ge=2, le=20, description="held-back blocks of the training clips (fewer when they are "
+                          "short; none under two blocks, and the mouth reads loudness)")
     mouth_smoothing: float = Field(1.0, ge=0, le=10, description="Gaussian smoothing of jaw and expression, frames")
     max_states: int = Field(1500, ge=16, le=20000, description="at most this many segment starts in the graph "
                             "(a longer video is subsampled; search time grows with its square)")
@@ -40,6 +46,20 @@ class SpeechParams(Section):
     repeat_penalty: float = Field(5.0, ge=0, description="cost of a jump back into the segment just shown")
     variety: float = Field(0.1, ge=0, description="seeded noise on the audio match: different seeds (`anchor speak "
                            "--seed`, else render_body.seed), different but equally fitting gestures")
+
+    @field_validator("mouth_contexts")
+    @classmethod
+    def _contexts(cls, v: list[int]) -> list[int]:
+        if any(c < 0 or c > 30 for c in v):
+            raise ValueError("each mouth context must be 0 to 30 frames")
+        return sorted(set(v))
+
+    @field_validator("ridge_alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if any(not 0 < a <= 1000 for a in v):
+            raise ValueError("each ridge alpha must be above 0 and at most 1000")
+        return sorted(set(v))
 
     @model_validator(mode="after")
     def _blend_within_segment(self) -> SpeechParams:
@@ -54,7 +74,12 @@ def describe(s: dict[str, Any]) -> str:
         return "no model: the onboarding video has no audio"
     if s.get("note"):
         return f"no model: {s['note']}"
-    return f"learnt from {s['frames']} frames ({s['seconds']:.0f} s of speech, {s['voiced_share']:.0%} voiced)"
+    mouth = ""
+    if "mouth_inputs" in s:
+        cv = s.get("jaw_corr_cv")
+        mouth = f"; mouth from {s['mouth_inputs']} " + (f"(cross-validated jaw correlation {cv})" if cv is not None
+                                                        else "(too short to cross-validate)")
+    return f"learnt from {s['frames']} frames ({s['seconds']:.0f} s of speech, {s['voiced_share']:.0%} voiced){mouth}"
 
 
 STAGE = Stage(
@@ -128,7 +153,9 @@ def run(inputs: dict[str, Path], out: Path, params: SpeechParams, progress: Prog
     model.save(out)
     progress.advance()
     return {"audio": True, "frames": int(len(rows)), "seconds": round(len(rows) / 30, 2),
-            "voiced_share": round(float(feats.voiced.mean()), 3), "runs": int(runs.max() + 1)}
+            "voiced_share": round(float(feats.voiced.mean()), 3), "runs": int(runs.max() + 1),
+            # what the mouth reads, as cross-validation on the training clips chose it, and how well it predicted
+            "mouth_inputs": model.mouth_spec.label, "jaw_corr_cv": model.config["mouth"]["jaw_corr_cv"]}
 
 
 def has_model(model_dir: Path) -> bool:
@@ -189,8 +216,7 @@ def compare(model_dir: Path, real: dict[str, np.ndarray], audio: np.ndarray, joi
     gen, said = model.synthesise(feats, seed)
     gen = {k: v[:n] for k, v in gen.items()}
     jaw_real, jaw_gen = sp.jaw_angle(real["jaw_pose"]), sp.jaw_angle(gen["jaw_pose"])
-    jaw_loud = sp.loudness_jaw(model.feats, sp.jaw_angle(model.blocks["jaw_pose"]), feats, model.config["context"],
-                               model.config["ridge_alpha"])[:n]
+    jaw_loud = sp.loudness_jaw(model.feats, sp.jaw_angle(model.blocks["jaw_pose"]), feats)[:n]
     pieces = np.array_split(np.arange(n), max(1, round(n / (SHUFFLE_S * sp.FPS))))
     order = np.random.default_rng(0).permutation(len(pieces))
     shuffled = {k: v[np.concatenate([pieces[i] for i in order])] for k, v in real.items()}
@@ -210,6 +236,7 @@ def compare(model_dir: Path, real: dict[str, np.ndarray], audio: np.ndarray, joi
         return None if p is None else round(p, 1)
 
     return {"jaw_corr": corr(jaw_gen, jaw_real), "jaw_corr_loudness": corr(jaw_loud, jaw_real),
+            "mouth_inputs": model.mouth_spec.label, "jaw_corr_cv": model.config["mouth"]["jaw_corr_cv"],
             "beat_consistency": round(bc_gen, 3), "beat_consistency_real": round(bc_real, 3),
             "beat_consistency_shuffled": round(sp.beat_consistency(beats, upper["shuffled"]), 3),
             "beat_percentile": pct(pct_gen), "beat_percentile_real": pct(pct_real),

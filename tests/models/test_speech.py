@@ -4,6 +4,7 @@ reader (tasks/audio.py). The identity here is synthetic motion paired with real 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ from core.errors import InputError
 from models import speech as sp
 from tasks import audio as aud
 from tasks import smplx_table
+from tasks.stages.speech import SpeechParams
 from tests.conftest import encode_aac, shared_video
 
-CONFIG = {"segment": 12, "blend": 6, "bins": 4, "context": 4, "ridge_alpha": 0.3, "mouth_smoothing": 1.0,
-          "max_states": 1500, "seam_penalty": 1.0, "velocity_weight": 4.0, "repeat_penalty": 5.0, "variety": 0.1}
+CONFIG = SpeechParams().model_dump()  # the stage's defaults
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,14 @@ def synthetic_identity(feats: sp.Features, seed: int = 0) -> dict[str, np.ndarra
     return blocks
 
 
-def learn(y: np.ndarray, seconds: float, **config: object) -> sp.SpeechModel:
+def learn(y: np.ndarray, seconds: float, jaw: Any = None, **config: object) -> sp.SpeechModel:
+    """A model of the synthetic identity on the first `seconds` of `y`; `jaw(feats)`, if given, replaces its jaw
+    opening (and the expression that follows it)."""
     feats = sp.features(y[: int(seconds * sp.SAMPLE_RATE)])
-    return sp.SpeechModel.learn(synthetic_identity(feats), np.zeros(feats.frames, np.int32), feats,
-                                {**CONFIG, **config})
+    blocks = synthetic_identity(feats)
+    if jaw is not None:
+        blocks["jaw_pose"][:, 0] = blocks["expression"][:, 0] = jaw(feats)
+    return sp.SpeechModel.learn(blocks, np.zeros(feats.frames, np.int32), feats, {**CONFIG, **config})
 
 
 def max_step(blocks: dict[str, np.ndarray]) -> float:
@@ -99,6 +104,60 @@ def test_a_loud_burst_opens_the_jaw_there_and_silence_keeps_it_closed(speech: np
     pauses = trained[~model.feats.voiced]
     assert silent.max() <= pauses.mean() + 0.01  # at rest, as in the person's own pauses
     assert loud.mean() >= 0.75 * trained[model.feats.voiced].mean()  # open about as far as when they speak
+
+
+def _smooth(x: np.ndarray) -> np.ndarray:
+    return np.convolve(x, np.ones(3) / 3, mode="same").astype(np.float32)
+
+
+def test_the_mouth_reads_loudness_where_only_loudness_carries_the_jaw(speech: np.ndarray) -> None:
+    """The synthetic identity's jaw is its smoothed loudness: the log-mel window has nothing more to give, and
+    cross-validation on held-back blocks must say so rather than fit the spectrum's noise."""
+    model = learn(speech, 14.0)
+    mouth = model.config["mouth"]
+    assert model.mouth_spec.inputs == "loudness", mouth["scores"]
+    assert mouth["folds"] == 5 and mouth["jaw_corr_cv"] > 0.9
+    assert len(mouth["scores"]) == 2 * len(CONFIG["mouth_contexts"]) * len(CONFIG["ridge_alphas"])
+    # and held-out speech is read the same way
+    held = sp.features(speech[14 * sp.SAMPLE_RATE:])
+    truth = sp.jaw_angle(synthetic_identity(held)["jaw_pose"])
+    assert np.corrcoef(sp.jaw_angle(model.predict_mouth(held)["jaw_pose"]), truth)[0, 1] > 0.9
+
+
+def test_the_mouth_reads_the_spectrum_where_a_band_carries_the_jaw(speech: np.ndarray) -> None:
+    """A jaw that follows how bright the voice is (its upper mel bands over its lower ones), which loudness cannot
+    tell: cross-validation must choose the log-mel window, and it must predict held-out speech."""
+    def bright(f: sp.Features) -> np.ndarray:
+        tilt = f.mel[:, 28:].mean(1) - f.mel[:, :12].mean(1)
+        return np.where(f.voiced, 0.05 + 0.01 * _smooth(np.clip(tilt + 20, 0, 30)), 0.02).astype(np.float32)
+
+    model = learn(speech, 14.0, jaw=bright)
+    mouth = model.config["mouth"]
+    assert model.mouth_spec.inputs == "mel", mouth["scores"]
+    loud = max(v for k, v in mouth["scores"].items() if k.startswith("loudness"))
+    assert mouth["jaw_corr_cv"] > loud + 0.3 and mouth["jaw_corr_cv"] > 0.7
+    held = sp.features(speech[14 * sp.SAMPLE_RATE:])
+    assert np.corrcoef(sp.jaw_angle(model.predict_mouth(held)["jaw_pose"]), bright(held))[0, 1] > 0.7
+
+
+def test_a_jaw_the_audio_does_not_carry_and_a_minute_too_short_to_hold_back_leave_the_mouth_on_loudness(
+        speech: np.ndarray) -> None:
+    noise = learn(speech, 14.0, jaw=lambda f: (0.1 + 0.05 * np.random.default_rng(3).random(f.frames)))
+    assert model_inputs(noise) == "loudness" and abs(noise.config["mouth"]["jaw_corr_cv"]) < 0.2
+    short = learn(speech, 3.5)  # 105 frames: fewer than two blocks of cv_fold_s
+    assert short.config["mouth"]["folds"] == 0 and short.config["mouth"]["jaw_corr_cv"] is None
+    assert short.mouth_spec == sp.MouthSpec("loudness", max(CONFIG["mouth_contexts"]), 1.0)
+
+
+def model_inputs(model: sp.SpeechModel) -> str:
+    return model.mouth_spec.inputs
+
+
+def test_held_back_blocks_are_contiguous_and_never_shorter_than_asked() -> None:
+    folds = sp.time_folds(307, 60, 5)
+    assert len(folds) == 5 and np.array_equal(np.concatenate(folds), np.arange(307))
+    assert all(len(f) >= 60 and np.all(np.diff(f) == 1) for f in folds)
+    assert len(sp.time_folds(200, 60, 5)) == 3 and sp.time_folds(119, 60, 5) == []
 
 
 def test_levels_are_relative_to_the_recording_and_silence_is_unvoiced(speech: np.ndarray) -> None:
