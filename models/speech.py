@@ -276,11 +276,13 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def choose_mouth(predicted: dict[MouthSpec, np.ndarray], jaw: np.ndarray, folds: list[np.ndarray],
                  fallback: MouthSpec) -> tuple[MouthSpec, dict[MouthSpec, float]]:
-    """The spec to use and every spec's cross-validated jaw correlation (all folds' predictions pooled). The best
-    loudness spec, unless a richer one beats it by more than cross-validation's own noise: its fold-by-fold gain
-    over loudness must exceed one standard error of that gain (the one-standard-error rule, paired by fold).
-    `fallback` when nothing was cross-validated."""
-    scores = {s: _corr(p, jaw) for s, p in predicted.items()}
+    """The spec to use and every spec's cross-validated jaw correlation: within each held-back block, then the mean
+    over blocks (pooled over blocks, a model fitted on the others predicts their mean level, which runs against the
+    block's own, and a weak input scores below zero for it). The best loudness spec, unless a richer one scores
+    higher *and* its block-by-block gain over loudness exceeds one standard error of that gain (the
+    one-standard-error rule, paired by block). `fallback` when nothing was cross-validated."""
+    per_fold = {s: np.array([_corr(p[f], jaw[f]) for f in folds]) for s, p in predicted.items()}
+    scores = {s: float(v.mean()) for s, v in per_fold.items()}
     best = {i: max((s for s in scores if s.inputs == i), key=lambda s: scores[s], default=None) for i in MOUTH_INPUTS}
     chosen = best["loudness"]
     if chosen is None:
@@ -289,7 +291,7 @@ def choose_mouth(predicted: dict[MouthSpec, np.ndarray], jaw: np.ndarray, folds:
         s = best[inputs]
         if s is None or scores[s] <= scores[chosen]:
             continue
-        gain = np.array([_corr(predicted[s][f], jaw[f]) - _corr(predicted[chosen][f], jaw[f]) for f in folds])
+        gain = per_fold[s] - per_fold[chosen]
         if gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)):
             chosen = s
     return chosen, scores
@@ -305,8 +307,10 @@ def loudness_jaw(train: Features, jaw: np.ndarray, test: Features, spec: MouthSp
 
 
 def jaw_angle(jaw_pose: np.ndarray) -> np.ndarray:
-    """How far the jaw is open: the angle of its axis-angle rotation."""
-    return np.linalg.norm(np.asarray(jaw_pose, np.float64), axis=-1)
+    """How far the jaw is open: its rotation about the x axis (SMPL-X's jaw opens about x, positive open). Not the
+    rotation's whole angle: a fit's jaw also twists a little about y and z, and from a pose closed slightly past
+    neutral, opening makes that angle smaller first (on one talking clip the whole angle fell as the lips parted)."""
+    return np.asarray(jaw_pose, np.float64)[..., 0]
 
 
 # -------------------------------------------------------------------------------------------- motion graph

@@ -30,7 +30,7 @@ class SpeechParams(Section):
     segment: int = Field(12, ge=4, le=120, description="frames per motion-graph segment (12 = 0.4 s)")
     blend: int = Field(6, ge=1, le=60, description="frames a seam between two segments is blended over (slerp)")
     bins: int = Field(4, ge=1, le=30, description="sub-windows of a segment whose loudness and onsets are matched")
-    mouth_contexts: list[int] = Field([0, 2, 4], min_length=1, description="frames either side the mouth "
+    mouth_contexts: list[int] = Field([0, 2, 4, 8], min_length=1, description="frames either side the mouth "
                                       "regressor may see (cross-validation chooses)")
     ridge_alphas: list[float] = Field([0.1, 1.0, 10.0], min_length=1, description="ridge strengths of the mouth "
                                       "regressor to choose from")

@@ -59,7 +59,7 @@ def test_onboarding_learns_the_speech_model_from_the_training_clips_only(ws: Wor
     m = read_manifest(artifact_dir(ws, "speech", ID))
     assert m["summary"]["audio"] is True and m["summary"]["frames"] == 44
     # 44 frames (1.5 s) cannot be held back in two blocks of speech.cv_fold_s: the mouth reads loudness, and says so
-    assert m["summary"]["mouth_inputs"] == "loudness ±4 frames, alpha 1" and m["summary"]["jaw_corr_cv"] is None
+    assert m["summary"]["mouth_inputs"] == "loudness ±8 frames, alpha 1" and m["summary"]["jaw_corr_cv"] is None
     model = sp.SpeechModel.load(artifact_dir(ws, "speech", ID))
     _, fit = smplx_table.read(artifact_dir(ws, "smplx_fit", ID) / smplx_table.TABLE)
     assert np.array_equal(model.blocks["body_pose"], fit["body_pose"][:44])  # its own fitted frames, in order
@@ -215,7 +215,7 @@ def test_speech_benchmark_compares_the_held_out_audio_driven_motion_with_the_rea
     root = copy_workspace(onboarded, tmp_path / "ws")
     result = speak(short_video, root, name=ID)
     assert set(SPEAK_KEYS) <= set(result) and result["frames"] == 19 and result["training_frames"] == 44
-    assert result["mouth_inputs"] == "loudness ±4 frames, alpha 1" and result["jaw_corr_cv"] is None
+    assert result["mouth_inputs"] == "loudness ±8 frames, alpha 1" and result["jaw_corr_cv"] is None
     assert result["speech_model"] == read_manifest(artifact_dir(Workspace(root), "speech", ID))["output_hash"]
     # each figure is what its definition gives on the held-out part, recomputed here from the models' primitives:
     # the generated motion against the real one (not the real against itself, not the training part)
