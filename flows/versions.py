@@ -25,8 +25,10 @@ from tasks.stages import report
 
 VERSIONS_FILE = "versions.yaml"
 MODEL_STAGE = "finetune"  # each distinct output of this stage is a version of the identity's model
-# a render's stages whose params can go stale (the motion stage has none: its content names the render)
-RENDER_STAGES = tuple(s for s in registry.in_flow("render") if registry.get(s).params is not None)
+# a render's stages whose params shape its video and so can make it stale (the motion stage has none: its content
+# names the render; a stage that only scores the video, such as follow, does not make the video stale)
+RENDER_STAGES = tuple(s for s in registry.in_flow("render") if registry.get(s).params is not None
+                      and (s == "assemble" or s in registry.upstream("assemble")))
 SUPERSEDED = "superseded.json"  # in a render's folder: the render that replaced it
 PER_RUN = ("seed", "enabled")  # `anchor render --seed/--no-face` choices, not params that went stale
 

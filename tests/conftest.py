@@ -44,7 +44,7 @@ os.environ["ANCHOR_CACHE_HOME"] = _scratch("anchor-test-cache-")  # Prefect's re
 os.environ["ANCHOR_CHECK_CONTRACT"] = "1"  # every stage a test runs reads and writes only what it declares
 
 TEST_PARAMS = {"profile": "tiny", "ingest": {"resolution": 128, "clip_frames": 45}, "matting": {"workers": 1},
-               "keypoints": {"workers": 1}}
+               "keypoints": {"workers": 1}, "follow": {"max_frames": 8}}
 
 
 def shared_video(name: str) -> Path:

@@ -88,7 +88,7 @@ def sample(n: int, most: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, most)})
 
 
-def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
+def points_of(rows: list[Any], part: str, k: int) -> np.ndarray:
     """(T, k, 2) from keypoint rows (flat lists, 3 or 4 values per point), NaN where the part was not found."""
     out = np.full((len(rows), k, 2), np.nan)
     for t, row in enumerate(rows):
@@ -99,7 +99,7 @@ def _points(rows: list[Any], part: str, k: int) -> np.ndarray:
     return out
 
 
-def _in_frame(points: np.ndarray, side: int) -> np.ndarray:
+def in_frame(points: np.ndarray, side: int) -> np.ndarray:
     """`points` with those outside the frame [0, side)² set to NaN: there is nothing in the picture to compare."""
     with np.errstate(invalid="ignore"):
         outside = ((points < 0) | (points >= side)).any(-1)
@@ -126,18 +126,18 @@ def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]],
     out: dict[str, Any] = {}
     per_frame: list[dict[str, Any]] = [{"frame": t} for t in range(len(real))]
     for name, (part, k) in PARTS.items():
-        seen = {p: _points(real, p, k) for p in (part if name == "hand" else (part,))}
-        inside = {p: _in_frame(v, side) for p, v in seen.items()}
+        seen = {p: points_of(real, p, k) for p in (part if name == "hand" else (part,))}
+        inside = {p: in_frame(v, side) for p, v in seen.items()}
         outside = sum(_found(seen[p]) - _found(inside[p]) for p in seen)
         if name == "hand":
-            results = [scores.landmark_distance(_points(generated, p, k), inside[p], outlier=hand_outlier * side)
+            results = [scores.landmark_distance(points_of(generated, p, k), inside[p], outlier=hand_outlier * side)
                        for p in part]
             pts = sum(r["points"] for r in results)
             mean = sum(r["mean_px"] * r["points"] for r in results if r["points"]) / pts if pts else float("nan")
             res = {"mean_px": mean, "points": pts, "frames": sum(r["frames"] for r in results),
                    "dropped_frames": sum(r["dropped_frames"] for r in results)}
         else:
-            g, r = _points(generated, part, k), inside[part]
+            g, r = points_of(generated, part, k), inside[part]
             res = scores.landmark_distance(g, r)
             d = np.linalg.norm(g - r, axis=-1)
             for t in range(len(real)):
@@ -154,8 +154,8 @@ def landmark_scores(generated: list[dict[str, Any]], real: list[dict[str, Any]],
 
 def _pose(rows: list[Any], side: int) -> np.ndarray:
     """(T, 75, 2): the 33 body and 2 × 21 hand points the baseline matches on, those inside the frame."""
-    return _in_frame(np.concatenate([_points(rows, "body", 33), _points(rows, "left_hand", 21),
-                                     _points(rows, "right_hand", 21)], axis=1), side)
+    return in_frame(np.concatenate([points_of(rows, "body", 33), points_of(rows, "left_hand", 21),
+                                     points_of(rows, "right_hand", 21)], axis=1), side)
 
 
 def training_poses(keypoints_dir: Path, ingest: Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -178,11 +178,11 @@ def person_masks(matting: Path, ingest: Path, picks: list[int], size: int) -> It
         yield cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
 
 
-def _detect(paths: list[Path], side: int, detector: dict[str, Any], workers: int, progress: Progress,
-            what: str = "generated frames") -> list[dict[str, Any]]:
+def detect_landmarks(paths: list[Path], side: int, detector: dict[str, Any], workers: int, progress: Progress,
+                     label: str = "metrics: landmarks on generated frames") -> list[dict[str, Any]]:
     """The keypoints stage's detector, with the settings that found the real landmarks, on other frames."""
     job = ({"name": "generated", "split": "test", "start": 0}, [str(p) for p in paths], side, detector)
-    progress.start(f"metrics: landmarks on {what}", len(paths))
+    progress.start(label, len(paths))
     return run_parallel(keypoints.detect_clip, [job], workers, progress)[0]
 
 
@@ -264,7 +264,7 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
 
     real_lm = _real_landmarks(inputs["keypoints"], inputs["ingest"], picks)
     detector = (read_manifest(inputs["keypoints"]) or {}).get("params") or keypoints.KeypointsParams().model_dump()
-    generated_lm = _detect([gen_paths[t] for t in picks], side, detector, params.workers, progress)
+    generated_lm = detect_landmarks([gen_paths[t] for t in picks], side, detector, params.workers, progress)
     lmd, per_frame = landmark_scores(generated_lm, real_lm, side, params.hand_outlier)
     for row, t in zip(per_frame, picks, strict=True):
         row["frame"] = t
@@ -281,7 +281,8 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     nn_paths = {t: out / NEAREST / frame_name(t, "png") for t in picks}
     for t, i in zip(picks, chosen, strict=True):
         write_png(nn_paths[t], read_rgb(train_paths[max(int(i), 0)], res))  # no real pose: the first frame
-    nn_lm = _detect([nn_paths[t] for t in picks], side, detector, params.workers, progress, "the baseline's frames")
+    nn_lm = detect_landmarks([nn_paths[t] for t in picks], side, detector, params.workers, progress,
+                             "metrics: landmarks on the baseline's frames")
     nn_lmd, _ = landmark_scores(nn_lm, real_lm, side, params.hand_outlier)
     result.update({f"baseline_{k}": v for k, v in nn_lmd.items()})
     result["baseline_detection_rate"] = _rates(nn_lm)

@@ -68,7 +68,8 @@ ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lm
         "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
         "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑"}
 COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame")
-RENDER_STAGES = ("motion", "render_body", "face", "assemble", "metrics")  # the evaluation render's artifacts
+RENDER_STAGES = ("motion", "render_body", "face", "assemble", "follow", "metrics")  # the evaluation render's artifacts
+FOLLOW = ("follow_lmd_body_pct", "follow_lmd_hand_pct", "hands_found", "follow_mouth_corr")  # its score vs its motion
 
 
 def _evaluation(root: Path) -> dict[str, Path]:
@@ -342,6 +343,9 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         dvc_metrics["speech"] = {k: spoken["figures"][k] for k in (
             "jaw_corr", "jaw_corr_loudness", "jaw_corr_cv", "beat_consistency", "beat_consistency_real",
             "beat_percentile", "beat_percentile_real", "seam_jerk_ratio")}
+    follow = ((read_manifest(ev["follow"]) or {}).get("summary") or {})
+    if follow:
+        dvc_metrics["follow"] = {k: follow.get(k) for k in FOLLOW}
     (out / METRICS).write_text(json.dumps(dvc_metrics, indent=2, sort_keys=True) + "\n")
 
     table = [{"name": label, "value": _value(scored.get(key)), "note": _note(scored.get(key)),
@@ -358,7 +362,7 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         sampled=scored.get("sampled"),
         framing=((read_manifest(ev["motion"]) or {}).get("summary") or {}).get("framing"),
         face_check=((read_manifest(ev["face"]) or {}).get("summary") or {}).get("face_check"),
-        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1), speech=spoken,
+        total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1), speech=spoken, follow=follow,
         video=video_uri(ev["metrics"] / metrics.SIDE_BY_SIDE), panels=metrics.PANELS,
         hand_ratio=scored.get("hand_rate_ratio"), nn_hand_ratio=scored.get("baseline_hand_rate_ratio"),
         fps_render=dvc_metrics["render_fps"])
@@ -412,6 +416,11 @@ the grid, which copy the nearest training frame.{% endif %}</td></tr>
 Hand outliers: {{ hand_rule }}.
 LMD is in pixels at this identity's crop; the paper's at its own crop and with OpenPose, so compare
 tendencies, not digits. FID/FVD over one identity's held-out frames are small-sample estimates.</p>
+{% if follow %}<p>Against its own motion (as every render is scored, ground truth or not; {{ follow.frames }} frames):
+the landmarks MediaPipe finds on the generated frames are {{ follow.follow_lmd_body_pct }} % (body) and
+{{ follow.follow_lmd_hand_pct }} % (hands) of the frame side from where the motion's joints project; hands the motion
+holds in view are found in {{ follow.hands_found }} of the frames; the mouth opening on the frames correlates
+{{ follow.follow_mouth_corr }} with the motion's jaw.</p>{% endif %}
 
 <h2>The held-out clips side by side</h2>
 {% if video %}<video controls preload="metadata" style="width:100%" src="{{ video }}"></video>

@@ -94,8 +94,8 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     sheet = cv2.imread(str(report / "contact_sheet.png"))
     assert sheet.shape == (22 + rows * (22 + 192), 5 * 192, 3)
     assert "nearest training frame" in page and "SSIM in the person" in page
-    # time per stage from the manifests of the artifacts shown: the identity's ten and the evaluation render's five
-    assert read_manifest(report)["summary"]["stages_timed"] == 15
+    # time per stage from the manifests of the artifacts shown: the identity's ten and the evaluation render's six
+    assert read_manifest(report)["summary"]["stages_timed"] == 16
     times = page[page.index("Time per stage"):]
     for stage in ("source", "smplx_fit", "pretrain", "finetune", "render_body", "metrics"):
         assert f"<tr><td>{stage}</td>" in times
@@ -106,6 +106,11 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     real_hands = [metrics_file["detection_rate_real"][h] for h in ("left_hand", "right_hand")]
     assert scored["hand_rate_ratio"] == metrics_file["hand_rate_ratio"]
     assert (scored["hand_rate_ratio"] is None) == (not any(real_hands))
+    # the evaluation render scored against its own motion too, as every render is: its figures reach the report
+    followed = read_manifest(next(ws.root.glob(f"data/renders/{ID}/*/follow")))["summary"]
+    assert scored["follow"] == {k: followed[k] for k in ("follow_lmd_body_pct", "follow_lmd_hand_pct", "hands_found",
+                                                         "follow_mouth_corr")}
+    assert "from where the motion's joints project" in page and followed["frames"] == 8  # follow.max_frames
     # the held-out audio through the speech model, against the real held-out motion
     spoken = page[page.index("Speech-driven motion"):page.index("Time per stage")]
     assert "jaw correlation" in spoken and spoken.count("<svg") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,9 @@ def test_anchor_render_command_caches_and_copies_the_video_out(ws: Workspace, tm
     first = cli(ws.root, "render", ID, "--motion", f"{ID}:test", "--out", str(out), "--frames", "8", embedded=True)
     assert first.returncode == 0, first.stderr
     assert f"video: {out}" in first.stdout and "assemble" in first.stdout
+    # every render scored against its own motion, said with the stage lines
+    assert re.search(r"follow: ran [0-9.]+ s: 8 frames scored against the motion: body (—|[0-9.]+%), hands ",
+                     first.stdout), first.stdout
     assert len(video_frames(out)) == 8
     # the command's progress and summary only: Prefect's own lines are in the run's log file
     said = first.stdout + first.stderr
@@ -52,7 +56,7 @@ def test_anchor_render_command_caches_and_copies_the_video_out(ws: Workspace, tm
     assert "Finished in state Completed()" in logged
     second = anchor(ws.root, "render", ID, "--motion", f"{ID}:test", "--out", str(out), "--frames", "8")
     assert second.returncode == 0, second.stderr
-    for stage in ("motion", "render_body", "face", "assemble"):
+    for stage in ("motion", "render_body", "face", "assemble", "follow"):
         assert f"{stage}: cached" in second.stdout, second.stdout
     assert any(out.read_bytes() == p.read_bytes() for p in ws.root.glob("data/renders/demo/*/assemble/video.mp4"))
     # errors name what is wrong, before any work
