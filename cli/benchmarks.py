@@ -470,7 +470,7 @@ def memory(video: Path, repeat: int, log: Any = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------- speak
 SPEAK_KEYS = ("jaw_corr", "jaw_corr_loudness", "mouth_inputs", "jaw_corr_cv", "beat_consistency",
               "beat_consistency_real", "beat_consistency_shuffled", "beat_percentile", "beat_percentile_real",
-              "beat_judgeable", "seam_jerk_ratio", "synth_s_per_audio_min")
+              "beat_judgeable", "seam_jerk_ratio", "synth_s_per_audio_min", "repeat_share")
 
 
 def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") -> dict[str, Any]:
@@ -507,12 +507,15 @@ def speak(video: Path, workspace: Path, log: Any = None, name: str = "bench") ->
     speech_task.synthesise(model_dir, audio[: sp.SAMPLE_RATE], seed)  # warm-up
     minute = np.tile(audio, int(np.ceil(60 * sp.SAMPLE_RATE / len(audio))))[: 60 * sp.SAMPLE_RATE]
     t = time.perf_counter()
-    speech_task.synthesise(model_dir, minute, seed)
+    _, said = speech_task.synthesise(model_dir, minute, seed)
     per_minute = time.perf_counter() - t
     joints = motion_task.reference(fit, body_model_path(ws)).joints
     result = speech_task.compare(model_dir, real, audio, joints, seed)
     return {**{k: v for k, v in result.items() if k not in ("series", "generated")},
             "synth_s_per_audio_min": round(per_minute, 2),
+            # of the minute's segments, the share showing frames shown within speech.min_reuse_s (at most half the
+            # training material) before
+            "repeat_share": round(said["reused_within_min_reuse"] / said["segments"], 3),
             "speech_model": (read_manifest(model_dir) or {}).get("output_hash")}
 
 

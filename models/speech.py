@@ -40,6 +40,7 @@ MOUTH_BLOCKS = ("jaw_pose", "expression")
 # transition compares and what beat consistency and jerk are measured on)
 UPPER_BODY = (3, 6, 9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)
 UPPER_JOINTS = tuple(j - 1 for j in UPPER_BODY)  # the same joints as rows of body_pose (which leaves out the pelvis)
+REUSE_PASSES = 3  # Viterbi searches at most, each penalising the reuses the one before made
 CONFIG = "speech_model.json"
 WEIGHTS = "speech_model.npz"
 
@@ -442,28 +443,65 @@ class SpeechModel:
         pad = steps * length - t_total
         target = feats if pad == 0 else _padded(feats, pad)
         tgt_feat = segment_features(target, np.arange(steps) * length, length, c["bins"])
+        # A Viterbi path is Markov: it cannot see that a segment came up 15 s ago. A ten-minute voice-over would
+        # show the favourite gestures again and again, so the search is repeated: where the path reuses frames it
+        # showed within `min_reuse_s`, those frames' segments cost `reuse_penalty` more at that step next time
+        # (penalties accumulate over the passes, at most REUSE_PASSES; the pass that repeats least is kept).
+        # never more than half the training material: beyond it every segment is a repeat and none is spared
+        window = round(min(c.get("min_reuse_s", 0.0) * FPS, 0.5 * len(self.runs)) / length)
+        passes = REUSE_PASSES if window > 0 and c.get("reuse_penalty", 0.0) > 0 else 1
+        extra: dict[int, np.ndarray] = {}
+        best: tuple[int, np.ndarray] | None = None
+        for k in range(passes):
+            path = self._viterbi(starts, trans, src_feat, tgt_feat, extra, seed, progress, k)
+            reused = recent_reuse(starts[path], length, window) if window > 0 else []
+            if best is None or len(reused) < best[0]:
+                best = (len(reused), path)
+            if not reused or k == passes - 1:
+                break
+            for t in reused:
+                used = starts[path[max(0, t - window): t]]
+                near = np.flatnonzero((np.abs(starts[:, None] - used[None, :]) < length).any(1))
+                extra[t] = np.union1d(extra.get(t, near[:0]), near)
+        reuses, path = best  # the pass that repeated least
+        blocks, seams = self._assemble(starts[path], t_total)
+        blocks.update(self.predict_mouth(feats))
+        said = {"segments": steps, "seams": len(seams), "states": len(starts),
+                "source_frames_used": int(len(np.unique(starts[path])) * length),
+                "reused_within_min_reuse": reuses}
+        return blocks, {**said, "seam_frames": seams}
+
+    def _viterbi(self, starts: np.ndarray, trans: np.ndarray, src_feat: np.ndarray, tgt_feat: np.ndarray,
+                 extra: dict[int, np.ndarray], seed: int, progress: Any, attempt: int) -> np.ndarray:
+        """The cheapest path of segment starts (indices into `starts`), one per target segment: emissions perturbed
+        by seeded noise (the same noise on every attempt), so a seed picks among near-equal paths; `extra[t]`: the
+        states that cost `reuse_penalty` more at step t."""
+        c = self.config
+        steps = len(tgt_feat)
         rng = np.random.default_rng(seed)
         if progress is not None:
-            progress.start("choosing gestures for the speech", steps)
-        # Viterbi over segments, the emissions perturbed by seeded noise so a seed picks among near-equal paths
+            progress.start("choosing gestures for the speech" + (f" (pass {attempt + 1}: fewer repeats)"
+                                                                 if attempt else ""), steps)
+
+        def emission(t: int) -> np.ndarray:
+            e = _emission(tgt_feat[t], src_feat) + c["variety"] * rng.gumbel(size=len(starts))
+            if t in extra:
+                e[extra[t]] += c["reuse_penalty"]
+            return e
+
         back = np.zeros((steps, len(starts)), np.int32)
-        cost = _emission(tgt_feat[0], src_feat) + c["variety"] * rng.gumbel(size=len(starts))
+        cost = emission(0)
         for t in range(1, steps):
             total = cost[:, None] + trans
             back[t] = total.argmin(0)
-            cost = total[back[t], np.arange(len(starts))] + _emission(tgt_feat[t], src_feat) \
-                + c["variety"] * rng.gumbel(size=len(starts))
+            cost = total[back[t], np.arange(len(starts))] + emission(t)
             if progress is not None:
                 progress.advance()
         path = np.zeros(steps, np.int64)
         path[-1] = int(cost.argmin())
         for t in range(steps - 1, 0, -1):
             path[t - 1] = back[t, path[t]]
-        blocks, seams = self._assemble(starts[path], t_total)
-        blocks.update(self.predict_mouth(feats))
-        said = {"segments": steps, "seams": len(seams), "states": len(starts),
-                "source_frames_used": int(len(np.unique(starts[path])) * length)}
-        return blocks, {**said, "seam_frames": seams}
+        return path
 
     def _assemble(self, chosen: np.ndarray, frames: int) -> tuple[dict[str, np.ndarray], list[int]]:
         from scipy.spatial.transform import Rotation
@@ -518,6 +556,13 @@ class SpeechModel:
             mouth = {k[6:]: z[k] for k in z.files if k.startswith("mouth_")}
             runs = z["runs"]
         return cls(blocks, runs, feats, config, mouth)
+
+
+def recent_reuse(chosen: np.ndarray, length: int, window: int) -> list[int]:
+    """Steps whose segment (first frame `chosen[t]`, `length` frames) overlaps one shown in the `window` steps
+    before it."""
+    return [t for t in range(1, len(chosen))
+            if (np.abs(chosen[max(0, t - window): t] - chosen[t]) < length).any()]
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -280,7 +280,8 @@ def bench_speak(video: Annotated[Path, typer.Option("--video", help="Video of on
                "jaw_corr_cv": "(on the training clips)", "beat_consistency": "",
                "beat_consistency_real": "", "beat_consistency_shuffled": "", "beat_percentile": judged,
                "beat_percentile_real": "≥ 75 for the clip to judge gesture timing", "beat_judgeable": "",
-               "seam_jerk_ratio": "≤ 1.5", "synth_s_per_audio_min": "≤ 10"}
+               "seam_jerk_ratio": "≤ 1.5", "synth_s_per_audio_min": "≤ 10",
+               "repeat_share": "(within speech.min_reuse_s)"}
     for key in SPEAK_KEYS:
         table.add_row(key, "—" if result[key] is None else str(result[key]), targets[key])
     out.print(table)

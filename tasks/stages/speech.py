@@ -44,6 +44,9 @@ class SpeechParams(Section):
     seam_penalty: float = Field(1.0, ge=0, description="cost of any jump to another part of the video")
     velocity_weight: float = Field(4.0, ge=0, description="weight of velocity against pose at a jump")
     repeat_penalty: float = Field(5.0, ge=0, description="cost of a jump back into the segment just shown")
+    min_reuse_s: float = Field(20.0, ge=0, le=600, description="frames shown within this many seconds cost "
+                               "reuse_penalty more when the search would show them again (0 = off)")
+    reuse_penalty: float = Field(2.0, ge=0, description="cost of showing again what was shown within min_reuse_s")
     variety: float = Field(0.1, ge=0, description="seeded noise on the audio match: different seeds (`anchor speak "
                            "--seed`, else render_body.seed), different but equally fitting gestures")
 

@@ -153,6 +153,24 @@ def model_inputs(model: sp.SpeechModel) -> str:
     return model.mouth_spec.inputs
 
 
+def test_a_long_speech_shows_again_what_it_showed_seconds_ago_less_often_when_that_costs(speech: np.ndarray) -> None:
+    """Minutes of speech on 14 s of material: the same gestures must come back, but not within seconds if the
+    search can help it. With the reuse penalty off, count the steps that show frames shown within the window (half
+    the material here); with it on, fewer, and the motion is still one frame per 1/30 s."""
+    model = learn(speech, 14.0)
+    long = sp.features(np.tile(speech[14 * sp.SAMPLE_RATE:], 10))  # 60 s of speech the model never heard
+    model.config.update(min_reuse_s=20.0, reuse_penalty=0.0)
+    _, free = model.synthesise(long, seed=0)
+    model.config.update(reuse_penalty=2.0)
+    blocks, costly = model.synthesise(long, seed=0)
+    assert free["reused_within_min_reuse"] > 0.3 * free["segments"]  # the unpenalised search repeats a lot
+    assert costly["reused_within_min_reuse"] < 0.9 * free["reused_within_min_reuse"], (free, costly)
+    assert len(blocks["transl"]) == long.frames
+    steps = np.array([0, 30, 5, 100, 12, 41])  # segment starts of 12 frames, a 3-step window
+    # 5 overlaps 0 two steps back; 12 overlaps 5; 41 would overlap 30, four steps back: outside the window
+    assert sp.recent_reuse(steps, 12, 3) == [2, 4]
+
+
 def test_held_back_blocks_are_contiguous_and_never_shorter_than_asked() -> None:
     folds = sp.time_folds(307, 60, 5)
     assert len(folds) == 5 and np.array_equal(np.concatenate(folds), np.arange(307))
