@@ -46,7 +46,9 @@ class SpeechParams(Section):
     repeat_penalty: float = Field(5.0, ge=0, description="cost of a jump back into the segment just shown")
     min_reuse_s: float = Field(20.0, ge=0, le=600, description="frames shown within this many seconds cost "
                                "reuse_penalty more when the search would show them again (0 = off)")
-    reuse_penalty: float = Field(2.0, ge=0, description="cost of showing again what was shown within min_reuse_s")
+    reuse_penalty: float = Field(0.5, ge=0, description="cost of showing again what was shown within min_reuse_s "
+                                 "(small: it breaks near-ties towards frames not shown lately, rather than "
+                                 "override the speech)")
     variety: float = Field(0.1, ge=0, description="seeded noise on the audio match: different seeds (`anchor speak "
                            "--seed`, else render_body.seed), different but equally fitting gestures")
 
