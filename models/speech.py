@@ -4,9 +4,10 @@ Body, hands and head come from a motion graph over the identity's own fitted fra
 segments, and a Viterbi search picks, for each, a segment of the training video whose original audio looks alike
 (loudness and onset profile, voicing, pitch) while keeping transitions between poses that are close (a natural
 continuation costs nothing, a jump costs its pose and velocity distance plus a seam penalty). Seams are blended over
-a few frames with quaternion slerp. Jaw and mouth expression come from a ridge regressor on a window of log-mel
-frames, trained on the identity's audio against its fitted jaw and expression: the person's own mapping, not a
-loudness rule (which is the baseline it is measured against).
+a few frames with quaternion slerp; a search that would show frames it showed seconds ago runs again with those
+costing more. Jaw and mouth expression come from a ridge regressor trained on the identity's audio against its
+fitted jaw and expression, reading a window of log-mel frames or of loudness alone, as cross-validation on held-back
+blocks of the training clips chooses: the person's own mapping where the training minute supports one.
 
 Every level is relative to the recording's own speech level, so a quieter microphone does not read as silence.
 """

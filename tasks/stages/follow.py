@@ -133,6 +133,7 @@ def score(frames: list[Path], blocks: dict[str, np.ndarray], fit_dir: Path, body
     generated = metrics.detect_landmarks(frames, side, detector, workers, progress, "follow: landmarks on the render")
     expected = motion_landmarks(body_model, fit_dir, blocks, side)
     lmd, per_frame = metrics.landmark_scores(generated, expected, side, hand_outlier)
+    del lmd["lmd_face"]  # the motion has no face points in MediaPipe's mesh: the face is judged by its mouth
     opening, jaw = mouth_opening(generated), jaw_angle(blocks["jaw_pose"])
     for row, o, j in zip(per_frame, opening, jaw, strict=True):
         row.update({"mouth_opening": "" if np.isnan(o) else round(float(o), 5), "jaw_angle": round(float(j), 5)})
