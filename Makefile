@@ -1,9 +1,9 @@
-# Two entry points, each doing all set-up itself: `make demo VIDEO=...` and `make test`.
+# Two entry points, each doing all set-up itself: `make demo [VIDEO=...]` and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-VIDEO  ?=
+VIDEO  ?= assets/examples/anchor_seated_hevc.mp4
 NAME   ?= demo
 PYTEST_ARGS ?=
 # pytest-xdist workers, a test file at a time each, one compute thread each (tests/conftest.py); the templates tests
@@ -16,7 +16,7 @@ TEST_WORKERS ?= 2
 .PHONY: setup demo test test-fast lint constraints clean-state help
 
 help:
-	@echo "make demo VIDEO=path/to/video.mp4   onboard the video as '$(NAME)', train, render and report its held-out clip"
+	@echo "make demo [VIDEO=path/to/video.mp4] onboard the video (default: the example clip, assets/examples/) as '$(NAME)', train, render and report its held-out clip"
 	@echo "make test                           run the whole test suite (what CI runs)"
 	@echo "make test-fast                      the edit loop: the suite without the tests marked slow"
 	@echo "make lint                           ruff"
@@ -55,7 +55,7 @@ check-system:
 	exit $$status
 
 demo: check-system $(STAMP)
-	@test -n "$(VIDEO)" || { echo "usage: make demo VIDEO=path/to/video.mp4 [NAME=demo]" >&2; exit 2; }
+	@test -f "$(VIDEO)" || { echo "make demo: no such video: $(VIDEO) (usage: make demo [VIDEO=path/to/video.mp4] [NAME=demo])" >&2; exit 2; }
 	$(BIN)/anchor onboard $(NAME) --video "$(VIDEO)"
 	$(BIN)/anchor pretrain
 	$(BIN)/anchor finetune $(NAME)
