@@ -143,14 +143,10 @@ def test_the_mouth_reads_the_spectrum_where_a_band_carries_the_jaw(speech: np.nd
 def test_a_jaw_the_audio_does_not_carry_and_a_minute_too_short_to_hold_back_leave_the_mouth_on_loudness(
         speech: np.ndarray) -> None:
     noise = learn(speech, 14.0, jaw=lambda f: (0.1 + 0.05 * np.random.default_rng(3).random(f.frames)))
-    assert model_inputs(noise) == "loudness" and abs(noise.config["mouth"]["jaw_corr_cv"]) < 0.2
+    assert noise.mouth_spec.inputs == "loudness" and abs(noise.config["mouth"]["jaw_corr_cv"]) < 0.2
     short = learn(speech, 3.5)  # 105 frames: fewer than two blocks of cv_fold_s
     assert short.config["mouth"]["folds"] == 0 and short.config["mouth"]["jaw_corr_cv"] is None
     assert short.mouth_spec == sp.MouthSpec("loudness", max(CONFIG["mouth_contexts"]), 1.0)
-
-
-def model_inputs(model: sp.SpeechModel) -> str:
-    return model.mouth_spec.inputs
 
 
 def test_a_long_speech_shows_again_what_it_showed_seconds_ago_less_often_when_that_costs(speech: np.ndarray) -> None:
