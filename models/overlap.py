@@ -87,7 +87,7 @@ def denoise(predict: Predict, latents: torch.Tensor, scheduler, window: int, ove
 
 @torch.no_grad()
 def denoise_store(predict: Predict, latents: LatentStore, scheduler, window: int, overlap: int,
-                  on_step: Callable[[int], None] | None = None) -> None:
+                  on_step: Callable[[int], None] | None = None, begin: int = 0) -> None:
     """`denoise` over a `LatentStore`, holding only about one window in memory: the same numbers, bit for bit.
 
     Within a step, windows are taken in order; once a window is done, the frames before the next window's start
@@ -96,7 +96,8 @@ def denoise_store(predict: Predict, latents: LatentStore, scheduler, window: int
     UniPC) is element by element with scalars from the timestep, so stepping groups apart equals stepping the
     whole sequence. A multistep solver's history (its previous model outputs, UniPC's last sample: two or three
     more latent videos) is kept between steps in stores like the latents' (`SamplerHistory`), so it is bounded
-    the same way, in memory or on disk."""
+    the same way, in memory or on disk. `begin` skips the first timesteps (sampling from a partly noised start,
+    with the scheduler's begin index set to it)."""
     n = latents.frames
     starts = window_starts(n, window, overlap)
     wins = windows(n, window, overlap)
@@ -105,7 +106,7 @@ def denoise_store(predict: Predict, latents: LatentStore, scheduler, window: int
     per_group = [copy.deepcopy(scheduler) for _ in groups]
     history = SamplerHistory(latents)
     try:
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(scheduler.timesteps[begin:]):
             eps: torch.Tensor | None = None  # summed predictions of frames [lo, lo + eps.shape[2])
             lo, next_group = 0, 0
             for k, w in enumerate(wins):

@@ -3,7 +3,9 @@
 A checkpoint folder holds the SGDM (unet/, controlnet/, image_proj, sgdm_config.json) and the parts it samples with:
 its codec (vae/: SD's VAE or the cpu profile's space-to-depth), its reference encoder (image_encoder/: CLIP vision
 or pixel patches), its scheduler (scheduler/), optionally a 2× refiner (refiner/: the cpu profile's cascade, which
-denoises at half the output size) and model_index.json with the resolution it was trained at. So
+denoises at half the output size), optionally a predictor (predictor/: the mean frame from mesh and reference, which
+the SGDM then refines from moderate noise — "predict and refine") and model_index.json with the resolution it was
+trained at. So
 
     pipe = SGDMPipeline.from_pretrained("data/checkpoints/identities/demo/finetune/body").to("cuda", torch.float16)
     frames = pipe(conditions, reference, generator=torch.Generator().manual_seed(0))
@@ -32,21 +34,24 @@ from transformers import CLIPVisionModel
 from models import overlap, pipeline
 from models.codec import PatchTokens, SpaceToDepth, device_dtype, load_codec, load_encoder, saved_class
 from models.latents import LatentStore
+from models.predictor import Predictor
 from models.refiner import Refiner
 from models.sgdm import SGDM
 
 INDEX = "model_index.json"
 PARTS = ("vae", "image_encoder", "scheduler")
-REFINER = "refiner"  # optional part
+REFINER = "refiner"  # optional parts
+PREDICTOR = "predictor"
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
 Frames = Sequence[np.ndarray]  # H×W×3 uint8 images (masks: H×W uint8), read one window at a time
 
 
 class SGDMPipeline:
     def __init__(self, sgdm: SGDM, vae: AutoencoderKL | SpaceToDepth, image_encoder: CLIPVisionModel | PatchTokens,
-                 scheduler: Any, resolution: int, refiner: Refiner | None = None) -> None:
+                 scheduler: Any, resolution: int, refiner: Refiner | None = None,
+                 predictor: Predictor | None = None) -> None:
         self.sgdm, self.vae, self.image_encoder, self.scheduler = sgdm, vae, image_encoder, scheduler
-        self.refiner = refiner
+        self.refiner, self.predictor = refiner, predictor
         self.resolution = int(resolution)  # the SGDM's frames; the output's is `output_resolution`
         factor = pipeline.vae_factor(vae)
         if self.resolution % factor:
@@ -66,9 +71,11 @@ class SGDMPipeline:
             raise FileNotFoundError(f"{path}: checkpoint lacks {', '.join(missing)}")
         dtype = torch_dtype or torch.float32
         refiner = Refiner.from_pretrained(path / REFINER, torch_dtype=dtype) if (path / REFINER).is_dir() else None
+        predictor = (Predictor.from_pretrained(path / PREDICTOR, torch_dtype=dtype) if (path / PREDICTOR).is_dir()
+                     else None)
         return cls(SGDM.from_pretrained(path, torch_dtype=dtype), load_codec(path / "vae", dtype),
                    load_encoder(path / "image_encoder", dtype), load_scheduler(path / "scheduler"),
-                   config["resolution"], refiner)
+                   config["resolution"], refiner, predictor)
 
     def save_pretrained(self, path: str | Path, parts_from: dict[str, Path] | None = None) -> None:
         """Write the checkpoint folder. `parts_from` names folders to take the codec, encoder and scheduler from
@@ -82,16 +89,19 @@ class SGDMPipeline:
                 getattr(self, name).save_pretrained(path / name)
         if self.refiner is not None:
             self.refiner.save_pretrained(path / REFINER)
+        if self.predictor is not None:
+            self.predictor.save_pretrained(path / PREDICTOR)
         (path / INDEX).write_text(json.dumps({
             "_class_name": type(self).__name__, "resolution": self.resolution, "inpaint": self.inpaint,
             "output_resolution": self.output_resolution, "sgdm": ["models.sgdm", "SGDM"], "vae": _origin(self.vae),
             "image_encoder": _origin(self.image_encoder), "scheduler": _origin(self.scheduler),
-            REFINER: ["models.refiner", "Refiner"] if self.refiner is not None else None},
+            REFINER: ["models.refiner", "Refiner"] if self.refiner is not None else None,
+            PREDICTOR: ["models.predictor", "Predictor"] if self.predictor is not None else None},
             indent=2, sort_keys=True) + "\n")
 
     # ----------------------------------------------------------------------------------------------- device
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SGDMPipeline:
-        for module in (self.sgdm, self.vae, self.image_encoder, *([self.refiner] if self.refiner else [])):
+        for module in (self.sgdm, self.vae, self.image_encoder, *self._optional()):
             wanted = dtype
             if module is self.vae and dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
                 wanted = torch.float32  # the VAE's own config says float16 overflows in it (diffusers' default)
@@ -114,6 +124,16 @@ class SGDMPipeline:
         """Side of the frames `__call__` returns: the SGDM's, or twice it through the refiner."""
         return self.resolution * (2 if self.refiner is not None else 1)
 
+    def _optional(self) -> list[torch.nn.Module]:
+        return [m for m in (self.refiner, self.predictor) if m is not None]
+
+    def denoising_steps(self, steps: int, strength: float = 1.0) -> int:
+        """Sampler steps `__call__` runs: all of them from noise, the last `strength` share of them from a
+        prediction (none at strength 0: the prediction is the frame)."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength {strength}: it is the share of the sampler's steps run, in [0, 1]")
+        return steps if self.predictor is None else min(steps, int(round(steps * strength)))
+
     @property
     def inpaint(self) -> bool:
         return self.sgdm.inpaint
@@ -131,7 +151,8 @@ class SGDMPipeline:
     def __call__(self, conditions: Frames, reference: np.ndarray, *, images: Frames | None = None,
                  masks: Frames | None = None, steps: int = 20, guidance: float = 3.5, control_scale: float = 2.0,
                  window: int = 16, overlap_frames: int = 4, generator: torch.Generator | None = None,
-                 noise: str = "independent", callback: Callable[[int, int], None] | None = None,
+                 noise: str = "independent", strength: float = 1.0,
+                 callback: Callable[[int, int], None] | None = None,
                  output: Callable[[int, np.ndarray], None] | None = None, max_latent_bytes: int = 1 << 31,
                  spill_dir: Path | None = None) -> np.ndarray | None:
         """Frames (F, H, W, 3) uint8 at `output_resolution` for the mesh `conditions` (F images) and the identity's
@@ -142,6 +163,10 @@ class SGDMPipeline:
         receives the frames a window at a time (then nothing is returned); `callback(step, steps)` follows the
         denoising. The only randomness is the initial noise, drawn from `generator` (DDIM with eta 0 and the
         multistep solvers are deterministic), so a seed fixes the frames.
+
+        With a predictor, sampling starts from its frames noised to the level `strength` of the way from clean (0)
+        to pure noise (1), and runs the last `denoising_steps(steps, strength)` of the sampler's steps, as
+        diffusers' image-to-image pipelines do; at 0 the prediction is the frame.
         """
         n, res, device = len(conditions), self.resolution, self.device
         if n < 1:
@@ -155,9 +180,14 @@ class SGDMPipeline:
         tokens = pipeline.encode_reference(self.image_encoder, _video([_sized(reference, res)])[:, :, 0])
         tokens = tokens.to(device, self.dtype)
 
-        # 2. prepare the latent video: the initial noise, scaled for the scheduler
+        # 2. prepare the latent video: the initial noise, scaled for the scheduler; with a predictor, its frames
+        #    noised to the first timestep that runs (predict and refine)
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(steps, device=device)
+        run = self.denoising_steps(steps, strength)
+        begin = (steps - run) * scheduler.order
+        if begin and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
         f = pipeline.vae_factor(self.vae)
         channels = self.vae.config.latent_channels
         # the latents and the sampler's history (overlap.SamplerHistory) fit the memory bound together, or spill
@@ -167,7 +197,20 @@ class SGDMPipeline:
         extras = None
         try:
             latents.fill_noise(generator, shared=noise == "shared")
-            latents.scale(float(scheduler.init_noise_sigma))
+            cond_frames = _Conditions(conditions, res, device, max(0, max_latent_bytes - latents.memory_bytes))
+            if self.predictor is None or run == steps:  # from pure noise, the predictor unused
+                latents.scale(float(scheduler.init_noise_sigma))
+            else:
+                # (a predictor that keeps its own reference starts from the frame it learnt against)
+                ref = _video([_sized(reference, res)])[0].permute(1, 0, 2, 3).to(device, self.dtype) * 2 - 1
+                for w in overlap.chunks(n, window):
+                    cond = cond_frames.window(w, self.dtype)[0].permute(1, 0, 2, 3) * 2 - 1
+                    given = None if self.predictor.own_reference else ref.expand(len(cond), -1, -1, -1)
+                    predicted = (self.predictor(cond, given) + 1) / 2
+                    x0 = pipeline.encode_frames(self.vae, predicted.permute(1, 0, 2, 3)[None]).float()
+                    if run:
+                        x0 = scheduler.add_noise(x0, latents.read(w, torch.float32), scheduler.timesteps[begin:][:1])
+                    latents.write(w, x0)
 
             # 3. inpainting inputs (face): the mask and the latent of the masked frames, once per frame
             if self.inpaint:
@@ -180,15 +223,14 @@ class SGDMPipeline:
                     extras.write(w, pipeline.inpaint_inputs(self.vae, mask, image * (1 - mask) + 0.5 * mask))
 
             # 4. Algorithm 1: guided noise per window, averaged per frame, one scheduler step for the sequence
-            cond_frames = _Conditions(conditions, res, device, max(0, max_latent_bytes - latents.memory_bytes))
-
             def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
                 cond = cond_frames.window(w, self.dtype)
                 extra = extras.read(w) if extras is not None else None
                 return pipeline.predict_noise(self.sgdm, x, t, tokens, cond, guidance, control_scale, extra).float()
 
-            overlap.denoise_store(predict, latents, scheduler, window, overlap_frames,
-                                  on_step=(lambda i: callback(i, steps)) if callback else None)
+            if run:
+                overlap.denoise_store(predict, latents, scheduler, window, overlap_frames,
+                                      on_step=(lambda i: callback(i, run)) if callback else None, begin=begin)
 
             # 5. decode a window at a time, 6. through the refiner when the checkpoint has one
             collected: list[np.ndarray] = []

@@ -52,7 +52,7 @@ class WindowParams(Section):
         check_profiles("dtype", self.dtype, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
         check_profiles("scheduler", self.scheduler, lambda v: True, "")
         check_profiles("steps", self.steps, lambda v: 1 <= v <= 1000, "steps must be between 1 and 1000")
-        for name, low, high in (("guidance", 1, 20), ("control_scale", 0, 10)):
+        for name, low, high in (("guidance", 1, 20), ("control_scale", 0, 10), ("strength", 0, 1)):
             if hasattr(self, name):
                 check_profiles(name, getattr(self, name), lambda v, lo=low, hi=high: lo <= v <= hi,
                                f"scales must be between {low} and {high}")

@@ -90,8 +90,9 @@ def describe(s: dict[str, Any]) -> str:
         text = f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
         if m.get("saves"):
             text += f", {m['saves']} saved states ({m['save_s']} s, {m['state_mb']} MB each)"
-        if isinstance(r := m.get("refiner"), dict):
-            text += f" (refiner {r['steps']} steps, loss {r['loss_first']} → {r['loss_last']})"
+        for part in ("predictor", "refiner"):
+            if isinstance(r := m.get(part), dict):
+                text += f" ({part} {r['steps']} steps, loss {r['loss_first']} → {r['loss_last']})"
         return text
 
     return "; ".join(one(which, m) for which in ("body", "face") if isinstance(m := s.get(which), dict))

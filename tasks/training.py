@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from core.errors import StageError
 from models import parts
 from models.precision import AMP, grad_scaler, training_precision
+from models.predictor import Predictor
 from models.refiner import Refiner, degrade
 from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
@@ -270,7 +271,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
     frozen = {"vae": base_paths.sd15 / "vae", "image_encoder": base_paths.image_encoder,
               "scheduler": base_paths.sd15 / "scheduler"}
     summary: dict[str, Any] = {"profile": settings.profile}
-    refiner_steps = int(prof.get("refiner_steps", 0))  # finetune's knob: the refiner learns the identity
+    refiner_steps = int(prof.get("refiner_steps", 0))  # finetune's knobs: the refiner and the predictor
+    predictor_steps = int(prof.get("predictor_steps", 0))  # learn the identity
     # with a refiner (the cpu cascade) the SGDM learns the frames at half the output side
     body_res = sgdm_side(prof)
     for which, face in (("body", False), ("face", True)):
@@ -295,20 +297,23 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
         progress.start(f"training {which} SGDM", steps)
         result = train(model, data, noise_scheduler, cfg, scratch / which, lambda _done: progress.advance(1))
         res = int(prof["face_resolution"]) if face else body_res
-        refiner, refined = None, None
+        refiner, refined, predictor, predicted = None, None, None, None
         if refiner_steps and not face:
-            full = [load_identity(name, ingest, render, frames, res=int(prof["resolution"]), video_length=1)
-                    for name, ingest, render, frames in sources]
             progress.start("training the 2× refiner", refiner_steps)
-            with torch.random.fork_rng(devices=[]):  # the same start whatever ran before (a resume included)
-                torch.manual_seed(section.seed)
-                refiner = Refiner()
-            refiner.to(device)
-            refined = train_refiner(refiner, [i for i in full if i is not None], refiner_steps, section.refiner_lr,
-                                    section.seed, scratch / "refiner", lambda: progress.advance(1),
-                                    save_every=int(prof["save_every"]))
+            refiner = _fresh(Refiner, section.seed).to(device)
+            refined = train_refiner(refiner, _frames(sources, int(prof["resolution"])), refiner_steps,
+                                    section.refiner_lr, section.seed, scratch / "refiner",
+                                    lambda: progress.advance(1), save_every=int(prof["save_every"]))
             refiner.to("cpu")
-        SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res, refiner).save_pretrained(
+        if predictor_steps and not face:
+            progress.start("training the predictor", predictor_steps)
+            predictor = _fresh(Predictor, section.seed, side=body_res).to(device)
+            predicted = train_predictor(predictor, _frames(sources, body_res), predictor_steps, section.predictor_lr,
+                                        section.predictor_ssim, section.seed, scratch / "predictor",
+                                        lambda: progress.advance(1), save_every=int(prof["save_every"]),
+                                        reference_frame=section.predictor_reference)
+            predictor.to("cpu")
+        SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res, refiner, predictor).save_pretrained(
             out / which, parts_from=frozen)
         losses = result["losses"]
         (out / which / TRAIN_LOG).write_text(json.dumps({"profile": settings.profile, "resolution": res,
@@ -322,31 +327,38 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}
         if refined is not None:
             summary[which]["refiner"] = refined
+        if predicted is not None:
+            summary[which]["predictor"] = predicted
     return summary
+
+
+def _fresh(cls: type[torch.nn.Module], seed: int, **config: Any) -> Any:
+    """A new deterministic part, initialised the same whatever ran before (a resume included)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**config)
+
+
+def _frames(sources: list[tuple[str, Path, Path, Path]], side: int) -> list[Identity]:
+    """The identities' training frames one by one at `side` (the deterministic parts learn from single frames)."""
+    loaded = [load_identity(name, ingest, render, frames, res=side, video_length=1)
+              for name, ingest, render, frames in sources]
+    return [i for i in loaded if i is not None]
 
 
 REFINER_CROP = 128  # the refiner trains on crops of this side of the output frames (it is fully convolutional)
 REFINER_BATCH = 4
+PREDICTOR_BATCH = 4  # whole frames at the SGDM's side (128 px on cpu)
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # a regressor's inputs and its target, in [-1, 1]
 
 
 def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: float, seed: int, out: Path,
                   advance: Callable[[], None] | None = None, save_every: int = 100) -> dict[str, Any]:
     """Learn `refiner` in place: each step, crops of the identities' own training frames, their mesh conditions and
     another frame of theirs as reference; the input is the crop halved and degraded like a generated frame, the
-    target the crop itself (L1). Resumable and reproducible like `train`: per-step generators, saved states."""
-    if not identities:
-        raise StageError("no training frames for the refiner")
-    device = next(refiner.parameters()).device
-    refiner.train()
-    params = list(refiner.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start = _load_state(refiner, opt, out)
-    losses: list[float] = []
-    saves: list[tuple[float, int]] = []
-    for step in range(start, steps):
-        for group in opt.param_groups:  # cosine decay to a tenth: the last steps settle instead of jitter
-            group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
-        gen = _step_gen(seed, step, 0, 2)
+    target the crop itself (L1)."""
+    def batch(gen: torch.Generator) -> Batch:
         real, cond, ref = [], [], []
         for _ in range(REFINER_BATCH):
             ident = identities[int(torch.randint(len(identities), (1,), generator=gen))]
@@ -355,19 +367,83 @@ def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: 
             y, x = (int(torch.randint((ident.res - crop) // 2 + 1, (1,), generator=gen)) * 2 for _ in range(2))
             for images, image in ((real, ident.frame(i)), (cond, ident.cond(i)), (ref, ident.frame(r))):
                 images.append(torch.from_numpy(image[y:y + crop, x:x + crop].copy()).permute(2, 0, 1))
-        real_t, cond_t, ref_t = (torch.stack(v).float().div(127.5).sub(1).to(device) for v in (real, cond, ref))
-        low = degrade(real_t.cpu(), gen).to(device)
-        loss = torch.nn.functional.l1_loss(refiner(low, cond_t, ref_t), real_t)
+        real_t, cond_t, ref_t = (_signed(v) for v in (real, cond, ref))
+        return (degrade(real_t, gen), cond_t, ref_t), real_t
+
+    return _train_regressor(refiner, "refiner", identities, batch, lambda y, t: torch.nn.functional.l1_loss(y, t),
+                            steps, lr, seed, out, advance, save_every)
+
+
+def train_predictor(predictor: Predictor, identities: list[Identity], steps: int, lr: float, ssim_weight: float,
+                    seed: int, out: Path, advance: Callable[[], None] | None = None, save_every: int = 100,
+                    reference_frame: int = 0) -> dict[str, Any]:
+    """Learn `predictor` in place: each step, whole training frames of the identities from their mesh conditions;
+    L1 plus `ssim_weight` × (1 − SSIM), which rewards the edges L1 alone lets blur. A predictor that keeps its own
+    reference learns against the first identity's training frame `reference_frame` (finetune has one identity);
+    one that does not, against another frame of the same identity each time."""
+    from pytorch_msssim import ssim
+
+    if predictor.own_reference and identities:
+        if not 0 <= reference_frame < len(identities[0]):
+            raise StageError(f"finetune.predictor_reference = {reference_frame}, but the identity has "
+                             f"{len(identities[0])} training frames")
+        predictor.remember(_signed([torch.from_numpy(identities[0].frame(reference_frame)).permute(2, 0, 1)])[0]
+                           .to(predictor.reference.device))
+
+    def batch(gen: torch.Generator) -> Batch:
+        real, cond, ref = [], [], []
+        for _ in range(PREDICTOR_BATCH):
+            ident = identities[int(torch.randint(len(identities), (1,), generator=gen))]
+            i, r = (int(torch.randint(len(ident), (1,), generator=gen)) for _ in range(2))
+            for images, image in ((real, ident.frame(i)), (cond, ident.cond(i)), (ref, ident.frame(r))):
+                images.append(torch.from_numpy(image).permute(2, 0, 1))
+        real_t, cond_t, ref_t = (_signed(v) for v in (real, cond, ref))
+        return ((cond_t,) if predictor.own_reference else (cond_t, ref_t)), real_t
+
+    def loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        l1 = torch.nn.functional.l1_loss(y, target)
+        return l1 + ssim_weight * (1 - ssim((y + 1) / 2, (target + 1) / 2, data_range=1.0)) if ssim_weight else l1
+
+    return _train_regressor(predictor, "predictor", identities, batch, loss, steps, lr, seed, out, advance,
+                            save_every)
+
+
+def _signed(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, H, W) images → one (B, 3, H, W) float batch in [-1, 1]."""
+    return torch.stack(images).float().div(127.5).sub(1)
+
+
+def _train_regressor(model: torch.nn.Module, name: str, identities: list[Identity],
+                     batch: Callable[[torch.Generator], Batch],
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps: int, lr: float, seed: int,
+                     out: Path, advance: Callable[[], None] | None, save_every: int) -> dict[str, Any]:
+    """The loop of the deterministic parts (refiner, predictor): AdamW with cosine decay to a tenth (the last steps
+    settle instead of jitter), batches drawn on the CPU from per-step generators, resumable and reproducible like
+    `train` (saved states under `out`)."""
+    if not identities:
+        raise StageError(f"no training frames for the {name}")
+    device = next(model.parameters()).device
+    model.train()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = _load_state(model, opt, out)
+    losses: list[float] = []
+    saves: list[tuple[float, int]] = []
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        inputs, target = batch(_step_gen(seed, step, 0, 2))
+        loss = loss_fn(model(*(x.to(device) for x in inputs)), target.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            saves.append(_save_state(refiner, opt, step + 1, out))
+            saves.append(_save_state(model, opt, step + 1, out))
         if advance:
             advance()
-    refiner.eval()
+    model.eval()
     return {"steps": steps, "resumed_at": start, **_save_cost(saves), **_loss_ends(losses)}
 
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 class FinetuneParams(TrainParams):
-    """Stage 2 on one identity; the cascade's refiner (the cpu profile's) learns here, on the identity's frames."""
+    """Stage 2 on one identity; the cascade's refiner and the predictor (the cpu profile's) learn here, on the
+    identity's frames."""
 
     steps: dict[str, int] = Field({"tiny": 30, "cpu": 1700, "sd15": 50000}, description="body model steps")
     face_steps: dict[str, int] = Field({"tiny": 30, "cpu": 600, "sd15": 80000}, description="face model steps")
@@ -28,6 +29,16 @@ class FinetuneParams(TrainParams):
         "(0 = none: the body SGDM renders at `resolution`; else the SGDM renders at half of it and the refiner makes "
         "the rest; cpu: the SGDM's 32 × 32 latent grid is sharp at 128 px, blocky at 256)")
     refiner_lr: float = Field(1e-3, gt=0, le=1, description="the refiner's learning rate (cosine decay to a tenth)")
+    predictor_steps: dict[str, int] = Field(
+        {"tiny": 0, "cpu": 1500, "sd15": 0}, description="steps of the predictor learnt on the identity's frames "
+        "(0 = none: the SGDM samples from noise; else it refines the predictor's frame from `render_body.strength`; "
+        "cpu: a model learnt from nothing in minutes samples a blurred mean, a regressor learns the mean in ~2.5 "
+        "minutes)")
+    predictor_lr: float = Field(3e-4, gt=0, le=1, description="the predictor's learning rate (cosine decay to a "
+                                "tenth)")
+    predictor_ssim: float = Field(0.5, ge=0, description="weight of 1 − SSIM beside L1 in the predictor's loss")
+    predictor_reference: int = Field(0, ge=0, description="index of the identity's training frame the predictor "
+                                     "learns against and keeps in the checkpoint (every prediction starts from it)")
 
     @model_validator(mode="after")
     def _cascade(self) -> FinetuneParams:

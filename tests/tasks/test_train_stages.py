@@ -15,9 +15,11 @@ from core.errors import StageError
 from core.hashing import sha256_file
 from core.workspace import SHARED, Workspace
 from models import parts, pipeline
+from models.predictor import Predictor
 from models.sgdm import SGDM
 from tasks import runner, training
 from tasks.registry import artifact_dir
+from tasks.stages import render_body
 from tests.conftest import ONBOARDED_ID, copy_workspace
 
 slow = pytest.mark.slow  # on onboarded or trained identities; the quick checks below are not
@@ -242,16 +244,20 @@ def test_finetune_starts_from_the_pretrained_weights(learned: Workspace, tmp_pat
 
 
 @slow
-def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Workspace, tmp_path: Path) -> None:
+def test_a_finetune_with_a_refiner_and_a_predictor_renders_twice_its_models_side(learned: Workspace,
+                                                                                  tmp_path: Path) -> None:
     """The cascade through the real stages: the body SGDM learns at half the output side, the refiner on the
-    identity's frames at the output's; render_body's conditions and frames come out at the output's side."""
+    identity's frames at the output's, the predictor at the SGDM's; render_body's conditions and frames come out at
+    the output's side, sampled from the prediction for the share of the steps its strength asks."""
     from tasks.frames import read_rgb
     from tasks.train_params import describe
     from tests.conftest import held_out, render
 
     few = {"tiny": 2, "cpu": 1, "sd15": 1}
     ws = Workspace(copy_workspace(learned.root, tmp_path / "ws", {"finetune": {
-        "steps": few, "face_steps": few, "refiner_steps": {"tiny": 3, "cpu": 1, "sd15": 0}}}))
+        "steps": few, "face_steps": few, "refiner_steps": {"tiny": 3, "cpu": 1, "sd15": 0},
+        "predictor_steps": {"tiny": 2, "cpu": 1, "sd15": 0}},
+        "render_body": {"strength": {"tiny": 0.25, "cpu": 0.5, "sd15": 1.0}}}))
     result = runner.execute(ws, "finetune", ID)
     body = artifact_dir(ws, "finetune", ID) / "body"
     index = json.loads((body / "model_index.json").read_text())
@@ -261,6 +267,11 @@ def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Worksp
     assert not (artifact_dir(ws, "finetune", ID) / "face" / "refiner").exists()
     assert result.summary["body"]["refiner"]["steps"] == 3 and "refiner" not in result.summary["face"]
     assert "(refiner 3 steps, loss" in describe(result.summary)
+    assert (body / "predictor" / "config.json").is_file() and index["predictor"] == ["models.predictor", "Predictor"]
+    assert Predictor.from_pretrained(body / "predictor").config.unshuffle == 4
+    assert not (artifact_dir(ws, "finetune", ID) / "face" / "predictor").exists()
+    assert result.summary["body"]["predictor"]["steps"] == 2 and "predictor" not in result.summary["face"]
+    assert "(predictor 2 steps, loss" in describe(result.summary)
     log = json.loads((body / "train_log.json").read_text())
     assert (log["resolution"], log["output_resolution"]) == (side // 2, side)
     blocks, _ = held_out(ws)
@@ -269,6 +280,10 @@ def test_a_finetune_with_a_refiner_renders_twice_its_models_side(learned: Worksp
     assert read_rgb(out / "frames" / "000004.png").shape == (side, side, 3)
     assert read_rgb(out / "cond" / "000000.png").shape == (side, side, 3)
     assert sorted(p.name for p in (out / "frames").iterdir()) == [f"{t:06d}.png" for t in range(5)]
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    steps = int(yaml.safe_load((ws.root / "params.yaml").read_text())["render_body"]["steps"]["tiny"])
+    assert summary["predictor"] is True and summary["denoising_steps"] == round(steps * 0.25) < steps
+    assert f"predicted, then refined in {round(steps * 0.25)} denoising steps" in render_body.describe(summary)
 
 
 @slow
