@@ -128,11 +128,12 @@ class SGDMPipeline:
         return [m for m in (self.refiner, self.predictor) if m is not None]
 
     def denoising_steps(self, steps: int, strength: float = 1.0) -> int:
-        """Sampler steps `__call__` runs: all of them from noise, the last `strength` share of them from a
-        prediction (none at strength 0: the prediction is the frame)."""
+        """Sampler steps `__call__` runs: all of them from noise, the last `strength` share of them (rounded down,
+        as diffusers' image-to-image pipelines do) from a prediction; none at strength 0 (the prediction is the
+        frame), all from pure noise at 1 (the predictor unused)."""
         if not 0 <= strength <= 1:
             raise ValueError(f"strength {strength}: it is the share of the sampler's steps run, in [0, 1]")
-        return steps if self.predictor is None else min(steps, int(round(steps * strength)))
+        return steps if self.predictor is None else int(steps * strength)
 
     @property
     def inpaint(self) -> bool:

@@ -51,14 +51,17 @@ class RenderBodyParams(WindowParams):
         "predictor_steps): how far the predictor's frame is noised before the SGDM refines it, per profile (0 = the "
         "prediction as it is, 1 = from pure noise as without one; the share of `steps` that run; cpu: SSIM in the "
         "person 0.692 / 0.695 / 0.689 / 0.676 at 0 / 0.25 / 0.5 / 1 on the seated clip's held-out frames)")
-    reference_frame: int = Field(0, ge=0, description="index of the identity's training frame used as reference")
+    reference_frame: int = Field(0, ge=0, description="index of the identity's training frame used as reference "
+                                 "(the SGDM's; a predictor starts from the frame it keeps, finetune."
+                                 "predictor_reference)")
     seed: int = Field(0, ge=0)
 
 
 def describe(s: dict[str, Any]) -> str:
     text = f"{s['frames']} frames at {s['resolution']} px, {s['frame_evals_per_step']} frame evaluations per step"
     if s.get("predictor"):  # summaries of renders before the predictor lack the key
-        text += f"; predicted, then refined in {s['denoising_steps']} denoising steps"
+        text += (f"; predicted, then refined in {s['denoising_steps']} denoising steps" if s["denoising_steps"]
+                 else "; predicted, no denoising step")
     return text
 
 
@@ -153,7 +156,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderBodyParams, progress: 
          generator=torch.Generator().manual_seed(params.seed), noise=params.noise,
          callback=on_step, output=write, max_latent_bytes=compute.max_latent_bytes, spill_dir=out)
     return {"frames": n, "resolution": res, "reference": str(ref.relative_to(inputs["ingest"])),
-            "predictor": pipe.predictor is not None, "denoising_steps": run_steps,
+            "predictor": pipe.predictor is not None and run_steps < steps, "denoising_steps": run_steps,
             "windows": len(overlap.windows(n, params.window, params.overlap)),
             "frame_evals_per_step": overlap.evaluations_per_step(n, params.window, params.overlap),
             "device": compute.device.type, "dtype": str(pipe.dtype).removeprefix("torch."),

@@ -96,6 +96,13 @@ def test_the_pipeline_samples_from_the_prediction_at_the_strength_asked(tmp_path
     assert calls == [(1, 2), (2, 2)] and pipe.denoising_steps(4, 0.5) == 2
     assert np.abs(half.astype(np.int16) - predicted).mean() > 1.0
     assert not np.array_equal(render(pipe, 0.5, seed=7)[0], half)
+    assert pipe.denoising_steps(4, 0.9) == 3 and pipe.denoising_steps(4, 0.2) == 0  # rounded down, as diffusers
+    for kind in ("dpmpp", "unipc"):  # the multistep samplers start at their begin index
+        sampler = SGDMPipeline(pipe.sgdm, pipe.vae, pipe.image_encoder, pipe.scheduler, 32, predictor=pipe.predictor)
+        sampler.use_scheduler(kind)
+        frames, calls = render(sampler, 0.5)
+        assert calls == [(1, 2), (2, 2)] and frames.shape == (5, 32, 32, 3), kind
+        assert not np.array_equal(frames, half) and np.abs(frames.astype(np.int16) - predicted).mean() > 1.0, kind
     # 1: from pure noise, as a checkpoint without a predictor renders (which ignores the strength)
     full, calls = render(pipe, 1.0)
     assert len(calls) == 4 and np.array_equal(full, render(plain, 1.0)[0])

@@ -20,6 +20,7 @@ from models.sgdm import SGDM
 from tasks import runner, training
 from tasks.registry import artifact_dir
 from tasks.stages import render_body
+from tasks.training_data import load_identity
 from tests.conftest import ONBOARDED_ID, copy_workspace
 
 slow = pytest.mark.slow  # on onboarded or trained identities; the quick checks below are not
@@ -268,7 +269,11 @@ def test_a_finetune_with_a_refiner_and_a_predictor_renders_twice_its_models_side
     assert result.summary["body"]["refiner"]["steps"] == 3 and "refiner" not in result.summary["face"]
     assert "(refiner 3 steps, loss" in describe(result.summary)
     assert (body / "predictor" / "config.json").is_file() and index["predictor"] == ["models.predictor", "Predictor"]
-    assert Predictor.from_pretrained(body / "predictor").config.unshuffle == 4
+    predictor = Predictor.from_pretrained(body / "predictor")
+    assert predictor.config.side == side // 2  # at the SGDM's side, against training frame 0 (finetune's default)
+    first = load_identity(ID, artifact_dir(ws, "ingest", ID), artifact_dir(ws, "render_mesh", ID),
+                          artifact_dir(ws, "ingest", ID), res=side // 2, video_length=1).frame(0)
+    assert torch.allclose(predictor.reference, torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
     assert not (artifact_dir(ws, "finetune", ID) / "face" / "predictor").exists()
     assert result.summary["body"]["predictor"]["steps"] == 2 and "predictor" not in result.summary["face"]
     assert "(predictor 2 steps, loss" in describe(result.summary)
@@ -282,8 +287,8 @@ def test_a_finetune_with_a_refiner_and_a_predictor_renders_twice_its_models_side
     assert sorted(p.name for p in (out / "frames").iterdir()) == [f"{t:06d}.png" for t in range(5)]
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     steps = int(yaml.safe_load((ws.root / "params.yaml").read_text())["render_body"]["steps"]["tiny"])
-    assert summary["predictor"] is True and summary["denoising_steps"] == round(steps * 0.25) < steps
-    assert f"predicted, then refined in {round(steps * 0.25)} denoising steps" in render_body.describe(summary)
+    assert summary["predictor"] is True and summary["denoising_steps"] == int(steps * 0.25) < steps
+    assert f"predicted, then refined in {int(steps * 0.25)} denoising steps" in render_body.describe(summary)
 
 
 @slow
