@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+
+from models.refiner import residual_unet
 
 INPUTS = 2  # images the predictor reads: the mesh condition and the reference frame
 
@@ -37,16 +38,8 @@ class Predictor(ModelMixin, ConfigMixin):
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), layers_per_block: int = 1, unshuffle: int = 4,
                  norm_num_groups: int = 8, side: int = 0) -> None:
         super().__init__()
-        packed = 3 * unshuffle * unshuffle
-        depth = len(channels)
-        # the time input of UNet2DModel is unused (always 0): one deterministic pass
-        self.net = UNet2DModel(in_channels=INPUTS * packed, out_channels=packed, block_out_channels=tuple(channels),
-                               layers_per_block=layers_per_block, down_block_types=("DownBlock2D",) * depth,
-                               up_block_types=("UpBlock2D",) * depth, norm_num_groups=norm_num_groups,
-                               add_attention=False)
-        with torch.no_grad():  # starts as the reference itself: the change is zero until it has learnt one
-            self.net.conv_out.weight.zero_()
-            self.net.conv_out.bias.zero_()
+        # starts as the reference itself: the change is zero until it has learnt one
+        self.net = residual_unet(INPUTS, channels, layers_per_block, unshuffle, norm_num_groups)
         self.register_buffer("reference", torch.zeros(3, side, side) if side else None)
 
     @property

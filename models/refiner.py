@@ -22,6 +22,22 @@ from diffusers.models.modeling_utils import ModelMixin
 INPUTS = 3  # images the refiner reads: the upsampled frame, the mesh condition, the reference
 
 
+def residual_unet(inputs: int, channels: tuple[int, ...], layers_per_block: int, unshuffle: int,
+                  norm_num_groups: int) -> UNet2DModel:
+    """A UNet2DModel reading `inputs` RGB images packed space-to-depth by `unshuffle` and writing one packed RGB
+    change, whose last layer starts at zero: a network added to an image leaves it as it is until it has learnt
+    something. Its time input is unused (always 0): one deterministic pass."""
+    packed = 3 * unshuffle * unshuffle
+    depth = len(channels)
+    net = UNet2DModel(in_channels=inputs * packed, out_channels=packed, block_out_channels=tuple(channels),
+                      layers_per_block=layers_per_block, down_block_types=("DownBlock2D",) * depth,
+                      up_block_types=("UpBlock2D",) * depth, norm_num_groups=norm_num_groups, add_attention=False)
+    with torch.no_grad():
+        net.conv_out.weight.zero_()
+        net.conv_out.bias.zero_()
+    return net
+
+
 class Refiner(ModelMixin, ConfigMixin):
     """(B, 3, H/2, W/2) frame in [-1, 1] + (B, 3, H, W) condition and reference in [-1, 1] → (B, 3, H, W)."""
 
@@ -31,16 +47,8 @@ class Refiner(ModelMixin, ConfigMixin):
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), layers_per_block: int = 1, unshuffle: int = 4,
                  norm_num_groups: int = 8) -> None:
         super().__init__()
-        packed = 3 * unshuffle * unshuffle
-        depth = len(channels)
-        # the time input of UNet2DModel is unused (always 0): the refiner is one deterministic pass
-        self.net = UNet2DModel(in_channels=INPUTS * packed, out_channels=packed, block_out_channels=tuple(channels),
-                               layers_per_block=layers_per_block, down_block_types=("DownBlock2D",) * depth,
-                               up_block_types=("UpBlock2D",) * depth, norm_num_groups=norm_num_groups,
-                               add_attention=False)
-        with torch.no_grad():  # starts as the plain upsampling: the residual is zero until it has learnt something
-            self.net.conv_out.weight.zero_()
-            self.net.conv_out.bias.zero_()
+        # starts as the plain upsampling: the residual is zero until it has learnt something
+        self.net = residual_unet(INPUTS, channels, layers_per_block, unshuffle, norm_num_groups)
 
     def forward(self, low: torch.Tensor, cond: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         f = self.config.unshuffle

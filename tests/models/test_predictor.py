@@ -1,6 +1,6 @@
 """Predict and refine: the predictor starts as the reference and loads from its folder; the pipeline samples from
-its frames at the strength asked (none of the sampler's steps at 0, all of them and no predictor at 1); training it
-on an identity's frames learns, resumes exactly and needs frames."""
+its frames at the strength asked (none of the sampler's steps at 0, all of them and no predictor at 1). Its training
+is tested with the refiner's (test_refiner: one loop)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import torch
 from models import parts, pipeline
 from models.predictor import Predictor
 from models.sgdm_pipeline import SGDMPipeline
-from tasks import training
-from tests.models.test_refiner import _Frames
 
 SMALL = {"channels": (8, 16), "norm_num_groups": 4}
 
@@ -129,49 +127,3 @@ def test_the_predictor_is_saved_with_the_checkpoint_and_only_when_there_is_one(t
         assert torch.equal(a, b), name
     assert not (tmp_path / "plain" / "predictor").exists()
     assert SGDMPipeline.from_pretrained(tmp_path / "plain").predictor is None
-
-
-def _l1(predictor: Predictor, ident: _Frames) -> float:
-    with torch.no_grad():
-        real = torch.from_numpy(np.stack(ident.images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        cond = torch.from_numpy(np.stack([ident.cond(i) for i in range(len(ident))])).permute(0, 3, 1, 2).float()
-        return float((predictor(cond / 127.5 - 1, real[:1].expand_as(real)) - real).abs().mean())
-
-
-@pytest.mark.slow
-def test_the_predictor_learns_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    ident = _Frames(6, 32)
-    torch.manual_seed(0)
-    predictor = Predictor(**SMALL)
-    before = _l1(predictor, ident)
-    result = training.train_predictor(predictor, [ident], 80, 5e-3, 0.5, seed=0, out=tmp_path / "a")
-    assert result["steps"] == 80 and result["resumed_at"] == 0
-    assert _l1(predictor, ident) < 0.7 * before
-
-    class Killed(Exception):
-        pass
-
-    done = []
-
-    def kill() -> None:
-        done.append(1)
-        if len(done) == 45:
-            raise Killed
-
-    torch.manual_seed(0)
-    with pytest.raises(Killed):
-        training.train_predictor(Predictor(**SMALL), [ident], 80, 5e-3, 0.5, seed=0, out=tmp_path / "b",
-                                 advance=kill, save_every=10)
-    torch.manual_seed(0)
-    resumed = Predictor(**SMALL)
-    again = training.train_predictor(resumed, [ident], 80, 5e-3, 0.5, seed=0, out=tmp_path / "b", save_every=10)
-    assert again["resumed_at"] == 40
-    for (name, a), b in zip(predictor.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-
-
-def test_the_predictor_needs_frames(tmp_path: Path) -> None:
-    from core.errors import StageError
-
-    with pytest.raises(StageError, match="no training frames for the predictor"):
-        training.train_predictor(Predictor(**SMALL), [], 5, 1e-3, 0.5, seed=0, out=tmp_path)

@@ -1,5 +1,6 @@
 """The cpu cascade's 2× refiner: it starts as plain upsampling, loads from its folder, the pipeline renders through it
-at twice the SGDM's side, and training it on an identity's frames learns, resumes exactly and is reproducible."""
+at twice the SGDM's side; training it, or the predictor (one loop), on an identity's frames learns, resumes exactly
+and needs frames."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models import parts
+from models.predictor import Predictor
 from models.refiner import Refiner, degrade
 from models.sgdm_pipeline import SGDMPipeline
 from tasks import training
@@ -113,7 +115,7 @@ class _Frames(Identity):
         return 255 - self.images[i]
 
 
-def _l1(refiner: Refiner, ident: _Frames) -> float:
+def _refiner_l1(refiner: Refiner, ident: _Frames) -> float:
     with torch.no_grad():
         real = torch.from_numpy(np.stack(ident.images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         cond = torch.from_numpy(np.stack([ident.cond(i) for i in range(len(ident))])).permute(0, 3, 1, 2).float()
@@ -121,16 +123,37 @@ def _l1(refiner: Refiner, ident: _Frames) -> float:
         return float((refiner(low, cond / 127.5 - 1, real[:1].expand_as(real)) - real).abs().mean())
 
 
+def _predictor_l1(predictor: Predictor, ident: _Frames) -> float:
+    with torch.no_grad():
+        real = torch.from_numpy(np.stack(ident.images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        cond = torch.from_numpy(np.stack([ident.cond(i) for i in range(len(ident))])).permute(0, 3, 1, 2).float()
+        return float((predictor(cond / 127.5 - 1, real[:1].expand_as(real)) - real).abs().mean())
+
+
+# the two deterministic regressors learnt in finetune, one training loop: (model, its training call, its L1, steps,
+# the step a kill lands after, the step saved before it, how far the L1 must fall)
+REGRESSORS = {
+    "refiner": (Refiner, lambda model, frames, steps, **kw: training.train_refiner(model, frames, steps, 5e-3, **kw),
+                _refiner_l1, 120, 75, 70, 0.85),
+    "predictor": (Predictor, lambda model, frames, steps, **kw: training.train_predictor(model, frames, steps, 5e-3,
+                                                                                          0.5, **kw),
+                  _predictor_l1, 80, 45, 40, 0.7),
+}
+
+
 @pytest.mark.slow
-def test_the_refiner_learns_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", REGRESSORS)
+def test_a_regressor_learns_and_resumes_to_the_same_weights(kind: str, tmp_path: Path) -> None:
+    cls, train, l1, steps, kill_at, saved_at, factor = REGRESSORS[kind]
     ident = _Frames(6, 32)
     torch.manual_seed(0)
-    refiner = Refiner(**SMALL)
-    before = _l1(refiner, ident)
-    result = training.train_refiner(refiner, [ident], 120, 5e-3, seed=0, out=tmp_path / "a")
-    assert result["steps"] == 120 and result["resumed_at"] == 0
-    assert _l1(refiner, ident) < 0.85 * before
-    # killed after step 75 (the state saved at 70), then started again: the weights of the run that never stopped
+    model = cls(**SMALL)
+    before = l1(model, ident)
+    result = train(model, [ident], steps, seed=0, out=tmp_path / "a")
+    assert result["steps"] == steps and result["resumed_at"] == 0
+    assert l1(model, ident) < factor * before
+
+    # killed mid-run, then started again: the weights of the run that never stopped
     class Killed(Exception):
         pass
 
@@ -138,23 +161,24 @@ def test_the_refiner_learns_and_resumes_to_the_same_weights(tmp_path: Path) -> N
 
     def kill() -> None:
         done.append(1)
-        if len(done) == 75:
+        if len(done) == kill_at:
             raise Killed
 
     torch.manual_seed(0)
     with pytest.raises(Killed):
-        training.train_refiner(Refiner(**SMALL), [ident], 120, 5e-3, seed=0, out=tmp_path / "b", advance=kill,
-                               save_every=10)
+        train(cls(**SMALL), [ident], steps, seed=0, out=tmp_path / "b", advance=kill, save_every=10)
     torch.manual_seed(0)
-    resumed = Refiner(**SMALL)
-    again = training.train_refiner(resumed, [ident], 120, 5e-3, seed=0, out=tmp_path / "b", save_every=10)
-    assert again["resumed_at"] == 70
-    for (name, a), b in zip(refiner.state_dict().items(), resumed.state_dict().values(), strict=True):
+    resumed = cls(**SMALL)
+    again = train(resumed, [ident], steps, seed=0, out=tmp_path / "b", save_every=10)
+    assert again["resumed_at"] == saved_at
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
-def test_the_refiner_needs_frames(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", REGRESSORS)
+def test_a_regressor_needs_frames(kind: str, tmp_path: Path) -> None:
     from core.errors import StageError
 
-    with pytest.raises(StageError, match="no training frames for the refiner"):
-        training.train_refiner(Refiner(**SMALL), [], 5, 1e-3, seed=0, out=tmp_path)
+    cls, train = REGRESSORS[kind][:2]
+    with pytest.raises(StageError, match=f"no training frames for the {kind}"):
+        train(cls(**SMALL), [], 5, seed=0, out=tmp_path)
