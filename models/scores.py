@@ -10,6 +10,9 @@ is reported with the figure.
 Flicker is warping-free: it compares the frame-to-frame change of the generated video with that of the real one,
 |(G_t − G_{t−1}) − (R_t − R_{t−1})| averaged over pixels and frames (0 = the generated video changes exactly as the
 real one does), alongside both videos' mean absolute change.
+
+Hands are ~20 px wide in a 256 px frame and weigh little in the person's SSIM; their own SSIM is taken in a square
+around each real hand's landmarks (`hand_box`, `ssim_in_box`).
 """
 
 from __future__ import annotations
@@ -81,6 +84,37 @@ def ssim_in_mask(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> f
                                     sigma=1.5, use_sample_covariance=False, full=True)
     inside = mask > 0.5
     return float(full.mean(axis=-1)[inside].mean()) if inside.any() else float("nan")
+
+
+def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 0.06) -> tuple[int, int, int] | None:
+    """The square (x, y, size) in a side × side frame around one hand's landmarks (K, 2; NaN = not found): the longer
+    extent of the points inside the frame times `margin`, at least `least` of the side (and 16 px, for the SSIM
+    window), moved to lie inside the frame. None when fewer than half of the points are found inside it: a hand at
+    the frame's edge or missed by the detector has no crop to judge."""
+    ok = np.isfinite(points).all(-1) & (points >= 0).all(-1) & (points < side).all(-1)
+    if ok.sum() * 2 < len(points):
+        return None
+    inside = points[ok]
+    lo, hi = inside.min(0), inside.max(0)
+    size = int(min(side, max(round(float((hi - lo).max()) * margin), round(least * side), 16)))
+    cx, cy = (lo + hi) / 2
+    x = int(min(max(round(cx - size / 2), 0), side - size))
+    y = int(min(max(round(cy - size / 2), 0), side - size))
+    return x, y, size
+
+
+def ssim_in_box(generated: np.ndarray, real: np.ndarray, box: tuple[int, int, int]) -> float:
+    """SSIM as `ssim_in_mask` (Gaussian window, σ 1.5) of the (x, y, size) square of two (H, W, 3) uint8 images at
+    their own resolution: how much of a hand's detail a picture has, where the person's SSIM is dominated by the
+    torso."""
+    if generated.shape != real.shape:
+        raise ValueError(f"shapes differ: generated {generated.shape}, real {real.shape}")
+    x, y, size = box
+    g, r = generated[y:y + size, x:x + size], real[y:y + size, x:x + size]
+    if min(r.shape[:2]) < 11:
+        raise ValueError(f"box {box} leaves {r.shape[:2]} px of a {real.shape[:2]} image: SSIM needs 11")
+    return float(structural_similarity(r, g, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
 
 
 def nearest_frames(query: np.ndarray, pool: np.ndarray, chunk: int = 64) -> np.ndarray:

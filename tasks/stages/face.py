@@ -11,7 +11,10 @@ changed are written; assemble takes the rest from render_body.
 Before pasting, each crop is checked against the body frame itself (MediaPipe face detection, full-range model, on
 the frame upscaled to at least DETECT_SIDE): where the body drew its face away from where the mesh puts it, the
 crop is moved onto the body's face (`check: align`) or that frame keeps the body's face (`check: skip`), and the
-summary counts those frames. Never two faces in one frame.
+summary counts those frames. Where the detector finds no face (a blurred or turned face, or none drawn there), the
+body frame is asked at the mesh's face: if the centre of the crop is mostly the identity's skin colour (a chroma
+model of its own reference face), the face there is redone; if not, the body drew its face elsewhere (or none), and
+the frame is left as it is (`no_face_left`) rather than given a second face. Never two faces in one frame.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class FaceParams(WindowParams):
     check_tolerance: float = Field(0.35, gt=0, le=5, description="how far apart the two may be before they "
                                    "disagree, as a share of the face crop's side in the frame")
     check_confidence: float = Field(0.5, gt=0, lt=1, description="face detection's minimum confidence")
+    check_skin: float = Field(0.4, ge=0, le=1, description="where no face is detected: the least share of the "
+                              "crop's central half in the identity's skin colour for the face there to be redone; "
+                              "below it the frame keeps the body's face (0 = always redo, as the mesh says)")
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -70,7 +76,7 @@ def describe(s: dict[str, Any]) -> str:
         return "disabled"
     text = f"{s['enhanced']} of {s['frames']} faces redone"
     moved = (s.get("face_check") or {}).get("aligned", 0)
-    kept = (s.get("face_check") or {}).get("skipped", 0)
+    kept = (s.get("face_check") or {}).get("skipped", 0) + (s.get("face_check") or {}).get("no_face_left", 0)
     if moved or kept:
         text += f" ({moved} moved onto the face the body drew, {kept} left as the body drew them)"
     return text
@@ -179,6 +185,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
             progress.advance(len(idx))
     # 1b. the face the body frame shows: the crop goes there, never beside it
     check: dict[str, Any] = {"mode": params.check}
+    reference: np.ndarray | None = None  # the identity's own face, read when first needed
     shown = [i for i, m in enumerate(transforms) if m is not None]
     if params.check != "off" and shown:
         progress.start("face: checking against the body's faces", len(shown))
@@ -187,9 +194,19 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         detections: list[list[tuple[float, float, float]]] = [[] for _ in range(n)]
         for i, faces in zip(shown, found, strict=True):
             detections[i] = faces
-        check.update(reconcile(transforms, reasons, detections, fres, params.check_tolerance, params.check))
+        skin = [None] * n
+        if params.check_skin > 0 and any(not detections[i] for i in shown):
+            reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
+            model = skin_model(reference)
+            for i in shown:
+                if not detections[i]:
+                    crop = cv2.warpAffine(read_rgb(generated / frame_name(i, "png")), transforms[i], (fres, fres),
+                                          flags=cv2.INTER_LINEAR)
+                    skin[i] = skin_share(crop, model)
+        check.update(reconcile(transforms, reasons, detections, fres, params.check_tolerance, params.check, skin,
+                               params.check_skin))
         for i, reason in enumerate(reasons):
-            if reason == AWAY:
+            if reason in (AWAY, NO_FACE):
                 for sub in (COND, MASK):
                     (out / sub / frame_name(i, "png")).unlink(missing_ok=True)
     stretches = runs([r is None for r in reasons])
@@ -198,7 +215,8 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check}
 
     # 2. inpaint each run of visible faces as one video with the Face SGDM, then 3. blend each face back
-    reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
+    if reference is None:
+        reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
     feather = params.feather * fres
     gen = torch.Generator().manual_seed(params.seed)
     progress.start("face: inpainting", params.steps[settings.profile] * len(stretches))
@@ -230,6 +248,34 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 
 
 AWAY = "away from the body's face"
+NO_FACE = "no face in the body frame there"
+SKIN_SIGMAS = 3.0  # a pixel within this Mahalanobis distance of the identity's skin chroma counts as skin
+
+
+def _centre(crop: np.ndarray) -> np.ndarray:
+    """The central half of a face crop: cheeks, nose, mouth and brows; the hair and the background stay out."""
+    f = crop.shape[0]
+    return crop[f // 4: f - f // 4, f // 4: f - f // 4]
+
+
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2YCrCb)[..., 1:].reshape(-1, 2).astype(np.float64)
+
+
+def skin_model(face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and inverse covariance of the chroma (Cr, Cb) of the central half of the identity's own face crop:
+    brightness left out, so shading and exposure do not count, and learnt from the person, not from a table of
+    skin tones."""
+    c = _chroma(_centre(face))
+    cov = np.cov(c.T) + np.eye(2)  # a floor of 1 (chroma levels are integers): a flat test face stays invertible
+    return c.mean(0), np.linalg.inv(cov)
+
+
+def skin_share(crop: np.ndarray, model: tuple[np.ndarray, np.ndarray]) -> float:
+    """Share of a face crop's central half whose chroma is within SKIN_SIGMAS of the identity's skin."""
+    mean, inv = model
+    d = _chroma(_centre(crop)) - mean
+    return float((np.einsum("ni,ij,nj->n", d, inv, d) <= SKIN_SIGMAS ** 2).mean())
 
 
 def detect_faces(job: tuple[list[str], float], report: Reporter) -> list[list[tuple[float, float, float]]]:
@@ -255,17 +301,25 @@ def detect_faces(job: tuple[list[str], float], report: Reporter) -> list[list[tu
 
 
 def reconcile(transforms: list[np.ndarray | None], reasons: list[str | None],
-              detections: list[list[tuple[float, float, float]]], fres: int, tolerance: float, mode: str
-              ) -> dict[str, int]:
+              detections: list[list[tuple[float, float, float]]], fres: int, tolerance: float, mode: str,
+              skin: list[float | None] | None = None, min_skin: float = 0.0) -> dict[str, int]:
     """Compare each crop (frame → face-crop affine) with the faces found on its frame, in place: a crop whose
     centre is within `tolerance` × its side of a found face agrees; otherwise `align` shifts it onto the nearest
-    found face and `skip` drops it (reason AWAY). Frames where no face was found keep the mesh's crop."""
-    counts = {"agreed": 0, "aligned": 0, "skipped": 0, "no_face_found": 0}
+    found face and `skip` drops it (reason AWAY). Where no face was found, the crop stays if the share of skin at
+    its centre (`skin`, None = not measured) reaches `min_skin`, and is dropped otherwise (reason NO_FACE)."""
+    counts = {"agreed": 0, "aligned": 0, "skipped": 0, "no_face_found": 0, "no_face_redone": 0, "no_face_left": 0}
     for i, m in enumerate(transforms):
         if m is None:
             continue
         if not detections[i]:
             counts["no_face_found"] += 1
+            share = skin[i] if skin is not None else None
+            if share is not None and share < min_skin:
+                transforms[i] = None
+                reasons[i] = NO_FACE
+                counts["no_face_left"] += 1
+            else:
+                counts["no_face_redone"] += 1
             continue
         linear = m[:, :2]
         centre = np.linalg.solve(linear, np.array([fres / 2, fres / 2]) - m[:, 2])

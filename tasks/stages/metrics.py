@@ -7,7 +7,8 @@ row says "not computed: …", never a number. LMD uses MediaPipe Holistic (the p
 frames, compared with the real frames' landmarks in crop pixels, over the real landmarks inside the frame: outside
 it MediaPipe guesses (the legs below a seated anchor's crop), there is nothing in the picture to compare, and the
 paper's OpenPose reports no point there; how many were left out is reported. Flicker compares frame-to-frame
-change; SSIM is taken inside the real frame's person matte, where a model has to get the person right.
+change; SSIM is taken inside the real frame's person matte, where a model has to get the person right, and in a
+square around each hand the real frame shows (`scores.hand_box`), where fingers are drawn or not.
 
 A model must beat copying: the baseline replaces every held-out frame by the training frame whose body and hand
 keypoints are nearest, and is scored by the same detector and the same formulas (`baseline_*` rows); its frames
@@ -42,8 +43,9 @@ NEAREST = "nearest"  # the baseline's frames, one PNG per render frame
 NEAREST_TABLE = "nearest.csv"  # which training frame each one copies, and both SSIMs per frame
 SIDE_BY_SIDE = "side_by_side.mp4"  # real | mesh condition | generated | nearest training frame, with the audio
 PANELS = ("real", "mesh condition", "generated", "nearest training frame")
-SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "baseline_lmd_body",
-          "baseline_ssim_person")
+SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "hand_ssim",
+          "baseline_lmd_body", "baseline_ssim_person", "baseline_hand_ssim")
+HANDS = ("left_hand", "right_hand")
 PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
 
 
@@ -192,9 +194,10 @@ def _rates(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def hand_rate_ratio(generated: dict[str, float], real: dict[str, float]) -> float | None:
-    """Share of frames where MediaPipe finds each hand, generated over real, the lower of the two hands (a hand
-    never found in the real frames does not count); None when neither is."""
-    ratios = [generated[h] / real[h] for h in ("left_hand", "right_hand") if real.get(h)]
+    """Share of frames where MediaPipe finds each hand, generated over real, capped at 1 (a model that invents
+    hands is not better than the truth), the lower of the two hands (a hand never found in the real frames does not
+    count); None when neither is."""
+    ratios = [min(generated[h] / real[h], 1.0) for h in HANDS if real.get(h)]
     return round(min(ratios), 4) if ratios else None
 
 
@@ -291,18 +294,23 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     result["baseline"] = ("each held-out frame replaced by the training frame whose body and hand keypoints are "
                           "nearest (mean distance over the points inside the frame found in both, among the "
                           "training frames sharing the most of them)")
+    scale = res / side  # landmarks at the crop side, pictures at the render's
+    hand_boxes = [[box for h in HANDS if (box := scores.hand_box(points_of([row], h, 21)[0] * scale, res))]
+                  for row in real_lm]
     del nn_lm, real_lm
 
-    progress.start("metrics: SSIM inside the person", len(picks))
-    ssim_g, ssim_nn = [], []
+    progress.start("metrics: SSIM inside the person and around its hands", len(picks))
+    ssim_g, ssim_nn, hand_g, hand_nn = [], [], [], []
     with open(out / NEAREST_TABLE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["frame", "train_clip", "train_frame", "ssim_person_generated", "ssim_person_nearest"])
         masks = person_masks(inputs["matting"], inputs["ingest"], picks, res)
-        for t, i, mask in zip(picks, chosen, masks, strict=True):
-            real = real_image(t)
-            ssim_g.append(scores.ssim_in_mask(gen_image(t), real, mask))
-            ssim_nn.append(scores.ssim_in_mask(read_rgb(nn_paths[t]), real, mask))
+        for t, i, mask, boxes in zip(picks, chosen, masks, hand_boxes, strict=True):
+            real, generated, nearest = real_image(t), gen_image(t), read_rgb(nn_paths[t])
+            ssim_g.append(scores.ssim_in_mask(generated, real, mask))
+            ssim_nn.append(scores.ssim_in_mask(nearest, real, mask))
+            hand_g.extend(scores.ssim_in_box(generated, real, box) for box in boxes)
+            hand_nn.extend(scores.ssim_in_box(nearest, real, box) for box in boxes)
             row = train_rows[max(int(i), 0)]
             writer.writerow([t, row["clip"], row["frame"], round(ssim_g[-1], 5), round(ssim_nn[-1], 5)])
             progress.advance(1)
@@ -310,6 +318,9 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
         ok = [v for v in values if np.isfinite(v)]
         result[key] = {"value": round(float(np.mean(ok)), 4), "frames": len(ok)} if ok else \
             _not("no person in the real frames' mattes")
+    for key, values in (("hand_ssim", hand_g), ("baseline_hand_ssim", hand_nn)):
+        result[key] = {"value": round(float(np.mean(values)), 4), "crops": len(values)} if values else \
+            _not("no hand with half its landmarks inside the real frames")
     pairs = [t for t in picks if t + 1 < n]
     flick = scores.flicker_of_pairs((gen_image(t), gen_image(t + 1), real_image(t), real_image(t + 1))
                                     for t in pairs) if pairs else None

@@ -65,8 +65,10 @@ STAGE = Stage(
 PAPER = {"fid": 35.91, "fvd": 53.38, "lmd_face": 1.45, "lmd_body": 5.14, "lmd_hand": 5.12}
 ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lmd_body": "LMD body (px) ↓",
         "lmd_hand": "LMD hand (px) ↓", "flicker": "temporal flicker ↓", "ssim_person": "SSIM in the person ↑",
+        "hand_ssim": "SSIM around the hands ↑",
         "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
-        "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑"}
+        "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑",
+        "baseline_hand_ssim": "baseline, nearest training frame: SSIM around the hands ↑"}
 COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame")
 RENDER_STAGES = ("motion", "render_body", "face", "assemble", "follow", "metrics")  # the evaluation render's artifacts
 FOLLOW = ("follow_lmd_body_pct", "follow_lmd_hand_pct", "hands_found", "follow_mouth_corr")  # its score vs its motion
@@ -403,7 +405,8 @@ the grid, which copy the nearest training frame.{% endif %}</td></tr>
   {{ "%.1f"|format(100 * framing.hands.outside_share) }} %{% if face_check %}; face stage:
   {{ face_check.get("agreed", 0) }} crops agreed with the face the body drew, {{ face_check.get("aligned", 0) }}
   moved onto it, {{ face_check.get("skipped", 0) }} left alone, {{ face_check.get("no_face_found", 0) }} without a
-  face found{% endif %}</td></tr>{% endif %}
+  face found ({{ face_check.get("no_face_redone", 0) }} redone where the identity's skin was, {{
+  face_check.get("no_face_left", 0) }} left as the body drew them){% endif %}</td></tr>{% endif %}
 </table>
 
 <h2>Metrics</h2>

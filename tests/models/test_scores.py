@@ -1,11 +1,11 @@
-"""Landmark distance and flicker on synthetic inputs with known answers."""
+"""Landmark distance, flicker and the hand crops' SSIM on synthetic inputs with known answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from models.scores import landmark_distance, temporal_flicker
+from models.scores import hand_box, landmark_distance, ssim_in_box, temporal_flicker
 
 
 def test_known_offset_gives_the_offset() -> None:
@@ -55,3 +55,31 @@ def test_flicker_is_zero_when_the_change_matches_and_measures_added_flicker() ->
     assert res["flicker"] == pytest.approx(51 / 255) and res["change_real"] == 0.0
     with pytest.raises(ValueError):
         temporal_flicker(steady[:3], steady)
+
+
+def test_a_hand_box_is_the_hand_with_a_margin_inside_the_frame() -> None:
+    hand = np.array([[100.0, 50.0], [120.0, 60.0], [110.0, 90.0]])  # 20 × 40 px
+    assert hand_box(hand, 256) == (110 - 30, 70 - 30, 60)  # the longer side × 1.5, centred
+    # a hand folded into a few pixels still gets a box SSIM can judge: 6 % of the side (and 16 px)
+    assert hand_box(np.array([[40.0, 40.0], [42.0, 41.0]]), 256) == (33, 32, 16)
+    assert hand_box(np.array([[40.0, 40.0], [42.0, 41.0]]), 512) == (26, 25, 31)
+    # at the frame's edge: moved inside, never cut
+    assert hand_box(hand + [140.0, -45.0], 256) == (196, 0, 60)
+    # fewer than half of the points found inside the frame: no box
+    assert hand_box(np.array([[10.0, 10.0], [np.nan, np.nan], [300.0, 10.0]]), 256) is None
+    assert hand_box(np.array([[10.0, 10.0], [np.nan, np.nan], [30.0, 10.0]]), 256) == (5, 0, 30)
+
+
+def test_ssim_in_a_box_judges_only_the_box() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    outside = real.copy()
+    outside[:, 40:] = 0
+    assert ssim_in_box(outside, real, (4, 8, 32)) == pytest.approx(1.0)
+    inside = real.copy()
+    inside[10:30, 10:30] = 255 - inside[10:30, 10:30]
+    assert ssim_in_box(inside, real, (4, 8, 32)) < 0.5
+    with pytest.raises(ValueError, match="SSIM needs 11"):
+        ssim_in_box(real, real, (60, 0, 16))
+    with pytest.raises(ValueError, match="shapes differ"):
+        ssim_in_box(real[:32], real, (0, 0, 16))
