@@ -38,7 +38,7 @@ from core.errors import StageError
 
 ENV = "ANCHOR_CHECK_CONTRACT"
 CODE_ROOT = Path(__file__).resolve().parent.parent
-_PROJECT_PACKAGES = ("core", "models", "tasks", "flows", "cli")
+_PROJECT_PACKAGES = ("core", "models", "tasks", "flows", "service", "cli")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 # event -> (position of a path, position of the directory fd it is relative to or None, written?) for each path
 _EVENTS: dict[str, tuple[tuple[int, int | None, bool], ...]] = {

@@ -69,10 +69,21 @@ class ModelsParams(Section):
     motion_adapter: str | None = Field(None, description="local AnimateDiff motion adapter folder (diffusers)")
 
 
+class ServiceParams(Section):
+    host: str = Field("127.0.0.1", description="`anchor serve`: the address the HTTP API binds (beyond loopback "
+                      "only with tokens)")
+    port: int = Field(8000, ge=1, le=65535, description="`anchor serve`: its port")
+    tokens_file: str | None = Field(None, description="a file of bearer tokens, one per line, accepted besides "
+                                    "$ANCHOR_API_TOKENS (comma-separated); with none, only loopback is served")
+    max_upload_mb: int = Field(1024, ge=1, le=1_000_000, description="largest request body (video, audio or "
+                               "motion upload) the API accepts; larger ones are refused before they are read")
+    poll_s: float = Field(2.0, gt=0, le=60, description="how often `anchor serve` looks for new jobs to run")
+
+
 # Sections no single stage owns; `storage` and `execution` head the file, the others sit before the first stage
 # that reads them.
 COMMON: dict[str, type[Section]] = {"storage": StorageParams, "execution": ExecutionParams,
-                                    "body_model": BodyModelParams, "models": ModelsParams}
+                                    "body_model": BodyModelParams, "models": ModelsParams, "service": ServiceParams}
 HEAD = ("storage", "execution")
 
 

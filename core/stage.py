@@ -19,7 +19,7 @@ from typing import Any, Literal
 from core.hashing import hash_obj, sha256_bytes
 from core.packages import distributions_of, installed_versions
 
-PROJECT_PACKAGES = ("core", "models", "tasks", "flows", "cli")
+PROJECT_PACKAGES = ("core", "models", "tasks", "flows", "service", "cli")
 Scope = Literal["identity", "shared", "render"]
 Home = Literal["identities", "checkpoints", "reports"]
 

@@ -1,4 +1,5 @@
-"""anchor schedule rerender, serve: flows on a cron schedule, as Prefect deployments."""
+"""anchor schedule rerender, serve: flows on a cron schedule as Prefect deployments, and the service that runs
+them with the HTTP API's jobs."""
 
 from __future__ import annotations
 
@@ -42,18 +43,17 @@ def schedule_rerender(
 
 
 @app.command()
-def serve() -> None:
-    """Serve the workspace's scheduled flows with Prefect until stopped (Ctrl-C); runs appear in Prefect's UI."""
-    from core.errors import InputError
-
+def serve(host: Annotated[str | None, typer.Option("--host", help="Address to bind (default: service.host, "
+                                                   "loopback); beyond loopback only with bearer tokens.")] = None,
+          port: Annotated[int | None, typer.Option("--port", min=1, max=65535, help="Port (default: service.port)."
+                                                   )] = None) -> None:
+    """Serve the HTTP API (jobs that onboard and render; docs at /docs) and run its jobs and the workspace's
+    scheduled flows with Prefect, until stopped (Ctrl-C); runs appear in Prefect's UI too."""
     ws = workspace()
-    with prefect_api(ws):  # flows.rerender imports Prefect, which reads its settings at import: after this
-        from prefect import serve as prefect_serve
+    with prefect_api(ws):  # Prefect reads its settings at import: import the flows after this
+        from service.server import serve as serve_api
+        from tasks import registry
 
-        from flows.rerender import deployments
-
-        found = deployments(ws)
-        if not found:
-            raise InputError("nothing is scheduled here; first `anchor schedule rerender --cron \"0 3 * * *\"`")
-        out.print(f"serving {', '.join('rerender/' + d.name for d in found)}", markup=False, highlight=False)
-        prefect_serve(*found)
+        settings = registry.params(ws).service
+        serve_api(ws, host or settings.host, port or settings.port,
+                  lambda line: out.print(line, markup=False, highlight=False))

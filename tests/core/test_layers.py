@@ -1,4 +1,5 @@
-"""Layers import downward only: models ← tasks ← flows ← cli, core at the bottom; stages live in tasks/stages/."""
+"""Layers import downward only: models ← tasks ← flows ← service ← cli, core at the bottom; stages live in
+tasks/stages/."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ ALLOWED = {
     "models": {"models", "core.errors"},
     "tasks": {"core", "models", "tasks"},
     "flows": {"core", "models", "tasks", "flows"},
-    "cli": {"core", "models", "tasks", "flows", "cli"},
+    "service": {"core", "models", "tasks", "flows", "service"},
+    "cli": {"core", "models", "tasks", "flows", "service", "cli"},
 }
 
 

@@ -102,6 +102,7 @@ def test_a_scheduled_rerender_served_and_triggered_through_prefect_redoes_exactl
     import os
     import shutil
     import signal
+    import socket
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
@@ -128,8 +129,12 @@ def test_a_scheduled_rerender_served_and_triggered_through_prefect_redoes_exactl
         deployment = client.read_deployment_by_name(f"rerender/{deployment_name(w)}")
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
         assert deployment.parameters == {"workspace": str(w.root), "identity": None}
-        serving = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(w.root), "serve"], cwd=ROOT, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        with socket.socket() as sock:  # a free loopback port for the API `anchor serve` starts beside the runner
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        serving = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(w.root), "serve", "--port", port],
+                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
         try:
             run = client.create_flow_run_from_deployment(deployment.id)  # "run now", as the UI's button does
             deadline = time.monotonic() + 600

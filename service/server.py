@@ -1,0 +1,123 @@
+"""`anchor serve`: the HTTP API and the Prefect runner of the workspace's deployments in one process.
+
+The runner (Prefect's, in a thread of its own with its own event loop) polls the Prefect server for runs of the
+job deployments and the scheduled ones and starts each in a process of its own; uvicorn serves the API in the main
+thread, which owns the signals: Ctrl-C or SIGTERM stops the API, then the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+from core.workspace import Workspace
+
+TOKENS_ENV = "ANCHOR_API_TOKENS"
+
+
+def tokens(ws: Workspace, tokens_file: str | None) -> frozenset[str]:
+    """Bearer tokens from $ANCHOR_API_TOKENS (comma-separated) and the file params name (one per line)."""
+    found = {t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",")}
+    if tokens_file:
+        path = Path(tokens_file).expanduser()
+        path = path if path.is_absolute() else ws.root / path
+        if not path.is_file():
+            raise InputError(f"service.tokens_file {tokens_file}: no such file")
+        found |= {line.strip() for line in path.read_text().splitlines() if not line.strip().startswith("#")}
+    return frozenset(t for t in found if t)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RunnerThread:
+    """Prefect's runner on an event loop of its own, serving `deployments`; their ids once registered."""
+
+    def __init__(self, name: str, deployments: dict[str, Any], poll_s: float) -> None:
+        from prefect.runner import Runner
+
+        self.runner = Runner(name=name, query_seconds=poll_s)
+        self.deployments = deployments
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.ids: dict[str, Any] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="anchor-runner", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+            self.ready.set()
+
+    async def _serve(self) -> None:
+        for kind, deployment in self.deployments.items():
+            self.ids[kind] = await self.runner.aadd_deployment(deployment)
+        self.ready.set()
+        await self.runner.start()
+
+    def start(self, timeout: float = 120.0) -> dict[str, Any]:
+        self.thread.start()
+        if not self.ready.wait(timeout):
+            raise InputError(f"Prefect's runner did not register the deployments within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.ids
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.runner.astop(), self.loop).result(timeout)
+            self.thread.join(timeout)
+
+
+def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
+    """Serve until stopped. Refuses, before anything starts, to bind beyond loopback without tokens."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from flows import jobs, rerender
+    from service.api import create_app
+    from tasks import registry
+
+    settings = registry.params(ws).service
+    accepted = tokens(ws, settings.tokens_file)
+    if not accepted and not is_loopback(host):
+        raise InputError(f"--host {host}: serving beyond loopback needs bearer tokens (${TOKENS_ENV} or "
+                         "service.tokens_file)")
+    scheduled = {f"rerender/{d.name}": d for d in rerender.deployments(ws)}
+    runner = RunnerThread(f"anchor-{rerender.deployment_name(ws)}", {**jobs.deployments(ws), **scheduled},
+                          settings.poll_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            runner.stop()  # inside uvicorn's shutdown: after it the process may be ended by the signal it caught
+
+    ids = runner.start()
+    try:
+        app = create_app(ws, {kind: ids[kind] for kind in jobs.JOBS}, accepted, settings.max_upload_mb)
+        app.router.lifespan_context = lifespan
+        say(f"API on http://{host}:{port}{'' if accepted else ' (no tokens: loopback only)'}; docs at /docs")
+        for name in scheduled:
+            say(f"serving {name}")
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")).run()
+    finally:
+        runner.stop()

@@ -1,0 +1,272 @@
+"""The HTTP API as a studio meets it: `anchor serve` in its own process on loopback, on the session's Prefect
+server, driven with httpx — identities, a speech render as a job whose progress rises, its video streamed and
+seekable, and every refusal (token, size, type, name) leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+
+from core.workspace import Workspace
+from models import speech as sp
+from tasks import audio as aud
+from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace, prefect_server, set_param, shared_video
+
+slow = pytest.mark.slow  # a served trained workspace; the unit test at the end is not
+ID = ONBOARDED_ID
+TOKEN = "studio-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, ws: Workspace, url: str, process: subprocess.Popen[str]) -> None:
+        self.ws, self.url, self.process = ws, url, process
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60,
+                            headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def uploads(self) -> list[Path]:
+        return sorted(p for p in (self.ws.state / "uploads").rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Iterator[Served]:
+    from flows.versions import record_version
+
+    ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+    record_version(ws, ID, "test", commit=False)  # v1, as `anchor finetune` numbers it (the template ran no flow)
+    set_param(ws.root, "service", "poll_s", 0.5)
+    set_param(ws.root, "service", "max_upload_mb", 5)
+    port = _free_port()
+    env = {**os.environ, "PREFECT_API_URL": prefect_server(), "ANCHOR_API_TOKENS": f"other, {TOKEN}"}
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(ws.root), "serve", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "anchor serve never answered"
+        try:
+            if httpx.get(f"{url}/api/v1/identities", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    try:
+        yield Served(ws, url, process)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 s of the seated anchor's speech, as a studio would upload it."""
+    path = tmp_path_factory.mktemp("audio") / "line.wav"
+    y = aud.decode(shared_video("anchor_seated_hevc.mp4"))
+    aud.write_wav(path, y[5 * sp.SAMPLE_RATE: int(6.5 * sp.SAMPLE_RATE)])
+    return path
+
+
+class Receiver:
+    """A webhook receiver on loopback: the JSON bodies POSTed to it."""
+
+    def __enter__(self) -> Receiver:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@slow
+def test_a_speech_render_is_a_job_whose_video_streams(served: Served, voice: Path) -> None:
+    with served.client() as api, Receiver() as receiver:
+        [listed] = api.get("/api/v1/identities").json()
+        assert listed["name"] == ID and listed["current_version"] == 1 and listed["speech"] is True
+        assert listed["renders"] == f"/api/v1/identities/{ID}/renders"
+
+        with voice.open("rb") as f:
+            made = api.post("/api/v1/renders", data={"identity": ID, "seed": "3", "webhook": receiver.url},
+                            files={"audio": ("line.wav", f, "audio/wav")})
+        assert made.status_code == 202, made.text
+        job = made.json()["job"]
+        seen: list[dict] = []
+        deadline = time.monotonic() + 600
+        while True:
+            status = api.get(f"/api/v1/jobs/{job}").json()
+            seen.append(status)
+            if status["state"] in ("completed", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, seen[-1]
+            time.sleep(0.2)
+        assert status["state"] == "completed", status
+        assert status["kind"] == "render" and status["error"] is None and status["progress"] == 1.0
+        progress = [s["progress"] for s in seen]
+        assert progress == sorted(progress)  # never going back
+        running = [s for s in seen if s["state"] == "running"]
+        assert running and all(0 <= s["progress"] < 1 for s in running)
+        assert {s["stage"].split(":")[0] for s in running if s["stage"]} <= {"starting", "motion", "render_body",
+                                                                             "face", "assemble", "follow"}
+
+        result = status["result"]
+        identity, key = result["render"].split("/")
+        assert identity == ID and result["video"] == f"/api/v1/renders/{ID}/{key}/video"
+        video = api.get(result["video"])
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+        path = served.ws.root / "data" / "renders" / ID / key / "assemble" / "video.mp4"
+        assert video.content == path.read_bytes()
+        with av.open(str(path)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 45  # 1.5 s at 30 fps
+        with av.open(str(path)) as c:
+            assert len(c.streams.audio) == 1
+        part = api.get(result["video"], headers={"Range": "bytes=100-199"})  # a player seeking
+        assert part.status_code == 206 and part.content == video.content[100:200]
+        [render] = api.get(f"/api/v1/identities/{ID}/renders").json()
+        assert render["render"] == result["render"] and render["stale"] is False and render["motion"] == "speech"
+        # the upload is kept where the render's lineage points, and only it
+        [kept] = served.uploads()
+        assert kept.read_bytes() == voice.read_bytes() and kept.suffix == ".wav"
+        assert api.delete(f"/api/v1/jobs/{job}").status_code == 409  # it has ended
+        deadline = time.monotonic() + 30  # the webhook: called once, when the job ended
+        while not receiver.bodies and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert receiver.bodies == [{"job": job, "kind": "render", "state": "completed", "error": None}]
+
+        # another seed, cancelled while it runs: the job ends cancelled, its video never appears
+        with voice.open("rb") as f:
+            again = api.post("/api/v1/renders", data={"identity": ID, "seed": "4", "webhook": receiver.url},
+                             files={"audio": ("line.wav", f, "audio/wav")}).json()["job"]
+        deadline = time.monotonic() + 300
+        while (state := api.get(f"/api/v1/jobs/{again}").json()["state"]) == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert state == "running"
+        assert api.delete(f"/api/v1/jobs/{again}").status_code == 202
+        while (status := api.get(f"/api/v1/jobs/{again}").json())["state"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert status["state"] == "cancelled" and status["result"] is None, status
+        videos = sorted((served.ws.root / "data" / "renders" / ID).glob("*/assemble/video.mp4"))
+        assert videos == [path]
+        while len(receiver.bodies) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert receiver.bodies[1] == {"job": again, "kind": "render", "state": "cancelled", "error": None}
+
+
+@slow
+def test_refusals_leave_nothing_behind(served: Served, tmp_path: Path, voice: Path) -> None:
+    before = served.uploads()
+    with served.client(token=None) as anonymous:
+        assert anonymous.get("/api/v1/identities").status_code == 401
+    with served.client(token="wrong") as stranger:
+        answer = stranger.get("/api/v1/identities")
+        assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+    with served.client() as api:
+        text = tmp_path / "notes.wav"
+        text.write_text("this is not audio\n" * 50)
+        with text.open("rb") as f:
+            refused = api.post("/api/v1/renders", data={"identity": ID}, files={"audio": ("notes.wav", f)})
+        assert refused.status_code == 422 and "not an audio or video file" in refused.json()["detail"], refused.text
+        with voice.open("rb") as f, text.open("rb") as g:
+            both = api.post("/api/v1/renders", data={"identity": ID}, files={"audio": f, "motion": g})
+        assert both.status_code == 422 and "exactly one" in both.json()["detail"]
+        with voice.open("rb") as f:
+            assert api.post("/api/v1/renders", data={"identity": "nobody"}, files={"audio": f}).status_code == 404
+        with voice.open("rb") as f:
+            hook = api.post("/api/v1/renders", data={"identity": ID, "webhook": "file:///etc/passwd"},
+                            files={"audio": f})
+        assert hook.status_code == 422 and "http(s) URL" in hook.json()["detail"]
+        with voice.open("rb") as f:
+            old = api.post("/api/v1/renders", data={"identity": ID, "version": "7"}, files={"audio": f})
+        assert old.status_code == 409 and "v1" in old.json()["detail"]
+        with text.open("rb") as f:
+            named = api.post("/api/v1/identities", data={"name": "../evil"}, files={"video": f})
+        assert named.status_code == 422 and "invalid identity name" in named.json()["detail"]
+        with text.open("rb") as f:
+            taken = api.post("/api/v1/identities", data={"name": ID}, files={"video": f})
+        assert taken.status_code == 409
+        with text.open("rb") as f:
+            bad = api.post("/api/v1/identities", data={"name": "newcomer"}, files={"video": f})
+        assert bad.status_code == 422 and "not a readable video" in bad.json()["detail"]
+        assert api.get("/api/v1/jobs/not-a-job").status_code == 404
+        assert api.get("/api/v1/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+        assert api.get(f"/api/v1/renders/{ID}/0123456789ab/video").status_code == 404
+        assert api.get("/api/v1/identities/nobody/report").status_code == 404
+        assert api.get("/docs").status_code == 200  # FastAPI's schema pages
+    # 2 GB announced: refused from the headers alone, before a byte of the body is read
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /api/v1/renders HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n"
+                  "--x\r\n".encode())
+        reply = s.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413") and "service.max_upload_mb" in reply, reply
+    assert served.uploads() == before
+    assert served.process.poll() is None  # still serving
+
+
+def test_serving_beyond_loopback_needs_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before anything binds (uvicorn would fail the test if it were reached)."""
+    import uvicorn
+
+    from core.errors import InputError
+    from service import server
+    from tests.conftest import make_workspace
+
+    class NoBinding:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("uvicorn was reached")
+
+    monkeypatch.setattr(uvicorn, "Server", NoBinding)
+    monkeypatch.delenv(server.TOKENS_ENV, raising=False)
+    ws = Workspace(make_workspace(tmp_path / "ws"))
+    with pytest.raises(InputError, match="serving beyond loopback needs bearer tokens"):
+        server.serve(ws, "0.0.0.0", 9, print)
+    assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and server.is_loopback("localhost")
+    assert not server.is_loopback("192.168.1.4") and not server.is_loopback("example.org")
+    (tmp_path / "tokens").write_text("# the studio's\nalpha\n\n beta \n")
+    monkeypatch.setenv(server.TOKENS_ENV, "gamma,,")
+    assert server.tokens(ws, str(tmp_path / "tokens")) == {"alpha", "beta", "gamma"}
+    with pytest.raises(InputError, match="no such file"):
+        server.tokens(ws, str(tmp_path / "missing"))
