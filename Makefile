@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 # debugger wants it).
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-fast lint constraints clean-state help
+.PHONY: setup demo serve test test-fast lint constraints clean-state help
 
 help:
 	@echo "make demo [VIDEO=path/to/video.mp4] onboard the video (default: the example clip, assets/examples/) as '$(NAME)', train, render and report its held-out clip"
+	@echo "make serve                          the HTTP API on http://127.0.0.1:8000 over this workspace (after make demo: its '$(NAME)' identity; docs/service.md)"
 	@echo "make test                           run the whole test suite (what CI runs)"
 	@echo "make test-fast                      the edit loop: the suite without the tests marked slow"
 	@echo "make lint                           ruff"
@@ -61,6 +62,9 @@ demo: check-system $(STAMP)
 	$(BIN)/anchor finetune $(NAME)
 	$(BIN)/anchor render $(NAME) --motion $(NAME):test --out data/renders/$(NAME)-test.mp4
 	@test -f data/reports/$(NAME)/report.html && echo "report: $(CURDIR)/data/reports/$(NAME)/report.html"
+
+serve: check-system $(STAMP)
+	$(BIN)/anchor serve
 
 test: check-system $(STAMP)
 	$(BIN)/ruff check .

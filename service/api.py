@@ -223,9 +223,8 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
         return await submit("render", path, {"workspace": str(ws.root), "identity": name, "motion": str(path),
                                              "seed": seed, "speech": audio is not None, "webhook": url})
 
-    @api.get("/renders/{name}/{key}/video")
-    def video(name: str, key: str) -> FileResponse:
-        """The render's mp4 (range requests answered, so a player can seek)."""
+    def finished(name: str, key: str) -> Path:
+        """A finished render's video."""
         from tasks import registry
         from tasks.stages import assemble
 
@@ -236,8 +235,21 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
         path = registry.artifact_dir(ws, "assemble", subject) / assemble.VIDEO
         if not path.is_file():
             raise HTTPException(404, f"no finished render {subject}")
-        return FileResponse(path, media_type="video/mp4", filename=f"{name}-{key}.mp4",
+        return path
+
+    @api.get("/renders/{name}/{key}/video")
+    def video(name: str, key: str) -> FileResponse:
+        """The render's mp4 (range requests answered, so a player can seek)."""
+        return FileResponse(finished(name, key), media_type="video/mp4", filename=f"{name}-{key}.mp4",
                             content_disposition_type="inline")
+
+    @api.get("/renders/{name}/{key}/lineage")
+    def lineage(name: str, key: str) -> list[dict[str, Any]]:
+        """Every step from the video back to the source video, nearest first, each re-hashed (`verified`): what
+        `anchor lineage` prints."""
+        from core.lineage import trace
+
+        return json.loads(json.dumps(trace(ws, finished(name, key)), default=str))
 
     # ------------------------------------------------------------------------------------------------------- jobs
     async def flow_run(job: str) -> Any:

@@ -162,6 +162,10 @@ def test_a_speech_render_is_a_job_whose_video_streams(served: Served, voice: Pat
             assert len(c.streams.audio) == 1
         part = api.get(result["video"], headers={"Range": "bytes=100-199"})  # a player seeking
         assert part.status_code == 206 and part.content == video.content[100:200]
+        steps = api.get(f"/api/v1/renders/{ID}/{key}/lineage").json()  # back to the source video, each verified
+        assert steps[0]["stage"] == "assemble"
+        assert {"motion", "render_body", "finetune", "speech", "source"} <= {s["stage"] for s in steps}
+        assert all(s["verified"] for s in steps)
         [render] = api.get(f"/api/v1/identities/{ID}/renders").json()
         assert render["render"] == result["render"] and render["stale"] is False and render["motion"] == "speech"
         # the upload is kept where the render's lineage points, and only it
