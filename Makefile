@@ -17,7 +17,7 @@ TEST_WORKERS ?= 2
 
 help:
 	@echo "make demo [VIDEO=path/to/video.mp4] onboard the video (default: the example clip, assets/examples/) as '$(NAME)', train, render and report its held-out clip"
-	@echo "make serve                          the HTTP API on http://127.0.0.1:8000 over this workspace (after make demo: its '$(NAME)' identity; docs/service.md)"
+	@echo "make serve                          the HTTP API on http://127.0.0.1:7860 over this workspace (after make demo: its '$(NAME)' identity; docs/service.md)"
 	@echo "make test                           run the whole test suite (what CI runs)"
 	@echo "make test-fast                      the edit loop: the suite without the tests marked slow"
 	@echo "make lint                           ruff"

@@ -72,7 +72,8 @@ class ModelsParams(Section):
 class ServiceParams(Section):
     host: str = Field("127.0.0.1", description="`anchor serve`: the address the HTTP API binds (beyond loopback "
                       "only with tokens)")
-    port: int = Field(8000, ge=1, le=65535, description="`anchor serve`: its port")
+    port: int = Field(7860, ge=1, le=65535, description="`anchor serve`: its port (outside 8000–8999, where an "
+                      "embedded Prefect server picks its own)")
     tokens_file: str | None = Field(None, description="a file of bearer tokens, one per line, accepted besides "
                                     "$ANCHOR_API_TOKENS (comma-separated); with none, only loopback is served")
     max_upload_mb: int = Field(1024, ge=1, le=1_000_000, description="largest request body (video, audio or "

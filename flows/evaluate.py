@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
 
 from core.workspace import Workspace, check_identity_name
 from flows.dvc_store import commit_identity
@@ -41,8 +40,7 @@ def evaluate(workspace: str, identity: str, commit: bool = True) -> dict[str, An
     """`commit=False` under `dvc repro`, which records the outputs itself (and holds DVC's lock meanwhile)."""
     ws = Workspace(Path(workspace))
     check_identity_name(identity)
-    ctx = get_run_context()
-    stages = StageRunner(ws, str(ctx.flow_run.id), flow="evaluate")  # type: ignore[union-attr]
+    stages = StageRunner.of_this_run(ws, "evaluate")
     result = evaluation(ws, stages, identity)
     return {"identity": identity, "run_id": stages.run_id, "report": str(ws.root / result["path"] / report.HTML),
             "summary": result["summary"], "stages": stage_summary(stages, qualified=True),

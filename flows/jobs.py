@@ -15,7 +15,6 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.context import get_run_context
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from core.workspace import Workspace, check_identity_name
@@ -45,19 +44,35 @@ class JobProgress:
         self.every = every
         self.stages: StageRunner | None = None
         self.phases: dict[str, tuple[int, int]] = {}  # a running stage's current phase: done, total
-        self.lock = threading.Lock()
+        self.lock, self.writing, self.written = threading.Lock(), threading.Lock(), 0.0
         self.shown, self.label, self.sent = 0.0, "starting", 0.0
         self.artifact = create_progress_artifact(progress=0.0, description=self.label)
 
     def update(self, stage: str, label: str, done: int, total: int) -> None:
         with self.lock:
             self.phases[stage] = (done, total)
-            finished = {s for s, _ in self.stages.results} if self.stages else set()
+            # a snapshot taken in one step (the flow's thread adds results while stages report from theirs)
+            finished = {s for s, _ in tuple(self.stages.results)} if self.stages else set()
             running = sum(d / t for s, (d, t) in self.phases.items() if s not in finished and t)
             self.shown = max(self.shown, min(1.0, (len(finished) + running) / max(self.total, 1)))
-            if label != self.label or time.monotonic() - self.sent >= self.every:
-                self.label, self.sent = label, time.monotonic()
-                update_progress_artifact(self.artifact, round(100 * self.shown, 2), description=label)
+            if label == self.label and time.monotonic() - self.sent < self.every:
+                return
+            self.label, self.sent, shown = label, time.monotonic(), self.shown
+        self._send(shown, label)
+
+    def _send(self, shown: float, label: str) -> None:
+        """Outside the stages' lock (a slow write holds up no stage), in order (a value older than the one written
+        is dropped), and never the stage's failure: progress that cannot be written is only logged."""
+        with self.writing:
+            if shown < self.written:
+                return
+            try:
+                update_progress_artifact(self.artifact, round(100 * shown, 2), description=label)
+                self.written = shown
+            except Exception as exc:  # noqa: BLE001 - a watcher's problem, not the job's
+                from prefect.logging import get_logger
+
+                get_logger("anchor.jobs").warning("progress of the job not written: %s", exc)
 
     def __enter__(self) -> JobProgress:
         self.previous = stage_task.progress_factory
@@ -67,7 +82,7 @@ class JobProgress:
     def __exit__(self, *exc: object) -> None:
         stage_task.progress_factory = self.previous
         if exc[0] is None:
-            update_progress_artifact(self.artifact, 100.0, description="done")
+            self._send(1.0, "done")
 
 
 class _StageHandle:
@@ -84,11 +99,6 @@ class _StageHandle:
     def advance(self, n: int = 1) -> None:
         self.done = min(self.done + n, self.total)
         self.job.update(self.stage, self.label, self.done, self.total)
-
-
-def _runner(ws: Workspace, flow_name: str) -> StageRunner:
-    ctx = get_run_context()
-    return StageRunner(ws, str(ctx.flow_run.id), flow=flow_name)  # type: ignore[union-attr]
 
 
 def notify(flow: Any, flow_run: Any, state: Any) -> None:
@@ -124,7 +134,7 @@ def onboard_job(workspace: str, identity: str, video: str, webhook: str | None =
     ws = Workspace(Path(workspace))
     check_identity_name(identity)
     with JobProgress(ONBOARD_FLOWS) as progress:
-        stages = progress.stages = _runner(ws, "onboard")
+        stages = progress.stages = StageRunner.of_this_run(ws, "onboard")
         preprocess(ws, stages, identity, Path(video))
         pretrain_shared(ws, stages)
         out = finetune_identity(ws, stages, identity, evaluate=True)
@@ -140,7 +150,7 @@ def render_job(workspace: str, identity: str, motion: str, seed: int | None = No
     ws = Workspace(Path(workspace))
     check_identity_name(identity)
     with JobProgress(RENDER_FLOWS) as progress:
-        stages = progress.stages = _runner(ws, "render")
+        stages = progress.stages = StageRunner.of_this_run(ws, "render")
         subject, made = render_stages(ws, stages, identity, motion, None, seed, None, speech)
     result = {"render": subject, "video": str(Path(made["path"]) / assemble.VIDEO)}
     _publish(result)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
 
 from core.errors import InputError
 from core.hashing import sha256_file
@@ -50,8 +49,7 @@ def import_motion(workspace: str, identity: str, motion: str, out: str, clip: st
     params = registry.params(ws).motion
     info: dict[str, Any] = {"identity": identity, "motion": str(path)}
     if motion_task.is_video(path):
-        ctx = get_run_context()
-        stages = StageRunner(ws, str(ctx.flow_run.id), flow="import-motion")  # type: ignore[union-attr]
+        stages = StageRunner.of_this_run(ws, "import-motion")
         loaded, _ = fit_video(ws, stages, path)
         info["motion_fit"] = ws.rel(registry.artifact_dir(ws, "smplx_fit", motion_name(path)))
     else:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
 
 from core.workspace import Workspace, check_identity_name
 from flows.dvc_store import commit_identity
@@ -31,15 +30,10 @@ def preprocess(ws: Workspace, stages: StageRunner, identity: str, video: Path) -
     return commit_identity(ws, identity, results)
 
 
-def _runner(ws: Workspace, name: str) -> StageRunner:
-    ctx = get_run_context()
-    return StageRunner(ws, str(ctx.flow_run.id), flow=name)  # type: ignore[union-attr]
-
-
 @flow(name="onboard", flow_run_name="onboard-{identity}", log_prints=False)
 def onboard(workspace: str, identity: str, video: str) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
-    stages = _runner(ws, "onboard")
+    stages = StageRunner.of_this_run(ws, "onboard")
     committed = preprocess(ws, stages, identity, Path(video))
     return {"identity": identity, "run_id": stages.run_id, "stages": stage_summary(stages), "dvc": committed}
 
@@ -53,7 +47,7 @@ def onboard_many(workspace: str, videos: dict[str, str], train: bool = False,
     ws = Workspace(Path(workspace))
     for name in videos:
         check_identity_name(name)
-    stages = _runner(ws, "onboard")
+    stages = StageRunner.of_this_run(ws, "onboard")
     outcome: dict[str, dict[str, Any]] = {}
     for name, res in concurrently(lambda name: preprocess(ws, stages, name, Path(videos[name])), videos).items():
         outcome[name] = ({"status": "failed", "error": f"{type(res).__name__}: {res}"}

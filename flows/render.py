@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
 
 from core.artifacts import read_manifest
 from core.errors import InputError
@@ -182,8 +181,7 @@ def render(workspace: str, identity: str, motion: str, out: str | None = None, f
            seed: int | None = None, face: bool = True, speech: bool = False) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
     check_identity_name(identity)
-    ctx = get_run_context()
-    stages = StageRunner(ws, str(ctx.flow_run.id), flow="render")  # type: ignore[union-attr]
+    stages = StageRunner.of_this_run(ws, "render")
     subject, result = render_stages(ws, stages, identity, motion, frames, seed, None if face else False,
                                     speech)
     video = ws.root / result["path"] / assemble.VIDEO

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 from prefect import flow
-from prefect.context import get_run_context
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
@@ -69,8 +68,7 @@ def rerender_one(ws: Workspace, stages: StageRunner, subject: str) -> dict[str, 
 def rerender(workspace: str, identity: str | None = None) -> dict[str, Any]:
     """Every stale render of the workspace (or of one identity) again; the rest untouched."""
     ws = Workspace(Path(workspace))
-    ctx = get_run_context()
-    stages = StageRunner(ws, str(ctx.flow_run.id), flow="rerender")  # type: ignore[union-attr]
+    stages = StageRunner.of_this_run(ws, "rerender")
     listed = [r for name in ([identity] if identity else ws.identities()) for r in renders(ws, name)]
     stale = {r["subject"]: r["why"] for r in listed if r["stale"]}
     done = concurrently(lambda subject: rerender_one(ws, stages, subject), stale)

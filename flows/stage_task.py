@@ -88,6 +88,13 @@ class StageRunner:
         self.results: dict[tuple[str, str], dict[str, Any]] = {}
         self.cache_hits: dict[tuple[str, str], bool] = {}
 
+    @classmethod
+    def of_this_run(cls, ws: Workspace, flow: str) -> StageRunner:
+        """The runner of the flow run this is called in (its id is the ledger's run id)."""
+        from prefect.context import get_run_context
+
+        return cls(ws, str(get_run_context().flow_run.id), flow=flow)  # type: ignore[union-attr]
+
     def _args(self, stage: str, identity: str, external: Path | None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = registry.get(stage)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
 
 from core.workspace import SHARED, Workspace
 from flows.dvc_store import commit_identity, commit_shared
@@ -16,11 +15,6 @@ from flows.stage_task import StageRunner
 from flows.versions import record_version, tag_version
 from tasks import registry
 from tasks.stages.report import HTML as REPORT_HTML
-
-
-def _runner(ws: Workspace, name: str) -> StageRunner:
-    ctx = get_run_context()
-    return StageRunner(ws, str(ctx.flow_run.id), flow=name)  # type: ignore[union-attr]
 
 
 def pretrain_shared(ws: Workspace, stages: StageRunner) -> list[str]:
@@ -52,7 +46,7 @@ def finetune_identity(ws: Workspace, stages: StageRunner, identity: str, evaluat
 @flow(name="pretrain", log_prints=False)
 def pretrain(workspace: str) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
-    stages = _runner(ws, "pretrain")
+    stages = StageRunner.of_this_run(ws, "pretrain")
     committed = pretrain_shared(ws, stages)
     return {"run_id": stages.run_id, "stages": stage_summary(stages, qualified=True), "dvc": committed}
 
@@ -61,6 +55,6 @@ def pretrain(workspace: str) -> dict[str, Any]:
 def finetune(workspace: str, identity: str, evaluate: bool = True) -> dict[str, Any]:
     """Then, unless told not to, the evaluation protocol: the held-out clips rendered, scored and reported."""
     ws = Workspace(Path(workspace))
-    stages = _runner(ws, "finetune")
+    stages = StageRunner.of_this_run(ws, "finetune")
     out = finetune_identity(ws, stages, identity, evaluate)
     return {"run_id": stages.run_id, "stages": stage_summary(stages, qualified=True), **out}

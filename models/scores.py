@@ -12,7 +12,7 @@ Flicker is warping-free: it compares the frame-to-frame change of the generated 
 real one does), alongside both videos' mean absolute change.
 
 Hands are ~20 px wide in a 256 px frame and weigh little in the person's SSIM; their own SSIM is taken in a square
-around each real hand's landmarks (`hand_box`, `ssim_in_box`).
+around each real hand's landmarks (`hand_box`), read from the frame's SSIM map (`ssim_map`, `mean_in_box`).
 """
 
 from __future__ import annotations
@@ -74,23 +74,46 @@ def flicker_of_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, n
     return {"flicker": total / steps, "change_generated": change_g / steps, "change_real": change_r / steps}
 
 
-def ssim_in_mask(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> float:
-    """SSIM (Wang et al. 2004: 11-tap Gaussian window, σ 1.5) of two (H, W, 3) uint8 images, averaged over the
-    colour channels and over the pixels where `mask` (H, W, in [0, 1]) is above one half: the person, not the
-    background that any copy gets right. NaN when the mask is empty."""
-    if generated.shape != real.shape or mask.shape != real.shape[:2]:
-        raise ValueError(f"shapes differ: generated {generated.shape}, real {real.shape}, mask {mask.shape}")
+def ssim_map(generated: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """SSIM (Wang et al. 2004: 11-tap Gaussian window, σ 1.5) of two (H, W, 3) uint8 images at every pixel, averaged
+    over the colour channels: one map per frame, which the person's mask and each hand's square are read from."""
+    if generated.shape != real.shape:
+        raise ValueError(f"shapes differ: generated {generated.shape}, real {real.shape}")
     _, full = structural_similarity(real, generated, channel_axis=-1, data_range=255, gaussian_weights=True,
                                     sigma=1.5, use_sample_covariance=False, full=True)
+    return full.mean(axis=-1)
+
+
+def mean_in_mask(ssim: np.ndarray, mask: np.ndarray) -> float:
+    """An SSIM map's mean where `mask` (H, W, in [0, 1]) is above one half: the person, not the background that any
+    copy gets right. NaN when the mask is empty."""
+    if mask.shape != ssim.shape:
+        raise ValueError(f"shapes differ: SSIM map {ssim.shape}, mask {mask.shape}")
     inside = mask > 0.5
-    return float(full.mean(axis=-1)[inside].mean()) if inside.any() else float("nan")
+    return float(ssim[inside].mean()) if inside.any() else float("nan")
 
 
-def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 0.06) -> tuple[int, int, int] | None:
+def mean_in_box(ssim: np.ndarray, box: tuple[int, int, int]) -> float:
+    """An SSIM map's mean over the (x, y, size) square: every pixel of it counts, its edges included (the map is
+    of the whole frame, so a crop's border is not lost to the window)."""
+    x, y, size = box
+    inside = ssim[y:y + size, x:x + size]
+    if inside.shape != (size, size):
+        raise ValueError(f"box {box} leaves the {ssim.shape} frame")
+    return float(inside.mean())
+
+
+def ssim_in_mask(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> float:
+    """SSIM of two (H, W, 3) uint8 images inside `mask` (`ssim_map`, `mean_in_mask`)."""
+    return mean_in_mask(ssim_map(generated, real), mask)
+
+
+def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 0.06
+             ) -> tuple[int, int, int] | None:
     """The square (x, y, size) in a side × side frame around one hand's landmarks (K, 2; NaN = not found): the longer
-    extent of the points inside the frame times `margin`, at least `least` of the side (and 16 px, for the SSIM
-    window), moved to lie inside the frame. None when fewer than half of the points are found inside it: a hand at
-    the frame's edge or missed by the detector has no crop to judge."""
+    extent of the points inside the frame times `margin`, at least `least` of the side (and 16 px: a folded hand
+    still has fingers to judge), moved to lie inside the frame. None when fewer than half of the points are found
+    inside it: a hand at the frame's edge or missed by the detector has no crop to judge."""
     ok = np.isfinite(points).all(-1) & (points >= 0).all(-1) & (points < side).all(-1)
     if ok.sum() * 2 < len(points):
         return None
@@ -101,20 +124,6 @@ def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 
     x = int(min(max(round(cx - size / 2), 0), side - size))
     y = int(min(max(round(cy - size / 2), 0), side - size))
     return x, y, size
-
-
-def ssim_in_box(generated: np.ndarray, real: np.ndarray, box: tuple[int, int, int]) -> float:
-    """SSIM as `ssim_in_mask` (Gaussian window, σ 1.5) of the (x, y, size) square of two (H, W, 3) uint8 images at
-    their own resolution: how much of a hand's detail a picture has, where the person's SSIM is dominated by the
-    torso."""
-    if generated.shape != real.shape:
-        raise ValueError(f"shapes differ: generated {generated.shape}, real {real.shape}")
-    x, y, size = box
-    g, r = generated[y:y + size, x:x + size], real[y:y + size, x:x + size]
-    if min(r.shape[:2]) < 11:
-        raise ValueError(f"box {box} leaves {r.shape[:2]} px of a {real.shape[:2]} image: SSIM needs 11")
-    return float(structural_similarity(r, g, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False))
 
 
 def nearest_frames(query: np.ndarray, pool: np.ndarray, chunk: int = 64) -> np.ndarray:

@@ -8,17 +8,20 @@ see the same jobs.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -40,11 +43,17 @@ def _suffix(filename: str | None) -> str:
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
 
 
-def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozenset[str], max_upload_mb: int
-               ) -> FastAPI:
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozenset[str], max_upload_mb: int,
+               running: Callable[[], bool] = lambda: True) -> FastAPI:
     """`deployments`: the job deployments' ids by kind ("onboard", "render"); `tokens`: the bearer tokens accepted
-    (none: every request is, which `anchor serve` allows on loopback only)."""
+    (none: every request is, which `anchor serve` allows on loopback only, and then only from this machine's own
+    pages: another site's page in a browser here can neither post to it nor, renamed by DNS, read it);
+    `running`: whether the runner that starts the jobs is alive (if not, no job is accepted)."""
     limit = max_upload_mb * 1_000_000
+    onboarding = asyncio.Lock()  # one name check and one run creation at a time
     app = FastAPI(title="Make-Your-Anchor+", summary="Personal avatar models: onboard an anchor from a video, render "
                   "it from speech or motion.", version="1")
 
@@ -56,7 +65,12 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
 
     @app.middleware("http")
     async def refuse_large_bodies(request: Request, call_next: Any) -> Any:
-        """Before a byte of the body is read: a body that is too large, or of unknown size, is refused."""
+        """Before a byte of the body is read: a body that is too large, or of unknown size, is refused; without
+        tokens, so is a write from another site's page (browsers send its Origin)."""
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and not tokens:
+            origin = urlsplit(request.headers.get("origin", "")).hostname
+            if origin is not None and origin not in LOOPBACK_NAMES:
+                return JSONResponse({"detail": f"requests from {origin} need a bearer token"}, 403)
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
@@ -66,6 +80,8 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
                                                f"{max_upload_mb} MB (service.max_upload_mb)"}, 413)
         return await call_next(request)
 
+    if not tokens:  # a loopback server answers only to loopback names (no DNS rebinding onto it)
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
     api = APIRouter(prefix=API, dependencies=[Depends(authorised)])
 
     def identity_of(name: str) -> str:
@@ -106,6 +122,9 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
         except AnchorError as exc:
             shutil.rmtree(path.parent, ignore_errors=True)
             raise HTTPException(422, str(exc).replace(str(path), path.name)) from None
+        except BaseException:  # the client gone mid-check, or the check itself broken: nothing kept either way
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
 
     def hook(url: str | None) -> str | None:
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
@@ -116,6 +135,9 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
         """The job's flow run; an upload no run was made for is not kept."""
         from prefect.client.orchestration import get_client
 
+        if not running():
+            shutil.rmtree(upload.parent, ignore_errors=True)
+            raise HTTPException(503, "the job runner of this server has stopped; restart `anchor serve`")
         try:
             async with get_client() as client:
                 run = await client.create_flow_run_from_deployment(deployments[kind], parameters=parameters)
@@ -128,18 +150,23 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
     @api.get("/identities")
     def identities() -> list[dict[str, Any]]:
         """Every identity with its model versions, whether it has a speech model, and its report's URL."""
+        from flows.render import speech_model
         from flows.versions import status
-        from tasks import registry
-        from tasks.stages import speech
+
+        def speaks(name: str) -> bool:
+            try:
+                speech_model(ws, name)
+            except AnchorError:
+                return False
+            return True
 
         out = []
         for row in status(ws):
             name = row["identity"]
-            speech_dir = registry.artifact_dir(ws, "speech", name)
             out.append({"name": name, "onboarded": row["onboarded"], "current_version": row["current_version"],
                         "versions": [{"version": v["version"], "made_at": v.get("made_at"), "model": v["finetune"]}
                                      for v in row["versions"]],
-                        "speech": speech_dir.is_dir() and speech.has_model(speech_dir),
+                        "speech": speaks(name),
                         "renders": f"{API}/identities/{name}/renders",
                         "report": f"{API}/identities/{name}/report" if row["report"] else None})
         return out
@@ -176,13 +203,36 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
             check_identity_name(name)
         except AnchorError as exc:
             raise HTTPException(422, str(exc)) from None
-        if name in ws.identities():
-            raise HTTPException(409, f"identity {name!r} exists; onboard another name")
         url = hook(webhook)
+        await taken(name)
         path = await store(video, "video")
         await checked(path, vio.probe)
-        return await submit("onboard", path, {"workspace": str(ws.root), "identity": name, "video": str(path),
-                                              "webhook": url})
+        async with onboarding:  # checked again where no other onboarding of this server can slip in between
+            await taken(name)
+            return await submit("onboard", path, {"workspace": str(ws.root), "identity": name, "video": str(path),
+                                                  "webhook": url})
+
+    async def taken(name: str) -> None:
+        """409 for a name the workspace has, or that a job not yet ended is onboarding."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterId,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        if name in ws.identities():
+            raise HTTPException(409, f"identity {name!r} exists; onboard another name")
+        ended = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployments["onboard"]])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=ended))))
+        if any((run.parameters or {}).get("identity") == name for run in runs):
+            raise HTTPException(409, f"identity {name!r} is being onboarded by another job")
 
     # ---------------------------------------------------------------------------------------------------- renders
     @api.post("/renders", status_code=202)
@@ -299,13 +349,16 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
     async def cancel(job: str) -> dict[str, Any]:
         """Cancel a pending or running job (a finished one stays as it is)."""
         from prefect.client.orchestration import get_client
+        from prefect.client.schemas.responses import SetStateStatus
         from prefect.states import Cancelling
 
         run = await flow_run(job)
         if run.state and run.state.is_final():
             raise HTTPException(409, f"job {job} has already ended ({STATES.get(run.state.type.value)})")
-        async with get_client() as client:
-            await client.set_flow_run_state(run.id, Cancelling(message="cancelled through the API"), force=True)
+        async with get_client() as client:  # not forced: a run that ended meanwhile keeps its end
+            answer = await client.set_flow_run_state(run.id, Cancelling(message="cancelled through the API"))
+        if answer.status != SetStateStatus.ACCEPT:
+            raise HTTPException(409, f"job {job} could not be cancelled: {answer.details}")
         return {"job": job, "state": "cancelled"}
 
     app.include_router(api)

@@ -2,16 +2,19 @@
 
 The runner (Prefect's, in a thread of its own with its own event loop) polls the Prefect server for runs of the
 job deployments and the scheduled ones and starts each in a process of its own; uvicorn serves the API in the main
-thread, which owns the signals: Ctrl-C or SIGTERM stops the API, then the runner.
+thread, which owns the signals: Ctrl-C or SIGTERM stops the API, then the runner, which cancels the jobs still
+running (they end `cancelled`, their webhooks called; submit them again after a restart).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,10 @@ class RunnerThread:
         self.ready = threading.Event()
         self.ids: dict[str, Any] = {}
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, name="anchor-runner", daemon=True)
+        # the thread runs in this thread's context: Prefect's settings (the API URL of the workspace's embedded
+        # server among them) live in context variables, and the runner hands them to every job's process
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._main,),
+                                       name="anchor-runner", daemon=True)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -72,18 +78,27 @@ class RunnerThread:
         await self.runner.start()
 
     def start(self, timeout: float = 120.0) -> dict[str, Any]:
+        """The deployments' ids, once the runner polls for their runs; its failure to get there, raised here."""
         self.thread.start()
-        if not self.ready.wait(timeout):
-            raise InputError(f"Prefect's runner did not register the deployments within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        while not (self.ready.is_set() and self.runner.started) and self.error is None:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise InputError(f"Prefect's runner did not start within {timeout:.0f} s")
+            time.sleep(0.05)
         if self.error is not None:
             raise self.error
         return self.ids
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
     def stop(self, timeout: float = 30.0) -> None:
-        if self.thread.is_alive():
+        """Stops polling and cancels the runs in progress (Prefect's runner does; they end `cancelled`)."""
+        if self.thread.is_alive() and self.runner.started:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.runner.astop(), self.loop).result(timeout)
-            self.thread.join(timeout)
+        self.thread.join(timeout)
 
 
 def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
@@ -108,12 +123,13 @@ def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
-        finally:
-            runner.stop()  # inside uvicorn's shutdown: after it the process may be ended by the signal it caught
+        finally:  # inside uvicorn's shutdown: after it the process may be ended by the signal it caught
+            await asyncio.to_thread(runner.stop)
 
     ids = runner.start()
     try:
-        app = create_app(ws, {kind: ids[kind] for kind in jobs.JOBS}, accepted, settings.max_upload_mb)
+        app = create_app(ws, {kind: ids[kind] for kind in jobs.JOBS}, accepted, settings.max_upload_mb,
+                         running=lambda: runner.alive)
         app.router.lifespan_context = lifespan
         say(f"API on http://{host}:{port}{'' if accepted else ' (no tokens: loopback only)'}; docs at /docs")
         for name in scheduled:

@@ -307,10 +307,11 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
         masks = person_masks(inputs["matting"], inputs["ingest"], picks, res)
         for t, i, mask, boxes in zip(picks, chosen, masks, hand_boxes, strict=True):
             real, generated, nearest = real_image(t), gen_image(t), read_rgb(nn_paths[t])
-            ssim_g.append(scores.ssim_in_mask(generated, real, mask))
-            ssim_nn.append(scores.ssim_in_mask(nearest, real, mask))
-            hand_g.extend(scores.ssim_in_box(generated, real, box) for box in boxes)
-            hand_nn.extend(scores.ssim_in_box(nearest, real, box) for box in boxes)
+            g_map, nn_map = scores.ssim_map(generated, real), scores.ssim_map(nearest, real)
+            ssim_g.append(scores.mean_in_mask(g_map, mask))
+            ssim_nn.append(scores.mean_in_mask(nn_map, mask))
+            hand_g.extend(scores.mean_in_box(g_map, box) for box in boxes)
+            hand_nn.extend(scores.mean_in_box(nn_map, box) for box in boxes)
             row = train_rows[max(int(i), 0)]
             writer.writerow([t, row["clip"], row["frame"], round(ssim_g[-1], 5), round(ssim_nn[-1], 5)])
             progress.advance(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.scores import hand_box, landmark_distance, ssim_in_box, temporal_flicker
+from models.scores import hand_box, landmark_distance, mean_in_box, ssim_map, temporal_flicker
 
 
 def test_known_offset_gives_the_offset() -> None:
@@ -70,16 +70,21 @@ def test_a_hand_box_is_the_hand_with_a_margin_inside_the_frame() -> None:
     assert hand_box(np.array([[10.0, 10.0], [np.nan, np.nan], [30.0, 10.0]]), 256) == (5, 0, 30)
 
 
-def test_ssim_in_a_box_judges_only_the_box() -> None:
+def test_ssim_in_a_box_judges_the_whole_box_and_only_it() -> None:
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     outside = real.copy()
-    outside[:, 40:] = 0
-    assert ssim_in_box(outside, real, (4, 8, 32)) == pytest.approx(1.0)
+    outside[:, 40:] = 0  # 12 px right of the box: beyond the 11-tap window's reach
+    assert mean_in_box(ssim_map(outside, real), (4, 8, 24)) == pytest.approx(1.0)
     inside = real.copy()
-    inside[10:30, 10:30] = 255 - inside[10:30, 10:30]
-    assert ssim_in_box(inside, real, (4, 8, 32)) < 0.5
-    with pytest.raises(ValueError, match="SSIM needs 11"):
-        ssim_in_box(real, real, (60, 0, 16))
+    inside[10:30, 10:26] = 255 - inside[10:30, 10:26]
+    assert mean_in_box(ssim_map(inside, real), (4, 8, 24)) < 0.5
+    # the box's own edge counts as much as its centre: a dark 2 px ring costs what it covers (~30 % of a 24 px box)
+    ring = real.copy()
+    ring[8:32, 4:28] = 0
+    ring[10:30, 6:26] = real[10:30, 6:26]
+    assert mean_in_box(ssim_map(ring, real), (4, 8, 24)) < 0.8
+    with pytest.raises(ValueError, match="leaves the"):
+        mean_in_box(ssim_map(real, real), (60, 0, 16))
     with pytest.raises(ValueError, match="shapes differ"):
-        ssim_in_box(real[:32], real, (0, 0, 16))
+        ssim_map(real[:32], real)

@@ -177,10 +177,12 @@ def test_a_speech_render_is_a_job_whose_video_streams(served: Served, voice: Pat
             time.sleep(0.2)
         assert receiver.bodies == [{"job": job, "kind": "render", "state": "completed", "error": None}]
 
-        # another seed, cancelled while it runs: the job ends cancelled, its video never appears
-        with voice.open("rb") as f:
-            again = api.post("/api/v1/renders", data={"identity": ID, "seed": "4", "webhook": receiver.url},
-                             files={"audio": ("line.wav", f, "audio/wav")}).json()["job"]
+        # a longer line, cancelled while it runs: the job ends cancelled, its video never appears
+        longer = voice.with_name("longer.wav")
+        aud.write_wav(longer, aud.decode(shared_video("anchor_seated_hevc.mp4"))[:8 * sp.SAMPLE_RATE])
+        with longer.open("rb") as f:
+            again = api.post("/api/v1/renders", data={"identity": ID, "webhook": receiver.url},
+                             files={"audio": ("longer.wav", f, "audio/wav")}).json()["job"]
         deadline = time.monotonic() + 300
         while (state := api.get(f"/api/v1/jobs/{again}").json()["state"]) == "pending":
             assert time.monotonic() < deadline
@@ -244,7 +246,10 @@ def test_refusals_leave_nothing_behind(served: Served, tmp_path: Path, voice: Pa
         s.sendall(f"POST /api/v1/renders HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
                   f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n"
                   "--x\r\n".encode())
-        reply = s.recv(4096).decode()
+        reply = b""
+        while not (b"\r\n\r\n" in reply and reply.endswith(b"}")) and (chunk := s.recv(4096)):
+            reply += chunk
+        reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413") and "service.max_upload_mb" in reply, reply
     assert served.uploads() == before
     assert served.process.poll() is None  # still serving
@@ -274,3 +279,43 @@ def test_serving_beyond_loopback_needs_tokens(tmp_path: Path, monkeypatch: pytes
     assert server.tokens(ws, str(tmp_path / "tokens")) == {"alpha", "beta", "gamma"}
     with pytest.raises(InputError, match="no such file"):
         server.tokens(ws, str(tmp_path / "missing"))
+
+
+def test_without_tokens_only_loopback_names_and_pages_are_answered(tmp_path: Path) -> None:
+    """A tokenless server (loopback only) on real HTTP: a request addressed to another name (DNS rebinding) gets
+    400, a write that a browser says comes from another site's page 403; its own pages and curl get through."""
+    import threading
+    import uuid
+
+    import uvicorn
+
+    from service.api import create_app
+    from tests.conftest import make_workspace
+
+    ws = Workspace(make_workspace(tmp_path / "ws"))
+    app = create_app(ws, {"onboard": uuid.uuid4(), "render": uuid.uuid4()}, frozenset(), 1)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}/api/v1"
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/identities").json() == []  # no token needed
+        assert httpx.get(f"{url}/identities", headers={"Host": "localhost"}).status_code == 200
+        assert httpx.get(f"{url}/identities", headers={"Host": "anchor.example.com"}).status_code == 400
+        page = {"Origin": "https://anchor.example.com"}
+        refused = httpx.post(f"{url}/renders", data={"identity": ID}, headers=page)
+        assert refused.status_code == 403 and "need a bearer token" in refused.json()["detail"]
+        assert httpx.delete(f"{url}/jobs/{uuid.uuid4()}", headers=page).status_code == 403
+        own = httpx.post(f"{url}/renders", data={"identity": ID}, headers={"Origin": f"http://127.0.0.1:{port}"})
+        assert own.status_code == 404 and own.json()["detail"] == f"no identity {ID!r} in this workspace"
+        too_big = httpx.post(f"{url}/renders", data={"identity": ID}, files={"audio": ("a.wav", b"0" * 1_000_001)})
+        assert too_big.status_code == 413
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not (ws.state / "uploads").exists() or not any((ws.state / "uploads").iterdir())

@@ -76,13 +76,11 @@ def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp
     assert data["flicker"]["value"] > 2 * data["flicker"]["change_real"] > 0
     assert data["ssim_person"]["frames"] == 19
     assert data["ssim_person"]["value"] < 0.5 < data["baseline_ssim_person"]["value"] < 1
-    # around the hands too, when the real frames show one: noise there, the nearest frame's hand closer to the real
-    real_hands = sum(data["detection_rate_real"][h] for h in metrics.HANDS)
-    if real_hands:
-        assert 0 < data["hand_ssim"]["crops"] <= 2 * 19
-        assert data["hand_ssim"]["value"] < data["baseline_hand_ssim"]["value"] < 1
-    else:
-        assert data["hand_ssim"]["note"].startswith("not computed: no hand")
+    # around the hands too (the held-out frames show both in every frame): noise there, the nearest frame's hand
+    # closer to the real one
+    assert data["detection_rate_real"]["left_hand"] == data["detection_rate_real"]["right_hand"] == 1.0
+    assert data["hand_ssim"]["crops"] == data["baseline_hand_ssim"]["crops"] == 2 * 19
+    assert data["hand_ssim"]["value"] < data["baseline_hand_ssim"]["value"] < 1
     assert data["baseline_detection_rate"]["body"] == 1.0 and data["baseline_lmd_body"]["value"] < 5
     assert set(data["baseline_detection_rate"]) == {"body", "face", "left_hand", "right_hand"}
     rows = list(csv.DictReader((art / "nearest.csv").read_text().splitlines()))
@@ -145,18 +143,15 @@ def test_the_real_frames_scored_as_if_generated_are_perfect_and_out_of_order_the
     assert data["ssim_person"]["value"] == pytest.approx(1.0, abs=1e-9)
     assert data["flicker"]["value"] == 0.0 and data["flicker"]["change_real"] > 0
     assert data["fid"]["value"] == pytest.approx(0.0, abs=1e-3)
-    # the same hands found as in the real frames: the ratio is 1 (or none, if the real frames show no hand)
-    real_hands = [data["detection_rate_real"][h] for h in ("left_hand", "right_hand")]
-    assert data["hand_rate_ratio"] == (1.0 if any(real_hands) else None)
-    if any(real_hands):  # every hand crop the real frame itself: SSIM 1
-        assert data["hand_ssim"]["value"] == pytest.approx(1.0, abs=1e-9) and data["hand_ssim"]["crops"] > 0
+    # the same hands found as in the real frames (both, in every frame): the ratio is 1, every hand square SSIM 1
+    assert data["hand_rate_ratio"] == 1.0
+    assert data["hand_ssim"]["value"] == pytest.approx(1.0, abs=1e-9) and data["hand_ssim"]["crops"] == 38
 
     backwards = score(real[::-1], 0.12)
     assert backwards["lmd_body"]["value"] > 4 * max(data["lmd_body"]["value"], 0.1)
     assert backwards["lmd_face"]["value"] > data["lmd_face"]["value"]
     assert backwards["ssim_person"]["value"] < 0.95
-    if any(real_hands):
-        assert backwards["hand_ssim"]["value"] < 0.95
+    assert backwards["hand_ssim"]["value"] < 0.95
     assert backwards["flicker"]["value"] > 0.5 * backwards["flicker"]["change_real"]
 
 
