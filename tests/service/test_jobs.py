@@ -16,6 +16,7 @@ class _Runner:
         self.results: dict[tuple[str, str], dict] = {}
 
 
+@pytest.mark.slow  # a Prefect server of its own in a worker that would need none in `make test-fast`
 @pytest.mark.usefixtures("prefect_harness")
 def test_job_progress_counts_stages_and_phases_and_never_goes_back() -> None:
     from prefect import flow
