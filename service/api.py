@@ -184,7 +184,8 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
 
     @api.get("/identities/{name}/renders")
     def renders(name: str) -> list[dict[str, Any]]:
-        """The identity's renders, newest last, each with its video's URL and whether it is stale (and why)."""
+        """The identity's renders (by key), each with its video's URL, when it finished, and whether it is stale
+        (and why)."""
         from flows.versions import renders as listed
 
         return [{"render": r["subject"], "video": f"{API}/renders/{r['subject']}/video",
@@ -208,7 +209,11 @@ def create_app(ws: Workspace, deployments: dict[str, uuid.UUID], tokens: frozens
         path = await store(video, "video")
         await checked(path, vio.probe)
         async with onboarding:  # checked again where no other onboarding of this server can slip in between
-            await taken(name)
+            try:
+                await taken(name)
+            except BaseException:
+                shutil.rmtree(path.parent, ignore_errors=True)
+                raise
             return await submit("onboard", path, {"workspace": str(ws.root), "identity": name, "video": str(path),
                                                   "webhook": url})
 
