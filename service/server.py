@@ -55,7 +55,6 @@ class RunnerThread:
         self.runner = Runner(name=name, query_seconds=poll_s)
         self.deployments = deployments
         self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
         self.ids: dict[str, Any] = {}
         self.error: BaseException | None = None
         # the thread runs in this thread's context: Prefect's settings (the API URL of the workspace's embedded
@@ -69,19 +68,17 @@ class RunnerThread:
             self.loop.run_until_complete(self._serve())
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
-            self.ready.set()
 
     async def _serve(self) -> None:
         for kind, deployment in self.deployments.items():
             self.ids[kind] = await self.runner.aadd_deployment(deployment)
-        self.ready.set()
-        await self.runner.start()
+        await self.runner.start()  # `started` once it polls: every deployment is registered by then
 
     def start(self, timeout: float = 120.0) -> dict[str, Any]:
         """The deployments' ids, once the runner polls for their runs; its failure to get there, raised here."""
         self.thread.start()
         deadline = time.monotonic() + timeout
-        while not (self.ready.is_set() and self.runner.started) and self.error is None:
+        while not self.runner.started and self.error is None:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise InputError(f"Prefect's runner did not start within {timeout:.0f} s")
             time.sleep(0.05)
