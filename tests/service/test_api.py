@@ -145,10 +145,10 @@ def test_a_speech_render_is_a_job_whose_video_streams(served: Served, voice: Pat
         progress = [s["progress"] for s in seen]
         assert progress == sorted(progress)  # never going back
         running = [s for s in seen if s["state"] == "running"]
-        # 1 can show while the run is still running: every stage done, the run publishing what it made
+        # 1 ("done") can show while the run is still running: every stage done, the run publishing what it made
         assert running and all(0 <= s["progress"] <= 1 for s in running) and running[0]["progress"] < 1
         assert {s["stage"].split(":")[0] for s in running if s["stage"]} <= {"starting", "motion", "render_body",
-                                                                             "face", "assemble", "follow"}
+                                                                             "face", "assemble", "follow", "done"}
 
         result = status["result"]
         identity, key = result["render"].split("/")
