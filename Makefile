@@ -17,11 +17,12 @@ TEST_WORKERS ?= 2
 
 help:
 	@echo "make demo [VIDEO=path/to/video.mp4] onboard the video (default: the example clip, assets/examples/) as '$(NAME)', train, render and report its held-out clip"
-	@echo "make serve                          the HTTP API on http://127.0.0.1:7860 over this workspace (after make demo: its '$(NAME)' identity; docs/service.md)"
+	@echo "make serve                          the browser UI and HTTP API on http://127.0.0.1:7860 over this workspace (after make demo: its '$(NAME)' identity; docs/service.md)"
 	@echo "make test                           run the whole test suite (what CI runs)"
 	@echo "make test-fast                      the edit loop: the suite without the tests marked slow"
 	@echo "make lint                           ruff"
 	@echo "make check-system                   the EGL/Mesa libraries the mesh renderer needs"
+	@echo "make check-browser                  Debian's chromium, for the browser test (installed when root)"
 
 setup: check-system $(STAMP)
 
@@ -66,7 +67,17 @@ demo: check-system $(STAMP)
 serve: check-system $(STAMP)
 	$(BIN)/anchor serve
 
-test: check-system $(STAMP)
+# The browser test (tests/service/test_ui_browser.py) drives Debian's chromium through Playwright, which never
+# downloads a browser of its own: installed here when missing, where apt-get can (as root, as on CI).
+.PHONY: check-browser
+check-browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "missing chromium for the browser test: install the Debian package chromium (apt-get install chromium)" >&2; exit 1; fi; }
+
+test: check-system check-browser $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 

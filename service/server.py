@@ -1,4 +1,4 @@
-"""`anchor serve`: the HTTP API and the Prefect runner of the workspace's deployments in one process.
+"""`anchor serve`: the HTTP API, the browser UI and the Prefect runner of the workspace's deployments in one process.
 
 The runner (Prefect's, in a thread of its own with its own event loop) polls the Prefect server for runs of the
 job deployments and the scheduled ones and starts each in a process of its own; uvicorn serves the API in the main
@@ -104,7 +104,9 @@ def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
     from fastapi import FastAPI
 
     from flows import jobs, rerender
+    from service import ui
     from service.api import create_app
+    from service.studio import Studio
     from tasks import registry
 
     settings = registry.params(ws).service
@@ -125,10 +127,13 @@ def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
 
     ids = runner.start()
     try:
-        app = create_app(ws, {kind: ids[kind] for kind in jobs.JOBS}, accepted, settings.max_upload_mb,
-                         running=lambda: runner.alive)
-        app.router.lifespan_context = lifespan
-        say(f"API on http://{host}:{port}{'' if accepted else ' (no tokens: loopback only)'}; docs at /docs")
+        studio = Studio(ws, {kind: ids[kind] for kind in jobs.JOBS}, settings.max_upload_mb,
+                        running=lambda: runner.alive)
+        app = create_app(studio, accepted)
+        app.router.lifespan_context = lifespan  # before the UI's mount, which wraps it in its own (its queue)
+        ui.mount(app, studio, accepted, settings.poll_s)
+        say(f"UI on http://{host}:{port}/, API under /api/v1, its docs at /docs"
+            f"{'' if accepted else ' (no tokens: loopback only)'}")
         for name in scheduled:
             say(f"serving {name}")
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")).run()

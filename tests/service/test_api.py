@@ -4,11 +4,7 @@ seekable, and every refusal (token, size, type, name) leaving nothing behind."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,73 +16,17 @@ import pytest
 from core.workspace import Workspace
 from models import speech as sp
 from tasks import audio as aud
-from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace, prefect_server, set_param, shared_video
+from tests.conftest import shared_video
+from tests.service.conftest import ID, Served, free_port, serving
 
-slow = pytest.mark.slow  # a served trained workspace; the unit test at the end is not
-ID = ONBOARDED_ID
+slow = pytest.mark.slow  # a served trained workspace; the unit tests at the end are not
 TOKEN = "studio-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    def __init__(self, ws: Workspace, url: str, process: subprocess.Popen[str]) -> None:
-        self.ws, self.url, self.process = ws, url, process
-
-    def client(self, token: str | None = TOKEN) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60,
-                            headers={"Authorization": f"Bearer {token}"} if token else {})
-
-    def uploads(self) -> list[Path]:
-        return sorted(p for p in (self.ws.state / "uploads").rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Iterator[Served]:
-    from flows.versions import record_version
-
-    ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
-    record_version(ws, ID, "test", commit=False)  # v1, as `anchor finetune` numbers it (the template ran no flow)
-    set_param(ws.root, "service", "poll_s", 0.5)
-    set_param(ws.root, "service", "max_upload_mb", 5)
-    port = _free_port()
-    env = {**os.environ, "PREFECT_API_URL": prefect_server(), "ANCHOR_API_TOKENS": f"other, {TOKEN}"}
-    process = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(ws.root), "serve", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "anchor serve never answered"
-        try:
-            if httpx.get(f"{url}/api/v1/identities", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    try:
-        yield Served(ws, url, process)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-
-
-@pytest.fixture(scope="module")
-def voice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """1.5 s of the seated anchor's speech, as a studio would upload it."""
-    path = tmp_path_factory.mktemp("audio") / "line.wav"
-    y = aud.decode(shared_video("anchor_seated_hevc.mp4"))
-    aud.write_wav(path, y[5 * sp.SAMPLE_RATE: int(6.5 * sp.SAMPLE_RATE)])
-    return path
+    with serving(tmp_path_factory, trained, f"other, {TOKEN}") as served:
+        yield served
 
 
 class Receiver:
@@ -206,6 +146,13 @@ def test_refusals_leave_nothing_behind(served: Served, tmp_path: Path, voice: Pa
     before = served.uploads()
     with served.client(token=None) as anonymous:
         assert anonymous.get("/api/v1/identities").status_code == 401
+        # the browser UI: its page asks for a sign-in, its app answers nothing before one with a token
+        assert "Sign in with any name and one of the service" in anonymous.get("/").text
+        assert anonymous.get("/config").status_code == 401
+        assert anonymous.post("/login", data={"username": "x", "password": "wrong"}).status_code == 400
+        assert anonymous.get("/config").status_code == 401
+        assert anonymous.post("/login", data={"username": "x", "password": TOKEN}).status_code == 200
+        assert anonymous.get("/config").json()["title"] == "Make-Your-Anchor+"  # its cookie set by the sign-in
     with served.client(token="wrong") as stranger:
         answer = stranger.get("/api/v1/identities")
         assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
@@ -291,11 +238,12 @@ def test_without_tokens_only_loopback_names_and_pages_are_answered(tmp_path: Pat
     import uvicorn
 
     from service.api import create_app
+    from service.studio import Studio
     from tests.conftest import make_workspace
 
     ws = Workspace(make_workspace(tmp_path / "ws"))
-    app = create_app(ws, {"onboard": uuid.uuid4(), "render": uuid.uuid4()}, frozenset(), 1)
-    port = _free_port()
+    app = create_app(Studio(ws, {"onboard": uuid.uuid4(), "render": uuid.uuid4()}, 1), frozenset())
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,0 +1,95 @@
+"""`anchor serve` on a copy of the trained template, in its own process on loopback and on the session's Prefect
+server, as the API and the browser tests meet it; and a line of speech to upload."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.workspace import Workspace
+from models import speech as sp
+from tasks import audio as aud
+from tests.conftest import ONBOARDED_ID, ROOT, copy_workspace, prefect_server, set_param, shared_video
+
+ID = ONBOARDED_ID
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, ws: Workspace, url: str, process: subprocess.Popen[str], token: str | None) -> None:
+        self.ws, self.url, self.process, self.token = ws, url, process, token
+
+    def client(self, token: str | None = "") -> httpx.Client:
+        """A client with the server's token, another one, or none (None)."""
+        token = self.token if token == "" else token
+        return httpx.Client(base_url=self.url, timeout=60,
+                            headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def uploads(self) -> list[Path]:
+        return sorted(p for p in (self.ws.state / "uploads").rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str | None) -> Iterator[Served]:
+    """`anchor serve` on a copy of `trained` (its model numbered v1, jobs polled every 0.5 s, uploads up to 5 MB),
+    answering once it lists the identities; stopped (SIGTERM, then SIGKILL) at the end."""
+    from flows.versions import record_version
+
+    ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+    record_version(ws, ID, "test", commit=False)  # v1, as `anchor finetune` numbers it (the template ran no flow)
+    set_param(ws.root, "service", "poll_s", 0.5)
+    set_param(ws.root, "service", "max_upload_mb", 5)
+    port = free_port()
+    env = {**os.environ, "PREFECT_API_URL": prefect_server()}
+    env.pop("ANCHOR_API_TOKENS", None)
+    if tokens:
+        env["ANCHOR_API_TOKENS"] = tokens
+    token = tokens.split(",")[-1].strip() if tokens else None
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(ws.root), "serve", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    served = Served(ws, f"http://127.0.0.1:{port}", process, token)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "anchor serve never answered"
+            try:
+                with served.client() as api:
+                    if api.get("/api/v1/identities").status_code == 200:
+                        break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield served
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 s of the seated anchor's speech, as a studio would upload it."""
+    path = tmp_path_factory.mktemp("audio") / "line.wav"
+    y = aud.decode(shared_video("anchor_seated_hevc.mp4"))
+    aud.write_wav(path, y[5 * sp.SAMPLE_RATE: int(6.5 * sp.SAMPLE_RATE)])
+    return path
