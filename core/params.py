@@ -78,7 +78,11 @@ class ServiceParams(Section):
                                     "$ANCHOR_API_TOKENS (comma-separated); with none, only loopback is served")
     max_upload_mb: int = Field(1024, ge=1, le=1_000_000, description="largest request body (video, audio or "
                                "motion upload) the API accepts; larger ones are refused before they are read")
-    poll_s: float = Field(2.0, gt=0, le=60, description="how often `anchor serve` looks for new jobs to run")
+    poll_s: float = Field(2.0, gt=0, le=60, description="how often `anchor serve` (or `anchor worker`) looks for new "
+                          "jobs to run")
+    pool: str | None = Field(None, description="a Prefect work pool: `anchor serve` hands its jobs and schedules to "
+                             "the pool's workers (`anchor worker --pool`) instead of running them itself; needs a "
+                             "Prefect server every machine reaches ($PREFECT_API_URL)")
 
 
 # Sections no single stage owns; `storage` and `execution` head the file, the others sit before the first stage

@@ -28,6 +28,19 @@ IDENTITIES_FILE = "identities.yaml"
 SHARED = "_shared"
 
 
+WORKSPACE_ENV = "ANCHOR_WORKSPACE"  # set by `anchor worker` for the runs it starts: the workspace it serves
+
+
+def bound_workspace(workspace: str) -> Workspace:
+    """A deployment run's workspace, which must be the one the worker running it serves: a run reads the
+    server's uploads and writes its workspace in place, so a worker elsewhere needs it on a shared filesystem."""
+    bound = os.environ.get(WORKSPACE_ENV)
+    if bound and Path(bound).resolve() != Path(workspace).resolve():
+        raise InputError(f"this worker serves the workspace {bound}; the run is for {workspace}, which a worker "
+                         "reaches only on a shared filesystem (start the worker with `-w` on that path)")
+    return Workspace(Path(workspace))
+
+
 def check_identity_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         shown = name if not isinstance(name, str) or len(name) <= 40 else name[:37] + "..."

@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from core.workspace import Workspace, check_identity_name
+from core.workspace import Workspace, bound_workspace, check_identity_name
 from flows import stage_task
 from flows.onboard import preprocess
 from flows.render import render_stages, stage_summary
@@ -131,7 +131,7 @@ def _publish(result: dict[str, Any]) -> None:
 @flow(name="anchor-onboard-job", flow_run_name="job-onboard-{identity}", log_prints=False, **HOOKS)
 def onboard_job(workspace: str, identity: str, video: str, webhook: str | None = None) -> dict[str, Any]:
     """A new identity from its video: onboard, the shared pretrain, its finetune and its evaluation."""
-    ws = Workspace(Path(workspace))
+    ws = bound_workspace(workspace)
     check_identity_name(identity)
     with JobProgress(ONBOARD_FLOWS) as progress:
         stages = progress.stages = StageRunner.of_this_run(ws, "onboard")
@@ -147,7 +147,7 @@ def onboard_job(workspace: str, identity: str, video: str, webhook: str | None =
 def render_job(workspace: str, identity: str, motion: str, seed: int | None = None, speech: bool = False,
                webhook: str | None = None) -> dict[str, Any]:
     """A video of the identity following a motion file or video (`speech`: driven by an audio file)."""
-    ws = Workspace(Path(workspace))
+    ws = bound_workspace(workspace)
     check_identity_name(identity)
     with JobProgress(RENDER_FLOWS) as progress:
         stages = progress.stages = StageRunner.of_this_run(ws, "render")

@@ -21,7 +21,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from core.artifacts import read_manifest, write_text
 from core.hashing import sha256_file
-from core.workspace import Workspace, render_subject, split_render_subject
+from core.workspace import Workspace, bound_workspace, render_subject, split_render_subject
 from flows.execution import concurrently
 from flows.render import render_staged, stage_speech
 from flows.stage_task import StageRunner
@@ -67,7 +67,7 @@ def rerender_one(ws: Workspace, stages: StageRunner, subject: str) -> dict[str, 
 @flow(name="rerender", log_prints=False)
 def rerender(workspace: str, identity: str | None = None) -> dict[str, Any]:
     """Every stale render of the workspace (or of one identity) again; the rest untouched."""
-    ws = Workspace(Path(workspace))
+    ws = bound_workspace(workspace)
     stages = StageRunner.of_this_run(ws, "rerender")
     listed = [r for name in ([identity] if identity else ws.identities()) for r in renders(ws, name)]
     stale = {r["subject"]: r["why"] for r in listed if r["stale"]}

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -37,10 +38,14 @@ def create_app(studio: Studio, tokens: frozenset[str]) -> FastAPI:
     async def refuse_large_bodies(request: Request, call_next: Any) -> Any:
         """Before a byte of the body is read: a body that is too large, or of unknown size, is refused; without
         tokens, so is a write from another site's page (browsers send its Origin)."""
-        if request.method in ("POST", "PUT", "PATCH", "DELETE") and not tokens:
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
             origin = urlsplit(request.headers.get("origin", "")).hostname
-            if origin is not None and origin not in LOOPBACK_NAMES:
+            if origin is not None and not tokens and origin not in LOOPBACK_NAMES:
                 return JSONResponse({"detail": f"requests from {origin} need a bearer token"}, 403)
+            # the UI's sign-in is a cookie, which a browser sends from any site's page: its writes come from its own
+            if (origin is not None and tokens and not request.url.path.startswith(API)
+                    and origin != urlsplit(f"//{request.headers.get('host', '')}").hostname):
+                return JSONResponse({"detail": f"requests from {origin} are not accepted here"}, 403)
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
@@ -50,6 +55,8 @@ def create_app(studio: Studio, tokens: frozenset[str]) -> FastAPI:
                                                f"{max_upload_mb} MB (service.max_upload_mb)"}, 413)
         return await call_next(request)
 
+    # no page of another site may read an answer (Gradio, mounted in this app, then adds no CORS of its own)
+    app.add_middleware(CORSMiddleware, allow_origins=[])
     if not tokens:  # a loopback server answers only to loopback names (no DNS rebinding onto it)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
     api = APIRouter(prefix=API, dependencies=[Depends(authorised)])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InputError
-from core.workspace import Workspace
+from core.workspace import WORKSPACE_ENV, Workspace
 
 TOKENS_ENV = "ANCHOR_API_TOKENS"
 
@@ -98,11 +98,43 @@ class RunnerThread:
         self.thread.join(timeout)
 
 
-def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
-    """Serve until stopped. Refuses, before anything starts, to bind beyond loopback without tokens."""
+def shared_prefect(what: str) -> None:
+    """Work pools need a Prefect server every machine reaches: the embedded one lives and dies with one process."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise InputError(f"{what} needs a Prefect server every machine reaches: start one (`prefect server start`) "
+                         "and set PREFECT_API_URL to its API (http://HOST:4200/api) on every machine")
+
+
+def to_pool(deployments: dict[str, Any], pool: str) -> dict[str, Any]:
+    """The deployments registered on `pool` (made a process pool if it does not exist), their ids by key: the
+    pool's workers run them from then on, whether this process runs or not."""
+    ensure_pool(pool)
+    return {key: d.apply(work_pool_name=pool) for key, d in deployments.items()}  # by module path: no code storage
+
+
+def ensure_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    async def ensure() -> None:
+        async with get_client() as client:
+            try:
+                await client.read_work_pool(pool)
+            except ObjectNotFound:
+                with contextlib.suppress(ObjectAlreadyExists):  # another machine made it meanwhile
+                    await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+    asyncio.run(ensure())
+
+
+def serve(ws: Workspace, host: str, port: int, say: Any, pool: str | None = None) -> None:
+    """Serve until stopped. Refuses, before anything starts, to bind beyond loopback without tokens. With a work
+    `pool`, the jobs and the schedules go to the pool's workers (`anchor worker`); else this process runs them."""
     import uvicorn
     from fastapi import FastAPI
 
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(ws.state / "gradio"))  # the UI's uploads: in the workspace's state
     from flows import jobs, rerender
     from service import ui
     from service.api import create_app
@@ -110,32 +142,60 @@ def serve(ws: Workspace, host: str, port: int, say: Any) -> None:
     from tasks import registry
 
     settings = registry.params(ws).service
+    pool = pool or settings.pool
     accepted = tokens(ws, settings.tokens_file)
     if not accepted and not is_loopback(host):
         raise InputError(f"--host {host}: serving beyond loopback needs bearer tokens (${TOKENS_ENV} or "
                          "service.tokens_file)")
+    if pool:
+        shared_prefect(f"--pool {pool}")
     scheduled = {f"rerender/{d.name}": d for d in rerender.deployments(ws)}
-    runner = RunnerThread(f"anchor-{rerender.deployment_name(ws)}", {**jobs.deployments(ws), **scheduled},
-                          settings.poll_s)
+    deployments = {**jobs.deployments(ws), **scheduled}
+    runner = None if pool else RunnerThread(f"anchor-{rerender.deployment_name(ws)}", deployments, settings.poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:  # inside uvicorn's shutdown: after it the process may be ended by the signal it caught
-            await asyncio.to_thread(runner.stop)
+            if runner:
+                await asyncio.to_thread(runner.stop)
 
-    ids = runner.start()
+    ids = to_pool(deployments, pool) if pool else runner.start()  # type: ignore[union-attr]
     try:
         studio = Studio(ws, {kind: ids[kind] for kind in jobs.JOBS}, settings.max_upload_mb,
-                        running=lambda: runner.alive)
+                        running=(lambda: runner.alive) if runner else (lambda: True))
         app = create_app(studio, accepted)
         app.router.lifespan_context = lifespan  # before the UI's mount, which wraps it in its own (its queue)
         ui.mount(app, studio, accepted, settings.poll_s)
         say(f"UI on http://{host}:{port}/, API under /api/v1, its docs at /docs"
             f"{'' if accepted else ' (no tokens: loopback only)'}")
         for name in scheduled:
-            say(f"serving {name}")
+            say(f"{'on pool ' + pool + ': ' if pool else 'serving '}{name}")
+        if pool:
+            say(f"jobs go to work pool {pool!r}: start its workers with `anchor worker --pool {pool}`")
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")).run()
     finally:
-        runner.stop()
+        if runner:
+            runner.stop()
+
+
+def work(ws: Workspace, pool: str, say: Any, limit: int | None = None, poll_s: float = 2.0) -> None:
+    """A Prefect process worker of `pool` bound to this workspace, until stopped: it starts each run of the pool
+    in a process of its own, which runs the job here (ANCHOR_WORKSPACE tells the job where "here" is)."""
+    from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    shared_prefect("anchor worker")
+    ensure_pool(pool)
+    os.environ[WORKSPACE_ENV] = str(ws.root.resolve())  # inherited by every run's process
+
+    async def main() -> None:
+        async with ProcessWorker(work_pool_name=pool, limit=limit, name=f"anchor-{os.uname().nodename}-{os.getpid()}",
+                                 prefetch_seconds=0) as worker:
+            say(f"worker {worker.name} of pool {pool!r} on {ws.root}"
+                f"{f', {limit} run(s) at a time' if limit else ''}; Ctrl-C stops it")
+            await worker.start()
+
+    with contextlib.suppress(KeyboardInterrupt), temporary_settings(updates={PREFECT_WORKER_QUERY_SECONDS: poll_s}):
+        asyncio.run(main())

@@ -125,9 +125,10 @@ class Studio:
 
     # --------------------------------------------------------------------------------------------- identities
     def identities(self) -> list[dict[str, Any]]:
-        """Every identity with its model versions, whether it has a speech model, and its report's URL."""
+        """Every identity with its model versions (`trained`: it has a model, numbered or not), whether it has a
+        speech model, and its report's URL."""
         from flows.render import speech_model
-        from flows.versions import status
+        from flows.versions import current_model, status
 
         def speaks(name: str) -> bool:
             try:
@@ -139,7 +140,8 @@ class Studio:
         out = []
         for row in status(self.ws):
             name = row["identity"]
-            out.append({"name": name, "onboarded": row["onboarded"], "current_version": row["current_version"],
+            out.append({"name": name, "onboarded": row["onboarded"],
+                        "trained": current_model(self.ws, name) is not None, "current_version": row["current_version"],
                         "versions": [{"version": v["version"], "made_at": v.get("made_at"), "model": v["finetune"]}
                                      for v in row["versions"]],
                         "speech": speaks(name),

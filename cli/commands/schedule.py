@@ -46,9 +46,13 @@ def schedule_rerender(
 def serve(host: Annotated[str | None, typer.Option("--host", help="Address to bind (default: service.host, "
                                                    "loopback); beyond loopback only with bearer tokens.")] = None,
           port: Annotated[int | None, typer.Option("--port", min=1, max=65535, help="Port (default: service.port)."
-                                                   )] = None) -> None:
-    """Serve the HTTP API (jobs that onboard and render; docs at /docs) and run its jobs and the workspace's
-    scheduled flows with Prefect, until stopped (Ctrl-C); runs appear in Prefect's UI too."""
+                                                   )] = None,
+          pool: Annotated[str | None, typer.Option("--pool", help="A Prefect work pool whose workers (`anchor "
+                                                   "worker`) run the jobs and schedules (default: service.pool; "
+                                                   "none: this process runs them).")] = None) -> None:
+    """Serve the browser UI (at /) and the HTTP API (jobs that onboard and render; docs at /docs), and run its jobs
+    and the workspace's scheduled flows with Prefect — or hand them to a work pool — until stopped (Ctrl-C); runs
+    appear in Prefect's UI too."""
     ws = workspace()
     with prefect_api(ws):  # Prefect reads its settings at import: import the flows after this
         from service.server import serve as serve_api
@@ -56,4 +60,23 @@ def serve(host: Annotated[str | None, typer.Option("--host", help="Address to bi
 
         settings = registry.params(ws).service
         serve_api(ws, host or settings.host, port or settings.port,
-                  lambda line: out.print(line, markup=False, highlight=False))
+                  lambda line: out.print(line, markup=False, highlight=False), pool=pool)
+
+
+@app.command()
+def worker(pool: Annotated[str, typer.Option("--pool", help="The Prefect work pool to take runs from (made, as a "
+                                             "process pool, if it does not exist).")],
+           limit: Annotated[int | None, typer.Option("--limit", min=1, help="Runs at a time (default: no limit).")
+                            ] = None) -> None:
+    """Run the jobs and schedules `anchor serve --pool` hands to a work pool, in this workspace, until stopped
+    (Ctrl-C). Needs the Prefect server every machine reaches ($PREFECT_API_URL)."""
+    from service.server import shared_prefect
+
+    ws = workspace()
+    shared_prefect("anchor worker")  # before an embedded server is started for nothing
+    with prefect_api(ws):
+        from service.server import work
+        from tasks import registry
+
+        work(ws, pool, lambda line: out.print(line, markup=False, highlight=False), limit=limit,
+             poll_s=registry.params(ws).service.poll_s)

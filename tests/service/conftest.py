@@ -45,9 +45,10 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str | None) -> Iterator[Served]:
-    """`anchor serve` on a copy of `trained` (its model numbered v1, jobs polled every 0.5 s, uploads up to 5 MB),
-    answering once it lists the identities; stopped (SIGTERM, then SIGKILL) at the end."""
+def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str | None,
+            *options: str) -> Iterator[Served]:
+    """`anchor serve [options]` on a copy of `trained` (its model numbered v1, jobs polled every 0.5 s, uploads up
+    to 5 MB), answering once it lists the identities; stopped (SIGTERM, then SIGKILL) at the end."""
     from flows.versions import record_version
 
     ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
@@ -60,9 +61,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str
     if tokens:
         env["ANCHOR_API_TOKENS"] = tokens
     token = tokens.split(",")[-1].strip() if tokens else None
-    process = subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(ws.root), "serve", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = anchor(ws, env, "serve", "--port", str(port), *options)
     served = Served(ws, f"http://127.0.0.1:{port}", process, token)
     deadline = time.monotonic() + 180
     try:
@@ -78,12 +77,23 @@ def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str
             time.sleep(0.5)
         yield served
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+        stop(process)
+
+
+def anchor(ws: Workspace, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """`anchor -w WS ARGS` in a process group of its own (so it and its children can be stopped together)."""
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "-w", str(ws.root), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def stop(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM to its process group, SIGKILL after a minute; what it printed."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.communicate()
 
 
 @pytest.fixture(scope="module")

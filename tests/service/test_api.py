@@ -151,8 +151,14 @@ def test_refusals_leave_nothing_behind(served: Served, tmp_path: Path, voice: Pa
         assert anonymous.get("/config").status_code == 401
         assert anonymous.post("/login", data={"username": "x", "password": "wrong"}).status_code == 400
         assert anonymous.get("/config").status_code == 401
+        elsewhere = {"Origin": "https://elsewhere.example"}  # another site's page, whose browser has the cookie
+        assert anonymous.post("/login", data={"username": "x", "password": TOKEN}, headers=elsewhere
+                              ).status_code == 403
         assert anonymous.post("/login", data={"username": "x", "password": TOKEN}).status_code == 200
         assert anonymous.get("/config").json()["title"] == "Make-Your-Anchor+"  # its cookie set by the sign-in
+        assert anonymous.post("/gradio_api/upload", files={"files": ("a.wav", b"RIFF")}, headers=elsewhere
+                              ).status_code == 403
+        assert "access-control-allow-origin" not in anonymous.get("/config", headers=elsewhere).headers
     with served.client(token="wrong") as stranger:
         answer = stranger.get("/api/v1/identities")
         assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"

@@ -72,7 +72,8 @@ def _wait(condition: object, seconds: float, what: str) -> None:
         time.sleep(0.25)
 
 
-def test_render_from_speech_in_the_browser(page: tuple, served: Served, voice: Path, shots: Path) -> None:
+def test_render_from_speech_in_the_browser(page: tuple, served: Served, voice: Path, shots: Path,
+                                           tmp_path: Path) -> None:
     page, outside = page
     anchor = page.locator("#anchor input")
     anchor.wait_for(timeout=60_000)
@@ -85,6 +86,7 @@ def test_render_from_speech_in_the_browser(page: tuple, served: Served, voice: P
 
     status = page.locator("#render-status")
     lines: list[str] = []
+    shot = False
     player = page.locator("#video video")
     deadline = time.monotonic() + 600
     while player.count() == 0 or not player.first.get_attribute("src"):
@@ -93,11 +95,15 @@ def test_render_from_speech_in_the_browser(page: tuple, served: Served, voice: P
         text = status.inner_text().strip()
         if text and (not lines or lines[-1] != text):
             lines.append(text)
-            if "running" in text and not (shots / "ui-progress.png").exists():
+            if "running" in text and "starting" not in text and not shot:
                 page.screenshot(path=str(shots / "ui-progress.png"))
+                shot = True
         time.sleep(0.3)
     _wait(lambda: "done" in status.inner_text(), 30, "the status saying done")
-    assert any("running" in line and "%" in line for line in lines), lines  # progress shown while it ran
+    # progress shown while it ran: a stage at work and a share above zero, rising
+    shares = [int(line.split(" · ")[2].rstrip("%")) for line in lines
+              if line.startswith("running · ") and line.count(" · ") >= 3 and "starting" not in line]
+    assert shares and max(shares) > 0 and shares == sorted(shares), lines
 
     # it plays, with the audio's length: seconds of speech in, the same seconds of video out
     page.evaluate("v => { v.muted = true; return v.play(); }", player.first.element_handle())
@@ -135,7 +141,21 @@ def test_render_from_speech_in_the_browser(page: tuple, served: Served, voice: P
     page.get_by_text(clip.name).first.wait_for(timeout=60_000)
     page.locator("#onboard").click()
     page.get_by_text(f"identity {ID!r} exists; onboard another name").first.wait_for(timeout=60_000)
+    # a new name with a file that is no video: stored, decoded, refused; neither the workspace nor Gradio keeps it
+    fake = tmp_path / "talk.mp4"
+    fake.write_text("not a video\n" * 100)
+    page.reload()
+    page.get_by_role("tab", name="Onboard").click()
+    name.wait_for(timeout=60_000)
+    name.fill("newcomer")
+    page.locator("#onboard-video input[type=file]").set_input_files(str(fake))
+    page.get_by_text(fake.name).first.wait_for(timeout=60_000)
+    page.locator("#onboard").click()
+    page.get_by_text("video.mp4: not a readable video").first.wait_for(timeout=60_000)
+    assert "newcomer" not in served.ws.identities()
     assert sorted((served.ws.state / "uploads").rglob("*")) == uploads
+    kept = [p.name for p in (served.ws.state / "gradio").rglob("*") if p.is_file()]
+    assert "talk.mp4" not in kept and clip.name not in kept, kept
     assert outside == []
     for name in ("ui-render.png", "ui-progress.png", "ui-rendered.png", "ui-renders.png", "ui-onboard.png"):
         assert (shots / name).stat().st_size > 10_000, name
