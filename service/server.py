@@ -23,6 +23,9 @@ from core.errors import InputError
 from core.workspace import WORKSPACE_ENV, Workspace
 
 TOKENS_ENV = "ANCHOR_API_TOKENS"
+HEARTBEAT_S = 30  # a worker's runs say they are alive this often (Prefect's shortest)
+WORKER_TAG = "anchor-worker"  # the tag of the deployments a pool's workers run
+UNRESPONSIVE = "anchor-unresponsive-worker-runs"
 
 
 def tokens(ws: Workspace, tokens_file: str | None) -> frozenset[str]:
@@ -109,10 +112,13 @@ def to_pool(deployments: dict[str, Any], pool: str) -> dict[str, Any]:
     """The deployments registered on `pool` (made a process pool if it does not exist), their ids by key: the
     pool's workers run them from then on, whether this process runs or not."""
     ensure_pool(pool)
+    for d in deployments.values():
+        d.tags = sorted({*d.tags, WORKER_TAG})
     return {key: d.apply(work_pool_name=pool) for key, d in deployments.items()}  # by module path: no code storage
 
 
 def ensure_pool(pool: str) -> None:
+    """The pool (a process pool if it is new), and the automation that ends the runs of workers that died."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -124,8 +130,35 @@ def ensure_pool(pool: str) -> None:
             except ObjectNotFound:
                 with contextlib.suppress(ObjectAlreadyExists):  # another machine made it meanwhile
                     await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            if not await client.read_automations_by_name(UNRESPONSIVE):
+                await client.create_automation(unresponsive_runs())
 
     asyncio.run(ensure())
+
+
+def unresponsive_runs() -> Any:
+    """Prefect's way to end a run whose process died with its worker (killed, machine lost): a run of a worker
+    sends a heartbeat every HEARTBEAT_S; one silent for three of them is marked crashed (a job `failed`), so it
+    is neither shown running forever nor holds its identity. Only runs tagged WORKER_TAG are watched: other runs
+    (the server's own runner, the command line) beat at Prefect's default, far more slowly."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    ended = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return AutomationCore(
+        name=UNRESPONSIVE, description="anchor: a worker's run that stopped sending heartbeats is crashed",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ended},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.id": [f"prefect.tag.{WORKER_TAG}"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=3 * HEARTBEAT_S)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"its worker stopped answering (no heartbeat for {3 * HEARTBEAT_S} s)")])
 
 
 def serve(ws: Workspace, host: str, port: int, say: Any, pool: str | None = None) -> None:
@@ -189,6 +222,7 @@ def work(ws: Workspace, pool: str, say: Any, limit: int | None = None, poll_s: f
     shared_prefect("anchor worker")
     ensure_pool(pool)
     os.environ[WORKSPACE_ENV] = str(ws.root.resolve())  # inherited by every run's process
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)  # the runs' heartbeats (unresponsive_runs)
 
     async def main() -> None:
         async with ProcessWorker(work_pool_name=pool, limit=limit, name=f"anchor-{os.uname().nodename}-{os.getpid()}",

@@ -1,9 +1,12 @@
 """Jobs on a Prefect work pool: `anchor serve --pool P` only registers the jobs on the pool, and `anchor worker
---pool P` runs them — a job waits, pending, until a worker takes it, and the run it becomes is the pool's."""
+--pool P` runs them — a job waits, pending, until a worker takes it, and the run it becomes is the pool's; a job
+whose worker dies ends `failed`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -51,3 +54,40 @@ def test_a_job_waits_for_a_worker_of_the_pool_and_runs_there(tmp_path_factory: p
         assert run["work_pool_name"] == pool  # the pool's run, started by its worker, not by a runner of the server
         name, key = seen[-1]["result"]["render"].split("/")
         assert (served.ws.root / "data" / "renders" / name / key / "assemble" / "video.mp4").is_file()
+
+
+def _kill_worker(worker: subprocess.Popen[str]) -> None:
+    """As a machine lost: the worker and every process it started, at once (SIGKILL)."""
+    import psutil
+
+    family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(family, timeout=30)
+    worker.communicate()
+
+
+def test_a_job_whose_worker_dies_ends_failed(tmp_path_factory: pytest.TempPathFactory, trained: Path,
+                                             voice: Path) -> None:
+    """The worker killed mid-job (its run's process with it): the run stops sending heartbeats and the pool's
+    automation crashes it — the job `failed`, saying why, within the automation's 90 s — with nothing of it
+    published. (Submitting it again needs the dead run's concurrency slots back, which a real Prefect server's
+    lease repossessor does after 60 s; the suite's test server runs no repossessor: checked by hand, in the docs.)"""
+    pool = f"studio-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server()}
+    with serving(tmp_path_factory, trained, None, "--pool", pool) as served, served.client() as api:
+        doomed = anchor(served.ws, env, "worker", "--pool", pool)
+        with voice.open("rb") as f:
+            job = api.post("/api/v1/renders", data={"identity": ID},
+                           files={"audio": ("line.wav", f, "audio/wav")}).json()["job"]
+        deadline = time.monotonic() + 300
+        while (status := api.get(f"/api/v1/jobs/{job}").json())["progress"] <= 0:
+            assert status["state"] in ("pending", "running") and time.monotonic() < deadline, status
+            time.sleep(0.3)
+        _kill_worker(doomed)
+        killed = time.monotonic()
+        seen = _until_ended(api, job, 300)
+        assert seen[-1]["state"] == "failed" and "stopped answering" in seen[-1]["error"], seen[-1]
+        assert time.monotonic() - killed < 200 and seen[-1]["result"] is None
+        assert not list((served.ws.root / "data" / "renders").glob(f"{ID}/*/assemble/video.mp4"))
