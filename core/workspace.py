@@ -28,14 +28,16 @@ IDENTITIES_FILE = "identities.yaml"
 SHARED = "_shared"
 
 
-WORKSPACE_ENV = "ANCHOR_WORKSPACE"  # set by `anchor worker` for the runs it starts: the workspace it serves
+# set by `anchor worker` for the runs it starts: the workspace it serves (not ANCHOR_WORKSPACE, which is `-w`'s
+# default for any command, and which a runner's or the command line's own runs inherit)
+WORKER_WORKSPACE_ENV = "ANCHOR_WORKER_WORKSPACE"
 
 
 def bound_workspace(workspace: str) -> Workspace:
     """A deployment run's workspace, which must be the one the worker running it serves: a run reads the
     server's uploads and writes its workspace in place, so a worker elsewhere needs it on a shared filesystem."""
-    bound = os.environ.get(WORKSPACE_ENV)
-    if bound and Path(bound).resolve() != Path(workspace).resolve():
+    bound = os.environ.get(WORKER_WORKSPACE_ENV)
+    if bound and Path(bound).expanduser().resolve() != Path(workspace).expanduser().resolve():
         raise InputError(f"this worker serves the workspace {bound}; the run is for {workspace}, which a worker "
                          "reaches only on a shared filesystem (start the worker with `-w` on that path)")
     return Workspace(Path(workspace))

@@ -23,6 +23,7 @@ from tasks import devices
 
 T = TypeVar("T")
 TAG_PREFIX = "anchor-"
+WORKER_TAG = "anchor-worker"  # the tag of deployments on a work pool: their runs beat for the pool's automation
 # I/O errors a second attempt can outlive (a network filesystem or object store hiccup); a missing or
 # forbidden file is a mistake, a full disk stays full, and the stage's own errors are about the input: none of
 # those is retried.

@@ -22,7 +22,7 @@ from prefect.types.entrypoint import EntrypointType
 from core.artifacts import read_manifest, write_text
 from core.hashing import sha256_file
 from core.workspace import Workspace, bound_workspace, render_subject, split_render_subject
-from flows.execution import concurrently
+from flows.execution import WORKER_TAG, concurrently
 from flows.render import render_staged, stage_speech
 from flows.stage_task import StageRunner
 from flows.versions import mark_superseded, renders
@@ -101,12 +101,15 @@ def save_schedule(ws: Workspace, cron: str, timezone: str | None, identity: str 
 
 
 def deployments(ws: Workspace) -> list[RunnerDeployment]:
-    """The workspace's scheduled flows as Prefect deployments (imported by module path, so any directory works)."""
+    """The workspace's scheduled flows as Prefect deployments (imported by module path, so any directory works);
+    tagged for the pool's automation when the workspace's jobs go to a work pool (service.pool), so registering a
+    schedule again while a pool serves it keeps its runs watched."""
     entry = schedules(ws).get("rerender")
     if entry is None:
         return []
+    pooled = [WORKER_TAG] if registry.params(ws).service.pool else []
     return [RunnerDeployment.from_flow(
         rerender, name=deployment_name(ws), schedules=[Cron(entry["cron"], timezone=entry.get("timezone"))],
         concurrency_limit=1, parameters={"workspace": str(ws.root), "identity": entry.get("identity")},
-        entrypoint_type=EntrypointType.MODULE_PATH, tags=["anchor"],
+        entrypoint_type=EntrypointType.MODULE_PATH, tags=["anchor", *pooled],
         description=f"re-render the stale renders of {ws.root}")]

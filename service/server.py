@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InputError
-from core.workspace import WORKSPACE_ENV, Workspace
+from core.workspace import WORKER_WORKSPACE_ENV, Workspace
 
 TOKENS_ENV = "ANCHOR_API_TOKENS"
 HEARTBEAT_S = 30  # a worker's runs say they are alive this often (Prefect's shortest)
-WORKER_TAG = "anchor-worker"  # the tag of the deployments a pool's workers run
 UNRESPONSIVE = "anchor-unresponsive-worker-runs"
 
 
@@ -111,6 +110,8 @@ def shared_prefect(what: str) -> None:
 def to_pool(deployments: dict[str, Any], pool: str) -> dict[str, Any]:
     """The deployments registered on `pool` (made a process pool if it does not exist), their ids by key: the
     pool's workers run them from then on, whether this process runs or not."""
+    from flows.execution import WORKER_TAG
+
     ensure_pool(pool)
     for d in deployments.values():
         d.tags = sorted({*d.tags, WORKER_TAG})
@@ -132,6 +133,11 @@ def ensure_pool(pool: str) -> None:
                     await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             if not await client.read_automations_by_name(UNRESPONSIVE):
                 await client.create_automation(unresponsive_runs())
+                # a server and a worker starting at once may both have made it: one stays, the same for both
+                made = sorted(await client.read_automations_by_name(UNRESPONSIVE), key=lambda a: str(a.id))
+                for extra in made[1:]:
+                    with contextlib.suppress(ObjectNotFound):
+                        await client.delete_automation(extra.id)
 
     asyncio.run(ensure())
 
@@ -147,6 +153,8 @@ def unresponsive_runs() -> Any:
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
+
+    from flows.execution import WORKER_TAG
 
     ended = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
     return AutomationCore(
@@ -216,20 +224,23 @@ def serve(ws: Workspace, host: str, port: int, say: Any, pool: str | None = None
 def work(ws: Workspace, pool: str, say: Any, limit: int | None = None, poll_s: float = 2.0) -> None:
     """A Prefect process worker of `pool` bound to this workspace, until stopped: it starts each run of the pool
     in a process of its own, which runs the job here (ANCHOR_WORKSPACE tells the job where "here" is)."""
-    from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_WORKER_QUERY_SECONDS, temporary_settings
     from prefect.workers.process import ProcessWorker
 
     shared_prefect("anchor worker")
     ensure_pool(pool)
-    os.environ[WORKSPACE_ENV] = str(ws.root.resolve())  # inherited by every run's process
+    os.environ[WORKER_WORKSPACE_ENV] = str(ws.root.resolve())  # inherited by every run's process
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)  # the runs' heartbeats (unresponsive_runs)
 
     async def main() -> None:
-        async with ProcessWorker(work_pool_name=pool, limit=limit, name=f"anchor-{os.uname().nodename}-{os.getpid()}",
-                                 prefetch_seconds=0) as worker:
-            say(f"worker {worker.name} of pool {pool!r} on {ws.root}"
-                f"{f', {limit} run(s) at a time' if limit else ''}; Ctrl-C stops it")
-            await worker.start()
+        worker = ProcessWorker(work_pool_name=pool, limit=limit, name=f"anchor-{os.uname().nodename}-{os.getpid()}",
+                               prefetch_seconds=0)
+        say(f"worker {worker.name} of pool {pool!r} on {ws.root}"
+            f"{f', {limit} run(s) at a time' if limit else ''}; Ctrl-C stops it")
+        await worker.start()  # it enters its own context
 
-    with contextlib.suppress(KeyboardInterrupt), temporary_settings(updates={PREFECT_WORKER_QUERY_SECONDS: poll_s}):
+    # the runs' environment is made from the settings: a heartbeat setting of the user's (a profile, the older
+    # PREFECT_RUNNER_ name) must not slow them below what the automation waits for
+    beats = {PREFECT_WORKER_QUERY_SECONDS: poll_s, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}
+    with contextlib.suppress(KeyboardInterrupt), temporary_settings(updates=beats):
         asyncio.run(main())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.app import app, out, schedule_app
+from cli.app import app, out, say, schedule_app
 from cli.env import prefect_api, workspace
 from core.workspace import check_identity_name
 
@@ -53,14 +53,17 @@ def serve(host: Annotated[str | None, typer.Option("--host", help="Address to bi
     """Serve the browser UI (at /) and the HTTP API (jobs that onboard and render; docs at /docs), and run its jobs
     and the workspace's scheduled flows with Prefect — or hand them to a work pool — until stopped (Ctrl-C); runs
     appear in Prefect's UI too."""
+    from service.server import shared_prefect
+    from tasks import registry
+
     ws = workspace()
+    settings = registry.params(ws).service
+    if pool or settings.pool:
+        shared_prefect(f"--pool {pool or settings.pool}")  # before an embedded server is started for nothing
     with prefect_api(ws):  # Prefect reads its settings at import: import the flows after this
         from service.server import serve as serve_api
-        from tasks import registry
 
-        settings = registry.params(ws).service
-        serve_api(ws, host or settings.host, port or settings.port,
-                  lambda line: out.print(line, markup=False, highlight=False), pool=pool)
+        serve_api(ws, host or settings.host, port or settings.port, say, pool=pool)
 
 
 @app.command()
@@ -78,5 +81,4 @@ def worker(pool: Annotated[str, typer.Option("--pool", help="The Prefect work po
         from service.server import work
         from tasks import registry
 
-        work(ws, pool, lambda line: out.print(line, markup=False, highlight=False), limit=limit,
-             poll_s=registry.params(ws).service.poll_s)
+        work(ws, pool, say, limit=limit, poll_s=registry.params(ws).service.poll_s)

@@ -69,15 +69,15 @@ def test_register_identity_refuses_bad_name(tmp_path: Path) -> None:
 def test_a_worker_runs_only_its_own_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`anchor worker` binds its runs to its workspace: a run for another path (another machine's, or another
     workspace of this one) fails before it touches anything, naming both; the same path, spelled otherwise, runs."""
-    from core.workspace import WORKSPACE_ENV, bound_workspace
+    from core.workspace import WORKER_WORKSPACE_ENV, bound_workspace
 
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     mine.mkdir()
-    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
+    monkeypatch.delenv(WORKER_WORKSPACE_ENV, raising=False)
+    monkeypatch.setenv("ANCHOR_WORKSPACE", str(mine))  # `-w`'s default binds nothing: only a worker binds
     assert bound_workspace(str(theirs)).root == theirs  # no worker: the run's own path
-    monkeypatch.setenv(WORKSPACE_ENV, str(mine))
+    monkeypatch.setenv(WORKER_WORKSPACE_ENV, str(mine))
     (tmp_path / "link").symlink_to(mine)
     assert bound_workspace(str(tmp_path / "link")).root == tmp_path / "link"  # the same place, named otherwise
     with pytest.raises(InputError, match=f"serves the workspace {mine}; the run is for {theirs}"):
         bound_workspace(str(theirs))
-    assert not theirs.exists()

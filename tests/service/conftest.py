@@ -46,9 +46,10 @@ class Served:
 
 @contextlib.contextmanager
 def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str | None,
-            *options: str) -> Iterator[Served]:
+            *options: str, prefect: str | None = None) -> Iterator[Served]:
     """`anchor serve [options]` on a copy of `trained` (its model numbered v1, jobs polled every 0.5 s, uploads up
-    to 5 MB), answering once it lists the identities; stopped (SIGTERM, then SIGKILL) at the end."""
+    to 5 MB), on the session's Prefect server or `prefect`, answering once it lists the identities; stopped
+    (SIGTERM, then SIGKILL) at the end."""
     from flows.versions import record_version
 
     ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
@@ -56,7 +57,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str
     set_param(ws.root, "service", "poll_s", 0.5)
     set_param(ws.root, "service", "max_upload_mb", 5)
     port = free_port()
-    env = {**os.environ, "PREFECT_API_URL": prefect_server()}
+    env = {**os.environ, "PREFECT_API_URL": prefect or prefect_server()}
     env.pop("ANCHOR_API_TOKENS", None)
     if tokens:
         env["ANCHOR_API_TOKENS"] = tokens
@@ -76,6 +77,33 @@ def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str
                 pass
             time.sleep(0.5)
         yield served
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def own_prefect_server(home: Path) -> Iterator[str]:
+    """A Prefect server of the test's own, as a studio runs one (`prefect server start`: every service, the lease
+    repossessor among them, which the session's test server does not run), on loopback; its API URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false")
+    process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                                str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "prefect server start never answered"
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
     finally:
         stop(process)
 
