@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import prefect_server
 from tests.service.conftest import ID, anchor, own_prefect_server, serving, stop
 
 pytestmark = pytest.mark.slow
@@ -30,33 +29,6 @@ def _until_ended(api: httpx.Client, job: str, seconds: float) -> list[dict]:
     return seen
 
 
-def test_a_job_waits_for_a_worker_of_the_pool_and_runs_there(tmp_path_factory: pytest.TempPathFactory,
-                                                              trained: Path, voice: Path) -> None:
-    pool = f"studio-{uuid.uuid4().hex[:8]}"
-    with serving(tmp_path_factory, trained, None, "--pool", pool) as served, served.client() as api:
-        with voice.open("rb") as f:
-            made = api.post("/api/v1/renders", data={"identity": ID}, files={"audio": ("line.wav", f, "audio/wav")})
-        assert made.status_code == 202, made.text
-        job = made.json()["job"]
-        time.sleep(3)  # no worker yet: the pool keeps the job
-        assert api.get(f"/api/v1/jobs/{job}").json()["state"] == "pending"
-        assert not (served.ws.root / "data" / "renders" / ID).exists()
-
-        env = {**os.environ, "PREFECT_API_URL": prefect_server()}
-        worker = anchor(served.ws, env, "worker", "--pool", pool, "--limit", "1")
-        try:
-            seen = _until_ended(api, job, 600)
-        finally:
-            printed = stop(worker)
-        assert seen[-1]["state"] == "completed", (seen[-1], printed[1][-3000:])
-        assert any(s["state"] == "running" for s in seen)
-        assert f"of pool {pool!r} on {served.ws.root}" in printed[0]
-        run = httpx.get(f"{prefect_server()}/flow_runs/{job}").json()
-        assert run["work_pool_name"] == pool  # the pool's run, started by its worker, not by a runner of the server
-        name, key = seen[-1]["result"]["render"].split("/")
-        assert (served.ws.root / "data" / "renders" / name / key / "assemble" / "video.mp4").is_file()
-
-
 def _kill_worker(worker: subprocess.Popen[str]) -> None:
     """As a machine lost: the worker and every process it started, at once (SIGKILL)."""
     import psutil
@@ -69,13 +41,14 @@ def _kill_worker(worker: subprocess.Popen[str]) -> None:
     worker.communicate()
 
 
-def test_a_job_whose_worker_dies_fails_and_runs_again_on_another(tmp_path_factory: pytest.TempPathFactory,
-                                                                 trained: Path, voice: Path) -> None:
-    """The worker killed mid-job (its run's process with it): the run stops sending heartbeats and the pool's
-    automation crashes it — the job `failed`, saying why, within the automation's 90 s — with nothing of it
-    published; submitted again, it completes on another worker once the dead run's concurrency slot is back (its
-    60 s lease lapsed and the server took it back). On a Prefect server of its own, as a studio runs one: the
-    session's test server runs no lease repossessor, and the slot would stay taken for every later test."""
+def test_a_job_waits_for_a_worker_runs_there_and_outlives_its_death(tmp_path_factory: pytest.TempPathFactory,
+                                                                     trained: Path, voice: Path) -> None:
+    """One story on a Prefect server of the test's own, as a studio runs one (`prefect server start`: the
+    session's test server runs no lease repossessor, and a dead run's concurrency slot would stay taken for every
+    later test): a job submitted with no worker stays pending; a worker takes it and is killed mid-job (its run's
+    process with it) — the run stops sending heartbeats and the pool's automation crashes it: the job `failed`,
+    saying why, within the automation's 90 s, nothing of it published; submitted again, it completes on a second
+    worker (once the dead run's slot is back: its 60 s lease lapsed), as the pool's run."""
     pool = f"studio-{uuid.uuid4().hex[:8]}"
     with own_prefect_server(tmp_path_factory.mktemp("prefect")) as prefect, \
             serving(tmp_path_factory, trained, None, "--pool", pool, prefect=prefect) as served, \
@@ -84,12 +57,18 @@ def test_a_job_whose_worker_dies_fails_and_runs_again_on_another(tmp_path_factor
 
         def submit() -> str:
             with voice.open("rb") as f:
-                return api.post("/api/v1/renders", data={"identity": ID},
-                                files={"audio": ("line.wav", f, "audio/wav")}).json()["job"]
+                made = api.post("/api/v1/renders", data={"identity": ID},
+                                files={"audio": ("line.wav", f, "audio/wav")})
+            assert made.status_code == 202, made.text
+            return made.json()["job"]
+
+        job = submit()
+        time.sleep(3)  # no worker yet: the pool keeps the job
+        assert api.get(f"/api/v1/jobs/{job}").json()["state"] == "pending"
+        assert not (served.ws.root / "data" / "renders" / ID).exists()
 
         doomed = anchor(served.ws, env, "worker", "--pool", pool)
         try:
-            job = submit()
             deadline = time.monotonic() + 300
             while (status := api.get(f"/api/v1/jobs/{job}").json())["progress"] <= 0:
                 assert status["state"] in ("pending", "running") and time.monotonic() < deadline, status
@@ -104,10 +83,17 @@ def test_a_job_whose_worker_dies_fails_and_runs_again_on_another(tmp_path_factor
         assert time.monotonic() - killed < 200 and seen[-1]["result"] is None
         assert not list((served.ws.root / "data" / "renders").glob(f"{ID}/*/assemble/video.mp4"))
 
-        survivor = anchor(served.ws, env, "worker", "--pool", pool)
+        survivor = anchor(served.ws, env, "worker", "--pool", pool, "--limit", "1")
         try:
-            again = _until_ended(api, submit(), 600)
+            again = submit()
+            seen = _until_ended(api, again, 600)
         finally:
-            stop(survivor)
-        assert again[-1]["state"] == "completed", again[-1]
+            printed = stop(survivor)
+        assert seen[-1]["state"] == "completed", (seen[-1], printed[1][-3000:])
+        assert any(s["state"] == "running" for s in seen)
+        assert f"of pool {pool!r} on {served.ws.root}, 1 run(s) at a time" in printed[0]
+        run = httpx.get(f"{prefect}/flow_runs/{again}").json()
+        assert run["work_pool_name"] == pool  # the pool's run, started by its worker, not by a runner of the server
+        name, key = seen[-1]["result"]["render"].split("/")
+        assert (served.ws.root / "data" / "renders" / name / key / "assemble" / "video.mp4").is_file()
         assert len(list((served.ws.root / "data" / "renders").glob(f"{ID}/*/assemble/video.mp4"))) == 1
