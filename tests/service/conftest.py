@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -64,18 +64,12 @@ def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str
     token = tokens.split(",")[-1].strip() if tokens else None
     process = anchor(ws, env, "serve", "--port", str(port), *options)
     served = Served(ws, f"http://127.0.0.1:{port}", process, token)
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "anchor serve never answered"
-            try:
-                with served.client() as api:
-                    if api.get("/api/v1/identities").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        def listed() -> bool:
+            with served.client() as api:
+                return api.get("/api/v1/identities").status_code == 200
+
+        until_answered(process, listed, "anchor serve", 180)
         yield served
     finally:
         stop(process)
@@ -92,20 +86,27 @@ def own_prefect_server(home: Path) -> Iterator[str]:
                                 str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "prefect server start never answered"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        until_answered(process, lambda: httpx.get(f"{url}/health").status_code == 200, "prefect server start", 120)
         yield url
     finally:
         stop(process)
+
+
+def until_answered(process: subprocess.Popen[str], answers: Callable[[], bool], what: str, seconds: float) -> None:
+    """Polls `answers` until it says yes; fails with what the process printed if it ends first, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"{what} ended: {((err or '') + (out or ''))[-3000:]}")
+        assert time.monotonic() < deadline, f"{what} never answered"
+        try:
+            if answers():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
 
 
 def anchor(ws: Workspace, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
