@@ -23,6 +23,8 @@ HEADER = ("# Every knob of the pipeline, one section per stage (docs/architectur
 class StorageParams(Section):
     remote: str = Field(".anchor/dvc-remote", description="DVC remote: a local directory (relative to the "
                         "workspace) or a URL such as s3://bucket/anchors")
+    endpoint_url: str | None = Field(None, description="an s3:// remote's endpoint, for an S3-compatible store "
+                                     "other than AWS (empty = AWS); credentials come from the AWS environment")
     lock_wait_s: float = Field(3600.0, ge=0, description="how long a run waits for another run writing the same "
                                "artifact before it stops with a message (0 = stop at once)")
 

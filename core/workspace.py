@@ -91,6 +91,11 @@ class Workspace:
         return self.root / ".anchor"
 
     @property
+    def uploads(self) -> Path:
+        """Files the service received: one folder per upload."""
+        return self.state / "uploads"
+
+    @property
     def ledger_dir(self) -> Path:
         return self.state / "ledger"
 

@@ -35,7 +35,9 @@ def dvc(ws: Workspace, *args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True)
     if proc.returncode:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        raise AnchorError(f"dvc {args[0]} failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")
+        errors = [ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR")]  # not DVC's "support" line
+        said = errors[-1] if errors else lines[-1] if lines else f"exit code {proc.returncode}"
+        raise AnchorError(f"dvc {args[0]} failed: {said}")
     return proc.stdout
 
 
@@ -127,15 +129,19 @@ def remote_url(ws: Workspace) -> str:
     return url if "://" in url else str(resolve_path(ws, url))
 
 
-def _configure_remote(ws: Workspace) -> str:
+def configure_remote(ws: Workspace) -> str:
+    """The workspace's DVC remote as params.yaml's storage section names it (in .dvc/config.local)."""
+    storage = registry.params(ws).storage
     url = remote_url(ws)
     if "://" not in url:
         Path(url).mkdir(parents=True, exist_ok=True)
     dvc(ws, "remote", "add", "-f", "-d", "--local", REMOTE, url)
+    if storage.endpoint_url and url.startswith("s3://"):
+        dvc(ws, "remote", "modify", "--local", REMOTE, "endpointurl", storage.endpoint_url)
     return url
 
 
-def _count(output: str) -> int:
+def count(output: str) -> int:
     for word in output.split():
         if word.isdigit():
             return int(word)
@@ -153,12 +159,12 @@ def _tracked(ws: Workspace, identity: str, verb: str) -> list[str]:
 
 def push(ws: Workspace, identity: str) -> tuple[int, str]:
     targets = _tracked(ws, identity, "push")
-    url = _configure_remote(ws)
-    return _count(dvc(ws, "push", "-r", REMOTE, *targets)), url
+    url = configure_remote(ws)
+    return count(dvc(ws, "push", "-r", REMOTE, *targets)), url
 
 
 def pull(ws: Workspace, identity: str) -> tuple[int, str]:
     """Restore an identity's tracked files from the remote, as dvc.lock and its .dvc file describe them."""
     targets = _tracked(ws, identity, "pull")
-    url = _configure_remote(ws)
-    return _count(dvc(ws, "pull", "-f", "-r", REMOTE, *targets)), url
+    url = configure_remote(ws)
+    return count(dvc(ws, "pull", "-f", "-r", REMOTE, *targets)), url

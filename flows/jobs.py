@@ -8,6 +8,7 @@ The API reads both from Prefect, so it never needs the job's process or its mach
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from core.workspace import Workspace, bound_workspace, check_identity_name
-from flows import stage_task
+from core.errors import InputError
+from core.workspace import Workspace, check_identity_name
+from flows import replica, stage_task
 from flows.onboard import preprocess
 from flows.render import render_stages, stage_summary
 from flows.stage_task import StageRunner
@@ -129,15 +131,27 @@ def _publish(result: dict[str, Any]) -> None:
 
 
 @flow(name="anchor-onboard-job", flow_run_name="job-onboard-{identity}", log_prints=False, **HOOKS)
-def onboard_job(workspace: str, identity: str, video: str, webhook: str | None = None) -> dict[str, Any]:
-    """A new identity from its video: onboard, the shared pretrain, its finetune and its evaluation."""
-    ws = bound_workspace(workspace)
+def onboard_job(workspace: str, identity: str, video: str, webhook: str | None = None,
+                remote: str | None = None) -> dict[str, Any]:
+    """A new identity from its video: onboard, the shared pretrain, its finetune and its evaluation. On a worker
+    of another workspace (same `remote`): the studio's identities fetched first, so pretraining sees them all, and
+    the new identity published to the remote at the end, all under the identity's lock."""
+    ws, server = replica.job_workspace(workspace, remote)
     check_identity_name(identity)
-    with JobProgress(ONBOARD_FLOWS) as progress:
+    shared = server is not None
+    locked = replica.owner_lock(ws, identity) if shared else contextlib.nullcontext()
+    with JobProgress(ONBOARD_FLOWS) as progress, locked:
+        if shared:
+            if identity in replica.published_identities(ws):
+                raise InputError(f"identity {identity!r} exists in the remote {remote}; onboard another name")
+            video = str(replica.fetch_upload(ws, server, video))
+            replica.refresh(ws)
         stages = progress.stages = StageRunner.of_this_run(ws, "onboard")
         preprocess(ws, stages, identity, Path(video))
-        pretrain_shared(ws, stages)
+        pretrain_shared(ws, stages)  # this workspace's, over every identity it has; it travels in their records
         out = finetune_identity(ws, stages, identity, evaluate=True)
+        if shared:
+            replica.publish_identity(ws, identity)
     result = {"identity": identity, "version": out["version"]["version"], "report": out.get("report")}
     _publish(result)
     return {**result, "run_id": stages.run_id, "stages": stage_summary(stages, qualified=True)}
@@ -145,13 +159,19 @@ def onboard_job(workspace: str, identity: str, video: str, webhook: str | None =
 
 @flow(name="anchor-render-job", flow_run_name="job-render-{identity}", log_prints=False, **HOOKS)
 def render_job(workspace: str, identity: str, motion: str, seed: int | None = None, speech: bool = False,
-               webhook: str | None = None) -> dict[str, Any]:
-    """A video of the identity following a motion file or video (`speech`: driven by an audio file)."""
-    ws = bound_workspace(workspace)
+               webhook: str | None = None, remote: str | None = None) -> dict[str, Any]:
+    """A video of the identity following a motion file or video (`speech`: driven by an audio file). On a worker
+    of another workspace (same `remote`): the identity fetched first, the render published at the end."""
+    ws, server = replica.job_workspace(workspace, remote)
     check_identity_name(identity)
     with JobProgress(RENDER_FLOWS) as progress:
+        if server is not None:
+            replica.fetch_identity(ws, identity)
+            motion = str(replica.fetch_upload(ws, server, motion))
         stages = progress.stages = StageRunner.of_this_run(ws, "render")
         subject, made = render_stages(ws, stages, identity, motion, None, seed, None, speech)
+        if server is not None:
+            replica.publish_render(ws, subject)
     result = {"render": subject, "video": str(Path(made["path"]) / assemble.VIDEO)}
     _publish(result)
     return {**result, "run_id": stages.run_id, "stages": stage_summary(stages)}

@@ -205,7 +205,7 @@ def serve(ws: Workspace, host: str, port: int, say: Any, pool: str | None = None
     ids = to_pool(deployments, pool) if pool else runner.start()  # type: ignore[union-attr]
     try:
         studio = Studio(ws, {kind: ids[kind] for kind in jobs.JOBS}, settings.max_upload_mb,
-                        running=(lambda: runner.alive) if runner else (lambda: True))
+                        running=(lambda: runner.alive) if runner else (lambda: True), shared=bool(pool))
         app = create_app(studio, accepted)
         app.router.lifespan_context = lifespan  # before the UI's mount, which wraps it in its own (its queue)
         ui.mount(app, studio, accepted, settings.poll_s)

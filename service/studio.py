@@ -14,6 +14,8 @@ import contextlib
 import json
 import re
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,12 +27,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from core.errors import AnchorError
 from core.workspace import Workspace, check_identity_name, render_subject
+from flows import replica
 from flows.jobs import RESULT, STATES
 
 API = "/api/v1"
-UPLOADS = "uploads"  # under the workspace's state directory: one folder per accepted upload
 CHUNK = 1 << 20
 ENDED = ("completed", "failed", "cancelled")
+SYNC_S = 2.0  # a server whose workers publish to the remote looks there at most this often
 
 
 def _suffix(filename: str | None) -> str:
@@ -42,21 +45,50 @@ def _suffix(filename: str | None) -> str:
 
 class Studio:
     """`deployments`: the job deployments' ids by kind ("onboard", "render"); `running`: whether the runner that
-    starts the jobs is alive (if not, no job is accepted)."""
+    starts the jobs is alive (if not, no job is accepted); `shared`: the jobs may run on workers of other
+    workspaces (a work pool), so uploads go to the shared remote too, and what the workers publish there —
+    identities and renders — is fetched into this workspace before it is listed or served (flows/replica.py)."""
 
     def __init__(self, ws: Workspace, deployments: dict[str, uuid.UUID], max_upload_mb: int,
-                 running: Callable[[], bool] = lambda: True) -> None:
-        self.ws, self.deployments, self.running = ws, deployments, running
+                 running: Callable[[], bool] = lambda: True, shared: bool = False) -> None:
+        self.ws, self.deployments, self.running, self.shared = ws, deployments, running, shared
+        self.synced, self.syncing = 0.0, threading.Lock()
         self.max_upload_mb = max_upload_mb
         self.limit = max_upload_mb * 1_000_000
         self.onboarding = asyncio.Lock()  # one name check and one run creation at a time
 
     # ------------------------------------------------------------------------------------------------- checks
+    def sync(self, force: bool = False) -> None:
+        """With workers elsewhere: the identities the remote has, fetched where they changed (at most every
+        SYNC_S unless `force`d); an unreachable remote answers 503."""
+        if not self.shared:
+            return
+        with self.syncing:
+            if not force and time.monotonic() - self.synced < SYNC_S:
+                return
+            try:
+                replica.refresh(self.ws)
+            except (OSError, AnchorError) as exc:
+                raise HTTPException(503, f"the shared remote {replica.remote_url(self.ws)} cannot be read: "
+                                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            self.synced = time.monotonic()
+
+    def fetch_render(self, subject: str) -> None:
+        """A render a worker published, here (one fetch at a time: two would swap one folder)."""
+        with self.syncing:
+            try:
+                replica.fetch_render(self.ws, subject)
+            except (OSError, AnchorError) as exc:
+                raise HTTPException(503, f"render {subject} cannot be fetched from the shared remote: "
+                                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
     def identity_of(self, name: str) -> str:
         try:
             check_identity_name(name)
         except AnchorError as exc:
             raise HTTPException(422, str(exc)) from None
+        if name not in self.ws.identities():
+            self.sync(force=True)
         if name not in self.ws.identities():
             raise HTTPException(404, f"no identity {name!r} in this workspace")
         return name
@@ -70,7 +102,7 @@ class Studio:
     async def store(self, upload: UploadFile | Path, stem: str) -> Path:
         """The upload (a request's file, or a file the UI received) written into its own folder under the
         workspace's state, whole or not at all."""
-        folder = self.ws.state / UPLOADS / uuid.uuid4().hex
+        folder = self.ws.uploads / uuid.uuid4().hex
         folder.mkdir(parents=True)
         name = upload.name if isinstance(upload, Path) else upload.filename
         target = folder / f"{stem}{_suffix(name)}"
@@ -116,6 +148,9 @@ class Studio:
             shutil.rmtree(upload.parent, ignore_errors=True)
             raise HTTPException(503, "the job runner of this server has stopped; restart `anchor serve`")
         try:
+            if self.shared:  # a worker elsewhere takes it from there
+                await run_in_threadpool(replica.publish_upload, self.ws, upload)
+                parameters = {**parameters, "remote": replica.remote_url(self.ws)}
             async with get_client() as client:
                 run = await client.create_flow_run_from_deployment(self.deployments[kind], parameters=parameters)
         except BaseException:
@@ -137,6 +172,7 @@ class Studio:
                 return False
             return True
 
+        self.sync()
         out = []
         for row in status(self.ws):
             name = row["identity"]
@@ -164,7 +200,11 @@ class Studio:
         whether it is stale (and why)."""
         from flows.versions import renders as listed
 
-        rows = sorted(listed(self.ws, self.identity_of(name)), key=lambda r: r["finished_at"] or "", reverse=True)
+        name = self.identity_of(name)
+        if self.shared:
+            for subject in replica.published_renders(self.ws, name):
+                self.fetch_render(subject)
+        rows = sorted(listed(self.ws, name), key=lambda r: r["finished_at"] or "", reverse=True)
         return [{"render": r["subject"], "video": f"{API}/renders/{r['subject']}/video",
                  "model_version": r["model_version"], "stale": r["stale"], "why": r["why"],
                  "finished_at": r["finished_at"], "motion": (r["motion"] or {}).get("kind")} for r in rows]
@@ -181,6 +221,7 @@ class Studio:
         )
         from prefect.client.schemas.objects import StateType
 
+        await run_in_threadpool(self.sync, True)
         if name in self.ws.identities():
             raise HTTPException(409, f"identity {name!r} exists; onboard another name")
         ended = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
@@ -221,7 +262,7 @@ class Studio:
         from flows.versions import current_model, version_of, versions
         from tasks.audio import check as check_audio
 
-        name = self.identity_of(identity)
+        name = await run_in_threadpool(self.identity_of, identity)  # may fetch it from the remote
         if (audio is None) == (motion is None):
             raise HTTPException(422, "send exactly one of `audio` and `motion`")
         url = self.hook(webhook)
@@ -256,6 +297,8 @@ class Studio:
         except AnchorError as exc:
             raise HTTPException(422, str(exc)) from None
         path = registry.artifact_dir(self.ws, "assemble", subject) / assemble.VIDEO
+        if not path.is_file() and self.shared:
+            self.fetch_render(subject)
         if not path.is_file():
             raise HTTPException(404, f"no finished render {subject}")
         return path

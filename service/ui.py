@@ -7,6 +7,7 @@ anchor from a video. Nothing is fetched from the internet: system fonts only, no
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import shutil
@@ -127,7 +128,7 @@ def build(studio: Studio, poll_s: float) -> gr.Blocks:
             if status["state"] == "completed":
                 name, key = status["result"]["render"].split("/")
                 try:
-                    video = shown(studio.finished(name, key))
+                    video = shown(await asyncio.to_thread(studio.finished, name, key))  # may fetch it
                 except HTTPException as exc:
                     raise refused(exc) from None
                 yield job, f"**done** · render `{key}` · job `{job}`", video

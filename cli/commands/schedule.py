@@ -72,7 +72,9 @@ def worker(pool: Annotated[str, typer.Option("--pool", help="The Prefect work po
            limit: Annotated[int | None, typer.Option("--limit", min=1, help="Runs at a time (default: no limit).")
                             ] = None) -> None:
     """Run the jobs and schedules `anchor serve --pool` hands to a work pool, in this workspace, until stopped
-    (Ctrl-C). Needs the Prefect server every machine reaches ($PREFECT_API_URL)."""
+    (Ctrl-C): the server's own workspace, or one of this machine's that names the same shared remote
+    (storage.remote), through which identities, uploads and renders travel. Needs the Prefect server every
+    machine reaches ($PREFECT_API_URL)."""
     from service.server import shared_prefect
 
     ws = workspace()

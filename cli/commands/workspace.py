@@ -129,19 +129,27 @@ def dvc_check() -> None:
 
 @app.command()
 def push(name: Annotated[str, typer.Argument(help="Identity to push.")]) -> None:
-    """Push one identity's source, data and checkpoints to the DVC remote (storage.remote in params.yaml)."""
-    from flows.dvc_store import push as dvc_push
+    """Push one identity's source, data and checkpoints (and the pretraining it was trained from) to the DVC remote
+    (storage.remote in params.yaml), then its record, from which another workspace can `anchor pull` it."""
+    from flows.dvc_store import remote_url
+    from flows.replica import publish_identity
 
     check_identity_name(name)
-    count, url = dvc_push(workspace(), name)
-    say(f"pushed {count} file(s) of {name} to {url}")
+    ws = workspace()
+    count = publish_identity(ws, name)
+    say(f"pushed {count} file(s) of {name} to {remote_url(ws)}")
 
 
 @app.command()
 def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")]) -> None:
-    """Restore one identity's tracked files from the DVC remote."""
+    """Restore one identity's tracked files from the DVC remote as this workspace's dvc.lock and .dvc file say;
+    an identity this workspace has no record of, as its record in the remote says (another's `anchor push`)."""
     from flows.dvc_store import pull as dvc_pull
+    from flows.dvc_store import remote_url, source_target
+    from flows.replica import fetch_identity
 
     check_identity_name(name)
-    count, url = dvc_pull(workspace(), name)
-    say(f"pulled {count} file(s) of {name} from {url}")
+    ws = workspace()
+    known = name in ws.identities() and (ws.root / source_target(ws, name)).is_file()
+    count = dvc_pull(ws, name)[0] if known else fetch_identity(ws, name, force=True)
+    say(f"pulled {count} file(s) of {name} from {remote_url(ws)}")

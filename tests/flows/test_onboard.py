@@ -143,19 +143,34 @@ def test_lineage_json_reaches_the_source_video(flow_onboarded: tuple[Path, dict]
     assert steps[1]["params"]["resolution"] == 128
 
 
-def test_push_then_pull_restores_an_identity(flow_onboarded: tuple[Path, dict]) -> None:
+def test_push_then_pull_restores_an_identity(tmp_path: Path, flow_onboarded: tuple[Path, dict]) -> None:
+    """In the workspace that pushed it, as its dvc.lock says; in another that never had it, as its record in the
+    remote says (its .dvc file, dvc.lock entries and name arrive with it), and audited clean there."""
     root, summary = flow_onboarded
     runner = CliRunner()
     res = runner.invoke(app, ["-w", str(root), "push", "demo"])
     assert res.exit_code == 0, res.output
     remote = root / ".anchor/dvc-remote"
-    assert any(p.is_file() for p in remote.rglob("*"))
+    assert any(p.is_file() for p in remote.rglob("*")) and (remote / "anchor/identities/demo.json").is_file()
     ws = Workspace(root)
     shutil.rmtree(artifact_dir(ws, "ingest", "demo"))
     shutil.rmtree(root / ".dvc/cache")
     res = runner.invoke(app, ["-w", str(root), "pull", "demo"])
     assert res.exit_code == 0, res.output
     assert verify(artifact_dir(ws, "ingest", "demo"), summary["stages"]["ingest"]["output_hash"])
+
+    other = Workspace(make_workspace(tmp_path / "other"))
+    set_param(other.root, "storage", "remote", str(remote))
+    res = runner.invoke(app, ["-w", str(other.root), "pull", "demo"])
+    assert res.exit_code == 0 and "pulled " in res.output, res.output
+    assert other.identities() == ["demo"]
+    for stage in STAGES[1:]:
+        assert verify(artifact_dir(other, stage, "demo"), summary["stages"][stage]["output_hash"]), stage
+    res = runner.invoke(app, ["-w", str(other.root), "audit"])
+    assert res.exit_code == 0 and ", 0 problem(s)" in res.output, res.output
+    res = runner.invoke(app, ["-w", str(other.root), "pull", "nobody"])
+    said = res.output + str(res.exception)  # the command line's own handler prints it (cli.main); here: raised
+    assert res.exit_code != 0 and f"no identity 'nobody' in the remote {remote}" in said, said
 
 
 def test_changing_a_matting_param_reruns_only_matting(tmp_path: Path, short_video: Path, onboarded: Path) -> None:

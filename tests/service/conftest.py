@@ -45,19 +45,22 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path, tokens: str | None,
-            *options: str, prefect: str | None = None) -> Iterator[Served]:
-    """`anchor serve [options]` on a copy of `trained` (its model numbered v1, jobs polled every 0.5 s, uploads up
-    to 5 MB), on the session's Prefect server or `prefect`, answering once it lists the identities; stopped
-    (SIGTERM, then SIGKILL) at the end."""
+def serving(tmp_path_factory: pytest.TempPathFactory, trained: Path | None, tokens: str | None,
+            *options: str, prefect: str | None = None, ws: Workspace | None = None,
+            env: dict[str, str] | None = None) -> Iterator[Served]:
+    """`anchor serve [options]` on a copy of `trained` (its model numbered v1) or on `ws` as it is (jobs polled
+    every 0.5 s, uploads up to 5 MB), on the session's Prefect server or `prefect`, in `env`, answering once it
+    lists the identities; stopped (SIGTERM, then SIGKILL) at the end."""
     from flows.versions import record_version
 
-    ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
-    record_version(ws, ID, "test", commit=False)  # v1, as `anchor finetune` numbers it (the template ran no flow)
+    if ws is None:
+        assert trained is not None
+        ws = Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+        record_version(ws, ID, "test", commit=False)  # v1, as `anchor finetune` numbers it (the template ran no flow)
     set_param(ws.root, "service", "poll_s", 0.5)
     set_param(ws.root, "service", "max_upload_mb", 5)
     port = free_port()
-    env = {**os.environ, "PREFECT_API_URL": prefect or prefect_server()}
+    env = {**(env or os.environ), "PREFECT_API_URL": prefect or prefect_server()}
     env.pop("ANCHOR_API_TOKENS", None)
     if tokens:
         env["ANCHOR_API_TOKENS"] = tokens

@@ -1,0 +1,89 @@
+"""A workspace as a replica of the shared remote (flows/replica.py), on a directory remote two workspaces share:
+where a job runs, and renders and uploads travelling whole or not at all. (Identities: tests/flows/test_onboard.py
+pulls one into a workspace that never had it; tests/service/test_two_machines.py does it all over S3.)"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from core.errors import AnchorError, InputError
+from core.workspace import WORKER_WORKSPACE_ENV, Workspace
+from flows import replica
+from tests.conftest import make_workspace, set_param
+
+KEY = "0123456789ab"
+
+
+def two(tmp_path: Path, remote: Path | None = None) -> tuple[Workspace, Workspace]:
+    out = []
+    for name in ("one", "two"):
+        ws = Workspace(make_workspace(tmp_path / name))
+        set_param(ws.root, "storage", "remote", str(remote or tmp_path / "remote"))
+        out.append(ws)
+    return out[0], out[1]
+
+
+def test_a_job_runs_in_the_workers_workspace_only_through_the_same_remote(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine, theirs = two(tmp_path)
+    monkeypatch.delenv(WORKER_WORKSPACE_ENV, raising=False)
+    assert replica.job_workspace(str(theirs.root), None) == (theirs, None)  # no worker: where the job says
+    monkeypatch.setenv(WORKER_WORKSPACE_ENV, str(mine.root))
+    assert replica.job_workspace(str(mine.root), None) == (mine, None)  # the worker's own workspace: in place
+    remote = replica.remote_url(theirs)
+    assert replica.job_workspace(str(theirs.root), remote) == (Workspace(mine.root), theirs.root)
+    set_param(mine.root, "storage", "remote", str(tmp_path / "elsewhere"))
+    with pytest.raises(InputError, match=f"serves the workspace {mine.root}, whose remote is {tmp_path}/elsewhere; "
+                                         f"the run is for {theirs.root}, whose remote is {remote}"):
+        replica.job_workspace(str(theirs.root), remote)
+    with pytest.raises(InputError, match="whose remote is not shared"):
+        replica.job_workspace(str(theirs.root), None)  # a job of a server that does not share its remote
+
+
+def test_a_render_travels_as_one_checked_tar(tmp_path: Path) -> None:
+    made, other = two(tmp_path)
+    subject = f"demo/{KEY}"
+    folder = replica.render_dir(made, subject)
+    (folder / "assemble").mkdir(parents=True)
+    (folder / "assemble" / "video.mp4").write_bytes(b"frames" * 1000)
+    (folder / "motion").mkdir()
+    (folder / "motion" / "manifest.json").write_text('{"stage": "motion"}')
+    digest = replica.publish_render(made, subject)
+    assert replica.published_renders(other, "demo") == [subject]
+    assert replica.published_renders(other, "nobody") == []
+
+    assert replica.fetch_render(other, subject) is True
+    got = replica.render_dir(other, subject)
+    assert (got / "assemble" / "video.mp4").read_bytes() == b"frames" * 1000
+    assert (got / "motion" / "manifest.json").read_text() == '{"stage": "motion"}'
+    assert replica.fetch_render(other, subject) is False  # this record is here already
+    assert replica.fetch_render(other, f"demo/{'f' * 12}") is False  # the remote has no such render
+
+    tar = tmp_path / "remote" / "anchor" / "renders" / "demo" / KEY / f"{digest}.tar"
+    assert hashlib.sha256(tar.read_bytes()).hexdigest() == digest
+    tar.write_bytes(tar.read_bytes()[:-10])  # damaged in the store
+    third = Workspace(make_workspace(tmp_path / "three"))
+    set_param(third.root, "storage", "remote", str(tmp_path / "remote"))
+    with pytest.raises(AnchorError, match=f"render {subject} in the remote differs from its record"):
+        replica.fetch_render(third, subject)
+    assert not replica.render_dir(third, subject).exists()
+    assert list(replica.render_dir(third, subject).parent.iterdir()) == []  # no unpacked leftovers either
+
+
+def test_an_upload_reaches_a_worker_in_the_same_folder(tmp_path: Path) -> None:
+    server, worker = two(tmp_path)
+    upload = server.uploads / "c0ffee" / "audio.wav"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"RIFF speech")
+    replica.publish_upload(server, upload)
+    got = replica.fetch_upload(worker, server.root, str(upload))
+    assert got == worker.uploads / "c0ffee" / "audio.wav" and got.read_bytes() == b"RIFF speech"
+    assert not list(worker.uploads.rglob("*.part"))
+    with pytest.raises(InputError, match="is not an upload of the server's workspace"):
+        replica.fetch_upload(worker, server.root, str(server.root / "params.yaml"))
+    with pytest.raises(InputError, match="the upload beef/audio.wav is not in the remote"):
+        replica.fetch_upload(worker, server.root, str(server.uploads / "beef" / "audio.wav"))
+    assert not (worker.uploads / "beef").exists()
