@@ -138,19 +138,21 @@ def onboard_job(workspace: str, identity: str, video: str, webhook: str | None =
     the new identity published to the remote at the end, all under the identity's lock."""
     ws, server = replica.job_workspace(workspace, remote)
     check_identity_name(identity)
-    shared = server is not None
+    shared = remote is not None  # jobs of a pool: published, wherever they ran (workers elsewhere render them)
     locked = replica.owner_lock(ws, identity) if shared else contextlib.nullcontext()
     with JobProgress(ONBOARD_FLOWS) as progress, locked:
         if shared:
             if identity in replica.published_identities(ws):
                 raise InputError(f"identity {identity!r} exists in the remote {remote}; onboard another name")
-            video = str(replica.fetch_upload(ws, server, video))
             replica.refresh(ws)
+        if server is not None:
+            video = str(replica.fetch_upload(ws, server, video))
         stages = progress.stages = StageRunner.of_this_run(ws, "onboard")
         preprocess(ws, stages, identity, Path(video))
         pretrain_shared(ws, stages)  # this workspace's, over every identity it has; it travels in their records
         out = finetune_identity(ws, stages, identity, evaluate=True)
         if shared:
+            progress.update("publish", "publishing to the remote", 0, 1)
             replica.publish_identity(ws, identity)
     result = {"identity": identity, "version": out["version"]["version"], "report": out.get("report")}
     _publish(result)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -119,18 +120,22 @@ def _remember(ws: Workspace, kind: str, name: str, digest: str) -> None:
 # ------------------------------------------------------------------------------------------------ the lock
 @contextlib.contextmanager
 def owner_lock(ws: Workspace, owner: str) -> Iterator[None]:
-    """Held while one machine writes `owner` (an identity, or the shared pretraining) to the remote: a Prefect
-    global concurrency limit of one, named after the remote, on the Prefect server every machine shares. Its lease
-    is renewed while held and lapses LEASE_S after a dead holder's last renewal; waits up to storage.lock_wait_s."""
+    """Held while one machine makes and publishes `owner` (an identity): a Prefect global concurrency limit of one,
+    named after the remote, on the Prefect server every machine shares. Its lease is renewed while held and lapses
+    LEASE_S after a dead holder's last renewal; waits up to storage.lock_wait_s (at least a second). A renewal
+    that fails (the Prefect server away for a while) is logged, not fatal: a long training run is not thrown away
+    for it, and `publish_identity` still refuses to replace a record another machine wrote meanwhile."""
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
 
     name = f"anchor-write-{hashlib.sha256(remote_url(ws).encode()).hexdigest()[:12]}-{owner}"
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    wait = registry.params(ws).storage.lock_wait_s
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(name, 1)  # not atomic: two first users may both create it
+    wait = max(registry.params(ws).storage.lock_wait_s, 1.0)
     try:
-        with concurrency(name, occupy=1, timeout_seconds=wait or 0.001, lease_duration=LEASE_S, strict=True):
+        with concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=LEASE_S, strict=True,
+                         raise_on_lease_renewal_failure=False):
             yield
     except TimeoutError:
         raise AnchorError(f"{owner} is being written to the remote by another machine for over {wait:.0f} s "
@@ -143,8 +148,15 @@ def _lock_table(ws: Workspace) -> dict[str, Any]:
     return (yaml.safe_load(lock.read_text()) or {}) if lock.is_file() else {}
 
 
-def _shared_targets(ws: Workspace) -> list[str]:
-    return [s for s in SHARED_STAGES if s in _lock_table(ws).get("stages", {})]
+def _outs(entry: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(o.get("path"), o.get("md5")) for o in entry.get("outs") or []}
+
+
+def _trained_from(stages: dict[str, Any], targets: list[str]) -> list[str]:
+    """The shared stages (pretraining) whose outputs, as this workspace has them now, are what the identity's
+    stages were made from (their deps in dvc.lock): those travel with its record."""
+    deps = {(d.get("path"), d.get("md5")) for t in targets for d in stages[t].get("deps") or []}
+    return [s for s in SHARED_STAGES if s in stages and _outs(stages[s]) and _outs(stages[s]) <= deps]
 
 
 def published_identities(ws: Workspace) -> list[str]:
@@ -152,12 +164,55 @@ def published_identities(ws: Workspace) -> list[str]:
     return [n for n in _names(fs, _key(root, "identities"), ".json")]
 
 
+def _record(ws: Workspace, identity: str) -> tuple[bytes | None, dict[str, Any] | None]:
+    """The identity's record in the remote (its bytes and, checked, its content), or (None, None)."""
+    fs, root = remote_fs(ws)
+    data = _read(fs, _key(root, "identities", f"{identity}.json"))
+    if data is None:
+        return None, None
+    return data, _checked(ws, identity, data)
+
+
+def _checked(ws: Workspace, identity: str, data: bytes) -> dict[str, Any]:
+    """A record as `publish_identity` writes it, naming only this identity's stages and files (and the shared
+    pretraining's): whoever can write the bucket must not reach another identity or any other file of a workspace
+    through it."""
+    names = {f"{n}@{identity}" for n, spec in registry.STAGES.items() if spec.in_dvc and not spec.shared}
+
+    def within(path: Any, folder: Path) -> bool:
+        want = ws.rel(folder)
+        return isinstance(path, str) and ".." not in Path(path).parts and (path == want or path.startswith(want + "/"))
+
+    try:
+        record = json.loads(data)
+        source = yaml.safe_load(record["source"])
+        ok = (record["identity"] == identity and set(record["stages"]) <= names
+              and set(record["shared"]) <= set(SHARED_STAGES) and isinstance(record["versions"], list)
+              and set(source) == {"outs"} and [o["path"] for o in source["outs"]] == ["source"])
+        for target, entry in {**record["stages"], **record["shared"]}.items():
+            stage, _, owner = target.partition("@")
+            folder = registry.artifact_dir(ws, stage, owner or SHARED)
+            ok = ok and bool(entry["outs"]) and all(within(o["path"], folder) for o in entry["outs"])
+    except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        ok = False
+    if not ok:
+        raise AnchorError(f"the remote's record of {identity} is not one `anchor push` writes (or names files "
+                          "that are not its own); not taken")
+    return record
+
+
 def publish_identity(ws: Workspace, identity: str) -> int:
-    """Push the identity's DVC outputs (and the shared pretraining's it was trained from), then its record; the
-    number of files pushed."""
+    """Push the identity's DVC outputs (and the pretraining it was trained from), then its record; the number of
+    files pushed. Refused when the remote's record is not the one this workspace last fetched or published: another
+    machine wrote the identity since."""
     from flows.versions import versions
 
     check_identity_name(identity)
+    data, theirs = _record(ws, identity)
+    if data is not None and sha256_bytes(data) != _applied(ws, "identities", identity):
+        raise AnchorError(f"the remote's {identity} was written by {theirs['host']} at {theirs['published_at']}, "
+                          f"which this workspace has not fetched: `anchor pull {identity}` it first (or onboard "
+                          "another name)")
     commit_identity(ws, identity)
     for stage in SHARED_STAGES:
         if registry.artifact_dir(ws, stage, SHARED).is_dir():
@@ -168,7 +223,7 @@ def publish_identity(ws: Workspace, identity: str) -> int:
     source = ws.root / source_target(ws, identity)
     if not source.is_file() or not targets:
         raise AnchorError(f"{identity} has nothing recorded to publish in {ws.root}")
-    shared = _shared_targets(ws)
+    shared = _trained_from(stages, targets)
     pushed = count(dvc(ws, "push", "-r", REMOTE, source_target(ws, identity), *targets, *shared))
     record = {"identity": identity, "source": source.read_text(), "stages": {t: stages[t] for t in targets},
               "shared": {s: stages[s] for s in shared}, "versions": versions(ws).get(identity, []),
@@ -182,29 +237,30 @@ def publish_identity(ws: Workspace, identity: str) -> int:
 
 def fetch_identity(ws: Workspace, identity: str, force: bool = False) -> int | None:
     """Make the identity here what its record in the remote says (records, then `dvc pull`): the number of files
-    pulled, or None when it was so already (unless `force`d). Raises when the remote has no record of it."""
+    pulled, or None when it was so already (unless `force`d). Raises when the remote has no record of it.
+
+    The pretraining it was trained from comes along only into a workspace that has none: a workspace keeps one
+    pretraining (its own, or the first it fetched), which renders never read (only training and its report do)."""
     check_identity_name(identity)
-    fs, root = remote_fs(ws)
-    data = _read(fs, _key(root, "identities", f"{identity}.json"))
-    if data is None:
+    data, record = _record(ws, identity)
+    if data is None or record is None:
         raise InputError(f"no identity {identity!r} in the remote {remote_url(ws)}")
-    digest, record = sha256_bytes(data), json.loads(data)
-    here = _lock_table(ws).get("stages", {})
-    if not force and _applied(ws, "identities", identity) == digest and all(
-            here.get(s) == entry for s, entry in record["shared"].items()):  # another's fetch replaced the pretrain
-        return None
+    digest = sha256_bytes(data)
     with ws.records_lock():
+        if not force and _applied(ws, "identities", identity) == digest:
+            return None
         dot_dvc = ws.root / source_target(ws, identity)
         dot_dvc.parent.mkdir(parents=True, exist_ok=True)
         write_text(dot_dvc, record["source"])
         table = _lock_table(ws) or {"schema": "2.0"}
-        table.setdefault("stages", {}).update({**record["shared"], **record["stages"]})
+        here = table.setdefault("stages", {})
+        shared = [s for s in record["shared"] if s not in here]
+        here.update({**{s: record["shared"][s] for s in shared}, **record["stages"]})
         write_text(ws.root / "dvc.lock", yaml.safe_dump(table, sort_keys=False))
         ws.register_identity(identity)
         _merge_versions(ws, identity, record["versions"])
         configure_remote(ws)
-        pulled = count(dvc(ws, "pull", "-f", "-r", REMOTE, source_target(ws, identity), *record["stages"],
-                           *record["shared"]))
+        pulled = count(dvc(ws, "pull", "-f", "-r", REMOTE, source_target(ws, identity), *record["stages"], *shared))
         _remember(ws, "identities", identity, digest)
     return pulled
 
@@ -218,14 +274,28 @@ def _merge_versions(ws: Workspace, identity: str, rows: list[dict[str, Any]]) ->
 
 
 def refresh(ws: Workspace) -> list[str]:
-    """Every identity the remote has, fetched where its record changed; the names fetched."""
-    return [name for name in published_identities(ws) if fetch_identity(ws, name) is not None]
+    """Every identity the remote has, fetched where its record changed; the names fetched. A record that is not
+    taken (malformed) is logged and skipped: it does not hide the others."""
+    import logging
+
+    fetched = []
+    for name in published_identities(ws):
+        try:
+            if fetch_identity(ws, name) is not None:
+                fetched.append(name)
+        except AnchorError as exc:
+            if "record" not in str(exc):
+                raise
+            logging.getLogger("anchor.replica").warning("%s", exc)
+    return fetched
 
 
 # ------------------------------------------------------------------------------------------------ renders
 def render_dir(ws: Workspace, subject: str) -> Path:
-    identity, key = split_render_subject(subject) or ("", "")
-    return ws.data / "renders" / identity / key
+    parts = split_render_subject(subject)
+    if parts is None:
+        raise InputError(f"{subject!r} is not a render (identity/motion key)")
+    return ws.data / "renders" / parts[0] / parts[1]
 
 
 def publish_render(ws: Workspace, subject: str) -> str:
@@ -258,15 +328,20 @@ def fetch_render(ws: Workspace, subject: str) -> bool:
     data = _read(fs, _key(root, "renders", f"{subject}.json"))
     if data is None:
         return False
-    record = json.loads(data)
-    if _applied(ws, "renders", subject) == record["sha256"]:
-        return False
     folder = render_dir(ws, subject)
+    try:
+        digest = json.loads(data)["sha256"]
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ValueError(digest)
+    except (ValueError, KeyError, TypeError):
+        raise AnchorError(f"the remote's record of render {subject} is malformed; not taken") from None
+    if _applied(ws, "renders", subject) == digest:
+        return False
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.tmp-") as tmp:
         tar = Path(tmp) / "render.tar"
-        fs.get_file(_key(root, "renders", subject, record["tar"]), str(tar))
-        if sha256_file(tar) != record["sha256"]:
+        fs.get_file(_key(root, "renders", subject, f"{digest}.tar"), str(tar))
+        if sha256_file(tar) != digest:
             raise AnchorError(f"render {subject} in the remote differs from its record; not taken")
         unpacked = Path(tmp) / "render"
         with tarfile.open(tar) as src:
@@ -275,16 +350,27 @@ def fetch_render(ws: Workspace, subject: str) -> bool:
         if folder.exists():
             folder.rename(old)
         unpacked.rename(folder)
-    _remember(ws, "renders", subject, record["sha256"])
+    _remember(ws, "renders", subject, digest)
     return True
 
 
 # ------------------------------------------------------------------------------------------------ uploads
+UPLOAD_RE = re.compile(r"[0-9a-f]{32}/[a-z]+(\.[a-z0-9]{1,8})?")  # as service/studio.py names them
+
+
+def _upload_rel(uploads: Path, path: Path | str) -> Path:
+    """An upload's folder and name under `uploads`, exactly as the service names them; nothing else."""
+    try:
+        rel = Path(path).relative_to(uploads)
+    except ValueError:
+        rel = None
+    if rel is None or not UPLOAD_RE.fullmatch(rel.as_posix()):
+        raise InputError(f"{path} is not an upload of the workspace {uploads.parent.parent}")
+    return rel
+
+
 def _upload_key(ws: Workspace, root: str, path: Path) -> str:
-    rel = path.resolve().relative_to(ws.uploads.resolve())
-    if len(rel.parts) != 2:
-        raise InputError(f"{path} is not an upload of {ws.root}")
-    return _key(root, "uploads", *rel.parts)
+    return _key(root, "uploads", *_upload_rel(ws.uploads, path).parts)
 
 
 def publish_upload(ws: Workspace, path: Path) -> None:
@@ -295,10 +381,7 @@ def publish_upload(ws: Workspace, path: Path) -> None:
 def fetch_upload(ws: Workspace, server_root: Path, path: str) -> Path:
     """The upload a job names by its server's path, here: the same folder under this workspace, fetched from the
     remote when it is not."""
-    try:
-        rel = Path(path).relative_to(Workspace(server_root).uploads)
-    except ValueError:
-        raise InputError(f"{path} is not an upload of the server's workspace {server_root}") from None
+    rel = _upload_rel(Workspace(server_root).uploads, path)
     local = ws.uploads / rel
     if local.is_file():
         return local

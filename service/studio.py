@@ -88,7 +88,7 @@ class Studio:
         except AnchorError as exc:
             raise HTTPException(422, str(exc)) from None
         if name not in self.ws.identities():
-            self.sync(force=True)
+            self.sync()  # one a worker published since the last look (at most every SYNC_S: names are cheap to try)
         if name not in self.ws.identities():
             raise HTTPException(404, f"no identity {name!r} in this workspace")
         return name

@@ -5,6 +5,7 @@ pulls one into a workspace that never had it; tests/service/test_two_machines.py
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,75 @@ def test_a_render_travels_as_one_checked_tar(tmp_path: Path) -> None:
 
 def test_an_upload_reaches_a_worker_in_the_same_folder(tmp_path: Path) -> None:
     server, worker = two(tmp_path)
-    upload = server.uploads / "c0ffee" / "audio.wav"
+    upload = server.uploads / ("c0ffee" * 5 + "00") / "audio.wav"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(b"RIFF speech")
     replica.publish_upload(server, upload)
     got = replica.fetch_upload(worker, server.root, str(upload))
-    assert got == worker.uploads / "c0ffee" / "audio.wav" and got.read_bytes() == b"RIFF speech"
+    assert got == worker.uploads / upload.parent.name / "audio.wav" and got.read_bytes() == b"RIFF speech"
     assert not list(worker.uploads.rglob("*.part"))
-    with pytest.raises(InputError, match="is not an upload of the server's workspace"):
-        replica.fetch_upload(worker, server.root, str(server.root / "params.yaml"))
-    with pytest.raises(InputError, match="the upload beef/audio.wav is not in the remote"):
-        replica.fetch_upload(worker, server.root, str(server.uploads / "beef" / "audio.wav"))
-    assert not (worker.uploads / "beef").exists()
+    missing = "beef" * 8
+    with pytest.raises(InputError, match=f"the upload {missing}/audio.wav is not in the remote"):
+        replica.fetch_upload(worker, server.root, str(server.uploads / missing / "audio.wav"))
+    assert not (worker.uploads / missing).exists()
+    (worker.root / "secret.txt").write_text("of the worker's")
+    for named in (server.root / "params.yaml", server.uploads / upload.parent.name / ".." / ".." / ".." / "secret.txt",
+                  server.uploads / "x" / "audio.wav", server.uploads / upload.parent.name / "a" / "b"):
+        with pytest.raises(InputError, match=f"is not an upload of the workspace {server.root}"):
+            replica.fetch_upload(worker, server.root, str(named))
+
+
+def _plant(ws: Workspace, name: str, **changes: object) -> Path:
+    """A record of `name` in the remote as another machine's `anchor push` would write it, with `changes`."""
+    record = {"identity": name, "source": "outs:\n- md5: 0f.dir\n  path: source\n", "stages": {}, "shared": {},
+              "versions": [], "published_at": "2026-12-01T00:00:00+00:00", "host": "elsewhere", **changes}
+    path = Path(replica.remote_url(ws)) / "anchor" / "identities" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.mark.parametrize("changes", [
+    {"identity": "other"},  # filed under demo, about another
+    {"stages": {"finetune@other": {"outs": [{"path": "data/checkpoints/identities/other/finetune"}]}}},
+    {"stages": {"finetune@demo": {"outs": [{"path": "data/checkpoints/identities/other/finetune"}]}}},
+    {"stages": {"report@demo": {"outs": [{"path": "data/reports/demo/../../params.yaml"}]}}},
+    {"shared": {"finetune@demo": {"outs": [{"path": "data/checkpoints/identities/demo/finetune"}]}}},
+    {"source": "outs:\n- path: ../../../params.yaml\n"},
+    {"source": "outs:\n- path: source\nwdir: ../..\n"},
+    {"versions": "v1"},
+])
+def test_a_record_that_reaches_beyond_its_identity_is_not_taken(tmp_path: Path, changes: dict) -> None:
+    ws, _ = two(tmp_path)
+    _plant(ws, "demo", **changes)
+    lock = ws.root / "dvc.lock"
+    before = lock.read_bytes() if lock.exists() else None
+    with pytest.raises(AnchorError, match="the remote's record of demo is not one `anchor push` writes"):
+        replica.fetch_identity(ws, "demo")
+    assert (lock.read_bytes() if lock.exists() else None) == before and "demo" not in ws.identities()
+    assert replica.refresh(ws) == []  # skipped (and logged), not the end of every other identity's fetch
+
+
+def test_an_identity_another_machine_wrote_is_not_overwritten(tmp_path: Path) -> None:
+    ws, _ = two(tmp_path)
+    planted = _plant(ws, "demo")
+    with pytest.raises(AnchorError, match="the remote's demo was written by elsewhere at 2026-12-01T00:00:00.*"
+                                          "`anchor pull demo` it first"):
+        replica.publish_identity(ws, "demo")
+    assert json.loads(planted.read_text())["host"] == "elsewhere"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_one_writer_of_an_identity_at_a_time(tmp_path: Path) -> None:
+    """The lock is the Prefect server's: a second holder waits storage.lock_wait_s, then gives up saying why; once
+    the first lets go it is free, and another identity's lock is another lock."""
+    ws, other = two(tmp_path)
+    set_param(other.root, "storage", "lock_wait_s", 1.0)
+    with replica.owner_lock(ws, "demo"):
+        with pytest.raises(AnchorError, match=r"demo is being written to the remote by another machine for over 1 s"), \
+                replica.owner_lock(other, "demo"):
+            pytest.fail("two holders")
+        with replica.owner_lock(other, "half"):
+            pass
+    with replica.owner_lock(other, "demo"):
+        pass
