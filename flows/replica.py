@@ -28,7 +28,15 @@ import yaml
 from core.artifacts import code_version, host, now_iso, write_text
 from core.errors import AnchorError, InputError
 from core.hashing import sha256_bytes, sha256_file
-from core.workspace import SHARED, Workspace, check_identity_name, render_subject, split_render_subject
+from core.workspace import (
+    MOTION_KEY_RE,
+    NAME_RE,
+    SHARED,
+    Workspace,
+    check_identity_name,
+    render_subject,
+    split_render_subject,
+)
 from flows.dvc_store import (
     REMOTE,
     commit_identity,
@@ -148,20 +156,22 @@ def _lock_table(ws: Workspace) -> dict[str, Any]:
     return (yaml.safe_load(lock.read_text()) or {}) if lock.is_file() else {}
 
 
-def _outs(entry: dict[str, Any]) -> set[tuple[str, str]]:
-    return {(o.get("path"), o.get("md5")) for o in entry.get("outs") or []}
+def _trained_from(ws: Workspace, identity: str, stages: dict[str, Any]) -> list[str]:
+    """The shared stages (pretraining) whose output, as this workspace has it now, is what the identity's stages
+    were made from (their manifests' inputs, which a later `dvc commit` does not rewrite): those travel with its
+    record."""
+    from core.artifacts import read_manifest
 
-
-def _trained_from(stages: dict[str, Any], targets: list[str]) -> list[str]:
-    """The shared stages (pretraining) whose outputs, as this workspace has them now, are what the identity's
-    stages were made from (their deps in dvc.lock): those travel with its record."""
-    deps = {(d.get("path"), d.get("md5")) for t in targets for d in stages[t].get("deps") or []}
-    return [s for s in SHARED_STAGES if s in stages and _outs(stages[s]) and _outs(stages[s]) <= deps]
+    used = {i.get("output_hash") for name, spec in registry.STAGES.items() if spec.in_dvc and not spec.shared
+            for i in (read_manifest(registry.artifact_dir(ws, name, identity)) or {}).get("inputs", [])
+            if i.get("identity") == SHARED}
+    return [s for s in SHARED_STAGES if s in stages
+            and (read_manifest(registry.artifact_dir(ws, s, SHARED)) or {}).get("output_hash") in used]
 
 
 def published_identities(ws: Workspace) -> list[str]:
     fs, root = remote_fs(ws)
-    return [n for n in _names(fs, _key(root, "identities"), ".json")]
+    return [n for n in _names(fs, _key(root, "identities"), ".json") if NAME_RE.fullmatch(n)]
 
 
 def _record(ws: Workspace, identity: str) -> tuple[bytes | None, dict[str, Any] | None]:
@@ -188,6 +198,8 @@ def _checked(ws: Workspace, identity: str, data: bytes) -> dict[str, Any]:
         source = yaml.safe_load(record["source"])
         ok = (record["identity"] == identity and set(record["stages"]) <= names
               and set(record["shared"]) <= set(SHARED_STAGES) and isinstance(record["versions"], list)
+              and all(isinstance(v["version"], int) and isinstance(v["finetune"], str) for v in record["versions"])
+              and isinstance(record["host"], str) and isinstance(record["published_at"], str)
               and set(source) == {"outs"} and [o["path"] for o in source["outs"]] == ["source"])
         for target, entry in {**record["stages"], **record["shared"]}.items():
             stage, _, owner = target.partition("@")
@@ -201,18 +213,34 @@ def _checked(ws: Workspace, identity: str, data: bytes) -> dict[str, Any]:
     return record
 
 
+def _foreign(ws: Workspace, identity: str) -> None:
+    """Refuse when the remote's record of the identity is another machine's that this workspace has not taken:
+    neither the one it last fetched or published, nor one whose files are what this workspace has."""
+    try:
+        data, theirs = _record(ws, identity)
+    except AnchorError:
+        raise AnchorError(f"the remote's record of {identity} is not one `anchor push` writes, so it is not "
+                          f"replaced: remove anchor/identities/{identity}.json from the remote if it must go") from None
+    if data is None or theirs is None or sha256_bytes(data) == _applied(ws, "identities", identity):
+        return
+    here = _lock_table(ws).get("stages", {})
+    source = ws.root / source_target(ws, identity)
+    if (source.is_file() and source.read_text() == theirs["source"]
+            and all(here.get(t) == entry for t, entry in theirs["stages"].items())):
+        return  # the same files (this workspace's state was lost, or it fetched them otherwise)
+    raise AnchorError(f"the remote's {identity} was written by {theirs['host']} at {theirs['published_at']}, which "
+                      f"this workspace does not have: `anchor pull {identity} --latest` takes it first (or onboard "
+                      "another name)")
+
+
 def publish_identity(ws: Workspace, identity: str) -> int:
     """Push the identity's DVC outputs (and the pretraining it was trained from), then its record; the number of
-    files pushed. Refused when the remote's record is not the one this workspace last fetched or published: another
-    machine wrote the identity since."""
+    files pushed. Refused when the remote's record is another machine's that this workspace does not have (checked
+    before the push and again just before the record is written)."""
     from flows.versions import versions
 
     check_identity_name(identity)
-    data, theirs = _record(ws, identity)
-    if data is not None and sha256_bytes(data) != _applied(ws, "identities", identity):
-        raise AnchorError(f"the remote's {identity} was written by {theirs['host']} at {theirs['published_at']}, "
-                          f"which this workspace has not fetched: `anchor pull {identity}` it first (or onboard "
-                          "another name)")
+    _foreign(ws, identity)
     commit_identity(ws, identity)
     for stage in SHARED_STAGES:
         if registry.artifact_dir(ws, stage, SHARED).is_dir():
@@ -223,15 +251,17 @@ def publish_identity(ws: Workspace, identity: str) -> int:
     source = ws.root / source_target(ws, identity)
     if not source.is_file() or not targets:
         raise AnchorError(f"{identity} has nothing recorded to publish in {ws.root}")
-    shared = _trained_from(stages, targets)
+    shared = _trained_from(ws, identity, stages)
     pushed = count(dvc(ws, "push", "-r", REMOTE, source_target(ws, identity), *targets, *shared))
     record = {"identity": identity, "source": source.read_text(), "stages": {t: stages[t] for t in targets},
               "shared": {s: stages[s] for s in shared}, "versions": versions(ws).get(identity, []),
               "published_at": now_iso(), "host": host(), "code_version": code_version()}
     data = json.dumps(record, indent=1, sort_keys=True).encode()
     fs, root = remote_fs(ws)
-    _put(fs, _key(root, "identities", f"{identity}.json"), data)
-    _remember(ws, "identities", identity, sha256_bytes(data))
+    with ws.records_lock():  # a sync of this workspace does not fetch it back meanwhile
+        _foreign(ws, identity)  # the push took a while: another machine may have written it since
+        _put(fs, _key(root, "identities", f"{identity}.json"), data)
+        _remember(ws, "identities", identity, sha256_bytes(data))
     return pushed
 
 
@@ -242,11 +272,11 @@ def fetch_identity(ws: Workspace, identity: str, force: bool = False) -> int | N
     The pretraining it was trained from comes along only into a workspace that has none: a workspace keeps one
     pretraining (its own, or the first it fetched), which renders never read (only training and its report do)."""
     check_identity_name(identity)
-    data, record = _record(ws, identity)
-    if data is None or record is None:
-        raise InputError(f"no identity {identity!r} in the remote {remote_url(ws)}")
-    digest = sha256_bytes(data)
-    with ws.records_lock():
+    with ws.records_lock():  # the record read under it too: a slower fetch never applies an older one
+        data, record = _record(ws, identity)
+        if data is None or record is None:
+            raise InputError(f"no identity {identity!r} in the remote {remote_url(ws)}")
+        digest = sha256_bytes(data)
         if not force and _applied(ws, "identities", identity) == digest:
             return None
         dot_dvc = ws.root / source_target(ws, identity)
@@ -283,10 +313,8 @@ def refresh(ws: Workspace) -> list[str]:
         try:
             if fetch_identity(ws, name) is not None:
                 fetched.append(name)
-        except AnchorError as exc:
-            if "record" not in str(exc):
-                raise
-            logging.getLogger("anchor.replica").warning("%s", exc)
+        except AnchorError as exc:  # a bad record, a bad name, its objects missing: that identity alone
+            logging.getLogger("anchor.replica").warning("%s not fetched: %s", name, exc)
     return fetched
 
 
@@ -318,7 +346,8 @@ def publish_render(ws: Workspace, subject: str) -> str:
 
 def published_renders(ws: Workspace, identity: str) -> list[str]:
     fs, root = remote_fs(ws)
-    return [render_subject(identity, k) for k in _names(fs, _key(root, "renders", identity), ".json")]
+    return [render_subject(identity, k) for k in _names(fs, _key(root, "renders", identity), ".json")
+            if MOTION_KEY_RE.fullmatch(k)]
 
 
 def fetch_render(ws: Workspace, subject: str) -> bool:

@@ -141,9 +141,13 @@ def push(name: Annotated[str, typer.Argument(help="Identity to push.")]) -> None
 
 
 @app.command()
-def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")]) -> None:
-    """Restore one identity's tracked files from the DVC remote as this workspace's dvc.lock and .dvc file say;
-    an identity this workspace has no record of, as its record in the remote says (another's `anchor push`)."""
+def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")],
+         latest: Annotated[bool, typer.Option("--latest", help="As the remote's record says (the last `anchor push` "
+                                              "of any machine), even when this workspace has the identity.")]
+         = False) -> None:
+    """Restore one identity's tracked files from the DVC remote as this workspace's dvc.lock and .dvc file say
+    (so a version checked out with git comes back); an identity this workspace has no record of, or with
+    --latest, as its record in the remote says (another machine's `anchor push`)."""
     from flows.dvc_store import pull as dvc_pull
     from flows.dvc_store import remote_url, source_target
     from flows.replica import fetch_identity
@@ -151,5 +155,5 @@ def pull(name: Annotated[str, typer.Argument(help="Identity to pull.")]) -> None
     check_identity_name(name)
     ws = workspace()
     known = name in ws.identities() and (ws.root / source_target(ws, name)).is_file()
-    count = dvc_pull(ws, name)[0] if known else fetch_identity(ws, name, force=True)
+    count = dvc_pull(ws, name)[0] if known and not latest else fetch_identity(ws, name, force=True)
     say(f"pulled {count} file(s) of {name} from {remote_url(ws)}")

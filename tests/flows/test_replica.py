@@ -113,6 +113,8 @@ def _plant(ws: Workspace, name: str, **changes: object) -> Path:
     {"source": "outs:\n- path: ../../../params.yaml\n"},
     {"source": "outs:\n- path: source\nwdir: ../..\n"},
     {"versions": "v1"},
+    {"versions": [{"version": "1", "finetune": "ab"}]},
+    {"host": None},
 ])
 def test_a_record_that_reaches_beyond_its_identity_is_not_taken(tmp_path: Path, changes: dict) -> None:
     ws, _ = two(tmp_path)
@@ -126,12 +128,22 @@ def test_a_record_that_reaches_beyond_its_identity_is_not_taken(tmp_path: Path, 
 
 
 def test_an_identity_another_machine_wrote_is_not_overwritten(tmp_path: Path) -> None:
+    """Unless this workspace has what that record names (its own state lost, say): then it is its own."""
+    from flows.dvc_store import source_target
+
     ws, _ = two(tmp_path)
     planted = _plant(ws, "demo")
     with pytest.raises(AnchorError, match="the remote's demo was written by elsewhere at 2026-12-01T00:00:00.*"
-                                          "`anchor pull demo` it first"):
+                                          r"`anchor pull demo --latest` takes it first"):
         replica.publish_identity(ws, "demo")
     assert json.loads(planted.read_text())["host"] == "elsewhere"
+    dot_dvc = ws.root / source_target(ws, "demo")
+    dot_dvc.parent.mkdir(parents=True)
+    dot_dvc.write_text(json.loads(planted.read_text())["source"])
+    replica._foreign(ws, "demo")  # the same files: not another machine's
+    dot_dvc.write_text("outs:\n- md5: 1e.dir\n  path: source\n")
+    with pytest.raises(AnchorError, match="the remote's demo was written by elsewhere"):
+        replica._foreign(ws, "demo")
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -76,25 +76,25 @@ def whole(found: dict[str, bytes]) -> list[str]:
     return bad
 
 
-def pushing(worker: subprocess.Popen[str]) -> bool:
-    """Whether one of the worker's processes is a `dvc push`."""
+def pushing(worker: subprocess.Popen[str]):  # noqa: ANN201 - a psutil.Process or None
+    """The worker's `dvc push` process, if one runs."""
     import psutil
 
     try:
         family = psutil.Process(worker.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return False
+        return None
     for p in family:
         with contextlib.suppress(psutil.Error):
             line = p.cmdline()
             if "dvc" in line and "push" in line:
-                return True
-    return False
+                return p
+    return None
 
 
-def pushed() -> bool:
+def pushed(s3) -> bool:  # noqa: ANN001 - boto3's client
     """Whether DVC has put any object in the bucket yet."""
-    return bucket().list_objects_v2(Bucket=BUCKET, Prefix="anchors/files/", MaxKeys=1).get("KeyCount", 0) > 0
+    return s3.list_objects_v2(Bucket=BUCKET, Prefix="anchors/files/", MaxKeys=1).get("KeyCount", 0) > 0
 
 
 def until_ended(api: httpx.Client, job: str, seconds: float) -> list[dict]:
@@ -158,13 +158,18 @@ def test_an_identity_onboarded_on_one_worker_renders_on_another_through_the_shar
 
             # 2. worker A takes it and dies while it pushes the identity to the bucket: the job fails, and the
             # bucket holds whole objects (each one's bytes hash to its name) that no record names
-            doomed = anchor(a, env, "worker", "--pool", pool)
+            doomed, s3 = anchor(a, env, "worker", "--pool", pool), bucket()
             try:
-                deadline = time.monotonic() + 400
-                while not (pushing(doomed) and pushed()):
-                    status = api.get(f"/api/v1/jobs/{job}").json()
-                    assert status["state"] in ("pending", "running") and time.monotonic() < deadline, status
-                    time.sleep(0.05)
+                deadline, looked = time.monotonic() + 400, 0.0
+                while True:
+                    push = pushing(doomed)
+                    if push is not None and pushed(s3):
+                        push.suspend()  # frozen mid-push at once (SIGSTOP), then killed with the rest below
+                        break
+                    if time.monotonic() - looked > 1:  # the job, now and then: the loop must stay quick
+                        status, looked = api.get(f"/api/v1/jobs/{job}").json(), time.monotonic()
+                        assert status["state"] in ("pending", "running") and time.monotonic() < deadline, status
+                    time.sleep(0.02 if push is not None else 0.2)
             finally:
                 kill_worker(doomed)
             killed = time.monotonic()
