@@ -33,12 +33,21 @@ SHARED = "_shared"
 WORKER_WORKSPACE_ENV = "ANCHOR_WORKER_WORKSPACE"
 
 
-def bound_workspace(workspace: str) -> Workspace:
-    """A deployment run's workspace, which must be the one the worker running it serves: a run reads the
-    server's uploads and writes its workspace in place, so a worker elsewhere needs it on a shared filesystem."""
+def worker_elsewhere(workspace: str) -> Workspace | None:
+    """The workspace of the worker that started this run when it is not `workspace`; None when no worker did, or
+    when it serves that very place (however the path is spelt)."""
     bound = os.environ.get(WORKER_WORKSPACE_ENV)
-    if bound and Path(bound).expanduser().resolve() != Path(workspace).expanduser().resolve():
-        raise InputError(f"this worker serves the workspace {bound}; the run is for {workspace}, which a worker "
+    if not bound or Path(bound).expanduser().resolve() == Path(workspace).expanduser().resolve():
+        return None
+    return Workspace(Path(bound))
+
+
+def bound_workspace(workspace: str) -> Workspace:
+    """A deployment run's workspace, which must be the one the worker running it serves: a run that writes its
+    workspace in place (a scheduled re-render) needs it on a shared filesystem."""
+    mine = worker_elsewhere(workspace)
+    if mine is not None:
+        raise InputError(f"this worker serves the workspace {mine.root}; the run is for {workspace}, which a worker "
                          "reaches only on a shared filesystem (start the worker with `-w` on that path)")
     return Workspace(Path(workspace))
 

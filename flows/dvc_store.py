@@ -157,12 +157,6 @@ def _tracked(ws: Workspace, identity: str, verb: str) -> list[str]:
     return targets
 
 
-def push(ws: Workspace, identity: str) -> tuple[int, str]:
-    targets = _tracked(ws, identity, "push")
-    url = configure_remote(ws)
-    return count(dvc(ws, "push", "-r", REMOTE, *targets)), url
-
-
 def pull(ws: Workspace, identity: str) -> tuple[int, str]:
     """Restore an identity's tracked files from the remote, as dvc.lock and its .dvc file describe them."""
     targets = _tracked(ws, identity, "pull")

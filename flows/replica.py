@@ -36,6 +36,7 @@ from core.workspace import (
     check_identity_name,
     render_subject,
     split_render_subject,
+    worker_elsewhere,
 )
 from flows.dvc_store import (
     REMOTE,
@@ -337,8 +338,8 @@ def publish_render(ws: Workspace, subject: str) -> str:
                 out.add(path, arcname=str(path.relative_to(folder)))
         digest = sha256_file(tar)
         _put(fs, _key(root, "renders", subject, f"{digest}.tar"), tar)
-    record = json.dumps({"render": subject, "tar": f"{digest}.tar", "sha256": digest, "published_at": now_iso(),
-                         "host": host()}, indent=1).encode()
+    record = json.dumps({"render": subject, "sha256": digest, "published_at": now_iso(), "host": host()},
+                        indent=1).encode()
     _put(fs, _key(root, "renders", f"{subject}.json"), record)
     _remember(ws, "renders", subject, digest)
     return digest
@@ -419,10 +420,13 @@ def fetch_upload(ws: Workspace, server_root: Path, path: str) -> Path:
     part = local.with_name(local.name + ".part")
     try:
         fs.get_file(_upload_key(ws, root, local), str(part))
+        part.rename(local)
     except FileNotFoundError:
         shutil.rmtree(local.parent, ignore_errors=True)
         raise InputError(f"the upload {rel} is not in the remote {remote_url(ws)}") from None
-    part.rename(local)
+    except BaseException:  # the store unreachable, the job cancelled: no part-file left to look like an upload
+        part.unlink(missing_ok=True)
+        raise
     return local
 
 
@@ -430,18 +434,12 @@ def fetch_upload(ws: Workspace, server_root: Path, path: str) -> Path:
 def job_workspace(workspace: str, remote: str | None) -> tuple[Workspace, Path | None]:
     """Where a job runs: its own workspace, or, on a worker serving another workspace that shares its remote, the
     worker's — then also the server's root (whose uploads the job names). Otherwise refused, naming both."""
-    import os
-
-    from core.workspace import WORKER_WORKSPACE_ENV
-
-    bound = os.environ.get(WORKER_WORKSPACE_ENV)
-    theirs = Path(workspace)
-    if not bound or Path(bound).expanduser().resolve() == theirs.expanduser().resolve():
-        return Workspace(theirs), None
-    mine = Workspace(Path(bound))
+    mine = worker_elsewhere(workspace)
+    if mine is None:
+        return Workspace(Path(workspace)), None
     if remote is None or remote_url(mine) != remote:
-        raise InputError(f"this worker serves the workspace {bound}, whose remote is {remote_url(mine)}; the run is "
-                         f"for {workspace}, whose remote is {remote or 'not shared'}: a worker runs another "
+        raise InputError(f"this worker serves the workspace {mine.root}, whose remote is {remote_url(mine)}; the run "
+                         f"is for {workspace}, whose remote is {remote or 'not shared'}: a worker runs another "
                          "workspace's jobs only through the same shared remote (storage.remote), or on that "
                          "workspace itself")
-    return mine, theirs
+    return mine, Path(workspace)

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,29 +58,31 @@ class Studio:
         self.onboarding = asyncio.Lock()  # one name check and one run creation at a time
 
     # ------------------------------------------------------------------------------------------------- checks
+    @contextlib.contextmanager
+    def _from_remote(self, what: str) -> Iterator[None]:
+        """One fetch at a time (two would swap one folder); a remote that fails answers 503, saying what."""
+        with self.syncing:
+            try:
+                yield
+            except (OSError, AnchorError) as exc:
+                said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise HTTPException(503, f"{what} cannot be fetched from the shared remote "
+                                         f"{replica.remote_url(self.ws)}: {said}") from None
+
     def sync(self, force: bool = False) -> None:
         """With workers elsewhere: the identities the remote has, fetched where they changed (at most every
-        SYNC_S unless `force`d); an unreachable remote answers 503."""
+        SYNC_S unless `force`d)."""
         if not self.shared:
             return
-        with self.syncing:
-            if not force and time.monotonic() - self.synced < SYNC_S:
-                return
-            try:
+        with self._from_remote("the identities"):
+            if force or time.monotonic() - self.synced >= SYNC_S:
                 replica.refresh(self.ws)
-            except (OSError, AnchorError) as exc:
-                raise HTTPException(503, f"the shared remote {replica.remote_url(self.ws)} cannot be read: "
-                                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-            self.synced = time.monotonic()
+                self.synced = time.monotonic()
 
     def fetch_render(self, subject: str) -> None:
-        """A render a worker published, here (one fetch at a time: two would swap one folder)."""
-        with self.syncing:
-            try:
-                replica.fetch_render(self.ws, subject)
-            except (OSError, AnchorError) as exc:
-                raise HTTPException(503, f"render {subject} cannot be fetched from the shared remote: "
-                                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        """A render a worker published, here."""
+        with self._from_remote(f"render {subject}"):
+            replica.fetch_render(self.ws, subject)
 
     def identity_of(self, name: str) -> str:
         try:
