@@ -144,9 +144,11 @@ def _token_dim(paths: BasePaths) -> int:
     return CLIPVisionConfig.from_pretrained(paths.image_encoder).hidden_size
 
 
-def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> SGDM:
-    """A fresh (body or face) SGDM from the base weights: the video prior inserted, the mesh branch copied. The
-    branch's image stem is newly initialised from `seed`, so the same call builds the same model."""
+def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
+             conditioning: str = "branch") -> SGDM:
+    """A fresh (body or face) SGDM from the base weights: the video prior inserted, the mesh branch copied and/or
+    an input stem added (`conditioning`, models.sgdm). The new parts are initialised from `seed`, so the same call
+    builds the same model."""
     check(paths)
     unet2d = UNet2DConditionModel.from_pretrained((paths.inpaint if face else paths.sd15) / "unet", torch_dtype=dtype)
     latent = int(json.loads((paths.sd15 / "vae" / "config.json").read_text())["latent_channels"])
@@ -164,10 +166,12 @@ def new_sgdm(paths: BasePaths, *, face: bool = False, dtype: torch.dtype = torch
                               f"the VAE by {factor}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SGDM.from_parts(unet2d, adapter, _token_dim(paths), stem)
+        model = SGDM.from_parts(unet2d, adapter, _token_dim(paths), stem, conditioning)
         if not config.get("zero_start", True):
             cn = model.controlnet
-            for conv in (*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out):
+            convs = [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out
+                     ] if cn is not None else []
+            for conv in (*convs, *([model.guider.conv_out] if model.guider is not None else [])):
                 conv.reset_parameters()
     return model if dtype == torch.float32 else model.to(dtype)
 

@@ -89,15 +89,19 @@ def initial_latents(shape: tuple[int, ...], generator: torch.Generator, shared: 
 
 def predict_noise(model: SGDM, latents: torch.Tensor, t: torch.Tensor | int, tokens: torch.Tensor,
                   cond: torch.Tensor, guidance: float, control_scale: float,
-                  inpaint_extra: torch.Tensor | None = None) -> torch.Tensor:
-    """One guided noise prediction for latents (B, 4, F, h, w). Zero tokens are the dropped reference that training
-    taught as the unconditional branch; both branches go through one batched forward (guidance 1: only the
-    conditional one). `inpaint_extra` (B, 5, F, h, w) is appended for the face model."""
+                  inpaint_extra: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """One guided noise prediction for latents (B, 4, F, h, w). Zero tokens (and a zero reference frame, for a model
+    that reads one at its input) are the dropped reference that training taught as the unconditional branch; both
+    branches go through one batched forward (guidance 1: only the conditional one). `inpaint_extra` (B, 5, F, h, w)
+    is appended for the face model; `reference` (1 or B, 3, H, W) in [0, 1]."""
     x = latents if inpaint_extra is None else torch.cat([latents, inpaint_extra.to(latents)], dim=1)
+    b = x.shape[0]
+    ref = None if reference is None else reference.to(cond).expand(b, -1, -1, -1)
     if guidance == 1.0:
-        return model(x, t, tokens, cond, control_scale=control_scale)
+        return model(x, t, tokens, cond, control_scale=control_scale, reference=ref)
     both = model(torch.cat([x, x]), t, torch.cat([torch.zeros_like(tokens), tokens]), torch.cat([cond, cond]),
-                 control_scale=control_scale)
+                 control_scale=control_scale,
+                 reference=None if ref is None else torch.cat([torch.zeros_like(ref), ref]))
     uncond, cond_eps = both.chunk(2)
     return uncond + guidance * (cond_eps - uncond)
 
@@ -105,8 +109,10 @@ def predict_noise(model: SGDM, latents: torch.Tensor, t: torch.Tensor | int, tok
 @torch.no_grad()
 def sample(model: SGDM, vae: AutoencoderKL, scheduler: DDIMScheduler, tokens: torch.Tensor, cond: torch.Tensor, *,
            steps: int = 20, guidance: float = 3.5, control_scale: float = 2.0, generator: torch.Generator,
-           mask: torch.Tensor | None = None, masked_image: torch.Tensor | None = None) -> torch.Tensor:
-    """Frames (B, 3, F, H, W) in [0, 1] for mesh images `cond` (B, 3, F, H, W) and reference `tokens` (B, N, D).
+           mask: torch.Tensor | None = None, masked_image: torch.Tensor | None = None,
+           reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Frames (B, 3, F, H, W) in [0, 1] for mesh images `cond` (B, 3, F, H, W) and reference `tokens` (B, N, D)
+    (and the reference frame (B, 3, H, W) for a model with an input stem).
     The face (inpainting) model also needs `mask` (B, 1, F, H, W) and `masked_image` (B, 3, F, H, W). The only
     randomness is the initial noise, drawn from `generator` (DDIM with eta 0), so a seed fixes the result."""
     if model.inpaint != (mask is not None and masked_image is not None):
@@ -125,6 +131,6 @@ def sample(model: SGDM, vae: AutoencoderKL, scheduler: DDIMScheduler, tokens: to
     latents = initial_latents(shape, generator).to(p.device, p.dtype) * sched.init_noise_sigma
     for t in sched.timesteps:
         eps = predict_noise(model, sched.scale_model_input(latents, t), t, tokens, cond, guidance, control_scale,
-                            extra)
+                            extra, reference)
         latents = sched.step(eps, t, latents).prev_sample
     return decode_latents(vae, latents)

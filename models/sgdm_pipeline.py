@@ -1,6 +1,7 @@
 """SGDMPipeline: everything a trained SGDM checkpoint needs to render, loaded from its folder, on any device.
 
-A checkpoint folder holds the SGDM (unet/, controlnet/, image_proj, sgdm_config.json) and the parts it samples with:
+A checkpoint folder holds the SGDM (unet/, the mesh branch controlnet/ and/or input_guider, image_proj,
+sgdm_config.json) and the parts it samples with:
 its codec (vae/: SD's VAE or the cpu profile's space-to-depth), its reference encoder (image_encoder/: CLIP vision
 or pixel patches), its scheduler (scheduler/), optionally a 2× refiner (refiner/: the cpu profile's cascade, which
 denoises at half the output size), optionally a predictor (predictor/: the mean frame from mesh and reference, which
@@ -177,9 +178,11 @@ class SGDMPipeline:
                              if self.inpaint else "images/masks given to a checkpoint that is not an inpainting one")
         generator = generator or torch.Generator().manual_seed(0)
 
-        # 1. encode the reference: every token before pooling (zero tokens are the unconditional branch)
-        tokens = pipeline.encode_reference(self.image_encoder, _video([_sized(reference, res)])[:, :, 0])
-        tokens = tokens.to(device, self.dtype)
+        # 1. encode the reference: every token before pooling (zero tokens are the unconditional branch), and the
+        #    frame itself for a model that reads it at its input
+        ref_image = _video([_sized(reference, res)])[:, :, 0]  # (1, 3, H, W) in [0, 1]
+        tokens = pipeline.encode_reference(self.image_encoder, ref_image).to(device, self.dtype)
+        ref_image = ref_image.to(device, self.dtype) if self.sgdm.guider is not None else None  # its input stem's
 
         # 2. prepare the latent video: the initial noise, scaled for the scheduler; with a predictor, its frames
         #    noised to the first timestep that runs (predict and refine)
@@ -227,7 +230,8 @@ class SGDMPipeline:
             def predict(x: torch.Tensor, t: torch.Tensor, w: slice) -> torch.Tensor:
                 cond = cond_frames.window(w, self.dtype)
                 extra = extras.read(w) if extras is not None else None
-                return pipeline.predict_noise(self.sgdm, x, t, tokens, cond, guidance, control_scale, extra).float()
+                return pipeline.predict_noise(self.sgdm, x, t, tokens, cond, guidance, control_scale, extra,
+                                              ref_image).float()
 
             if run:
                 overlap.denoise_store(predict, latents, scheduler, window, overlap_frames,

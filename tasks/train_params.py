@@ -68,7 +68,7 @@ class TrainParams(Section):
                 check_profiles(name, self.perturbed_share, lambda v: 0 <= v <= 1, "shares must be in [0, 1]")
             elif name == "save_every":
                 check_profiles(name, self.save_every, lambda v: v >= 1, "values must be at least 1")
-            elif name in ("mixed_precision", "gradient_checkpointing"):
+            elif name in ("mixed_precision", "gradient_checkpointing", "conditioning"):
                 check_profiles(name, getattr(self, name), lambda v: True, "")
             else:
                 check_profiles(name, getattr(self, name), lambda v: v >= 0, "values must not be negative")
@@ -84,10 +84,15 @@ def sgdm_side(prof: dict[str, Any]) -> int:
     return int(prof["resolution"]) // (2 if prof.get("refiner_steps") else 1)
 
 
+PLACES = {"input": "mesh and reference at the input", "both": "mesh at the input and in the branch"}
+
+
 def describe(s: dict[str, Any]) -> str:
     """A training stage's summary: per model, steps and loss."""
     def one(which: str, m: dict[str, Any]) -> str:
         text = f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
+        if place := PLACES.get(m.get("conditioning", "branch")):
+            text += f", {place}"
         if m.get("saves"):
             text += f", {m['saves']} saved states ({m['save_s']} s, {m['state_mb']} MB each)"
         for part in ("predictor", "refiner"):

@@ -73,8 +73,9 @@ def _step_gen(seed: int, step: int, micro: int, salt: int) -> torch.Generator:
 def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, gen: torch.Generator,
             ref_drop: float, control_scale: float) -> torch.Tensor:
     """One denoising loss, against what the scheduler says the model predicts (noise, x0 or v).
-    batch: latents (B,C,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), optionally
-    mask (B,1,F,h,w) and masked (B,4,F,h,w) for the inpainting face model."""
+    batch: latents (B,C,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), reference (B,3,H,W) (the frame the tokens
+    encode; read by a model with an input stem), optionally mask (B,1,F,h,w) and masked (B,4,F,h,w) for the
+    inpainting face model."""
     latents = batch["latents"]
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents)
@@ -84,7 +85,8 @@ def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, g
         noisy = torch.cat([noisy, batch["mask"], batch["masked"]], dim=1)
     keep = (torch.rand(b, generator=gen) >= ref_drop).to(batch["tokens"])
     tokens = batch["tokens"] * keep[:, None, None]
-    pred = model(noisy, t, tokens, batch["cond"], control_scale=control_scale)
+    reference = batch["reference"] * keep[:, None, None, None] if model.guider is not None else None
+    pred = model(noisy, t, tokens, batch["cond"], control_scale=control_scale, reference=reference)
     kind = noise_scheduler.config.prediction_type
     target = {"epsilon": lambda: noise, "sample": lambda: latents,
               "v_prediction": lambda: noise_scheduler.get_velocity(latents, noise, t)}[kind]()
@@ -286,8 +288,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
         if steps:  # a run with no steps reads no image
             progress.start(f"encoding the {which} frames", data.encodings())
             made = data.encode(progress.advance)
-        model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(base_paths, face=face,
-                                                                                 seed=section.seed)
+        model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(
+            base_paths, face=face, seed=section.seed, conditioning=str(prof.get("conditioning", "branch")))
         model.to(device)
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
                           batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=int(prof["save_every"]),
@@ -321,7 +323,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "video_length": section.video_length,
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
-        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"],
+        summary[which] = {"steps": steps, "resumed_at": result["started_at_step"], "conditioning": model.conditioning,
                           **{k: result[k] for k in ("precision", "saves", "save_s", "state_mb", "data_wait_s")},
                           "identities": sum(i is not None for i in ids), "encoded": made,
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}

@@ -239,7 +239,7 @@ class ClipBatches:
         return chunk[i % CHUNK]
 
     def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]:
-        latents, conds, tokens, masked = [], [], [], []
+        latents, conds, tokens, references, masked = [], [], [], [], []
         for _ in range(size):
             ident = self.ids[int(torch.randint(len(self.ids), (1,), generator=gen))]
             s = ident.starts[int(torch.randint(len(ident.starts), (1,), generator=gen))]
@@ -258,9 +258,11 @@ class ClipBatches:
             latents.append(torch.stack([self._read(ident, "latent", i) for i in window], dim=1))
             conds.append(_tensor(cond))
             tokens.append(self._read(ident, "tokens", r))
+            references.append(_tensor(ident.frame(r)[None])[:, 0])
             if self.face:
                 masked.append(torch.stack([self._read(ident, "masked", i) for i in window], dim=1))
-        out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens)}
+        out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens),
+               "reference": torch.stack(references)}
         if self.face:
             extra = torch.stack(masked)
             out["mask"], out["masked"] = extra[:, :1], extra[:, 1:]

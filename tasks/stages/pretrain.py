@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
 
 from core.progress import Progress
 from core.stage import Stage
@@ -20,7 +22,13 @@ if TYPE_CHECKING:
 
 
 class PretrainParams(TrainParams):
-    pass
+    """Stage 1, where the SGDMs are born: their architecture's choices live here, and finetune inherits them."""
+
+    conditioning: dict[str, Literal["branch", "input", "both"]] = Field(
+        {"tiny": "both", "cpu": "branch", "sd15": "branch"}, description="where the mesh enters the SGDMs, per "
+        "profile: branch (the paper's ControlNet-style branch), input (a small stem reads the mesh and the reference "
+        "frame at the model's resolution and adds them to the UNet's first layer; no branch) or both "
+        "(docs/cpu-profile.md)")
 
 
 STAGE = Stage(

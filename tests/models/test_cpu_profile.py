@@ -206,3 +206,7 @@ def test_the_cpu_mesh_branch_starts_live_and_the_tiny_one_at_zero(cpu_paths: par
     assert torch.equal(again.controlnet_mid_block.weight, live.controlnet_mid_block.weight)
     zero = parts.new_sgdm(parts.write_tiny(tmp_path / "tiny")).controlnet
     assert all(torch.count_nonzero(c.weight) == 0 for c in zero.controlnet_down_blocks)
+    # the input stem likewise: live on cpu, at zero on a base that stands for a pretrained one
+    assert torch.count_nonzero(parts.new_sgdm(cpu_paths, conditioning="input").guider.conv_out.weight) > 0
+    tiny = parts.new_sgdm(parts.write_tiny(tmp_path / "tiny2"), conditioning="both")
+    assert torch.count_nonzero(tiny.guider.conv_out.weight) == 0

@@ -143,3 +143,49 @@ def test_missing_or_wrong_model_directories_are_named(paths: parts.BasePaths, tm
     # an ordinary UNet where the inpainting one belongs
     with pytest.raises(parts.ModelFilesError, match="has 4 input channels; an inpainting UNet has 9"):
         parts.new_sgdm(parts.BasePaths(paths.sd15, paths.sd15, paths.image_encoder, paths.motion_adapter), face=True)
+
+
+def _reference(seed: int = 5) -> torch.Tensor:
+    return torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("conditioning", ["input", "both"])
+def test_mesh_and_reference_at_the_input(paths: parts.BasePaths, tokens: torch.Tensor, tmp_path: Path,
+                                         conditioning: str) -> None:
+    model = parts.new_sgdm(paths, conditioning=conditioning).eval()
+    assert model.conditioning == conditioning
+    assert (model.controlnet is None) == (conditioning == "input")
+    with torch.no_grad():  # the tiny base starts its stems at zero, as SD's would: open it as training would
+        torch.nn.init.normal_(model.guider.conv_out.weight, std=0.1)
+    x, cond = _inputs()
+    t = torch.tensor([10])
+    with torch.no_grad():
+        out = model(x, t, tokens, cond, reference=_reference())
+        # the mesh and the reference frame both reach the UNet through its first layer
+        assert not torch.allclose(out, model(x, t, tokens, _other_mesh(cond), reference=_reference()))
+        assert not torch.allclose(out, model(x, t, tokens, cond, reference=_reference(6)))
+        # the stem's features live for one call only: a later pass of the UNet alone gets none of them
+        assert model._guidance is None
+    with pytest.raises(ValueError, match=r"reads the reference frame at its input: pass reference \(1, 3, 64, 64\)"):
+        model(x, t, tokens, cond)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt/controlnet").is_dir() == (conditioning == "both")
+    assert json.loads((tmp_path / "ckpt/sgdm_config.json").read_text())["conditioning"] == conditioning
+    loaded = SGDM.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.conditioning == conditioning
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, tokens, cond, reference=_reference()), out, atol=1e-5, rtol=1e-5)
+    (tmp_path / "ckpt/input_guider.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing input_guider.safetensors"):
+        SGDM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_a_branch_checkpoint_keeps_its_config_and_an_unknown_place_is_refused(paths: parts.BasePaths,
+                                                                              tmp_path: Path) -> None:
+    parts.new_sgdm(paths).save_pretrained(tmp_path / "ckpt")
+    # the bytes checkpoints made before the input stem had: they load as the branch they are
+    assert json.loads((tmp_path / "ckpt/sgdm_config.json").read_text()) == {"token_dim": 32, "inpaint": False}
+    assert not (tmp_path / "ckpt/input_guider.safetensors").exists()
+    assert SGDM.from_pretrained(tmp_path / "ckpt").conditioning == "branch"
+    with pytest.raises(ValueError, match="conditioning 'skip': choose branch, input, both"):
+        parts.new_sgdm(paths, conditioning="skip")

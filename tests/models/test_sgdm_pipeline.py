@@ -175,3 +175,23 @@ def test_conditions_are_decoded_once_per_render_while_they_fit_the_memory_bound(
     bounded = pipe(per_window, reference, generator=torch.Generator().manual_seed(5), max_latent_bytes=0, **kw)
     assert per_window.reads == 4 * overlap.evaluations_per_step(F, 4, 2)  # no room: read as windows need them
     assert np.array_equal(frames, bounded)
+
+
+def test_a_model_with_the_reference_at_its_input_renders_from_the_frame_itself(tmp_path: Path) -> None:
+    """`conditioning: input`: the reference frame reaches the UNet's first layer (the unconditional branch of
+    guidance gets a blank one), so two references render two pictures, and a checkpoint of it renders alone."""
+    base = parts.write_tiny(tmp_path / "base")
+    sgdm = parts.new_sgdm(base, seed=3, conditioning="input")
+    with torch.no_grad():  # an input stem that does something (its output starts at zero on the tiny base)
+        torch.nn.init.normal_(sgdm.guider.conv_out.weight, std=0.2)
+    SGDMPipeline(sgdm, parts.load_vae(base), parts.load_image_encoder(base), parts.load_scheduler(base), RES
+                 ).save_pretrained(tmp_path / "body")
+    pipe = SGDMPipeline.from_pretrained(tmp_path / "body")
+    assert pipe.sgdm.conditioning == "input" and not (tmp_path / "body/controlnet").exists()
+    conditions, (ref_a, ref_b) = _images(5, 1), _images(2, 2)
+    for guidance in (1.0, 3.5):
+        a = pipe(conditions, ref_a, steps=2, guidance=guidance, window=4, overlap_frames=2)
+        again = pipe(conditions, ref_a, steps=2, guidance=guidance, window=4, overlap_frames=2)
+        b = pipe(conditions, ref_b, steps=2, guidance=guidance, window=4, overlap_frames=2)
+        assert a.shape == (5, RES, RES, 3) and np.array_equal(a, again)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
