@@ -108,7 +108,8 @@ def test_finetuned_model_generates_training_frames_closer_than_the_pretrained_on
         errs = []
         for k, batch in enumerate(batches):
             out = pipeline.sample(model, vae, sched, batch["tokens"], batch["cond"], steps=20, guidance=3.5,
-                                  control_scale=1.0, generator=torch.Generator().manual_seed(k))
+                                  control_scale=1.0, generator=torch.Generator().manual_seed(k),
+                                  reference=batch["reference"])
             real = pipeline.decode_latents(vae, batch["latents"])
             errs.append(float((out - real).square().mean()))
         return sum(errs) / len(errs)
@@ -135,7 +136,8 @@ def test_finetuned_model_restores_a_training_frame_better_than_the_pretrained_on
             noisy = sched.add_noise(batch["latents"], noise, t)
             alpha = sched.alphas_cumprod[400]
             with torch.no_grad():
-                eps = pipeline.predict_noise(model, noisy, t, batch["tokens"], batch["cond"], 1.0, 1.0)
+                eps = pipeline.predict_noise(model, noisy, t, batch["tokens"], batch["cond"], 1.0, 1.0,
+                                             reference=batch["reference"])
             x0 = (noisy - (1 - alpha).sqrt() * eps) / alpha.sqrt()
             errs.append(float((x0 - batch["latents"]).square().mean()))
         return sum(errs) / len(errs)
