@@ -24,6 +24,10 @@ class TrainParams(Section):
                                             "(cpu: 96, about the face's own size in a 256 px frame)")
     ema: dict[str, float] = Field({"tiny": 0.0, "cpu": 0.995, "sd15": 0.0}, description="decay of the weight "
                                   "average kept as the result (0 = the last weights)")
+    hand_weight: dict[str, float] = Field(
+        {"tiny": 2.0, "cpu": 1.0, "sd15": 1.0}, description="the body model's loss weight inside each hand's square "
+        "(render_mesh's hands.parquet), per profile: hands are about 20 px of a 256 px frame, and an even loss "
+        "spends almost nothing on them (1 = even)")
     video_length: int = Field(4, ge=1, le=32, description="frames per training clip (paper: 4)")
     batch_size: int = Field(1, ge=1, le=256)
     grad_accum: int = Field(1, ge=1, le=1024)
@@ -66,6 +70,8 @@ class TrainParams(Section):
                 check_profiles(name, self.ema, lambda v: 0 <= v < 1, "decays must be in [0, 1)")
             elif name == "perturbed_share":
                 check_profiles(name, self.perturbed_share, lambda v: 0 <= v <= 1, "shares must be in [0, 1]")
+            elif name == "hand_weight":
+                check_profiles(name, self.hand_weight, lambda v: v > 0, "weights must be positive")
             elif name == "save_every":
                 check_profiles(name, self.save_every, lambda v: v >= 1, "values must be at least 1")
             elif name in ("mixed_precision", "gradient_checkpointing", "conditioning"):
@@ -93,6 +99,8 @@ def describe(s: dict[str, Any]) -> str:
         text = f"{which} {m['steps']} steps, loss {m['loss_first']} → {m['loss_last']}"
         if place := PLACES.get(m.get("conditioning", "branch")):
             text += f", {place}"
+        if m.get("hand_weight"):
+            text += f", hands weighted {m['hand_weight']}×"
         if m.get("saves"):
             text += f", {m['saves']} saved states ({m['save_s']} s, {m['state_mb']} MB each)"
         for part in ("predictor", "refiner"):

@@ -35,7 +35,7 @@ from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
 from tasks.train_params import TRAIN_LOG, sgdm_side
-from tasks.training_data import ClipBatches, Identity, load_identity
+from tasks.training_data import ClipBatches, Identity, hand_weights, load_identity
 
 STATE = "train_state"
 
@@ -75,7 +75,7 @@ def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, g
     """One denoising loss, against what the scheduler says the model predicts (noise, x0 or v).
     batch: latents (B,C,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), reference (B,3,H,W) (the frame the tokens
     encode; read by a model with an input stem), optionally mask (B,1,F,h,w) and masked (B,4,F,h,w) for the
-    inpainting face model."""
+    inpainting face model, optionally weight (B,1,F,h,w) per latent cell (the hands')."""
     latents = batch["latents"]
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents)
@@ -90,7 +90,16 @@ def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, g
     kind = noise_scheduler.config.prediction_type
     target = {"epsilon": lambda: noise, "sample": lambda: latents,
               "v_prediction": lambda: noise_scheduler.get_velocity(latents, noise, t)}[kind]()
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    return weighted_mean((pred.float() - target.float()).square(), batch.get("weight"))
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `err` with `weight` broadcast over it (the hands' cells count more), normalised by the weights'
+    mean so a weighted loss keeps the scale, and the learning rate, of an even one."""
+    if weight is None:
+        return err.mean()
+    weight = weight.to(err)
+    return (err * weight).mean() / weight.expand_as(err).mean()
 
 
 def _trainable(model: SGDM) -> list[tuple[str, torch.nn.Parameter]]:
@@ -282,7 +291,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                              video_length=section.video_length, face=face, face_res=int(prof["face_resolution"]))
                for name, ingest, render, frames in sources]
         data = ClipBatches([i for i in ids if i is not None], vae, encoder, section.video_length,
-                           float(prof["perturbed_share"]), encoded, face)
+                           float(prof["perturbed_share"]), encoded, face, hand_weight=float(prof["hand_weight"]))
         steps = int(prof["face_steps" if face else "steps"])
         made = 0
         if steps:  # a run with no steps reads no image
@@ -313,7 +322,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
             predicted = train_predictor(predictor, _frames(sources, body_res), predictor_steps, section.predictor_lr,
                                         section.predictor_ssim, section.seed, scratch / "predictor",
                                         lambda: progress.advance(1), save_every=int(prof["save_every"]),
-                                        reference_frame=section.predictor_reference)
+                                        reference_frame=section.predictor_reference,
+                                        hand_weight=float(prof["hand_weight"]))
             predictor.to("cpu")
         SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res, refiner, predictor).save_pretrained(
             out / which, parts_from=frozen)
@@ -324,6 +334,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
         summary[which] = {"steps": steps, "resumed_at": result["started_at_step"], "conditioning": model.conditioning,
+                          **({"hand_weight": data.hand_weight} if data.hand_weight != 1.0 else {}),
                           **{k: result[k] for k in ("precision", "saves", "save_s", "state_mb", "data_wait_s")},
                           "identities": sum(i is not None for i in ids), "encoded": made,
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}
@@ -352,7 +363,8 @@ REFINER_CROP = 128  # the refiner trains on crops of this side of the output fra
 REFINER_BATCH = 4
 PREDICTOR_BATCH = 4  # whole frames at the SGDM's side (128 px on cpu)
 
-Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # a regressor's inputs and its target, in [-1, 1]
+# a regressor's inputs and its target, in [-1, 1], and the target's per-pixel loss weights (B, 1, H, W) or None
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None]
 
 
 def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: float, seed: int, out: Path,
@@ -370,17 +382,18 @@ def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: 
             for images, image in ((real, ident.frame(i)), (cond, ident.cond(i)), (ref, ident.frame(r))):
                 images.append(torch.from_numpy(image[y:y + crop, x:x + crop].copy()).permute(2, 0, 1))
         real_t, cond_t, ref_t = (_signed(v) for v in (real, cond, ref))
-        return (degrade(real_t, gen), cond_t, ref_t), real_t
+        return (degrade(real_t, gen), cond_t, ref_t), real_t, None
 
-    return _train_regressor(refiner, "refiner", identities, batch, lambda y, t: torch.nn.functional.l1_loss(y, t),
+    return _train_regressor(refiner, "refiner", identities, batch, lambda y, t, _w: torch.nn.functional.l1_loss(y, t),
                             steps, lr, seed, out, advance, save_every)
 
 
 def train_predictor(predictor: Predictor, identities: list[Identity], steps: int, lr: float, ssim_weight: float,
                     seed: int, out: Path, advance: Callable[[], None] | None = None, save_every: int = 100,
-                    reference_frame: int = 0) -> dict[str, Any]:
+                    reference_frame: int = 0, hand_weight: float = 1.0) -> dict[str, Any]:
     """Learn `predictor` in place: each step, whole training frames of the identities from their mesh conditions;
-    L1 plus `ssim_weight` × (1 − SSIM), which rewards the edges L1 alone lets blur. A predictor that keeps its own
+    L1 (`hand_weight` inside the hands' squares) plus `ssim_weight` × (1 − SSIM), which rewards the edges L1 alone
+    lets blur. A predictor that keeps its own
     reference learns against the first identity's training frame `reference_frame` (finetune has one identity);
     one that does not, against another frame of the same identity each time."""
     from pytorch_msssim import ssim
@@ -393,17 +406,21 @@ def train_predictor(predictor: Predictor, identities: list[Identity], steps: int
                            .to(predictor.reference.device))
 
     def batch(gen: torch.Generator) -> Batch:
-        real, cond, ref = [], [], []
+        real, cond, ref, weights = [], [], [], []
         for _ in range(PREDICTOR_BATCH):
             ident = identities[int(torch.randint(len(identities), (1,), generator=gen))]
             i, r = (int(torch.randint(len(ident), (1,), generator=gen)) for _ in range(2))
             for images, image in ((real, ident.frame(i)), (cond, ident.cond(i)), (ref, ident.frame(r))):
                 images.append(torch.from_numpy(image).permute(2, 0, 1))
+            if hand_weight != 1.0:
+                weights.append(hand_weights([ident.hands[i] if ident.hands else []], ident.res, ident.res,
+                                            hand_weight)[0])  # (1, H, W): one frame's
         real_t, cond_t, ref_t = (_signed(v) for v in (real, cond, ref))
-        return ((cond_t,) if predictor.own_reference else (cond_t, ref_t)), real_t
+        return (((cond_t,) if predictor.own_reference else (cond_t, ref_t)), real_t,
+                torch.stack(weights) if weights else None)
 
-    def loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        l1 = torch.nn.functional.l1_loss(y, target)
+    def loss(y: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        l1 = weighted_mean((y - target).abs(), weight)
         return l1 + ssim_weight * (1 - ssim((y + 1) / 2, (target + 1) / 2, data_range=1.0)) if ssim_weight else l1
 
     return _train_regressor(predictor, "predictor", identities, batch, loss, steps, lr, seed, out, advance,
@@ -417,7 +434,8 @@ def _signed(images: list[torch.Tensor]) -> torch.Tensor:
 
 def _train_regressor(model: torch.nn.Module, name: str, identities: list[Identity],
                      batch: Callable[[torch.Generator], Batch],
-                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps: int, lr: float, seed: int,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor], steps: int,
+                     lr: float, seed: int,
                      out: Path, advance: Callable[[], None] | None, save_every: int) -> dict[str, Any]:
     """The loop of the deterministic parts (refiner, predictor): AdamW with cosine decay to a tenth (the last steps
     settle instead of jitter), batches drawn on the CPU from per-step generators, resumable and reproducible like
@@ -434,8 +452,9 @@ def _train_regressor(model: torch.nn.Module, name: str, identities: list[Identit
     for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
-        inputs, target = batch(_step_gen(seed, step, 0, 2))
-        loss = loss_fn(model(*(x.to(device) for x in inputs)), target.to(device))
+        inputs, target, weight = batch(_step_gen(seed, step, 0, 2))
+        loss = loss_fn(model(*(x.to(device) for x in inputs)), target.to(device),
+                       None if weight is None else weight.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -31,6 +31,7 @@ from models import pipeline
 from models.codec import device_dtype
 from tasks.encoded import CHUNK, EncodedStore, entry_key, files_key, weights_key
 from tasks.frames import frame_name, read_meta
+from tasks.stages.render_mesh import HANDS
 
 CACHE_BYTES = 1 << 30  # decoded training images kept between batches
 ENCODED_BYTES = 1 << 30  # the frozen encoders' outputs per frame (latents, reference tokens) kept between batches
@@ -80,6 +81,8 @@ class Identity:
     face: bool = False
     transforms: list[np.ndarray] = field(default_factory=list)  # face samples: frame → crop
     mask_paths: list[Path] = field(default_factory=list)
+    hands: list[list[list[float]]] = field(default_factory=list)  # body samples: each frame's hand squares (x, y,
+    # size as shares of the side); empty lists throughout for a render_mesh from before hands.parquet
     starts: list[int] = field(default_factory=list)
     cache: _Images = field(default_factory=_Images)
 
@@ -126,6 +129,11 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
         tab = pq.read_table(render / "faces.parquet").to_pandas()
         visible = {(c, int(f)): list(t) for c, f, v, t in zip(tab["clip"], tab["frame"], tab["visible"],
                                                                 tab["transform"], strict=True) if v}
+    boxes: dict[tuple[str, int], list[list[float]]] = {}
+    if not face and (render / HANDS).is_file():
+        tab = pq.read_table(render / HANDS).to_pandas()
+        boxes = {(c, int(f)): [list(b) for b in (left, right) if b is not None]
+                 for c, f, left, right in zip(tab["clip"], tab["frame"], tab["left"], tab["right"], strict=True)}
     copies = sorted(int(p.name) for p in (render / "perturbed").iterdir()) if (render / "perturbed").is_dir() else []
     ident = Identity(name, [], [], [[] for _ in copies] if not face else [], [], face_res if face else res, face,
                      cache=cache or _Images())
@@ -147,6 +155,7 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
                 ident.mask_paths.append(render / "face_mask" / name_ / png)
             else:
                 ident.cond_paths.append(render / "body" / name_ / png)
+                ident.hands.append(boxes.get((name_, i), []))
                 for k, copy in enumerate(copies):
                     ident.perturbed_paths[k].append(render / "perturbed" / str(copy) / name_ / png)
             ident.frame_paths.append(source / sub / name_ / fname)
@@ -163,6 +172,16 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
     return ident
 
 
+def hand_weights(frames: list[list[list[float]]], h: int, w: int, weight: float) -> torch.Tensor:
+    """(1, F, h, w) loss weights on an h × w latent grid: `weight` inside each frame's hand squares (shares of the
+    side, rounded outwards to whole cells so a 20 px hand still owns its latent cells), 1 elsewhere."""
+    out = torch.ones(1, len(frames), h, w)
+    for k, boxes in enumerate(frames):
+        for x, y, size in boxes:
+            out[0, k, int(y * h):int(np.ceil((y + size) * h)), int(x * w):int(np.ceil((x + size) * w))] = weight
+    return out
+
+
 def _tensor(x: np.ndarray) -> torch.Tensor:
     """(F, H, W, 3) uint8 → (3, F, H, W) float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(x)).permute(3, 0, 1, 2).float() / 255
@@ -175,12 +194,15 @@ class ClipBatches:
     read them from there (host memory keeps the chunks read last, up to `encoded_bytes`)."""
 
     def __init__(self, identities: list[Identity], vae, encoder, video_length: int, perturbed_share: float,
-                 store: Path, face: bool = False, encoded_bytes: int = ENCODED_BYTES) -> None:
+                 store: Path, face: bool = False, encoded_bytes: int = ENCODED_BYTES, hand_weight: float = 1.0
+                 ) -> None:
         if not identities:
             raise StageError("no training clips: every identity's training frames are fewer than video_length"
                              + (" or show no face" if face else ""))
         self.ids, self.vae, self.encoder = identities, vae, encoder
         self.f, self.share, self.face = video_length, perturbed_share, face
+        # the body model's loss weight inside the hands' squares (1: none); the face model has no hands to weigh
+        self.hand_weight = 1.0 if face else hand_weight
         self.store = EncodedStore(store)
         self.chunks = _Images(encoded_bytes)
         self.keys: dict[tuple[str, str], str] | None = None  # (identity, kind) → its entry in the store
@@ -239,7 +261,7 @@ class ClipBatches:
         return chunk[i % CHUNK]
 
     def batch(self, gen: torch.Generator, size: int) -> dict[str, torch.Tensor]:
-        latents, conds, tokens, references, masked = [], [], [], [], []
+        latents, conds, tokens, references, masked, weights = [], [], [], [], [], []
         for _ in range(size):
             ident = self.ids[int(torch.randint(len(self.ids), (1,), generator=gen))]
             s = ident.starts[int(torch.randint(len(ident.starts), (1,), generator=gen))]
@@ -259,10 +281,15 @@ class ClipBatches:
             conds.append(_tensor(cond))
             tokens.append(self._read(ident, "tokens", r))
             references.append(_tensor(ident.frame(r)[None])[:, 0])
+            if self.hand_weight != 1.0:
+                weights.append(hand_weights([ident.hands[i] if ident.hands else [] for i in window],
+                                            *latents[-1].shape[-2:], self.hand_weight))
             if self.face:
                 masked.append(torch.stack([self._read(ident, "masked", i) for i in window], dim=1))
         out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens),
                "reference": torch.stack(references)}
+        if weights:
+            out["weight"] = torch.stack(weights)  # (B, 1, F, h, w)
         if self.face:
             extra = torch.stack(masked)
             out["mask"], out["masked"] = extra[:, :1], extra[:, 1:]

@@ -3,7 +3,9 @@
 Per frame: the body condition (blue-grey mesh on black, the identity's camera), the face crop aligned by a 5-point
 similarity from projected mesh landmarks, that transform, and a face mask from the projected head. A frame whose
 face is out of view or turned away is marked in faces.parquet and gets no face crop; nothing fails on it (the
-official code crashes there). Perturbed parameter sets get body conditions too, for training.
+official code crashes there). Each hand's square around its projected joints goes to hands.parquet, as shares of
+the frame side (empty when the hand is out of view): where training looks harder. Perturbed parameter sets get body
+conditions too, for training.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pydantic import Field
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models import face_align
+from models import face_align, scores
 from models import smplx_layout as layout
 from models.raster import MeshRasterizer
 from tasks import smplx_table
 from tasks.frames import frame_name
 
 FACES = "faces.parquet"
+HANDS = "hands.parquet"
 
 
 class RenderMeshParams(Section):
@@ -43,13 +46,15 @@ class RenderMeshParams(Section):
 
 def describe(s: dict[str, Any]) -> str:
     return (f"{s['frames']} + {s['perturbed_frames']} perturbed at {s['resolution']} px, "
-            f"faces visible {s['faces_visible']}")
+            f"faces visible {s['faces_visible']}"
+            + (f", hands in view {s['hands_in_view']['left']} left / {s['hands_in_view']['right']} right"
+               if "hands_in_view" in s else ""))
 
 
 STAGE = Stage(
     "render_mesh", flow="onboard", inputs=("smplx_fit", "perturb"), params=RenderMeshParams, body_model=True,
-    describe=describe, outputs=("body/", "face/?", "face_mask/?", "perturbed/?", FACES),
-    description="mesh condition images, aligned face crops, face transforms and masks")
+    describe=describe, outputs=("body/", "face/?", "face_mask/?", "perturbed/?", FACES, HANDS),
+    description="mesh condition images, aligned face crops, face transforms and masks, hand squares")
 CHUNK = 32
 HEAD_JOINTS = (layout.HEAD, layout.JAW, layout.L_EYE, layout.R_EYE)
 
@@ -109,6 +114,21 @@ def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> t
     return "ok", pts
 
 
+def hand_boxes(joints: np.ndarray, K: np.ndarray, res: int) -> dict[str, list[float] | None]:
+    """Each hand's square (x, y, size) around its projected joints and fingertips, as shares of the frame side, by
+    the same rule the metrics crop real hands with (`scores.hand_box`); None for a hand mostly out of view or behind
+    the camera."""
+    out: dict[str, list[float] | None] = {}
+    for side, idx in layout.HAND_POINTS.items():
+        p = joints[list(idx)]
+        front = p[:, 2] > 0.01
+        uv = np.full((len(p), 2), np.nan)
+        uv[front] = p[front, :2] / p[front, 2:3] * K[0, 0] + K[:2, 2]
+        box = scores.hand_box(uv, res)
+        out[side] = None if box is None else [v / res for v in box]
+    return out
+
+
 def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: Progress) -> dict[str, Any]:
     import torch
 
@@ -127,6 +147,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
     progress.start("rendering mesh conditions", len(keys["frame"]) + len(pkeys["frame"]))
 
     records: dict[str, list[Any]] = {"clip": [], "frame": [], "visible": [], "reason": [], "transform": []}
+    hands: dict[str, list[Any]] = {side: [] for side in layout.HAND_POINTS}
     counts = {"ok": 0, "out_of_view": 0, "turned_away": 0, "behind_camera": 0}
     with (MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient) as mesh,
           MeshRasterizer(head_faces(model), res, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head,
@@ -157,6 +178,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                 records["visible"].append(state == "ok")
                 records["reason"].append(None if state == "ok" else state)
                 records["transform"].append(None if m is None else m.ravel().astype(np.float32).tolist())
+                for side, box in hand_boxes(j, K, res).items():
+                    hands[side].append(box)
             progress.advance(len(idx))
         copies = pkeys.get("copy", np.zeros(len(pkeys["frame"]), np.int32))
         for idx, verts, _ in pose_chunks(model, betas, pblocks, np.arange(len(pkeys["frame"]))):
@@ -173,6 +196,11 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
         "visible": pa.array(records["visible"]), "reason": pa.array(records["reason"], pa.string()),
         "transform": pa.array(records["transform"], pa.list_(pa.float32())),
     }), out / FACES)
+    pq.write_table(pa.table({"clip": pa.array(records["clip"], pa.string()),
+                             "frame": pa.array(records["frame"], pa.int32()),
+                             **{side: pa.array(boxes, pa.list_(pa.float32())) for side, boxes in hands.items()}}),
+                   out / HANDS)
     return {"frames": len(records["frame"]), "perturbed_frames": int(len(pkeys["frame"])), "resolution": res,
             "face_size": fsize, "faces_visible": counts["ok"],
-            "faces_missing": {k: v for k, v in counts.items() if k != "ok"}}
+            "faces_missing": {k: v for k, v in counts.items() if k != "ok"},
+            "hands_in_view": {side: sum(b is not None for b in boxes) for side, boxes in hands.items()}}

@@ -137,6 +137,17 @@ def test_render_mesh_outputs(fitted: Workspace) -> None:
     assert mask[128, 128] == 255 and mask[0, 0] == 0 and mask[0, 255] == 0
     m = np.asarray(faces["transform"][0], np.float64).reshape(2, 3)
     assert 1.5 < np.linalg.norm(m[:, :2], axis=0).mean() < 30  # a 128 px frame's face blown up to 256
+    # each hand's square sits on the mesh's hand: lit mesh pixels fill part of it, and it is hand-sized
+    hands = pq.read_table(art / render_mesh.HANDS).to_pandas()
+    assert len(hands) == 63 and list(hands["frame"]) == list(faces["frame"])
+    boxes = [(i, b) for side in ("left", "right") for i, b in enumerate(hands[side]) if b is not None]
+    assert s["hands_in_view"] == {side: int(hands[side].notna().sum()) for side in ("left", "right")}
+    assert len(boxes) >= 63
+    for i, b in boxes:
+        x, y, size = (round(v * 128) for v in b)
+        assert 0.06 * 128 - 1 <= size <= 0.4 * 128 and 0 <= x <= 128 - size and 0 <= y <= 128 - size
+        img = cv2.imread(str(art / "body" / hands["clip"][i] / f"{int(hands['frame'][i]):06d}.png"))
+        assert (img[y:y + size, x:x + size].sum(-1) > 30).mean() > 0.05, (i, b)
 
 
 def test_render_mesh_is_byte_identical_on_rerun(fitted: Workspace) -> None:
@@ -166,6 +177,9 @@ def test_faces_turned_away_or_out_of_view_are_marked_not_fatal(fitted: Workspace
     faces = pq.read_table(out / render_mesh.FACES).to_pandas()
     assert list(faces["reason"][:10]) == ["turned_away"] * 5 + ["out_of_view"] * 5
     assert faces["transform"][:10].isna().all()
+    hands = pq.read_table(out / render_mesh.HANDS).to_pandas()
+    assert hands["left"][5:10].isna().all() and hands["right"][5:10].isna().all()  # with the body, out of view
+    assert summary["hands_in_view"]["left"] <= 58 and summary["hands_in_view"]["right"] <= 58
     clip = str(keys["clip"][0])
     assert not (out / "face" / clip / "000000.png").exists()
     assert (out / "body" / clip / "000000.png").exists()

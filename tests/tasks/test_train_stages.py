@@ -65,6 +65,11 @@ def test_checkpoints_and_manifests(learned: Workspace) -> None:
         assert summary["face"]["encoded"] >= 3 * summary["face"]["samples"] > 0
     assert {i["stage"] for i in pm["inputs"] if "stage" in i} == {"ingest", "matting", "render_mesh"}
     assert json.loads((fine / "face" / "sgdm_config.json").read_text())["inpaint"] is True
+    # the tiny profile weighs the hands in the body model's loss (render_mesh's squares), never in the face model's
+    assert m["summary"]["body"]["hand_weight"] == 2.0 and "hand_weight" not in m["summary"]["face"]
+    from tasks.train_params import describe
+
+    assert "hands weighted 2.0×" in describe(m["summary"])
     # resumable state is dropped once the artifact is complete
     assert not any((learned.state / "scratch").rglob("step.json"))
 
@@ -80,6 +85,39 @@ def test_losses_fall_and_the_prior_stays_frozen(learned: Workspace) -> None:
     assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
     s0, s1 = fresh.spatial_parameters(), tuned.spatial_parameters()
     assert sum(not torch.equal(s0[k], s1[k]) for k in s0) > 0.9 * len(s0)
+
+
+@slow
+def test_a_body_batch_weighs_the_cells_of_the_identity_s_hands(learned: Workspace, tmp_path: Path) -> None:
+    """The weight map of a training batch is the hand weight exactly on the latent cells under render_mesh's hand
+    squares of those frames, 1 elsewhere; a render_mesh without hands.parquet (older workspaces) trains evenly."""
+    from tasks.training_data import ClipBatches, hand_weights, load_identity
+
+    paths = runner.base_paths(learned)
+    vae, enc = parts.load_vae(paths).eval(), parts.load_image_encoder(paths).eval()
+    render = artifact_dir(learned, "render_mesh", ID)
+    ident = load_identity(ID, artifact_dir(learned, "ingest", ID), render, artifact_dir(learned, "ingest", ID),
+                          res=64, video_length=4)
+    assert len(ident.hands) == len(ident) and sum(map(len, ident.hands)) > 0
+    batch = ClipBatches([ident], vae, enc, 4, 0.0, tmp_path / "enc", hand_weight=3.0).batch(
+        torch.Generator().manual_seed(0), 2)
+    weight = batch["weight"]
+    assert weight.shape == (2, 1, 4, *batch["latents"].shape[-2:])
+    assert set(weight.unique().tolist()) <= {1.0, 3.0} and (weight == 3.0).any()
+    assert 0 < float((weight == 3.0).float().mean()) < 0.3  # hands are a small part of the frame
+    legacy = tmp_path / "render"
+    shutil.copytree(render, legacy)
+    (legacy / "hands.parquet").unlink()
+    old = load_identity(ID, artifact_dir(learned, "ingest", ID), legacy, artifact_dir(learned, "ingest", ID), res=64,
+                        video_length=4)
+    assert old.hands == [[]] * len(old)
+    even = ClipBatches([old], vae, enc, 4, 0.0, tmp_path / "enc", hand_weight=3.0).batch(
+        torch.Generator().manual_seed(0), 2)
+    assert torch.equal(even["weight"], torch.ones_like(weight))
+    # squares as shares of the side map outwards onto whole cells
+    grid = hand_weights([[[0.25, 0.5, 0.1]], []], 8, 8, 3.0)
+    assert grid.shape == (1, 2, 8, 8) and grid[0, 1].eq(1).all()
+    assert (grid[0, 0] == 3).nonzero().tolist() == [[4, 2]]
 
 
 def _training_batches(ws: Workspace, n: int, store: Path) -> tuple[list[dict[str, torch.Tensor]], object, object]:

@@ -61,6 +61,27 @@ def test_loss_falls_on_a_fixed_small_batch(paths: parts.BasePaths, tmp_path: Pat
     assert after < 0.5 * before, (before, after)
 
 
+def test_a_weighted_loss_is_the_weighted_mean_of_the_cells(paths: parts.BasePaths) -> None:
+    """The hands' weight is a weighted mean, not a scaled loss: an even weight of any size changes nothing, and
+    weight 3 on a region gives exactly (loss over all + 2 × loss over the region) / (1 + 2 × its share)."""
+    model = parts.new_sgdm(paths).eval()
+    sched = parts.load_scheduler(paths)
+    batch = FixedClips(1).batch(torch.Generator().manual_seed(0), 1)
+    region = torch.zeros(1, 1, F, 16, 16)
+    region[..., 2:6, 8:12] = 1
+
+    def loss(weight: torch.Tensor | None) -> float:
+        with torch.no_grad():
+            return float(training.loss_on(model, batch | ({} if weight is None else {"weight": weight}), sched,
+                                          torch.Generator().manual_seed(1), 0.0, 1.0))
+
+    plain, inside = loss(None), loss(region)
+    assert loss(torch.full_like(region, 5.0)) == pytest.approx(plain, rel=1e-5)
+    share = float(region.mean())
+    assert loss(1 + 2 * region) == pytest.approx((plain + 2 * inside * share) / (1 + 2 * share), rel=1e-5)
+    assert inside != pytest.approx(plain, rel=1e-3)
+
+
 class Killed(Exception):
     pass
 
