@@ -139,18 +139,21 @@ def train_loop(profile: str = "tiny", steps: int = 20, device: str = "cpu", reso
         if profile == "tiny":
             paths = parts.write_tiny(root / "base")
             vae, encoder, sched = parts.load_vae(paths), parts.load_image_encoder(paths), parts.load_scheduler(paths)
-            fresh = lambda: parts.new_sgdm(paths)  # noqa: E731
+            conditioning = str(PretrainParams().for_profile("tiny")["conditioning"])  # the profile's own SGDM
+            fresh = lambda: parts.new_sgdm(paths, conditioning=conditioning)  # noqa: E731
             side, precision, lr_of = resolution or int(PretrainParams().for_profile("tiny")["resolution"]), "no", "tiny"
         else:
             vae, encoder, sched = shapes.sd15_vae(), shapes.clip_vit_l14(), shapes.sd15_scheduler()
             fresh = lambda: shapes.sd15_shapes_models(gradient_checkpointing=True)  # noqa: E731
+            conditioning = "branch"  # sd15's
             side, precision, lr_of = resolution or 512, "auto", "sd15"
         vae.eval().to(dev)
         encoder.eval().to(dev)
         section = PretrainParams()
         ident = _identity_on_disk(root / "identity", frames, side, section.video_length)
         for run in ("", "_again"):  # the second finds everything stored
-            data = ClipBatches([ident], vae, encoder, section.video_length, 0.0, root / "encoded")
+            data = ClipBatches([ident], vae, encoder, section.video_length, 0.0, root / "encoded",
+                               reference_frames=conditioning != "branch")
             t0 = time.perf_counter()
             made = data.encode()
             out[f"encode{run}_s"] = round(time.perf_counter() - t0, 3)
@@ -176,13 +179,15 @@ def train_loop(profile: str = "tiny", steps: int = 20, device: str = "cpu", reso
         out["resolution"] = side
         out["video_length"] = section.video_length
         out["precision"] = result["precision"]
+        out["conditioning"] = conditioning
     out["peak_rss_mb"] = mem.peak_mb
     return out
 
 
 def _render_inputs(root: Path, frames: int, profile: str = "tiny") -> dict[str, Path]:
     """A synthetic identity for render_body: the mannequin gesturing for `frames` frames in front of a 512 px
-    camera, a fresh tiny SGDM saved as its checkpoint, and one rendered frame as its reference image."""
+    camera, a fresh SGDM of the profile (where its mesh enters included) saved as its checkpoint, and one rendered
+    frame as its reference image."""
     import cv2
     import numpy as np
 
@@ -200,8 +205,12 @@ def _render_inputs(root: Path, frames: int, profile: str = "tiny") -> dict[str, 
     body_file = runner.body_model_path(ws)
     paths = runner.base_paths(ws)
     ckpt = root / "finetune" / "body"
-    SGDMPipeline(parts.new_sgdm(paths), parts.load_vae(paths), parts.load_image_encoder(paths),
-                 parts.load_scheduler(paths), _sgdm_side(profile)).save_pretrained(ckpt)
+    from tasks.stages.pretrain import PretrainParams
+
+    conditioning = str(PretrainParams().for_profile(profile)["conditioning"])
+    pipe = SGDMPipeline(parts.new_sgdm(paths, conditioning=conditioning), parts.load_vae(paths),
+                        parts.load_image_encoder(paths), parts.load_scheduler(paths), _sgdm_side(profile))
+    pipe.save_pretrained(ckpt)
     t = np.arange(frames, dtype=np.float32)
     blocks = {k: np.zeros((frames, w), np.float32) for k, w in smplx_table.BLOCKS.items()}
     blocks["global_orient"][:, 0] = np.pi  # facing the camera

@@ -12,7 +12,8 @@ Flicker is warping-free: it compares the frame-to-frame change of the generated 
 real one does), alongside both videos' mean absolute change.
 
 Hands are ~20 px wide in a 256 px frame and weigh little in the person's SSIM; their own SSIM is taken in a square
-around each real hand's landmarks (`hand_box`), read from the frame's SSIM map (`ssim_map`, `mean_in_box`).
+around each real hand's landmarks (`models.squares.hand_box`), read from the frame's SSIM map (`ssim_map`,
+`mean_in_box`).
 """
 
 from __future__ import annotations
@@ -106,24 +107,6 @@ def mean_in_box(ssim: np.ndarray, box: tuple[int, int, int]) -> float:
 def ssim_in_mask(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> float:
     """SSIM of two (H, W, 3) uint8 images inside `mask` (`ssim_map`, `mean_in_mask`)."""
     return mean_in_mask(ssim_map(generated, real), mask)
-
-
-def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 0.06
-             ) -> tuple[int, int, int] | None:
-    """The square (x, y, size) in a side × side frame around one hand's landmarks (K, 2; NaN = not found): the longer
-    extent of the points inside the frame times `margin`, at least `least` of the side (and 16 px: a folded hand
-    still has fingers to judge), moved to lie inside the frame. None when fewer than half of the points are found
-    inside it: a hand at the frame's edge or missed by the detector has no crop to judge."""
-    ok = np.isfinite(points).all(-1) & (points >= 0).all(-1) & (points < side).all(-1)
-    if ok.sum() * 2 < len(points):
-        return None
-    inside = points[ok]
-    lo, hi = inside.min(0), inside.max(0)
-    size = int(min(side, max(round(float((hi - lo).max()) * margin), round(least * side), 16)))
-    cx, cy = (lo + hi) / 2
-    x = int(min(max(round(cx - size / 2), 0), side - size))
-    y = int(min(max(round(cy - size / 2), 0), side - size))
-    return x, y, size
 
 
 def nearest_frames(query: np.ndarray, pool: np.ndarray, chunk: int = 64) -> np.ndarray:

@@ -5,10 +5,11 @@
 - Where the mesh (and the reference frame) enter is the model's `conditioning`:
   - `branch` (the paper's): a ControlNet-style branch copied from the UNet's encoder (`ControlNetModel.from_unet`,
     zero-initialised output convolutions) reads the rendered mesh; its residuals are added to the UNet with weight
-    W_c (2 at inference). It works because it starts from pretrained SD 1.5;
+    W_c (2 at inference). It converges fast when it starts from pretrained SD 1.5, late when it learns from nothing;
   - `input`: a small image stem (the pose guider of Animate Anyone and its peers) reads the mesh and the reference
-    frame side by side at the model's resolution and adds its features to the UNet's first layer (`conv_in`), so
-    the mesh steers from the first step and static detail (background, clothes) is there to copy. No branch;
+    frame, stacked as six channels at the model's resolution, and adds its features to the UNet's first layer
+    (`conv_in`), so the mesh steers from the first step and static detail (background, clothes) is there to copy. No
+    branch;
   - `both`: the two together.
 - Instead of text, the cross-attention of both reads image-CLIP tokens of a reference frame taken before pooling,
   projected to the UNet's cross-attention width when the widths differ. Zero tokens are the dropped reference, the
@@ -122,7 +123,7 @@ class SGDM(nn.Module):
 
     # -- training set-up ------------------------------------------------------------------------------------
     def freeze_temporal(self) -> None:
-        """Temporal (motion-module) weights frozen, every spatial weight of UNet and branch trainable."""
+        """Temporal (motion-module) weights frozen, every spatial weight of UNet, branch and input stem trainable."""
         for name, p in self.named_parameters():
             p.requires_grad_(TEMPORAL_KEY not in name)
 
@@ -176,7 +177,7 @@ class SGDM(nn.Module):
                 got = None if reference is None else tuple(reference.shape)
                 raise ValueError(f"this SGDM reads the reference frame at its input: pass reference {wanted}, "
                                  f"got {got}")
-            ref_flat = reference.to(flat.dtype).repeat_interleave(f, dim=0)
+            ref_flat = reference.to(cond_flat).repeat_interleave(f, dim=0)
             self._guidance = self.guider(torch.cat([cond_flat, ref_flat], dim=1))
         try:
             return self.unet(sample, timestep, encoder_hidden_states=tokens, down_block_additional_residuals=down,

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 META = "meta.json"
+HANDS = "hands.parquet"  # render_mesh's hand squares per frame, read by training (named here: cheap to import)
 
 
 def frame_name(index: int, ext: str = "jpg") -> str:

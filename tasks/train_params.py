@@ -54,7 +54,8 @@ class TrainParams(Section):
     def _one_for_all(cls, data: Any) -> Any:
         """A single value for a per-profile knob holds for every profile (params.yaml files before the tables)."""
         if isinstance(data, dict):
-            for name in ("mixed_precision", "gradient_checkpointing", "perturbed_share", "save_every"):
+            for name in ("mixed_precision", "gradient_checkpointing", "perturbed_share", "save_every", "hand_weight",
+                         "conditioning"):
                 if name in data and not isinstance(data[name], dict):
                     data = {**data, name: dict.fromkeys(PROFILES, data[name])}
         return data
@@ -90,7 +91,7 @@ def sgdm_side(prof: dict[str, Any]) -> int:
     return int(prof["resolution"]) // (2 if prof.get("refiner_steps") else 1)
 
 
-PLACES = {"input": "mesh and reference at the input", "both": "mesh at the input and in the branch"}
+PLACES = {"input": "mesh and reference at the input", "both": "mesh and reference at the input, mesh in the branch too"}
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -100,7 +101,7 @@ def describe(s: dict[str, Any]) -> str:
         if place := PLACES.get(m.get("conditioning", "branch")):
             text += f", {place}"
         if m.get("hand_weight"):
-            text += f", hands weighted {m['hand_weight']}×"
+            text += f", hands weighted {m['hand_weight']}× in {m.get('hand_frames', 0)} frames"
         if m.get("saves"):
             text += f", {m['saves']} saved states ({m['save_s']} s, {m['state_mb']} MB each)"
         for part in ("predictor", "refiner"):

@@ -290,16 +290,17 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
         ids = [load_identity(name, ingest, render, frames, res=body_res,
                              video_length=section.video_length, face=face, face_res=int(prof["face_resolution"]))
                for name, ingest, render, frames in sources]
+        model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(
+            base_paths, face=face, seed=section.seed, conditioning=str(prof.get("conditioning", "branch")))
+        model.to(device)
         data = ClipBatches([i for i in ids if i is not None], vae, encoder, section.video_length,
-                           float(prof["perturbed_share"]), encoded, face, hand_weight=float(prof["hand_weight"]))
+                           float(prof["perturbed_share"]), encoded, face, hand_weight=float(prof["hand_weight"]),
+                           reference_frames=model.guider is not None)
         steps = int(prof["face_steps" if face else "steps"])
         made = 0
         if steps:  # a run with no steps reads no image
             progress.start(f"encoding the {which} frames", data.encodings())
             made = data.encode(progress.advance)
-        model = SGDM.from_pretrained(start / which) if start else parts.new_sgdm(
-            base_paths, face=face, seed=section.seed, conditioning=str(prof.get("conditioning", "branch")))
-        model.to(device)
         cfg = TrainConfig(steps=steps, lr=float(prof["lr"]), warmup=section.warmup, grad_accum=section.grad_accum,
                           batch_size=section.batch_size, ref_drop=section.ref_drop, save_every=int(prof["save_every"]),
                           seed=section.seed,
@@ -334,7 +335,8 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                                          "started_at_step": result["started_at_step"],
                                                          "losses": losses}) + "\n")
         summary[which] = {"steps": steps, "resumed_at": result["started_at_step"], "conditioning": model.conditioning,
-                          **({"hand_weight": data.hand_weight} if data.hand_weight != 1.0 else {}),
+                          **({"hand_weight": data.hand_weight, "hand_frames": data.hand_frames()}
+                             if data.hand_weight != 1.0 else {}),
                           **{k: result[k] for k in ("precision", "saves", "save_s", "state_mb", "data_wait_s")},
                           "identities": sum(i is not None for i in ids), "encoded": made,
                           "samples": sum(len(i.starts) for i in ids if i is not None), **_loss_ends(losses)}

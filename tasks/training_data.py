@@ -8,8 +8,9 @@ mask; only runs of frames whose face is visible are used.
 
 The frames go through the frozen encoders once, before the first step, into the store of tasks.encoded (on disk,
 reused by later runs on the same frames and weights); batches read those encodings and decode only the mesh
-conditions. Images and encodings are held in caches of bounded size, so memory stays flat however many frames and
-identities there are (a pretrain with no steps reads no image at all).
+conditions (and the reference frame itself, for a model that reads it at its input). Images and encodings are
+held in caches of bounded size, so memory stays flat however many frames and identities there are (a pretrain
+with no steps reads no image at all).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from core.hashing import hash_obj
 from models import pipeline
 from models.codec import device_dtype
 from tasks.encoded import CHUNK, EncodedStore, entry_key, files_key, weights_key
-from tasks.frames import frame_name, read_meta
-from tasks.stages.render_mesh import HANDS
+from tasks.frames import HANDS, frame_name, read_meta
 
 CACHE_BYTES = 1 << 30  # decoded training images kept between batches
 ENCODED_BYTES = 1 << 30  # the frozen encoders' outputs per frame (latents, reference tokens) kept between batches
@@ -173,8 +173,9 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
 
 
 def hand_weights(frames: list[list[list[float]]], h: int, w: int, weight: float) -> torch.Tensor:
-    """(1, F, h, w) loss weights on an h × w latent grid: `weight` inside each frame's hand squares (shares of the
-    side, rounded outwards to whole cells so a 20 px hand still owns its latent cells), 1 elsewhere."""
+    """(1, F, h, w) loss weights on an h × w grid (latent cells, or pixels): `weight` inside each frame's hand
+    squares (shares of the side, rounded outwards to whole cells so a 20 px hand still owns its latent cells), 1
+    elsewhere."""
     out = torch.ones(1, len(frames), h, w)
     for k, boxes in enumerate(frames):
         for x, y, size in boxes:
@@ -194,8 +195,8 @@ class ClipBatches:
     read them from there (host memory keeps the chunks read last, up to `encoded_bytes`)."""
 
     def __init__(self, identities: list[Identity], vae, encoder, video_length: int, perturbed_share: float,
-                 store: Path, face: bool = False, encoded_bytes: int = ENCODED_BYTES, hand_weight: float = 1.0
-                 ) -> None:
+                 store: Path, face: bool = False, encoded_bytes: int = ENCODED_BYTES, hand_weight: float = 1.0,
+                 reference_frames: bool = False) -> None:
         if not identities:
             raise StageError("no training clips: every identity's training frames are fewer than video_length"
                              + (" or show no face" if face else ""))
@@ -203,6 +204,7 @@ class ClipBatches:
         self.f, self.share, self.face = video_length, perturbed_share, face
         # the body model's loss weight inside the hands' squares (1: none); the face model has no hands to weigh
         self.hand_weight = 1.0 if face else hand_weight
+        self.reference_frames = reference_frames  # batches carry the reference frame (B, 3, H, W) besides its tokens
         self.store = EncodedStore(store)
         self.chunks = _Images(encoded_bytes)
         self.keys: dict[tuple[str, str], str] | None = None  # (identity, kind) → its entry in the store
@@ -217,6 +219,11 @@ class ClipBatches:
             content |= {"crops": files_key(ident.cond_paths), "masks": files_key(ident.mask_paths),
                         "transforms": hash_obj([t.tolist() for t in ident.transforms])}
         return content
+
+    def hand_frames(self) -> int:
+        """Training frames with at least one hand square: what a hand weight acts on (none for a render_mesh from
+        before hands.parquet)."""
+        return sum(bool(h) for i in self.ids for h in i.hands)
 
     def encodings(self) -> int:
         """How many frame encodings the identities need (a frame counts once per kind)."""
@@ -280,14 +287,16 @@ class ClipBatches:
             latents.append(torch.stack([self._read(ident, "latent", i) for i in window], dim=1))
             conds.append(_tensor(cond))
             tokens.append(self._read(ident, "tokens", r))
-            references.append(_tensor(ident.frame(r)[None])[:, 0])
+            if self.reference_frames:
+                references.append(_tensor(ident.frame(r)[None])[:, 0])
             if self.hand_weight != 1.0:
                 weights.append(hand_weights([ident.hands[i] if ident.hands else [] for i in window],
                                             *latents[-1].shape[-2:], self.hand_weight))
             if self.face:
                 masked.append(torch.stack([self._read(ident, "masked", i) for i in window], dim=1))
-        out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens),
-               "reference": torch.stack(references)}
+        out = {"latents": torch.stack(latents), "cond": torch.stack(conds), "tokens": torch.stack(tokens)}
+        if references:
+            out["reference"] = torch.stack(references)
         if weights:
             out["weight"] = torch.stack(weights)  # (B, 1, F, h, w)
         if self.face:

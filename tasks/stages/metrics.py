@@ -8,7 +8,7 @@ frames, compared with the real frames' landmarks in crop pixels, over the real l
 it MediaPipe guesses (the legs below a seated anchor's crop), there is nothing in the picture to compare, and the
 paper's OpenPose reports no point there; how many were left out is reported. Flicker compares frame-to-frame
 change; SSIM is taken inside the real frame's person matte, where a model has to get the person right, and in a
-square around each hand the real frame shows (`scores.hand_box`), where fingers are drawn or not.
+square around each hand the real frame shows (`squares.hand_box`), where fingers are drawn or not.
 
 A model must beat copying: the baseline replaces every held-out frame by the training frame whose body and hand
 keypoints are nearest, and is scored by the same detector and the same formulas (`baseline_*` rows); its frames
@@ -31,7 +31,7 @@ from core.artifacts import read_manifest
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models import scores
+from models import scores, squares
 from tasks.devices import Compute
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
 from tasks.stages import face, keypoints, motion, render_body
@@ -295,7 +295,7 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
                           "nearest (mean distance over the points inside the frame found in both, among the "
                           "training frames sharing the most of them)")
     scale = res / side  # landmarks at the crop side, pictures at the render's
-    hand_boxes = [[box for h in HANDS if (box := scores.hand_box(points_of([row], h, 21)[0] * scale, res))]
+    hand_boxes = [[box for h in HANDS if (box := squares.hand_box(points_of([row], h, 21)[0] * scale, res))]
                   for row in real_lm]
     del nn_lm, real_lm
 

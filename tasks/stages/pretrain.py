@@ -1,7 +1,7 @@
 """pretrain: the body SGDM and the Face SGDM trained once on every identity's foreground-on-black frames (stage 1).
 
-Motion modules stay frozen; spatial weights and the mesh branch learn. The result is the shared starting point
-of every identity's finetune.
+Motion modules stay frozen; spatial weights, the mesh branch and the input stem (per `conditioning`) learn. The
+result is the shared starting point of every identity's finetune.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class PretrainParams(TrainParams):
     """Stage 1, where the SGDMs are born: their architecture's choices live here, and finetune inherits them."""
 
     conditioning: dict[str, Literal["branch", "input", "both"]] = Field(
-        {"tiny": "both", "cpu": "branch", "sd15": "branch"}, description="where the mesh enters the SGDMs, per "
+        {"tiny": "both", "cpu": "input", "sd15": "branch"}, description="where the mesh enters the SGDMs, per "
         "profile: branch (the paper's ControlNet-style branch), input (a small stem reads the mesh and the reference "
         "frame at the model's resolution and adds them to the UNet's first layer; no branch) or both "
         "(docs/cpu-profile.md)")

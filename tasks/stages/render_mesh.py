@@ -23,14 +23,13 @@ from pydantic import Field
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
-from models import face_align, scores
+from models import face_align, squares
 from models import smplx_layout as layout
 from models.raster import MeshRasterizer
 from tasks import smplx_table
-from tasks.frames import frame_name
+from tasks.frames import HANDS, frame_name
 
 FACES = "faces.parquet"
-HANDS = "hands.parquet"
 
 
 class RenderMeshParams(Section):
@@ -116,7 +115,7 @@ def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> t
 
 def hand_boxes(joints: np.ndarray, K: np.ndarray, res: int) -> dict[str, list[float] | None]:
     """Each hand's square (x, y, size) around its projected joints and fingertips, as shares of the frame side, by
-    the same rule the metrics crop real hands with (`scores.hand_box`); None for a hand mostly out of view or behind
+    the same rule the metrics crop real hands with (`squares.hand_box`); None for a hand mostly out of view or behind
     the camera."""
     out: dict[str, list[float] | None] = {}
     for side, idx in layout.HAND_POINTS.items():
@@ -124,7 +123,7 @@ def hand_boxes(joints: np.ndarray, K: np.ndarray, res: int) -> dict[str, list[fl
         front = p[:, 2] > 0.01
         uv = np.full((len(p), 2), np.nan)
         uv[front] = p[front, :2] / p[front, 2:3] * K[0, 0] + K[:2, 2]
-        box = scores.hand_box(uv, res)
+        box = squares.hand_box(uv, res)
         out[side] = None if box is None else [v / res for v in box]
     return out
 

@@ -129,6 +129,7 @@ def test_bench_train_times_the_loop_with_its_data_and_finds_the_encodings_stored
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["encoded"], result["encoded_again"]) == (2 * 10, 0)  # latent and tokens of each frame, once
     assert result["encode_again_s"] < result["encode_s"]
+    assert result["conditioning"] == "both"  # the tiny profile's own SGDM: its input stem trains in the loop too
     for stage in ("pretrain", "finetune"):
         assert result[f"{stage}_steps_per_s"] > 0 and 0 < result[f"{stage}_step_s"] < 60
         assert 0 <= result[f"{stage}_data_wait_ms_per_step"] < 1000 * result[f"{stage}_step_s"] * 3

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.scores import hand_box, landmark_distance, mean_in_box, ssim_map, temporal_flicker
+from models.scores import landmark_distance, mean_in_box, ssim_map, temporal_flicker
+from models.squares import hand_box
 
 
 def test_known_offset_gives_the_offset() -> None:

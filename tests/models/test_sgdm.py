@@ -166,6 +166,12 @@ def test_mesh_and_reference_at_the_input(paths: parts.BasePaths, tokens: torch.T
         assert not torch.allclose(out, model(x, t, tokens, cond, reference=_reference(6)))
         # the stem's features live for one call only: a later pass of the UNet alone gets none of them
         assert model._guidance is None
+        # guidance's unconditional branch drops the frame with its tokens: a blank frame, as training dropped it
+        from models import pipeline
+
+        blank = model(x, t, torch.zeros_like(tokens), cond, reference=torch.zeros_like(_reference()))
+        guided = pipeline.predict_noise(model, x, t, tokens, cond, 3.0, 1.0, reference=_reference())
+        torch.testing.assert_close(guided, blank + 3.0 * (out - blank), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"reads the reference frame at its input: pass reference \(1, 3, 64, 64\)"):
         model(x, t, tokens, cond)
     model.save_pretrained(tmp_path / "ckpt")

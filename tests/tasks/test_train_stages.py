@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -66,10 +67,15 @@ def test_checkpoints_and_manifests(learned: Workspace) -> None:
     assert {i["stage"] for i in pm["inputs"] if "stage" in i} == {"ingest", "matting", "render_mesh"}
     assert json.loads((fine / "face" / "sgdm_config.json").read_text())["inpaint"] is True
     # the tiny profile weighs the hands in the body model's loss (render_mesh's squares), never in the face model's
-    assert m["summary"]["body"]["hand_weight"] == 2.0 and "hand_weight" not in m["summary"]["face"]
+    body = m["summary"]["body"]
+    hands = pq.read_table(artifact_dir(learned, "render_mesh", ID) / "hands.parquet").to_pandas()
+    train = hands[hands["clip"].str.startswith("train")]
+    assert body["hand_weight"] == 2.0
+    assert body["hand_frames"] == int((train["left"].notna() | train["right"].notna()).sum()) > 0
+    assert "hand_weight" not in m["summary"]["face"]
     from tasks.train_params import describe
 
-    assert "hands weighted 2.0×" in describe(m["summary"])
+    assert f"hands weighted 2.0× in {body['hand_frames']} frames" in describe(m["summary"])
     # resumable state is dropped once the artifact is complete
     assert not any((learned.state / "scratch").rglob("step.json"))
 
@@ -128,7 +134,7 @@ def _training_batches(ws: Workspace, n: int, store: Path) -> tuple[list[dict[str
     ident = load_identity(ID, artifact_dir(ws, "ingest", ID), artifact_dir(ws, "render_mesh", ID),
                           artifact_dir(ws, "ingest", ID), res=64, video_length=4)
     gen = torch.Generator().manual_seed(0)
-    data = ClipBatches([ident], vae, enc, 4, 0.0, store)
+    data = ClipBatches([ident], vae, enc, 4, 0.0, store, reference_frames=True)  # tiny trains "both"
     return [data.batch(gen, 1) for _ in range(n)], vae, parts.load_scheduler(paths)
 
 

@@ -1,0 +1,25 @@
+"""The square around a hand's points, one rule for every place that looks at a hand: the metrics judge a generated
+hand inside the square around the real one's landmarks, and training weighs the square around the mesh's projected
+hand. Numpy only, so the stages that use it carry no scoring or rendering code in their cache keys."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 0.06
+             ) -> tuple[int, int, int] | None:
+    """The square (x, y, size) in a side × side frame around one hand's landmarks (K, 2; NaN = not found): the longer
+    extent of the points inside the frame times `margin`, at least `least` of the side (and 16 px: a folded hand
+    still has fingers to judge), moved to lie inside the frame. None when fewer than half of the points are found
+    inside it: a hand at the frame's edge or missed by the detector has no crop to judge."""
+    ok = np.isfinite(points).all(-1) & (points >= 0).all(-1) & (points < side).all(-1)
+    if ok.sum() * 2 < len(points):
+        return None
+    inside = points[ok]
+    lo, hi = inside.min(0), inside.max(0)
+    size = int(min(side, max(round(float((hi - lo).max()) * margin), round(least * side), 16)))
+    cx, cy = (lo + hi) / 2
+    x = int(min(max(round(cx - size / 2), 0), side - size))
+    y = int(min(max(round(cy - size / 2), 0), side - size))
+    return x, y, size
