@@ -92,7 +92,9 @@ def test_render_from_speech_in_the_browser(page: tuple, served: Served, voice: P
     while player.count() == 0 or not player.first.get_attribute("src"):
         assert time.monotonic() < deadline, lines[-3:]
         assert "failed" not in status.inner_text(), status.inner_text()
-        text = status.inner_text().strip()
+        # the status line itself: while Gradio's progress overlay covers the box (under load) its timer and bar
+        # text come first in the element's text
+        text = next((t for t in reversed(status.inner_text().splitlines()) if " · job " in t), "").strip()
         if text and (not lines or lines[-1] != text):
             lines.append(text)
             if "running" in text and "starting" not in text and not shot:
