@@ -73,9 +73,9 @@ def _step_gen(seed: int, step: int, micro: int, salt: int) -> torch.Generator:
 def loss_on(model: SGDM, batch: dict[str, torch.Tensor], noise_scheduler: Any, gen: torch.Generator,
             ref_drop: float, control_scale: float) -> torch.Tensor:
     """One denoising loss, against what the scheduler says the model predicts (noise, x0 or v).
-    batch: latents (B,C,F,h,w), tokens (B,N,D), cond (B,3,F,H,W), reference (B,3,H,W) (the frame the tokens
-    encode; read by a model with an input stem), optionally mask (B,1,F,h,w) and masked (B,4,F,h,w) for the
-    inpainting face model, optionally weight (B,1,F,h,w) per latent cell (the hands')."""
+    batch: latents (B,C,F,h,w), tokens (B,N,D), cond (B,3,F,H,W); for a model with an input stem reference
+    (B,3,H,W) (the frame the tokens encode; ClipBatches(reference_frames=True)); optionally mask (B,1,F,h,w) and
+    masked (B,4,F,h,w) for the inpainting face model, and weight (B,1,F,h,w) per latent cell (the hands')."""
     latents = batch["latents"]
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents)
