@@ -459,7 +459,7 @@ def _peaks(video: Path, root: Path, log: Any) -> dict[str, float]:
                                ingest / "audio.wav", start)
     subject = render_subject(name, key)
     run("motion", subject, staged)
-    for stage in ("render_body", "face", "assemble", "metrics"):
+    for stage in ("render_body", "face", "hands", "assemble", "metrics"):
         run(stage, subject)
     del peaks["source"], peaks["motion"]  # a copy: constant memory whatever the length
     return peaks

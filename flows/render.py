@@ -1,5 +1,5 @@
-"""Render one identity driven by one motion: the render flow's stages (motion → render_body → face → assemble, in
-the order their inputs give), then copy the video out.
+"""Render one identity driven by one motion: the render flow's stages (motion → render_body → face → hands →
+assemble, in the order their inputs give), then copy the video out.
 
 A render's artifacts live under data/renders/<identity>/<motion key>/, where the key is the content hash of the
 staged motion (its SMPL-X parameters and audio), so the same identity, motion and params render once: a second run
@@ -139,7 +139,7 @@ def copy_out(video: Path, out: Path) -> None:
 def render_stages(ws: Workspace, stages: StageRunner, identity: str, motion: str, frames: int | None = None,
                   seed: int | None = None, face: bool | None = None, speech: bool = False
                   ) -> tuple[str, dict[str, Any]]:
-    """motion → render_body → face → assemble for `identity` (finetuned); returns (render subject, assemble's
+    """motion → render_body → face → hands → assemble for `identity` (finetuned); returns (render subject, assemble's
     result). The evaluation flow renders the held-out clips through here too, so both share one cache."""
     _require(ws, "finetune", identity, f"run `anchor pretrain` and `anchor finetune {identity}`")
     key, staged = stage_motion(ws, stages, identity, motion, frames, speech, seed)

@@ -37,6 +37,12 @@ void main() {
 }
 """
 
+# The same pair with a colour per vertex (the hand crops' per-finger colours): the colour is interpolated like the
+# normal and replaces the uniform one.
+_VERTEX_SHADER_COLORED = (
+    _VERTEX_SHADER.replace("in vec3 in_normal;", "in vec3 in_normal;\nin vec3 in_color;\nout vec3 v_color;")
+    .replace("v_normal = in_normal;", "v_normal = in_normal;\n    v_color = in_color;"))
+
 _FRAGMENT_SHADER = """
 #version 330
 uniform vec3 color;
@@ -53,6 +59,10 @@ void main() {
     f_color = vec4(color * (ambient + (1.0 - ambient) * diffuse), 1.0);
 }
 """
+
+
+_FRAGMENT_SHADER_COLORED = _FRAGMENT_SHADER.replace("uniform vec3 color;", "in vec3 v_color;").replace(
+    "vec4(color *", "vec4(v_color *")
 
 
 class RasterizerUnavailable(AnchorError, RuntimeError):
@@ -127,9 +137,11 @@ class MeshRasterizer:
         near: float = 0.01,
         far: float = 100.0,
         ctx: moderngl.Context | None = None,
+        vertex_colors: np.ndarray | None = None,
     ) -> None:
         """light_dir points from the scene towards the light, in camera coordinates; the default is a light at the
-        camera, a little above it (y is down). Shade = color * (ambient + (1 - ambient) * max(n.l, 0))."""
+        camera, a little above it (y is down). Shade = color * (ambient + (1 - ambient) * max(n.l, 0)).
+        `vertex_colors` (V, 3) in [0, 1], when given, colour each vertex instead of `color`."""
         faces = np.asarray(faces)
         if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
             raise ValueError(f"faces must be an (F, 3) integer array, got {faces.dtype} {faces.shape}")
@@ -155,13 +167,24 @@ class MeshRasterizer:
             (np.ones(3 * n_faces, np.float32), (self._faces.ravel(), np.repeat(np.arange(n_faces), 3))),
             shape=(self._min_vertices, n_faces),
         )
-        self._attribs = np.zeros((0, 6), dtype=np.float32)  # interleaved position, normal; sized on first render
+        self._colors = None if vertex_colors is None else np.asarray(vertex_colors, np.float32)
+        if self._colors is not None and (self._colors.ndim != 2 or self._colors.shape[1] != 3
+                                         or len(self._colors) < self._min_vertices):
+            raise ValueError(f"vertex_colors must be (V, 3) with V >= {self._min_vertices}, got "
+                             f"{self._colors.shape}")
+        # interleaved position, normal (and colour); sized on first render
+        self._width = 6 if self._colors is None else 9
+        self._attribs = np.zeros((0, self._width), dtype=np.float32)
 
         self._own_ctx = ctx is None
         self.ctx = gl_context() if ctx is None else ctx
         with self.ctx:
-            self._prog = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
-            self._prog["color"].value = tuple(float(c) for c in color)
+            if self._colors is None:
+                self._prog = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
+                self._prog["color"].value = tuple(float(c) for c in color)
+            else:
+                self._prog = self.ctx.program(vertex_shader=_VERTEX_SHADER_COLORED,
+                                              fragment_shader=_FRAGMENT_SHADER_COLORED)
             self._prog["ambient"].value = float(ambient)
             self._prog["light"].value = tuple(light / np.linalg.norm(light))
             self._ibo = self.ctx.buffer(self._faces.tobytes()) if n_faces else None
@@ -184,16 +207,19 @@ class MeshRasterizer:
     def _upload(self, v: np.ndarray) -> None:
         """Write the frame's vertices and normals into the one VBO (recreated only if the vertex count changes)."""
         if len(v) != len(self._attribs):
-            self._attribs = np.zeros((len(v), 6), dtype=np.float32)
+            self._attribs = np.zeros((len(v), self._width), dtype=np.float32)
             for obj in (self._vao, self._vbo):
                 if obj is not None:
                     obj.release()
             self._vbo = self.ctx.buffer(reserve=self._attribs.nbytes)
-            self._vao = self.ctx.vertex_array(
-                self._prog, [(self._vbo, "3f 3f", "in_pos", "in_normal")], index_buffer=self._ibo
-            )
+            layout = ("3f 3f", "in_pos", "in_normal") if self._colors is None else (
+                "3f 3f 3f", "in_pos", "in_normal", "in_color")
+            self._vao = self.ctx.vertex_array(self._prog, [(self._vbo, *layout)], index_buffer=self._ibo)
+            if self._colors is not None:
+                k = min(len(v), len(self._colors))
+                self._attribs[:k, 6:] = self._colors[:k]
         self._attribs[:, :3] = v
-        self._attribs[: self._min_vertices, 3:] = self._normals(v)
+        self._attribs[: self._min_vertices, 3:6] = self._normals(v)
         self._vbo.write(self._attribs)
 
     def _draw(self, vertices: np.ndarray, K: np.ndarray, out: np.ndarray) -> None:

@@ -13,8 +13,12 @@ EXTRA = ("nose", "reye", "leye", "rear", "lear", "LBigToe", "LSmallToe", "LHeel"
          "lthumb", "lindex", "lmiddle", "lring", "lpinky", "rthumb", "rindex", "rmiddle", "rring", "rpinky")
 # output point layout of SparseBody: 55 joints, 21 vertex joints (smplx order), 51 face landmarks
 EXTRA_START, LMK_START, N_POINTS = 55, 76, 127
+# each hand's 15 finger joints: three per finger (base to tip), the fingers in this order
+FINGERS = ("index", "middle", "pinky", "ring", "thumb")
+HAND_JOINTS = {"left": tuple(range(25, 40)), "right": tuple(range(40, 55))}
+WRISTS = {"left": L_WRIST, "right": R_WRIST}
 # each hand's points in that layout: the wrist, the 15 finger joints, the 5 fingertips
-HAND_POINTS = {"left": (L_WRIST, *range(25, 40), *range(EXTRA_START + 11, EXTRA_START + 16)),
-               "right": (R_WRIST, *range(40, 55), *range(EXTRA_START + 16, EXTRA_START + 21))}
+HAND_POINTS = {"left": (L_WRIST, *HAND_JOINTS["left"], *range(EXTRA_START + 11, EXTRA_START + 16)),
+               "right": (R_WRIST, *HAND_JOINTS["right"], *range(EXTRA_START + 16, EXTRA_START + 21))}
 POSE_BLOCKS = {"global_orient": 3, "body_pose": 63, "jaw_pose": 3, "leye_pose": 3, "reye_pose": 3,
                "left_hand_pose": 45, "right_hand_pose": 45}

@@ -1,6 +1,7 @@
 """The square around a hand's points, one rule for every place that looks at a hand: the metrics judge a generated
-hand inside the square around the real one's landmarks, and training weighs the square around the mesh's projected
-hand. Numpy only, so the stages that use it carry no scoring or rendering code in their cache keys."""
+hand inside the square around the real one's landmarks, training weighs the square around the mesh's projected
+hand, and the hand model learns and redraws what is inside it. Numpy only, so the stages that use it carry no
+scoring or rendering code in their cache keys."""
 
 from __future__ import annotations
 
@@ -23,3 +24,19 @@ def hand_box(points: np.ndarray, side: int, margin: float = 1.5, least: float = 
     x = int(min(max(round(cx - size / 2), 0), side - size))
     y = int(min(max(round(cy - size / 2), 0), side - size))
     return x, y, size
+
+
+def hand_share(crop: np.ndarray) -> float:
+    """Share of a hand crop (RGB uint8) in the hands' own saturated colours: how much of the hand is in front of
+    everything else. The body's mesh colour and the black background are far from saturated."""
+    c = crop.astype(np.int16)
+    hi, lo = c.max(-1), c.min(-1)
+    return float(((hi > 24) & (hi - lo > 0.7 * hi)).mean())
+
+
+def crop_transform(box: list[float] | tuple[float, ...], frame_side: int, size: int) -> np.ndarray:
+    """The 2 × 3 affine taking a frame of `frame_side` px to the `size` px crop of the square `box` (x, y, side as
+    shares of the frame side)."""
+    x, y, s = (float(v) * frame_side for v in box)
+    a = size / s
+    return np.array([[a, 0.0, -x * a], [0.0, a, -y * a]])

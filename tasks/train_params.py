@@ -109,6 +109,10 @@ def describe(s: dict[str, Any]) -> str:
                 text += f" ({part} {r['steps']} steps, loss {r['loss_first']} → {r['loss_last']})"
         return text
 
-    return "; ".join(one(which, m) for which in ("body", "face") if isinstance(m := s.get(which), dict))
+    text = "; ".join(one(which, m) for which in ("body", "face") if isinstance(m := s.get(which), dict))
+    if isinstance(h := s.get("hand"), dict):
+        text += (f"; hand model: {h['skipped']}" if h.get("skipped") else
+                 f"; hand model {h['steps']} steps on {h['crops']} crops, loss {h['loss_first']} → {h['loss_last']}")
+    return text
 
 

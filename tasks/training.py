@@ -18,11 +18,12 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -35,7 +36,7 @@ from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
 from tasks.train_params import TRAIN_LOG, sgdm_side
-from tasks.training_data import ClipBatches, Identity, hand_weights, load_identity
+from tasks.training_data import ClipBatches, Identity, hand_crops, hand_weights, load_identity
 
 STATE = "train_state"
 
@@ -394,12 +395,9 @@ def train_predictor(predictor: Predictor, identities: list[Identity], steps: int
                     seed: int, out: Path, advance: Callable[[], None] | None = None, save_every: int = 100,
                     reference_frame: int = 0, hand_weight: float = 1.0) -> dict[str, Any]:
     """Learn `predictor` in place: each step, whole training frames of the identities from their mesh conditions;
-    L1 (`hand_weight` inside the hands' squares) plus `ssim_weight` × (1 − SSIM), which rewards the edges L1 alone
-    lets blur. A predictor that keeps its own
+    L1 (`hand_weight` inside the hands' squares) plus `ssim_weight` × (1 − SSIM). A predictor that keeps its own
     reference learns against the first identity's training frame `reference_frame` (finetune has one identity);
     one that does not, against another frame of the same identity each time."""
-    from pytorch_msssim import ssim
-
     if predictor.own_reference and identities:
         if not 0 <= reference_frame < len(identities[0]):
             raise StageError(f"finetune.predictor_reference = {reference_frame}, but the identity has "
@@ -421,12 +419,78 @@ def train_predictor(predictor: Predictor, identities: list[Identity], steps: int
         return (((cond_t,) if predictor.own_reference else (cond_t, ref_t)), real_t,
                 torch.stack(weights) if weights else None)
 
+    return _train_regressor(predictor, "predictor", identities, batch, _l1_ssim(ssim_weight), steps, lr, seed, out,
+                            advance, save_every)
+
+
+def _l1_ssim(ssim_weight: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """L1 (weighted) plus `ssim_weight` × (1 − SSIM): SSIM rewards the edges L1 alone lets blur."""
+    from pytorch_msssim import ssim
+
     def loss(y: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         l1 = weighted_mean((y - target).abs(), weight)
         return l1 + ssim_weight * (1 - ssim((y + 1) / 2, (target + 1) / 2, data_range=1.0)) if ssim_weight else l1
 
-    return _train_regressor(predictor, "predictor", identities, batch, loss, steps, lr, seed, out, advance,
-                            save_every)
+    return loss
+
+
+HAND_BATCH = 8  # hand crops per step
+HAND_SOFTNESS = (2, 8)  # the body's hand has the detail of a crop this many times smaller (measured by eye: a blob)
+HAND_SHIFT = 0.1  # and sits up to this share of the crop side away from where the mesh puts it
+
+
+def soften(real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Real hand crops (B, 3, S, S) in [-1, 1] made like the hands the body model draws: the detail of a crop 2-8
+    times smaller (blurred, drifted and noised by `degrade`), shifted by up to HAND_SHIFT of the side. A body model
+    learnt in minutes draws a hand as a blob, often beside the mesh's: the hand model must learn to take the fingers
+    from the mesh and only the colours and the surroundings from the body's frame."""
+    import torch.nn.functional as F
+
+    size = real.shape[-1]
+    out = []
+    for k in range(len(real)):
+        low = degrade(real[k:k + 1], gen)
+        factor = float(torch.empty(1).uniform_(*HAND_SOFTNESS, generator=gen))
+        low = F.interpolate(low, size=max(2, round(size / factor)), mode="area")
+        soft = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+        reach = max(1, round(size * HAND_SHIFT))
+        dx, dy = (int(torch.randint(-reach, reach + 1, (1,), generator=gen)) for _ in range(2))
+        padded = F.pad(soft, (reach, reach, reach, reach), mode="replicate")
+        out.append(padded[..., reach + dy:reach + dy + size, reach + dx:reach + dx + size])
+    return torch.cat(out)
+
+
+HAND = "hand"  # the hand model's folder in a finetune checkpoint
+
+
+def train_hands(ingest: Path, render: Path, steps: int, section: Any, device: torch.device, scratch: Path,
+                out: Path, advance: Callable[[], None] | None = None, save_every: int = 100) -> dict[str, Any]:
+    """The identity's hand model (a `Predictor` reading the hand's mesh crop and the soft hand the body drew),
+    written to out/hand with `save_pretrained`; nothing written when the training frames show no hand."""
+    conds, reals = hand_crops(ingest, render)
+    if not len(conds):
+        return {"steps": 0, "crops": 0, "skipped": "no hand in view in the training frames"}
+    model = _fresh(Predictor, section.seed).to(device)
+    result = train_hand_model(model, conds, reals, steps, section.predictor_lr, section.predictor_ssim, section.seed,
+                              scratch, advance, save_every)
+    model.to("cpu").save_pretrained(out / HAND)
+    return {"crops": len(conds), "resolution": int(conds.shape[1]), **result}
+
+
+def train_hand_model(model: Predictor, conds: np.ndarray, reals: np.ndarray, steps: int, lr: float,
+                     ssim_weight: float, seed: int, out: Path, advance: Callable[[], None] | None = None,
+                     save_every: int = 100) -> dict[str, Any]:
+    """Learn the hand model in place from the identity's hand crops (`training_data.hand_crops`): each step, real
+    crops made to look like the body model's hands (`soften`) beside their mesh crops; the target is the real crop.
+    So it learns to draw the hand its mesh shows over what the body drew around it."""
+    def batch(gen: torch.Generator) -> Batch:
+        pick = torch.randint(len(conds), (HAND_BATCH,), generator=gen).tolist()
+        cond = _signed([torch.from_numpy(conds[k]).permute(2, 0, 1) for k in pick])
+        real = _signed([torch.from_numpy(reals[k]).permute(2, 0, 1) for k in pick])
+        return (cond, soften(real, gen)), real, None
+
+    return _train_regressor(model, "hand model", list(range(len(conds))), batch, _l1_ssim(ssim_weight), steps, lr,
+                            seed, out, advance, save_every)
 
 
 def _signed(images: list[torch.Tensor]) -> torch.Tensor:
@@ -434,14 +498,14 @@ def _signed(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images).float().div(127.5).sub(1)
 
 
-def _train_regressor(model: torch.nn.Module, name: str, identities: list[Identity],
+def _train_regressor(model: torch.nn.Module, name: str, identities: Sequence[Any],
                      batch: Callable[[torch.Generator], Batch],
                      loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor], steps: int,
                      lr: float, seed: int,
                      out: Path, advance: Callable[[], None] | None, save_every: int) -> dict[str, Any]:
-    """The loop of the deterministic parts (refiner, predictor): AdamW with cosine decay to a tenth (the last steps
-    settle instead of jitter), batches drawn on the CPU from per-step generators, resumable and reproducible like
-    `train` (saved states under `out`)."""
+    """The loop of the deterministic parts (refiner, predictor, hand model): AdamW with cosine decay to a tenth (the
+    last steps settle instead of jitter), batches drawn on the CPU from per-step generators, resumable and
+    reproducible like `train` (saved states under `out`)."""
     if not identities:
         raise StageError(f"no training frames for the {name}")
     device = next(model.parameters()).device

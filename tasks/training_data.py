@@ -31,7 +31,7 @@ from core.hashing import hash_obj
 from models import pipeline
 from models.codec import device_dtype
 from tasks.encoded import CHUNK, EncodedStore, entry_key, files_key, weights_key
-from tasks.frames import HANDS, frame_name, read_meta
+from tasks.frames import HANDS, frame_name, read_meta, read_rgb
 
 CACHE_BYTES = 1 << 30  # decoded training images kept between batches
 ENCODED_BYTES = 1 << 30  # the frozen encoders' outputs per frame (latents, reference tokens) kept between batches
@@ -170,6 +170,46 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
     ident.perturbed_paths = [p for p in ident.perturbed_paths if p]
     ident.starts = [s for a, b in ident.runs for s in range(a, b - video_length + 1)]
     return ident
+
+
+HAND_CROPS = 4000  # at most this many hand crops, evenly spread, are loaded (about 100 MB at 64 px)
+
+
+def hand_crops(ingest: Path, render: Path, most: int = HAND_CROPS) -> tuple[np.ndarray, np.ndarray]:
+    """The hand model's training pairs: the hands in view in the identity's training frames (at most `most`, evenly
+    spread over them, so a long video costs no more memory), as (N, S, S, 3) uint8 mesh crops (render_mesh's
+    `hand/`, S its hand_size) and the frame's crops of the same squares (a left hand mirrored, as its mesh crop is).
+    Empty arrays for a render_mesh from before hand crops."""
+    from models.squares import crop_transform
+
+    none = np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0, 0, 0, 3), np.uint8)
+    meta, table = read_meta(ingest), render / HANDS
+    if not table.is_file() or not (render / "hand").is_dir():
+        return none
+    tab = pq.read_table(table).to_pandas()
+    train = {c["name"] for c in meta["clips"] if c["split"] == "train"}
+    shown = [(clip, int(i), side, list(box)) for clip, i, *boxes in zip(tab["clip"], tab["frame"], tab["left"],
+                                                                        tab["right"], strict=True)
+             if clip in train for side, box in zip(("left", "right"), boxes, strict=True) if box is not None]
+    if len(shown) > most:
+        shown = [shown[k] for k in np.linspace(0, len(shown) - 1, most).round().astype(int)]
+    conds: list[np.ndarray] = []
+    reals: list[np.ndarray] = []
+    frame, frame_path = None, None
+    for clip, i, side, box in shown:
+        path = render / "hand" / side / clip / frame_name(i, "png")
+        if not path.is_file():
+            continue
+        if frame_path != (clip, i):
+            frame, frame_path = read_rgb(ingest / "frames" / clip / frame_name(i)), (clip, i)
+        cond = read_rgb(path)
+        size = cond.shape[0]
+        crop = cv2.warpAffine(frame, crop_transform(box, frame.shape[0], size), (size, size), flags=cv2.INTER_LINEAR)
+        conds.append(cond)
+        reals.append(crop[:, ::-1] if side == "left" else crop)
+    if not conds:
+        return none
+    return np.stack(conds), np.ascontiguousarray(np.stack(reals))
 
 
 def hand_weights(frames: list[list[list[float]]], h: int, w: int, weight: float) -> torch.Tensor:

@@ -345,7 +345,7 @@ def held_out(ws) -> tuple[dict, float]:
 
 def render(ws, blocks: dict, audio: Path | None = None, overrides: dict[str, dict] | None = None,
            kind: str = "test") -> str:
-    """motion → render_body → face → assemble through the runner; returns the render subject."""
+    """motion → render_body → face → hands → assemble through the runner; returns the render subject."""
     from core.workspace import render_subject
     from tasks import runner
     from tasks.stages import motion
@@ -353,7 +353,7 @@ def render(ws, blocks: dict, audio: Path | None = None, overrides: dict[str, dic
     key, staged = motion.stage(ws.state / "motions", blocks, {"kind": kind}, audio)
     subject = render_subject(ONBOARDED_ID, key)
     runner.execute(ws, "motion", subject, external=staged)
-    for stage in ("render_body", "face", "assemble"):
+    for stage in ("render_body", "face", "hands", "assemble"):
         runner.execute(ws, stage, subject, overrides=(overrides or {}).get(stage))
     return subject
 

@@ -26,7 +26,7 @@ from core.section import Section
 from core.stage import Stage
 from models.motion_io import FIT_FPS
 from tasks.frames import read_rgb
-from tasks.stages import face, motion
+from tasks.stages import face, hands, motion
 
 VIDEO = "video.mp4"
 RECORD = "render.json"
@@ -45,7 +45,7 @@ def describe(s: dict[str, Any]) -> str:
 
 
 STAGE = Stage(
-    "assemble", flow="render", scope="render", inputs=("motion", "render_body", "face"), params=AssembleParams,
+    "assemble", flow="render", scope="render", inputs=("motion", "render_body", "face", "hands"), params=AssembleParams,
     in_dvc=False, describe=describe, outputs=(VIDEO, RECORD),
     description="H.264 mp4 at 30 fps with the driving audio; render.json says what shaped it")
 FPS = int(FIT_FPS)
@@ -107,7 +107,7 @@ def encode(frames: Sequence[Any], out: Path, params: AssembleParams, wav: Path |
 def run(inputs: dict[str, Path], out: Path, params: AssembleParams, progress: Progress) -> dict[str, Any]:
     info = motion.read_info(inputs["motion"])
     n = int(info["frames"])
-    frames = face.final_frames(inputs["render_body"], inputs["face"], n)
+    frames = hands.final_frames(inputs["render_body"], inputs["face"], inputs["hands"], n)
     face_dir = inputs["face"] / face.FRAMES
     wav = inputs["motion"] / motion.AUDIO
     use_audio = params.audio and wav.is_file()
@@ -128,7 +128,7 @@ def run(inputs: dict[str, Path], out: Path, params: AssembleParams, progress: Pr
         "frames": n,
         "fps": FPS,
         "audio": use_audio,
-        "faces_enhanced": sum(1 for p in frames if p.parent == face_dir),
+        "faces_enhanced": sum(1 for p in frames if (face_dir / p.name).is_file()),
         "video_sha256": sha256_file(out / VIDEO),
     }
     (out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -26,7 +26,7 @@ from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
 from tasks import smplx_table
-from tasks.stages import face, metrics
+from tasks.stages import hands, metrics
 
 RESULT = "follow.json"
 PER_FRAME = "follow_per_frame.csv"
@@ -52,7 +52,7 @@ def describe(s: dict[str, Any]) -> str:
 
 
 STAGE = Stage(
-    "follow", flow="render", scope="render", inputs=("motion", "render_body", "face", "smplx_fit"),
+    "follow", flow="render", scope="render", inputs=("motion", "render_body", "face", "hands", "smplx_fit"),
     params=FollowParams, reads=("keypoints", "metrics"), body_model=True, resource="cpu", in_dvc=False,
     describe=describe, outputs=(RESULT, PER_FRAME),
     description="the render against its own motion: landmark distance body/hands, hands found, mouth vs jaw")
@@ -148,7 +148,7 @@ def run(inputs: dict[str, Path], out: Path, params: FollowParams, progress: Prog
     _, blocks = smplx_table.read(inputs["motion"] / smplx_table.TABLE)
     n = len(blocks["transl"])
     picks = metrics.sample(n, params.max_frames)
-    frames = face.final_frames(inputs["render_body"], inputs["face"], n)
+    frames = hands.final_frames(inputs["render_body"], inputs["face"], inputs["hands"], n)
     figures, lmd, per_frame = score([frames[t] for t in picks], {k: v[picks] for k, v in blocks.items()},
                                     inputs["smplx_fit"], inputs["body_model"], settings.keypoints.model_dump(),
                                     settings.metrics.hand_outlier, params.workers, progress)

@@ -34,7 +34,7 @@ from core.stage import Stage
 from models import scores, squares
 from tasks.devices import Compute
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
-from tasks.stages import face, keypoints, motion, render_body
+from tasks.stages import hands, keypoints, motion, render_body
 from tasks.workers import run_parallel
 
 RESULT = "metrics.json"
@@ -72,7 +72,7 @@ def describe(s: dict[str, Any]) -> str:
 
 STAGE = Stage(
     "metrics", flow="evaluate", scope="render",
-    inputs=("motion", "render_body", "face", "ingest", "keypoints", "matting"), params=MetricsParams,
+    inputs=("motion", "render_body", "face", "hands", "ingest", "keypoints", "matting"), params=MetricsParams,
     weights=("inception_weights", "i3d_weights"), resource="cpu", device="part", in_dvc=False, describe=describe,
     outputs=(RESULT, f"{PER_FRAME}?", f"{NEAREST}/?", f"{NEAREST_TABLE}?", f"{SIDE_BY_SIDE}?"),
     description="FID, FVD, landmark distance face/body/hand, flicker against the real frames")
@@ -240,7 +240,7 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
 
     info = motion.read_info(inputs["motion"])
     n = int(info["frames"])
-    gen_paths = face.final_frames(inputs["render_body"], inputs["face"], n)
+    gen_paths = hands.final_frames(inputs["render_body"], inputs["face"], inputs["hands"], n)
     result: dict[str, Any] = {"frames": n, "motion": info.get("source"), "detector": "MediaPipe Holistic "
                               "(the paper used OpenPose)", "hand_outlier_rule": f"a hand whose mean distance exceeds "
                               f"{params.hand_outlier:g} of the frame side is a detector failure and left out"}

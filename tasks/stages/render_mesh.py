@@ -4,8 +4,10 @@ Per frame: the body condition (blue-grey mesh on black, the identity's camera), 
 similarity from projected mesh landmarks, that transform, and a face mask from the projected head. A frame whose
 face is out of view or turned away is marked in faces.parquet and gets no face crop; nothing fails on it (the
 official code crashes there). Each hand's square around its projected joints goes to hands.parquet, as shares of
-the frame side (empty when the hand is out of view): where training looks harder. Perturbed parameter sets get body
-conditions too, for training.
+the frame side (empty when the hand is out of view): where training looks harder, and the hand model's crops. Each
+hand in view is also rendered at `hand_size` through a camera cropped to its square, its fingers in their own
+colours (`render_hand`; a left hand mirrored, so one hand model learns both): the hand model's condition. Perturbed
+parameter sets get body conditions too, for training.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RenderMeshParams(Section):
     ambient: float = Field(0.3, ge=0, le=1)
     max_face_yaw: float = Field(75.0, gt=0, le=180, description="degrees; a head turned further away is marked "
                                 "as having no visible face")
+    hand_size: int = Field(64, ge=16, le=512, multiple_of=16, description="side of the hand crops (mesh and "
+                           "frame) the hand model learns and redraws")
     png_level: int = Field(1, ge=0, le=9, description="PNG compression level (speed over size)")
     workers: int = Field(2, ge=1, le=64, description="threads encoding images")
 
@@ -52,8 +56,8 @@ def describe(s: dict[str, Any]) -> str:
 
 STAGE = Stage(
     "render_mesh", flow="onboard", inputs=("smplx_fit", "perturb"), params=RenderMeshParams, body_model=True,
-    describe=describe, outputs=("body/", "face/?", "face_mask/?", "perturbed/?", FACES, HANDS),
-    description="mesh condition images, aligned face crops, face transforms and masks, hand squares")
+    describe=describe, outputs=("body/", "face/?", "face_mask/?", "hand/?", "perturbed/?", FACES, HANDS),
+    description="mesh condition images, aligned face crops, face transforms and masks, hand squares and crops")
 CHUNK = 32
 HEAD_JOINTS = (layout.HEAD, layout.JAW, layout.L_EYE, layout.R_EYE)
 
@@ -128,6 +132,37 @@ def hand_boxes(joints: np.ndarray, K: np.ndarray, res: int) -> dict[str, list[fl
     return out
 
 
+# the hand crops' colours: one per finger (smplx_layout.FINGERS' order), the palm, and the rest of the body in the
+# usual mesh colour. Saturated hues next to the body's grey-blue: fingers tell apart, and `squares.hand_share`
+# finds them.
+FINGER_COLORS = ((1.0, 0.15, 0.15), (0.15, 1.0, 0.15), (0.15, 0.15, 1.0), (1.0, 1.0, 0.1), (1.0, 0.1, 1.0))
+PALM_COLOR = (0.1, 1.0, 1.0)
+
+
+def hand_colors(model: Any) -> np.ndarray:
+    """(V, 3) vertex colours for hand crops: each vertex coloured by the joint that moves it most."""
+    from models.raster import MESH_COLOR
+
+    owner = model.lbs_weights.argmax(1).numpy()
+    colors = np.tile(np.asarray(MESH_COLOR, np.float32), (len(owner), 1))
+    for side, joints in layout.HAND_JOINTS.items():
+        colors[owner == layout.WRISTS[side]] = PALM_COLOR
+        for k, color in enumerate(FINGER_COLORS):
+            colors[np.isin(owner, joints[3 * k:3 * k + 3])] = color
+    return colors
+
+
+def render_hand(mesh: MeshRasterizer, vertices: np.ndarray, K: np.ndarray, box: list[float] | tuple[float, ...],
+                side: int, left: bool) -> np.ndarray:
+    """The mesh through a camera cropped to `box` of a `side` px frame with intrinsics K, at the rasteriser's size;
+    a left hand mirrored."""
+    m = squares.crop_transform(box, side, mesh.size)
+    Kc = K.astype(np.float64).copy()
+    Kc[:2] = m[:, :2] @ K[:2] + np.array([[0, 0, m[0, 2]], [0, 0, m[1, 2]]])
+    image = mesh.render(vertices, Kc)
+    return image[:, ::-1].copy() if left else image
+
+
 def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: Progress) -> dict[str, Any]:
     import torch
 
@@ -150,6 +185,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
     counts = {"ok": 0, "out_of_view": 0, "turned_away": 0, "behind_camera": 0}
     with (MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient) as mesh,
           MeshRasterizer(head_faces(model), res, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head,
+          MeshRasterizer(model.faces.astype(np.int64), params.hand_size, ambient=params.ambient, ctx=mesh.ctx,
+                         vertex_colors=hand_colors(model)) as hand,
           ThreadPoolExecutor(params.workers) as pool):
         pending = []
 
@@ -179,6 +216,9 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                 records["transform"].append(None if m is None else m.ravel().astype(np.float32).tolist())
                 for side, box in hand_boxes(j, K, res).items():
                     hands[side].append(box)
+                    if box is not None:
+                        save(out / "hand" / side / clip / name,
+                             render_hand(hand, v, K, box, res, side == "left")[:, :, ::-1])
             progress.advance(len(idx))
         copies = pkeys.get("copy", np.zeros(len(pkeys["frame"]), np.int32))
         for idx, verts, _ in pose_chunks(model, betas, pblocks, np.arange(len(pkeys["frame"]))):

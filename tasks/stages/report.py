@@ -30,7 +30,7 @@ from core.section import Section
 from core.stage import Stage
 from tasks import smplx_table
 from tasks.frames import clip_frame_paths, frame_name, read_meta, read_rgb, write_png
-from tasks.stages import face, keypoints, metrics, motion, render_body, render_mesh, speech
+from tasks.stages import face, hands, keypoints, metrics, motion, render_body, render_mesh, speech
 from tasks.train_params import TRAIN_LOG
 
 HTML = "report.html"
@@ -69,8 +69,9 @@ ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lm
         "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
         "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑",
         "baseline_hand_ssim": "baseline, nearest training frame: SSIM around the hands ↑"}
-COLUMNS = ("source", "mesh condition", "generated", "face-enhanced", "nearest training frame")
-RENDER_STAGES = ("motion", "render_body", "face", "assemble", "follow", "metrics")  # the evaluation render's artifacts
+COLUMNS = ("source", "mesh condition", "generated", "face and hands redone", "nearest training frame")
+# the evaluation render's artifacts
+RENDER_STAGES = ("motion", "render_body", "face", "hands", "assemble", "follow", "metrics")
 FOLLOW = ("follow_lmd_body_pct", "follow_lmd_hand_pct", "hands_found", "follow_mouth_corr")  # its score vs its motion
 
 
@@ -201,12 +202,15 @@ def detection_rates(keypoints_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-RENDER_TIMED = ("render_body", "face", "assemble")  # what a render costs, frames to video
+RENDER_TIMED = ("render_body", "face", "hands", "assemble")  # what a render costs, frames to video
+TIMED_SINCE = {"hands"}  # stages a render made before them lacks: counted as no time
 
 
 def render_fps(ev: dict[str, Path], frames: int) -> float | None:
-    """Frames per second of the evaluation render, body + face + assemble, from their manifests' run times."""
-    seconds = [(read_manifest(ev[s]) or {}).get("duration_s") for s in RENDER_TIMED if s in ev]
+    """Frames per second of the evaluation render, body + face + hands + assemble, from their manifests' run
+    times."""
+    seconds = [(read_manifest(ev[s]) or {}).get("duration_s", 0.0 if s in TIMED_SINCE else None)
+               for s in RENDER_TIMED if s in ev]
     if len(seconds) != len(RENDER_TIMED) or any(t is None for t in seconds) or not sum(seconds):
         return None
     return round(frames / sum(seconds), 3)
@@ -295,11 +299,11 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
     train_log = json.loads((inputs["finetune"] / "body" / TRAIN_LOG).read_text())
     fit_summary = (read_manifest(inputs["smplx_fit"]) or {}).get("summary", {})
 
-    # the grid: source | mesh condition | generated | face-enhanced | the baseline's copy, a few frames of each
+    # the grid: source | mesh condition | generated | face and hands redone | the baseline's copy, a few frames of each
     # held-out clip
     picks = [p for p in samples(test_clips, params.frames_per_clip) if p[2] < n]
     progress.start("report: sample frames", len(picks))
-    final = face.final_frames(ev["render_body"], ev["face"], n)
+    final = hands.final_frames(ev["render_body"], ev["face"], ev["hands"], n)
     side = params.thumbnail
     grid: list[tuple[str, list[np.ndarray]]] = []
     cells: list[dict[str, Any]] = []
@@ -312,11 +316,12 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         name = f"{clip['name']} #{k}"
         grid.append((name, images))
         cells.append({"name": name, "frame": t, "images": [_data_uri(i) for i in images],
-                      "face_redone": final[t].is_relative_to(ev["face"])})
+                      "face_redone": (ev["face"] / face.FRAMES / png).is_file()})
         progress.advance(1)
     sheet = contact_sheet(grid) if grid else np.full((32, len(COLUMNS) * side, 3), 255, np.uint8)
     write_png(out / SHEET, sheet)
 
+    hands_summary = (read_manifest(ev["hands"]) or {}).get("summary")  # None: a render from before the stage
     fit_rows = _read_csv(inputs["smplx_fit"] / "fit_error.csv")
     lmd_rows = _read_csv(ev["metrics"] / metrics.PER_FRAME)
     write_plots(out / PLOTS, fit_rows, lmd_rows)
@@ -364,6 +369,7 @@ def run(inputs: dict[str, Path], out: Path, params: ReportParams, progress: Prog
         sampled=scored.get("sampled"),
         framing=((read_manifest(ev["motion"]) or {}).get("summary") or {}).get("framing"),
         face_check=((read_manifest(ev["face"]) or {}).get("summary") or {}).get("face_check"),
+        hands_done=hands.describe(hands_summary) if hands_summary else None,
         total_seconds=round(sum(t["seconds"] or 0.0 for t in times), 1), speech=spoken, follow=follow,
         video=video_uri(ev["metrics"] / metrics.SIDE_BY_SIDE), panels=metrics.PANELS,
         hand_ratio=scored.get("hand_rate_ratio"), nn_hand_ratio=scored.get("baseline_hand_rate_ratio"),
@@ -407,6 +413,7 @@ the grid, which copy the nearest training frame.{% endif %}</td></tr>
   moved onto it, {{ face_check.get("skipped", 0) }} left alone, {{ face_check.get("no_face_found", 0) }} without a
   face found ({{ face_check.get("no_face_redone", 0) }} redone where the identity's skin was, {{
   face_check.get("no_face_left", 0) }} left as the body drew them){% endif %}</td></tr>{% endif %}
+{% if hands_done %}<tr><th>hands</th><td>{{ hands_done }}</td></tr>{% endif %}
 </table>
 
 <h2>Metrics</h2>

@@ -53,7 +53,8 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     first = anchor(ws.root, "finetune", ID)  # the model is cached; then the evaluation protocol runs
     assert first.returncode == 0, first.stderr
     assert f"finetune[{ID}]: cached" in first.stdout, first.stdout
-    for stage in ("render_body", "face", "assemble", "metrics"):  # the held-out clips rendered, scored, reported
+    # the held-out clips rendered, scored, reported
+    for stage in ("render_body", "face", "hands", "assemble", "metrics"):
         assert f"{stage}[{ID}/" in first.stdout, first.stdout
     assert "fid not computed" in first.stdout
     report = ws.root / "data" / "reports" / ID
@@ -96,8 +97,12 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     sheet = cv2.imread(str(report / "contact_sheet.png"))
     assert sheet.shape == (22 + rows * (22 + 192), 5 * 192, 3)
     assert "nearest training frame" in page and "SSIM in the person" in page
-    # time per stage from the manifests of the artifacts shown: the identity's ten and the evaluation render's six
-    assert read_manifest(report)["summary"]["stages_timed"] == 16
+    # the hand stage's counts, as its summary says them
+    from tasks.stages import hands
+    done = read_manifest(next(ws.root.glob(f"data/renders/{ID}/*/hands")))["summary"]
+    assert done["redone"] > 0 and f"<tr><th>hands</th><td>{hands.describe(done)}</td></tr>" in page
+    # time per stage from the manifests of the artifacts shown: the identity's ten and the evaluation render's seven
+    assert read_manifest(report)["summary"]["stages_timed"] == 17
     times = page[page.index("Time per stage"):]
     for stage in ("source", "smplx_fit", "pretrain", "finetune", "render_body", "metrics"):
         assert f"<tr><td>{stage}</td>" in times
@@ -158,7 +163,7 @@ def test_finetune_evaluates_and_writes_a_self_contained_report_that_dvc_reads(ws
     (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
     second = anchor(ws.root, "evaluate", ID)
     assert second.returncode == 0, second.stderr
-    for stage in ("render_body", "face", "assemble"):
+    for stage in ("render_body", "face", "hands", "assemble"):
         assert re.search(rf"{stage}\[{ID}/\w+\]: cached", second.stdout), second.stdout
     diff = json.loads(_dvc(ws, "metrics", "diff", "--json").stdout)
     changed = diff[metrics_file]

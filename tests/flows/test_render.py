@@ -56,7 +56,7 @@ def test_anchor_render_command_caches_and_copies_the_video_out(ws: Workspace, tm
     assert "Finished in state Completed()" in logged
     second = anchor(ws.root, "render", ID, "--motion", f"{ID}:test", "--out", str(out), "--frames", "8")
     assert second.returncode == 0, second.stderr
-    for stage in ("motion", "render_body", "face", "assemble", "follow"):
+    for stage in ("motion", "render_body", "face", "hands", "assemble", "follow"):
         assert f"{stage}: cached" in second.stdout, second.stdout
     assert any(out.read_bytes() == p.read_bytes() for p in ws.root.glob("data/renders/demo/*/assemble/video.mp4"))
     # errors name what is wrong, before any work

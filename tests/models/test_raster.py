@@ -178,3 +178,16 @@ def test_unavailable_names_packages(monkeypatch: pytest.MonkeyPatch) -> None:
     for package in ("libegl1", "libegl-mesa0", "libgl1-mesa-dri"):
         assert package in message.split()
     assert isinstance(info.value, RuntimeError)
+
+
+def test_vertex_colours_colour_each_vertex(ctx: moderngl.Context) -> None:
+    verts = box((0.1, -0.05, 3.0), 0.4, ax=0.3, ay=0.5)
+    colours = np.zeros((8, 3), np.float32)
+    colours[:, 0] = 1.0  # all red: the shading is the uniform colour's, the hue the vertices'
+    with (MeshRasterizer(BOX_FACES, SIZE, ctx=ctx, ambient=1.0, color=(1.0, 0.0, 0.0)) as plain,
+          MeshRasterizer(BOX_FACES, SIZE, ctx=ctx, ambient=1.0, vertex_colors=colours) as coloured):
+        a, b = plain.render(verts, K), coloured.render(verts, K)
+    assert (a > 0).any() and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert (b[..., 1:] == 0).all()
+    with pytest.raises(ValueError, match="vertex_colors"):
+        MeshRasterizer(BOX_FACES, SIZE, ctx=ctx, vertex_colors=np.zeros((5, 3)))

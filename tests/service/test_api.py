@@ -87,8 +87,8 @@ def test_a_speech_render_is_a_job_whose_video_streams(served: Served, voice: Pat
         running = [s for s in seen if s["state"] == "running"]
         # 1 ("done") can show while the run is still running: every stage done, the run publishing what it made
         assert running and all(0 <= s["progress"] <= 1 for s in running) and running[0]["progress"] < 1
-        assert {s["stage"].split(":")[0] for s in running if s["stage"]} <= {"starting", "motion", "render_body",
-                                                                             "face", "assemble", "follow", "done"}
+        assert {s["stage"].split(":")[0] for s in running if s["stage"]} <= {
+            "starting", "motion", "render_body", "face", "hands", "assemble", "follow", "done"}
 
         result = status["result"]
         identity, key = result["render"].split("/")

@@ -110,7 +110,7 @@ def test_metrics_of_a_foreign_motion_are_not_computed(ws: Workspace, tmp_path: P
                                     {"kind": "file"}, None)
     subject = render_subject(ID, key)
     runner.execute(ws, "motion", subject, external=staged)
-    for stage in ("render_body", "face", "metrics"):
+    for stage in ("render_body", "face", "hands", "metrics"):
         runner.execute(ws, stage, subject)
     data = json.loads((artifact_dir(ws, "metrics", subject) / "metrics.json").read_text())
     assert all(data[k]["note"].startswith("not computed: no ground truth") for k in ("fid", "fvd", "lmd_body"))

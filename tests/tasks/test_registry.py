@@ -37,7 +37,7 @@ def test_cache_key_uses_params_digest() -> None:
 
 
 def test_downstream() -> None:
-    render = ["render_body", "face", "assemble", "follow", "metrics"]
+    render = ["render_body", "face", "hands", "assemble", "follow", "metrics"]
     assert downstream("ingest") == ["keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech",
                                     "pretrain", "finetune", *render, "report"]
     assert downstream("matting") == ["pretrain", "finetune", *render, "report"]
