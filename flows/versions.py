@@ -30,7 +30,8 @@ MODEL_STAGE = "finetune"  # each distinct output of this stage is a version of t
 RENDER_STAGES = tuple(s for s in registry.in_flow("render") if registry.get(s).params is not None
                       and (s == "assemble" or s in registry.upstream("assemble")))
 SUPERSEDED = "superseded.json"  # in a render's folder: the render that replaced it
-PER_RUN = ("seed", "enabled")  # `anchor render --seed/--no-face` choices, not params that went stale
+PER_RUN = {"seed": None, "enabled": "face"}  # `anchor render --seed/--no-face` choices (for every stage / that one
+# stage), not params that went stale
 
 
 def versions(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
@@ -130,7 +131,8 @@ def renders(ws: Workspace, identity: str) -> list[dict[str, Any]]:
         for stage, m in manifests.items():
             if m is None:
                 reasons.append(f"{stage} missing")
-            elif _settled(m.get("params") or {}) != _settled(params.section(stage).model_dump(mode="json")):
+            elif (_settled(stage, m.get("params") or {})
+                  != _settled(stage, params.section(stage).model_dump(mode="json"))):
                 reasons.append(f"{stage} params changed")
         assemble = manifests["assemble"] or {}
         motion = (read_manifest(registry.artifact_dir(ws, "motion", subject)) or {}).get("summary") or {}
@@ -169,8 +171,8 @@ def mark_superseded(ws: Workspace, old: str, new: str) -> None:
                json.dumps({"subject": new, "at": now_iso()}, indent=2) + "\n")
 
 
-def _settled(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in PER_RUN}
+def _settled(stage: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in PER_RUN or PER_RUN[k] not in (None, stage)}
 
 
 def status(ws: Workspace, identity: str | None = None) -> list[dict[str, Any]]:

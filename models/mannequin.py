@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.smplx_layout import FINGERS  # SMPL-X order within each hand
+
 N_VERTS = 10475
 N_FACES = 20908
 N_JOINTS = 55
@@ -39,7 +41,6 @@ J = {name: i for i, name in enumerate((
     "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle", "right_ankle",
     "spine3", "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head", "left_shoulder",
     "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "jaw", "left_eye", "right_eye"))}
-FINGERS = ("index", "middle", "pinky", "ring", "thumb")  # SMPL-X order within each hand
 for _side, _base in (("left", 25), ("right", 40)):
     for _f, _finger in enumerate(FINGERS):
         for _k in range(3):

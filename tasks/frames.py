@@ -12,6 +12,7 @@ import numpy as np
 
 META = "meta.json"
 HANDS = "hands.parquet"  # render_mesh's hand squares per frame, read by training (named here: cheap to import)
+HAND = "hand"  # the hand model's folder in a finetune checkpoint, written by training, read by the hands stage
 
 
 def frame_name(index: int, ext: str = "jpg") -> str:

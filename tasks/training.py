@@ -35,6 +35,7 @@ from models.refiner import Refiner, degrade
 from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
+from tasks.frames import HAND
 from tasks.train_params import TRAIN_LOG, sgdm_side
 from tasks.training_data import ClipBatches, Identity, hand_crops, hand_weights, load_identity
 
@@ -458,9 +459,6 @@ def soften(real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         padded = F.pad(soft, (reach, reach, reach, reach), mode="replicate")
         out.append(padded[..., reach + dy:reach + dy + size, reach + dx:reach + dx + size])
     return torch.cat(out)
-
-
-HAND = "hand"  # the hand model's folder in a finetune checkpoint
 
 
 def train_hands(ingest: Path, render: Path, steps: int, section: Any, device: torch.device, scratch: Path,

@@ -124,6 +124,7 @@ def run(inputs: dict[str, Path], out: Path, params: AssembleParams, progress: Pr
         "motion": {"hash": motion_manifest.get("output_hash"), **info,
                    **{k: v for k, v in (motion_manifest.get("summary") or {}).items() if k in motion.DESCRIBED}},
         "params": {"render_body": body_manifest.get("params"), "face": face_manifest.get("params"),
+                   "hands": (read_manifest(inputs["hands"]) or {}).get("params"),
                    "assemble": params.model_dump(mode="json")},
         "frames": n,
         "fps": FPS,

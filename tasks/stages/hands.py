@@ -14,6 +14,7 @@ it changed are written; `final_frames` says where each finished frame is.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from core.artifacts import read_manifest
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
 from models import face_align, squares
-from models.raster import MeshRasterizer
 from tasks import smplx_table
 from tasks.devices import Compute
-from tasks.frames import frame_name, read_rgb, write_png
+from tasks.frames import HAND, frame_name, read_rgb, write_png
 from tasks.stages import face, render_body
-from tasks.stages.render_mesh import hand_boxes, hand_colors, pose_chunks, render_hand
+from tasks.stages.render_mesh import hand_boxes, hand_rasterizers, pose_chunks, render_hand
 
 FRAMES = "frames"
 TABLE = "hands.parquet"
 SIDES = ("left", "right")
 OUT_OF_VIEW, HIDDEN = "out_of_view", "hidden"
-BATCH = 32  # hand crops per pass of the model
+BATCH = 32  # hand crops per pass of the model (a chunk of frames has at most twice pose_chunks' CHUNK)
 
 
 class HandsParams(Section):
@@ -62,7 +63,7 @@ def describe(s: dict[str, Any]) -> str:
 
 STAGE = Stage(
     "hands", flow="render", scope="render",
-    inputs=("motion", "render_body", "face", "finetune", "smplx_fit", "render_mesh"), params=HandsParams,
+    inputs=("motion", "render_body", "face", "finetune", "smplx_fit"), params=HandsParams,
     reads=("render_mesh",), body_model=True, resource="gpu", device=True, in_dvc=False, describe=describe,
     outputs=(f"{FRAMES}/?", TABLE),
     description="hand crops → the identity's hand model → feathered blend; hidden hands pass through")
@@ -94,13 +95,18 @@ def square_mask(size: int, feather: float) -> np.ndarray:
     return np.round(np.minimum.outer(ramp, ramp) * 255).astype(np.uint8)
 
 
+def crop_size(finetune_dir: Path, default: int) -> int:
+    """The side the hand model learnt at (finetune's summary), so a later render_mesh.hand_size cannot change it."""
+    hand = ((read_manifest(finetune_dir) or {}).get("summary") or {}).get("hand") or {}
+    return int(hand.get("resolution") or default)
+
+
 def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progress, *, settings: Any,
         compute: Compute) -> dict[str, Any]:
     import torch
 
     from models import body
     from models.predictor import Predictor
-    from tasks.training import HAND
 
     _, blocks = smplx_table.read(inputs["motion"] / smplx_table.TABLE)
     n = len(blocks["transl"])
@@ -113,69 +119,64 @@ def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progr
     source = face.final_frames(inputs["render_body"], inputs["face"], n)
     res = read_rgb(source[0]).shape[0]
     model = Predictor.from_pretrained(model_dir).to(compute.device).eval()
-    size = int(settings.render_mesh.hand_size)
+    dtype = next(model.parameters()).dtype
+    size = crop_size(inputs["finetune"], int(settings.render_mesh.hand_size))
     betas, side, K = render_body.camera(inputs["smplx_fit"], settings)
-
-    # 1. where each hand is, and its mesh crop
     mesh_model = body.load(inputs["body_model"])
+    mask = square_mask(size, params.feather * size)
     reasons: dict[str, list[str | None]] = {s: [] for s in SIDES}
     boxes: dict[str, list[list[float] | None]] = {s: [] for s in SIDES}
-    conds: dict[tuple[int, str], np.ndarray] = {}
-    progress.start("hands: locating hands", n)
-    with MeshRasterizer(mesh_model.faces.astype(np.int64), size, ambient=settings.render_mesh.ambient,
-                        vertex_colors=hand_colors(mesh_model)) as mesh:
+    redone = frames_changed = 0
+    (out / FRAMES).mkdir()
+
+    def signed(images: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
+        return x.to(compute.device, dtype).div(127.5).sub(1)
+
+    progress.start("hands: redrawing", n)
+    with ExitStack() as stack:
+        meshes = {s: stack.enter_context(r) for s, r in
+                  hand_rasterizers(mesh_model, size, settings.render_mesh.ambient, None).items()}
+        # a chunk of frames at a time, from where each hand is to the pasted frames: memory stays a chunk's worth
         for idx, verts, joints in pose_chunks(mesh_model, betas, blocks, np.arange(n)):
+            # 1. where each hand is, and its mesh crop
+            conds: dict[tuple[int, str], np.ndarray] = {}
             for i, v, j in zip(idx, verts, joints, strict=True):
                 for s, box in hand_boxes(j, K, side).items():
                     boxes[s].append(box)
-                    if box is None:
-                        reasons[s].append(OUT_OF_VIEW)
-                        continue
-                    cond = render_hand(mesh, v, K, box, side, s == "left")
-                    if squares.hand_share(cond) < params.min_shown:
-                        reasons[s].append(HIDDEN)
-                        continue
-                    reasons[s].append(None)
-                    conds[(int(i), s)] = cond
+                    cond = None if box is None else render_hand(meshes[s], v, K, box, side, s == "left")
+                    why = OUT_OF_VIEW if cond is None else (
+                        HIDDEN if squares.hand_share(cond) < params.min_shown else None)
+                    reasons[s].append(why)
+                    if why is None:
+                        conds[(int(i), s)] = cond
+            if not conds:
+                progress.advance(len(idx))
+                continue
+            # 2. the finished frame's crop of each shown hand (mirrored as its mesh crop is), redrawn in one batch
+            keys = sorted(conds)
+            frames = {i: read_rgb(source[i]) for i in {i for i, _ in keys}}
+            soft = []
+            for i, s in keys:
+                crop = cv2.warpAffine(frames[i], squares.crop_transform(boxes[s][i], res, size), (size, size),
+                                      flags=cv2.INTER_LINEAR)
+                soft.append(crop[:, ::-1] if s == "left" else crop)
+            hands_out = []
+            for start in range(0, len(keys), BATCH):
+                with torch.no_grad():
+                    y = model(signed([conds[k] for k in keys[start:start + BATCH]]), signed(soft[start:start + BATCH]))
+                hands_out.append(((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+                                 .numpy())
+            # 3. each back into its frame under the feathered square
+            for (i, s), hand in zip(keys, np.concatenate(hands_out), strict=True):
+                frames[i] = face_align.paste(frames[i], hand[:, ::-1] if s == "left" else hand, mask,
+                                             squares.crop_transform(boxes[s][i], res, size), 0.0)
+            for i, frame in sorted(frames.items()):
+                write_png(out / FRAMES / frame_name(i, "png"), frame)
+            redone += len(keys)
+            frames_changed += len(frames)
             progress.advance(len(idx))
     _write_table(out, reasons, boxes)
-
-    # 2. redraw every shown hand, a batch of crops at a time, and 3. blend them back, frame by frame
-    mask = square_mask(size, params.feather * size)
-    todo = sorted(conds)
-    redrawn: dict[tuple[int, str], np.ndarray] = {}
-    (out / FRAMES).mkdir()
-    frames_changed = 0
-    progress.start("hands: redrawing", len(todo))
-    dtype = next(model.parameters()).dtype
-    for start in range(0, len(todo), BATCH):
-        keys = todo[start:start + BATCH]
-        soft = []
-        for i, s in keys:
-            crop = cv2.warpAffine(read_rgb(source[i]), squares.crop_transform(boxes[s][i], res, size), (size, size),
-                                  flags=cv2.INTER_LINEAR)
-            soft.append(crop[:, ::-1] if s == "left" else crop)
-
-        def signed(images: list[np.ndarray]) -> torch.Tensor:
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
-            return x.to(compute.device, dtype).div(127.5).sub(1)
-
-        with torch.no_grad():
-            y = model(signed([conds[k] for k in keys]), signed(soft))
-        y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for (i, s), hand in zip(keys, y, strict=True):
-            redrawn[(i, s)] = hand[:, ::-1] if s == "left" else hand
-        progress.advance(len(keys))
-        # frames whose hands are all redrawn are blended and written now: memory stays a batch's worth
-        done = {i for i, _ in keys if all((i, s) in redrawn or (i, s) not in conds for s in SIDES)}
-        for i in sorted(done):
-            frame = read_rgb(source[i])
-            for s in SIDES:
-                if (i, s) in redrawn:
-                    frame = face_align.paste(frame, redrawn.pop((i, s)), mask,
-                                             squares.crop_transform(boxes[s][i], res, size), 0.0)
-            write_png(out / FRAMES / frame_name(i, "png"), frame)
-            frames_changed += 1
     skipped = {why: sum(r == why for s in SIDES for r in reasons[s]) for why in (OUT_OF_VIEW, HIDDEN)}
-    return {"frames": n, "redone": len(todo), "frames_changed": frames_changed, "skipped": skipped,
+    return {"frames": n, "redone": redone, "frames_changed": frames_changed, "skipped": skipped,
             "resolution": size, "device": compute.device.type}

@@ -13,6 +13,7 @@ parameter sets get body conditions too, for training.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,26 +140,43 @@ FINGER_COLORS = ((1.0, 0.15, 0.15), (0.15, 1.0, 0.15), (0.15, 0.15, 1.0), (1.0, 
 PALM_COLOR = (0.1, 1.0, 1.0)
 
 
-def hand_colors(model: Any) -> np.ndarray:
-    """(V, 3) vertex colours for hand crops: each vertex coloured by the joint that moves it most."""
+def hand_colors(model: Any, side: str) -> np.ndarray:
+    """(V, 3) vertex colours for the crops of the `side` hand: its vertices coloured by the finger (or the palm)
+    that moves them most, everything else, the other hand included, in the mesh colour. So a hand behind the other
+    one shows as few of its own colours."""
     from models.raster import MESH_COLOR
 
     owner = model.lbs_weights.argmax(1).numpy()
     colors = np.tile(np.asarray(MESH_COLOR, np.float32), (len(owner), 1))
-    for side, joints in layout.HAND_JOINTS.items():
-        colors[owner == layout.WRISTS[side]] = PALM_COLOR
-        for k, color in enumerate(FINGER_COLORS):
-            colors[np.isin(owner, joints[3 * k:3 * k + 3])] = color
+    joints = layout.HAND_JOINTS[side]
+    colors[owner == layout.WRISTS[side]] = PALM_COLOR
+    for k, color in enumerate(FINGER_COLORS):
+        colors[np.isin(owner, joints[3 * k:3 * k + 3])] = color
     return colors
+
+
+def hand_rasterizers(model: Any, size: int, ambient: float, ctx: Any = None) -> dict[str, MeshRasterizer]:
+    """One rasteriser per hand at the crop side, each colouring its own hand (`hand_colors`), on `ctx` or on the
+    first one's own context; release them in reverse order (as an ExitStack does)."""
+    out = {}
+    for side in layout.HAND_JOINTS:
+        out[side] = MeshRasterizer(model.faces.astype(np.int64), size, ambient=ambient, ctx=ctx,
+                                   vertex_colors=hand_colors(model, side))
+        ctx = out[side].ctx
+    return out
 
 
 def render_hand(mesh: MeshRasterizer, vertices: np.ndarray, K: np.ndarray, box: list[float] | tuple[float, ...],
                 side: int, left: bool) -> np.ndarray:
-    """The mesh through a camera cropped to `box` of a `side` px frame with intrinsics K, at the rasteriser's size;
-    a left hand mirrored."""
+    """The mesh through a camera cropped to `box` of a `side` px frame with intrinsics K, at the rasteriser's size,
+    pixel for pixel where `cv2.warpAffine` by `squares.crop_transform` puts the frame's pixels; a left hand
+    mirrored."""
     m = squares.crop_transform(box, side, mesh.size)
     Kc = K.astype(np.float64).copy()
     Kc[:2] = m[:, :2] @ K[:2] + np.array([[0, 0, m[0, 2]], [0, 0, m[1, 2]]])
+    # the rasteriser fills pixel j from [j, j + 1), warpAffine samples the frame at pixel centres: at a scale of a,
+    # the two differ by (a - 1) / 2 crop pixels
+    Kc[:2, 2] -= (m[0, 0] - 1) / 2
     image = mesh.render(vertices, Kc)
     return image[:, ::-1].copy() if left else image
 
@@ -185,9 +203,9 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
     counts = {"ok": 0, "out_of_view": 0, "turned_away": 0, "behind_camera": 0}
     with (MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient) as mesh,
           MeshRasterizer(head_faces(model), res, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head,
-          MeshRasterizer(model.faces.astype(np.int64), params.hand_size, ambient=params.ambient, ctx=mesh.ctx,
-                         vertex_colors=hand_colors(model)) as hand,
-          ThreadPoolExecutor(params.workers) as pool):
+          ThreadPoolExecutor(params.workers) as pool, ExitStack() as stack):
+        hand = {side: stack.enter_context(r)
+                for side, r in hand_rasterizers(model, params.hand_size, params.ambient, mesh.ctx).items()}
         pending = []
 
         def save(path: Path, img: np.ndarray) -> None:
@@ -218,7 +236,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                     hands[side].append(box)
                     if box is not None:
                         save(out / "hand" / side / clip / name,
-                             render_hand(hand, v, K, box, res, side == "left")[:, :, ::-1])
+                             render_hand(hand[side], v, K, box, res, side == "left")[:, :, ::-1])
             progress.advance(len(idx))
         copies = pkeys.get("copy", np.zeros(len(pkeys["frame"]), np.int32))
         for idx, verts, _ in pose_chunks(model, betas, pblocks, np.arange(len(pkeys["frame"]))):

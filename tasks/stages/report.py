@@ -57,7 +57,7 @@ STAGE = Stage(
     inputs=("source", "ingest", "keypoints", "matting", "smplx_fit", "perturb", "render_mesh", "speech", "pretrain",
             "finetune"),
     params=ReportParams, external="evaluation", body_model=True,
-    reads=("models", "render_mesh", "render_body", "face", "assemble", "metrics"), home="reports",
+    reads=("models", "render_mesh", "render_body", "face", "hands", "assemble", "metrics"), home="reports",
     command="anchor evaluate {item}", dvc_outs=(HTML, "manifest.json"), dvc_metrics=(METRICS,),
     dvc_plots=(SHEET, PLOTS), describe=describe, outputs=(HTML, SHEET, METRICS, f"{PLOTS}/"),
     description="the identity's HTML report: held-out renders scored, fit, detection, time per stage")

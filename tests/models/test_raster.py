@@ -189,5 +189,15 @@ def test_vertex_colours_colour_each_vertex(ctx: moderngl.Context) -> None:
         a, b = plain.render(verts, K), coloured.render(verts, K)
     assert (a > 0).any() and np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert (b[..., 1:] == 0).all()
+    # each vertex its own colour: green grows with the vertex's x on screen, so left of the box is less green
+    uv = project(verts, K)
+    colours = np.zeros((8, 3), np.float32)
+    colours[:, 1] = (uv[:, 0] - uv[:, 0].min()) / np.ptp(uv[:, 0])
+    with MeshRasterizer(BOX_FACES, SIZE, ctx=ctx, ambient=1.0, vertex_colors=colours) as graded:
+        g = graded.render(verts, K)[..., 1].astype(float)
+    cols = np.nonzero((a > 0).any(-1).any(0))[0]
+    mid = (cols.min() + cols.max()) // 2
+    inside = (a > 0).any(-1)
+    assert g[:, :mid][inside[:, :mid]].mean() + 60 < g[:, mid:][inside[:, mid:]].mean()
     with pytest.raises(ValueError, match="vertex_colors"):
         MeshRasterizer(BOX_FACES, SIZE, ctx=ctx, vertex_colors=np.zeros((5, 3)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -43,16 +44,43 @@ def test_the_crop_camera_renders_the_frames_pixels_and_mirrors_a_left_hand() -> 
     verts = box((0.1, -0.05, 3.0), 0.4, ax=0.3, ay=0.5)
     ctx = gl_context()
     try:
-        with (MeshRasterizer(BOX_FACES, SIZE, ctx=ctx) as full, MeshRasterizer(BOX_FACES, 32, ctx=ctx) as crop):
+        with (MeshRasterizer(BOX_FACES, SIZE, ctx=ctx) as full, MeshRasterizer(BOX_FACES, 32, ctx=ctx) as same,
+              MeshRasterizer(BOX_FACES, 128, ctx=ctx) as big):
             whole = full.render(verts, K)
-            square = [20 / SIZE, 24 / SIZE, 32 / SIZE]  # 32 px at (20, 24), the box's corner: the frame's scale
-            right = render_hand(crop, verts, K, square, SIZE, left=False)
-            left = render_hand(crop, verts, K, square, SIZE, left=True)
+            square = [20 / SIZE, 24 / SIZE, 32 / SIZE]  # 32 px at (20, 24), the box's corner
+            right = render_hand(same, verts, K, square, SIZE, left=False)  # at the frame's own scale
+            left = render_hand(same, verts, K, square, SIZE, left=True)
+            scaled = render_hand(big, verts, K, square, SIZE, left=False)  # four times the frame's scale
     finally:
         ctx.release()
     assert (right > 0).any() and (right == 0).any()
     assert np.abs(right.astype(int) - whole[24:56, 20:52].astype(int)).max() <= 1
     assert np.array_equal(left, right[:, ::-1])
+    # at another scale the crop lies where warpAffine puts the frame's pixels: the silhouettes' centres agree to a
+    # fraction of a pixel (a camera off by half a frame pixel would put them 1.5 crop pixels apart)
+    warped = cv2.warpAffine((whole.max(-1) > 0).astype(np.float32), squares.crop_transform(square, SIZE, 128),
+                            (128, 128), flags=cv2.INTER_LINEAR)
+    drawn = (scaled.max(-1) > 0).astype(np.float32)
+    def centre(m: np.ndarray) -> np.ndarray:
+        return np.array([(m.sum(0) * np.arange(128)).sum(), (m.sum(1) * np.arange(128)).sum()]) / m.sum()
+
+    assert np.abs(centre(drawn) - centre(warped)).max() < 0.5, (centre(drawn), centre(warped))
+
+
+def test_a_hand_crop_colours_its_own_hand_only() -> None:
+    import torch
+
+    from models import smplx_layout as layout
+    from tasks.stages.render_mesh import hand_colors
+
+    owners = [layout.PELVIS, layout.L_WRIST, layout.R_WRIST, *layout.HAND_JOINTS["left"][::3],
+              *layout.HAND_JOINTS["right"][::3]]  # body, both palms, each finger's base joint on both hands
+    model = SimpleNamespace(lbs_weights=torch.nn.functional.one_hot(torch.tensor(owners), layout.N_JOINTS).float())
+    left = hand_colors(model, "left")
+    assert np.allclose(left[[0, 2, *range(8, 13)]], MESH_COLOR)  # the body and the other hand: the mesh colour
+    assert np.allclose(left[1], PALM_COLOR) and np.allclose(left[3:8], FINGER_COLORS)
+    right = hand_colors(model, "right")
+    assert np.allclose(right[8:13], FINGER_COLORS) and np.allclose(right[3:8], MESH_COLOR)
 
 
 def test_hand_share_counts_the_hands_colours_only() -> None:
@@ -172,6 +200,14 @@ def test_disabled_or_without_a_hand_model_hands_stay_as_the_body_drew_them(ws: W
     assert not (out / hands.FRAMES).exists()
     assert read_manifest(out)["summary"]["disabled"] is True
     assert set(pq.read_table(out / hands.TABLE).to_pandas()["left_reason"]) == {"disabled"}
+    # a hand showing less of itself than `min_shown` is behind something: it passes through, counted as hidden
+    subject = render(ws, blocks, overrides={"hands": {"min_shown": 1.0}})
+    out = artifact_dir(ws, "hands", subject)
+    summary = read_manifest(out)["summary"]
+    assert summary["redone"] == 0 and summary["skipped"][hands.HIDDEN] > 0 and not list((out / hands.FRAMES).glob("*"))
+    reasons = pq.read_table(out / hands.TABLE).to_pandas()
+    hidden = (reasons[["left_reason", "right_reason"]] == hands.HIDDEN).to_numpy().sum()
+    assert summary["skipped"][hands.HIDDEN] == hidden
     # a checkpoint finetuned before the hand stage: the render still runs, hands untouched
     old = tmp_path / "finetune"
     shutil.copytree(artifact_dir(ws, "finetune", ID), old, ignore=shutil.ignore_patterns(HAND))

@@ -124,7 +124,7 @@ def test_the_real_frames_scored_as_if_generated_are_perfect_and_out_of_order_the
     axis fails. The same frames played backwards (the right person, the wrong pose at each moment) score worse on
     every count."""
 
-    from tasks.stages import face, metrics
+    from tasks.stages import hands, metrics
 
     blocks, _ = held_out(ws)
     subject = render(ws, blocks, kind="held_out")
@@ -132,7 +132,7 @@ def test_the_real_frames_scored_as_if_generated_are_perfect_and_out_of_order_the
     weights = _inception_weights(tmp_path / "inception.pth")
 
     def score(frames: list, outlier: float) -> dict:
-        monkeypatch.setattr(face, "final_frames", lambda body, face_dir, n: frames[:n])
+        monkeypatch.setattr(hands, "final_frames", lambda body, face_dir, hands_dir, n: frames[:n])
         runner.execute(ws, "metrics", subject, overrides={"hand_outlier": outlier,  # a cache key of its own
                                                           "inception_weights": str(weights)})
         return json.loads((artifact_dir(ws, "metrics", subject) / "metrics.json").read_text())
