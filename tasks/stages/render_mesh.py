@@ -42,8 +42,9 @@ class RenderMeshParams(Section):
     ambient: float = Field(0.3, ge=0, le=1)
     max_face_yaw: float = Field(75.0, gt=0, le=180, description="degrees; a head turned further away is marked "
                                 "as having no visible face")
-    hand_size: int = Field(64, ge=16, le=512, multiple_of=16, description="side of the hand crops (mesh and "
-                           "frame) the hand model learns and redraws")
+    hand_size: int = Field(96, ge=16, le=512, multiple_of=16, description="side of the hand crops (mesh and "
+                           "frame) the hand model learns and redraws (seated clip: 96 found more hands than 64 or "
+                           "128, docs/cpu-profile.md)")
     png_level: int = Field(1, ge=0, le=9, description="PNG compression level (speed over size)")
     workers: int = Field(2, ge=1, le=64, description="threads encoding images")
 

@@ -22,7 +22,7 @@ from models.raster import MESH_COLOR, MeshRasterizer
 from tasks.frames import frame_name, read_rgb
 from tasks.registry import artifact_dir
 from tasks.stages import face, hands
-from tasks.stages.render_mesh import FINGER_COLORS, PALM_COLOR, render_hand
+from tasks.stages.render_mesh import FINGER_COLORS, PALM_COLOR, RenderMeshParams, render_hand
 from tasks.training import HAND
 from tasks.training_data import hand_crops
 from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render, video_frames
@@ -129,7 +129,8 @@ def test_finetune_learns_a_hand_model_from_the_identitys_mirrored_hand_crops(ws:
     shown = sum(b is not None for side in ("left", "right") for c, b in zip(tab["clip"], tab[side], strict=True)
                 if c in train)
     conds, reals = hand_crops(ingest, render_dir)
-    assert shown > 0 and conds.shape == reals.shape == (shown, 64, 64, 3)
+    side = RenderMeshParams().hand_size
+    assert shown > 0 and conds.shape == reals.shape == (shown, side, side, 3)
     # every mesh crop shows its hand in the hands' colours; a left one is mirrored like its frame crop
     assert min(squares.hand_share(c) for c in conds) > 0
     k = 0
@@ -138,7 +139,7 @@ def test_finetune_learns_a_hand_model_from_the_identitys_mirrored_hand_crops(ws:
             continue
         if left is not None:
             frame = read_rgb(ingest / "frames" / c / frame_name(int(f)))
-            crop = cv2.warpAffine(frame, squares.crop_transform(left, frame.shape[0], 64), (64, 64),
+            crop = cv2.warpAffine(frame, squares.crop_transform(left, frame.shape[0], side), (side, side),
                                   flags=cv2.INTER_LINEAR)
             assert np.array_equal(reals[k], crop[:, ::-1]) and not np.array_equal(reals[k], crop)
             break
