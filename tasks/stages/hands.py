@@ -6,10 +6,10 @@ used for training (`render_mesh.hand_boxes`), its mesh crop is rendered at the h
 in their own colours (`render_mesh.render_hand`; a left hand mirrored), the finished frame's crop of the same square
 (face stage done) is brought to that side, the hand model (finetune's `hand/`, a `Predictor` reading the mesh crop
 and the soft hand) redraws it, and it goes back through the inverse transform under a feathered square. A hand out
-of view, or hidden behind the body (under `min_shown` of its crop in the hand's own colours), passes through; so do
-all hands when the stage is disabled or the checkpoint has no hand model (one finetuned before it). The model is
-deterministic and reads the mesh of each frame alone, so a hand is as steady over time as its mesh. Only the frames
-it changed are written; `final_frames` says where each finished frame is.
+of view, or hidden behind the body or the other hand (under `min_shown` of its crop in its own colours), passes
+through; so do all hands when the stage is disabled or the checkpoint has no hand model (one finetuned before it).
+The model is deterministic and reads the mesh of each frame alone, so a hand is as steady over time as its mesh.
+Only the frames it changed are written; `final_frames` says where each finished frame is.
 """
 
 from __future__ import annotations
