@@ -172,7 +172,7 @@ def load_identity(name: str, ingest: Path, render: Path, source: Path, *, res: i
     return ident
 
 
-HAND_CROPS = 4000  # at most this many hand crops, evenly spread, are loaded (about 100 MB at 64 px)
+HAND_CROPS = 4000  # at most this many hand crops, evenly spread, are loaded (with their mesh crops ~220 MB at 96 px)
 
 
 def hand_crops(ingest: Path, render: Path, most: int = HAND_CROPS) -> tuple[np.ndarray, np.ndarray]:

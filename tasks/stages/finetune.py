@@ -70,10 +70,10 @@ def run(inputs: dict[str, Path], out: Path, params: FinetuneParams, progress: Pr
     sources = [("identity", inputs["ingest"], inputs["render_mesh"], inputs["ingest"])]
     summary = train_models(sources, settings, params, base, out, scratch, encoded, progress, compute,
                            start=inputs["pretrain"])
-    steps = int(params.for_profile(settings.profile)["hand_steps"])
-    if steps:
+    prof = params.for_profile(settings.profile)
+    if steps := int(prof["hand_steps"]):
         progress.start("training the hand model", steps)
         summary["hand"] = train_hands(inputs["ingest"], inputs["render_mesh"], steps, params, compute.device,
                                       scratch / "hand", out, lambda: progress.advance(1),
-                                      save_every=int(params.for_profile(settings.profile)["save_every"]))
+                                      save_every=int(prof["save_every"]))
     return summary
