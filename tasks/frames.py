@@ -13,6 +13,8 @@ import numpy as np
 META = "meta.json"
 HANDS = "hands.parquet"  # render_mesh's hand squares per frame, read by training (named here: cheap to import)
 HAND = "hand"  # the hand model's folder in a finetune checkpoint, written by training, read by the hands stage
+FACE_JAW = "face_jaw"  # render_mesh's face crops with the jaw coloured: the face detail model's condition
+FACE_DETAIL = "face_detail"  # the face detail model's folder in a finetune checkpoint, read by the face stage
 
 
 def frame_name(index: int, ext: str = "jpg") -> str:

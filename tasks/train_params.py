@@ -110,9 +110,10 @@ def describe(s: dict[str, Any]) -> str:
         return text
 
     text = "; ".join(one(which, m) for which in ("body", "face") if isinstance(m := s.get(which), dict))
-    if isinstance(h := s.get("hand"), dict):
-        text += (f"; hand model: {h['skipped']}" if h.get("skipped") else
-                 f"; hand model {h['steps']} steps on {h['crops']} crops, loss {h['loss_first']} → {h['loss_last']}")
+    for key, name in (("hand", "hand model"), ("face_detail", "face detail model")):
+        if isinstance(h := s.get(key), dict):
+            text += (f"; {name}: {h['skipped']}" if h.get("skipped") else
+                     f"; {name} {h['steps']} steps on {h['crops']} crops, loss {h['loss_first']} → {h['loss_last']}")
     return text
 
 

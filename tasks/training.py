@@ -35,9 +35,9 @@ from models.refiner import Refiner, degrade
 from models.sgdm import SGDM
 from models.sgdm_pipeline import SGDMPipeline
 from tasks.base_weights import quiet
-from tasks.frames import HAND
+from tasks.frames import FACE_DETAIL, HAND
 from tasks.train_params import TRAIN_LOG, sgdm_side
-from tasks.training_data import ClipBatches, Identity, hand_crops, hand_weights, load_identity
+from tasks.training_data import ClipBatches, Identity, face_crops, hand_crops, hand_weights, load_identity
 
 STATE = "train_state"
 
@@ -435,7 +435,7 @@ def _l1_ssim(ssim_weight: float) -> Callable[[torch.Tensor, torch.Tensor, torch.
     return loss
 
 
-HAND_BATCH = 8  # hand crops per step
+CROP_BATCH = 8  # crops per step of a crop model (hands, face detail)
 HAND_SOFTNESS = (2, 8)  # the body's hand has the detail of a crop this many times smaller (measured by eye: a blob)
 HAND_SHIFT = 0.1  # and sits up to this share of the crop side away from where the mesh puts it
 
@@ -468,26 +468,44 @@ def train_hands(ingest: Path, render: Path, steps: int, section: Any, device: to
     conds, reals = hand_crops(ingest, render)
     if not len(conds):
         return {"steps": 0, "crops": 0, "skipped": "no hand in view in the training frames"}
+    return _train_crops("hand model", conds, reals, steps, section, device, scratch, out / HAND, advance, save_every)
+
+
+def train_face_detail(ingest: Path, render: Path, size: int, steps: int, section: Any, device: torch.device,
+                      scratch: Path, out: Path, advance: Callable[[], None] | None = None, save_every: int = 100
+                      ) -> dict[str, Any]:
+    """The identity's face detail model (a `Predictor` reading the jaw-coloured mesh crop and the soft face the body
+    drew, at the face model's side `size`), written to out/face_detail; nothing written for a render_mesh without
+    jaw-coloured crops or without a visible training face."""
+    conds, reals = face_crops(ingest, render, size)
+    if not len(conds):
+        return {"steps": 0, "crops": 0, "skipped": "no jaw-coloured face crops in the identity's render_mesh"}
+    return _train_crops("face detail model", conds, reals, steps, section, device, scratch, out / FACE_DETAIL,
+                        advance, save_every)
+
+
+def _train_crops(name: str, conds: np.ndarray, reals: np.ndarray, steps: int, section: Any, device: torch.device,
+                 scratch: Path, folder: Path, advance: Callable[[], None] | None, save_every: int) -> dict[str, Any]:
     model = _fresh(Predictor, section.seed).to(device)
-    result = train_hand_model(model, conds, reals, steps, section.predictor_lr, section.predictor_ssim, section.seed,
-                              scratch, advance, save_every)
-    model.to("cpu").save_pretrained(out / HAND)
+    result = train_crop_model(model, name, conds, reals, steps, section.predictor_lr, section.predictor_ssim,
+                              section.seed, scratch, advance, save_every)
+    model.to("cpu").save_pretrained(folder)
     return {"crops": len(conds), "resolution": int(conds.shape[1]), **result}
 
 
-def train_hand_model(model: Predictor, conds: np.ndarray, reals: np.ndarray, steps: int, lr: float,
+def train_crop_model(model: Predictor, name: str, conds: np.ndarray, reals: np.ndarray, steps: int, lr: float,
                      ssim_weight: float, seed: int, out: Path, advance: Callable[[], None] | None = None,
                      save_every: int = 100) -> dict[str, Any]:
-    """Learn the hand model in place from the identity's hand crops (`training_data.hand_crops`): each step, real
-    crops made to look like the body model's hands (`soften`) beside their mesh crops; the target is the real crop.
-    So it learns to draw the hand its mesh shows over what the body drew around it."""
+    """Learn a crop model (hands, face detail) in place from the identity's crops: each step, real crops made to
+    look like what the body model draws there (`soften`) beside their mesh crops; the target is the real crop. So
+    it learns to draw the part its mesh shows over what the body drew around it."""
     def batch(gen: torch.Generator) -> Batch:
-        pick = torch.randint(len(conds), (HAND_BATCH,), generator=gen).tolist()
+        pick = torch.randint(len(conds), (CROP_BATCH,), generator=gen).tolist()
         cond = _signed([torch.from_numpy(conds[k]).permute(2, 0, 1) for k in pick])
         real = _signed([torch.from_numpy(reals[k]).permute(2, 0, 1) for k in pick])
         return (cond, soften(real, gen)), real, None
 
-    return _train_regressor(model, "hand model", list(range(len(conds))), batch, _l1_ssim(ssim_weight), steps, lr,
+    return _train_regressor(model, name, list(range(len(conds))), batch, _l1_ssim(ssim_weight), steps, lr,
                             seed, out, advance, save_every)
 
 

@@ -8,6 +8,11 @@ reference, then pasted back through the inverse transform under a feathered face
 of view or turned away pass through unchanged, as do all frames when the stage is disabled. Only the frames it
 changed are written; assemble takes the rest from render_body.
 
+With `redraw: detail` (the cpu profile's) and a checkpoint that has one, the identity's face detail model redraws
+each visible face instead, frame by frame: a `Predictor` reading the mesh crop with its jaw coloured and the body
+frame's own crop of the face, learnt in finetune like the hand model. A Face SGDM learnt in minutes samples a
+blurred face; the regressor's is sharp and as steady over time as the mesh.
+
 Before pasting, each crop is checked against the body frame itself (MediaPipe face detection, full-range model, on
 the frame upscaled to at least DETECT_SIDE): where the body drew its face away from where the mesh puts it, the
 crop is moved onto the body's face (`check: align`) or that frame keeps the body's face (`check: skip`), and the
@@ -29,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from core.artifacts import read_manifest
 from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
@@ -38,10 +44,10 @@ from tasks import smplx_table
 from tasks.base_weights import quiet
 from tasks.denoising import WindowParams
 from tasks.devices import Compute
-from tasks.frames import ImageFiles, frame_name, read_meta, read_rgb, write_png
+from tasks.frames import FACE_DETAIL, ImageFiles, frame_name, read_meta, read_rgb, write_png
 from tasks.mp import solutions
 from tasks.stages import render_body
-from tasks.stages.render_mesh import FACES, face_state, head_faces, pose_chunks
+from tasks.stages.render_mesh import FACES, face_colors, face_state, head_faces, pose_chunks
 from tasks.workers import Reporter, run_parallel
 
 FRAMES = "frames"
@@ -69,12 +75,18 @@ class FaceParams(WindowParams):
     check_skin: float = Field(0.4, ge=0, le=1, description="where no face is detected: the least share of the "
                               "crop's central half in the identity's skin colour for the face there to be redone; "
                               "below it the frame keeps the body's face (0 = always redo, as the mesh says)")
+    redraw: dict[str, Literal["sgdm", "detail"]] = Field(
+        {"tiny": "sgdm", "cpu": "detail", "sd15": "sgdm"}, description="what redraws each face, per profile: sgdm "
+        "(Algorithm 2's Face SGDM inpainting runs of faces as videos) or detail (the identity's face detail model, "
+        "frame by frame from the jaw-coloured mesh crop and the body's face; a checkpoint without one uses the "
+        "SGDM; cpu: sharper, docs/cpu-profile.md)")
 
 
 def describe(s: dict[str, Any]) -> str:
     if s.get("disabled"):
         return "disabled"
-    text = f"{s['enhanced']} of {s['frames']} faces redone"
+    text = f"{s['enhanced']} of {s['frames']} faces redone" + (" by the face detail model"
+                                                               if s.get("redraw") == "detail" else "")
     moved = (s.get("face_check") or {}).get("aligned", 0)
     kept = (s.get("face_check") or {}).get("skipped", 0) + (s.get("face_check") or {}).get("no_face_left", 0)
     if moved or kept:
@@ -87,7 +99,8 @@ STAGE = Stage(
     inputs=("motion", "render_body", "finetune", "smplx_fit", "ingest", "render_mesh"), params=FaceParams,
     reads=("render_mesh",), body_model=True, resource="gpu", device=True, in_dvc=False,
     describe=describe, outputs=(f"{FRAMES}/?", f"{COND}/?", f"{MASK}/?", TABLE),
-    description="face crop → Face SGDM inpainting → feathered blend; hidden faces pass through")
+    description="face crop → Face SGDM inpainting (or the face detail model) → feathered blend; hidden faces pass "
+    "through")
 
 
 def _write_table(out: Path, reasons: list[str | None], transforms: list[np.ndarray | None]) -> None:
@@ -148,10 +161,18 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     quiet()
     generated = inputs["render_body"] / render_body.FRAMES
     res = read_rgb(generated / frame_name(0, "png")).shape[0]
-    pipe = render_body.load_pipeline(inputs["finetune"] / "face", params, settings.profile, compute)
-    if not pipe.inpaint:
-        raise StageError(f"{inputs['finetune'] / 'face'}: not an inpainting (face) model")
-    fres = pipe.resolution
+    detail_dir = inputs["finetune"] / FACE_DETAIL
+    detail = params.redraw[settings.profile] == "detail" and (detail_dir / "config.json").is_file()
+    if detail:
+        from models.predictor import Predictor
+
+        redrawer = Predictor.from_pretrained(detail_dir).to(compute.device).eval()
+        fres = crop_size(inputs["finetune"], FACE_DETAIL)
+    else:
+        pipe = render_body.load_pipeline(inputs["finetune"] / "face", params, settings.profile, compute)
+        if not pipe.inpaint:
+            raise StageError(f"{inputs['finetune'] / 'face'}: not an inpainting (face) model")
+        fres = pipe.resolution
     fsize = settings.render_mesh.face_size
     betas, side, K = render_body.camera(inputs["smplx_fit"], settings)
     for sub in (FRAMES, COND, MASK):
@@ -162,7 +183,9 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     reasons: list[str | None] = []
     transforms: list[np.ndarray | None] = []
     progress.start("face: locating faces", n)
-    with (MeshRasterizer(model.faces.astype(np.int64), side, ambient=settings.render_mesh.ambient) as mesh,
+    # the detail model reads the mesh with its jaw coloured, as it learnt from render_mesh's face_jaw/
+    with (MeshRasterizer(model.faces.astype(np.int64), side, ambient=settings.render_mesh.ambient,
+                         vertex_colors=face_colors(model) if detail else None) as mesh,
           MeshRasterizer(head_faces(model), side, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head):
         for idx, verts, joints in pose_chunks(model, betas, blocks, np.arange(n)):
             for i, v, j in zip(idx, verts, joints, strict=True):
@@ -211,13 +234,29 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                     (out / sub / frame_name(i, "png")).unlink(missing_ok=True)
     stretches = runs([r is None for r in reasons])
     _write_table(out, reasons, transforms)
+    how = {"redraw": "detail" if detail else "sgdm"}
     if not stretches:
-        return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check}
+        return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check, **how}
 
-    # 2. inpaint each run of visible faces as one video with the Face SGDM, then 3. blend each face back
+    # 2. redraw each visible face (the face detail model, or the Face SGDM inpainting each run as one video), then
+    # 3. blend each face back
+    feather = params.feather * fres
+
+    def paste(i: int, face: np.ndarray) -> None:
+        mask = cv2.imread(str(out / MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
+        blended = face_align.paste(read_rgb(generated / frame_name(i, "png")), face, mask, transforms[i], feather)
+        write_png(out / FRAMES / frame_name(i, "png"), blended)
+
+    if detail:
+        shown = [i for s_ in stretches for i in range(s_.start, s_.stop)]
+        progress.start("face: redrawing with the face detail model", len(shown))
+        redraw_faces(redrawer, shown, out / COND, generated, transforms, fres, paste, compute.device, progress)
+        return {"frames": n, "enhanced": len(shown), "runs": len(stretches), "resolution": fres,
+                "missing": _count(reasons), "device": compute.device.type,
+                "dtype": str(next(redrawer.parameters()).dtype).removeprefix("torch."), "face_check": check, **how}
+
     if reference is None:
         reference = reference_face(inputs["ingest"], inputs["render_mesh"], fres)
-    feather = params.feather * fres
     gen = torch.Generator().manual_seed(params.seed)
     progress.start("face: inpainting", params.steps[settings.profile] * len(stretches))
     for run_ in stretches:
@@ -228,11 +267,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 
         def blend(first: int, faces: np.ndarray, start: int = run_.start) -> None:
             for k, face in enumerate(faces):
-                i = start + first + k
-                mask = cv2.imread(str(out / MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
-                blended = face_align.paste(read_rgb(generated / frame_name(i, "png")), face, mask, transforms[i],
-                                           feather)
-                write_png(out / FRAMES / frame_name(i, "png"), blended)
+                paste(start + first + k, face)
 
         pipe(ImageFiles([out / COND / frame_name(i, "png") for i in range(run_.start, run_.stop)]), reference,
              images=ImageFiles(frames, transform=crop),
@@ -244,7 +279,44 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     return {"frames": n, "enhanced": sum(r is None for r in reasons), "runs": len(stretches),
             "resolution": fres, "missing": _count(reasons), "device": compute.device.type,
             "dtype": str(pipe.dtype).removeprefix("torch."), "scheduler": params.scheduler[settings.profile],
-            "face_check": check}
+            "face_check": check, **how}
+
+
+DETAIL_BATCH = 32  # faces per pass of the face detail model
+
+
+def crop_size(finetune_dir: Path, part: str) -> int:
+    """The crop side a crop model (the hand or face detail model, `part`) learnt at, from finetune's summary: a
+    later change of render_mesh's or finetune's sizes cannot change what an existing checkpoint reads."""
+    summary = ((read_manifest(finetune_dir) or {}).get("summary") or {}).get(part) or {}
+    if not summary.get("resolution"):
+        raise StageError(f"{finetune_dir}: its summary does not say at what side the {part} model learnt")
+    return int(summary["resolution"])
+
+
+def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, transforms: list[np.ndarray | None],
+                 fres: int, paste: Any, device: Any, progress: Progress) -> None:
+    """Each shown face redrawn by the face detail model from its mesh crop and the body frame's crop, a batch at a
+    time, and handed to `paste(i, face)`."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+
+    def signed(images: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
+        return x.to(device, dtype).div(127.5).sub(1)
+
+    for a in range(0, len(shown), DETAIL_BATCH):
+        part = shown[a:a + DETAIL_BATCH]
+        conds = [read_rgb(cond_dir / frame_name(i, "png")) for i in part]
+        soft = [cv2.warpAffine(read_rgb(generated / frame_name(i, "png")), transforms[i], (fres, fres),
+                               flags=cv2.INTER_LINEAR) for i in part]
+        with torch.no_grad():
+            y = model(signed(conds), signed(soft))
+        faces = ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, face in zip(part, faces, strict=True):
+            paste(i, face)
+        progress.advance(len(part))
 
 
 AWAY = "away from the body's face"

@@ -1,5 +1,6 @@
 """finetune: from the pretrained checkpoints, one identity's full frames (foreground and background), body and face
-(stage 2), and its hand model (the hand stage's, learnt from nothing on its own hand crops). Each run is a new version
+(stage 2), its hand model (the hand stage's, learnt from nothing on its own hand crops) and its face detail model
+(the face stage's, likewise on its face crops). Each run is a new version
 of the identity's models, a DVC output of this stage."""
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class FinetuneParams(TrainParams):
         "crops (render_mesh.hand_size), which the hands stage redraws the body's hands with (0 = none: hands stay "
         "as the body drew them; seated clip, ~670 crops at 64 px: 600 steps found more hands and scored higher "
         "SSIM than 2,400)")
+    face_detail_steps: dict[str, int] = Field(
+        {"tiny": 10, "cpu": 1200, "sd15": 0}, description="steps of the face detail model learnt on the identity's "
+        "face crops (render_mesh's jaw-coloured `face_jaw/` at face_resolution), which the face stage redraws the "
+        "body's face with where `face.redraw` says so (0 = none: the Face SGDM inpaints; cpu: a Face SGDM learnt in "
+        "minutes draws a blurred face, docs/cpu-profile.md)")
     predictor_reference: int = Field(0, ge=0, description="index of the identity's training frame the predictor "
                                      "learns against and keeps in the checkpoint (every prediction starts from it)")
 
@@ -59,13 +65,14 @@ class FinetuneParams(TrainParams):
 STAGE = Stage(
     "finetune", flow="finetune", inputs=("ingest", "render_mesh", "pretrain"), params=FinetuneParams,
     reads=("models",), base_weights=True, home="checkpoints", resource="gpu", device=True,
-    resumable=True, encodings=True, describe=describe, outputs=("body/", "face/", "hand/?"),
-    description="stage 2: the identity's own body and face SGDMs from the pretrained ones, and its hand model")
+    resumable=True, encodings=True, describe=describe, outputs=("body/", "face/", "hand/?", "face_detail/?"),
+    description="stage 2: the identity's own body and face SGDMs from the pretrained ones, its hand and face "
+    "detail models")
 
 
 def run(inputs: dict[str, Path], out: Path, params: FinetuneParams, progress: Progress, *,
         settings: SimpleNamespace, base: BasePaths, scratch: Path, encoded: Path, compute: Compute) -> dict[str, Any]:
-    from tasks.training import train_hands, train_models
+    from tasks.training import train_face_detail, train_hands, train_models
 
     sources = [("identity", inputs["ingest"], inputs["render_mesh"], inputs["ingest"])]
     summary = train_models(sources, settings, params, base, out, scratch, encoded, progress, compute,
@@ -76,4 +83,10 @@ def run(inputs: dict[str, Path], out: Path, params: FinetuneParams, progress: Pr
         summary["hand"] = train_hands(inputs["ingest"], inputs["render_mesh"], steps, params, compute.device,
                                       scratch / "hand", out, lambda: progress.advance(1),
                                       save_every=int(prof["save_every"]))
+    if steps := int(prof["face_detail_steps"]):
+        progress.start("training the face detail model", steps)
+        summary["face_detail"] = train_face_detail(inputs["ingest"], inputs["render_mesh"],
+                                                   int(prof["face_resolution"]), steps, params, compute.device,
+                                                   scratch / "face_detail", out, lambda: progress.advance(1),
+                                                   save_every=int(prof["save_every"]))
     return summary

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from core.artifacts import read_manifest
 from core.progress import Progress
 from core.section import Section
 from core.stage import Stage
@@ -95,12 +94,6 @@ def square_mask(size: int, feather: float) -> np.ndarray:
     return np.round(np.minimum.outer(ramp, ramp) * 255).astype(np.uint8)
 
 
-def crop_size(finetune_dir: Path, default: int) -> int:
-    """The side the hand model learnt at (finetune's summary), so a later render_mesh.hand_size cannot change it."""
-    hand = ((read_manifest(finetune_dir) or {}).get("summary") or {}).get("hand") or {}
-    return int(hand.get("resolution") or default)
-
-
 def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progress, *, settings: Any,
         compute: Compute) -> dict[str, Any]:
     import torch
@@ -120,7 +113,7 @@ def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progr
     res = read_rgb(source[0]).shape[0]
     model = Predictor.from_pretrained(model_dir).to(compute.device).eval()
     dtype = next(model.parameters()).dtype
-    size = crop_size(inputs["finetune"], int(settings.render_mesh.hand_size))
+    size = face.crop_size(inputs["finetune"], HAND)
     betas, side, K = render_body.camera(inputs["smplx_fit"], settings)
     mesh_model = body.load(inputs["body_model"])
     mask = square_mask(size, params.feather * size)

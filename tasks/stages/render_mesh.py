@@ -4,7 +4,9 @@ Per frame: the body condition (blue-grey mesh on black, the identity's camera), 
 similarity from projected mesh landmarks, that transform, and a face mask from the projected head. A frame whose
 face is out of view or turned away is marked in faces.parquet and gets no face crop; nothing fails on it (the
 official code crashes there). Each hand's square around its projected joints goes to hands.parquet, as shares of
-the frame side (empty when the hand is out of view): where training looks harder, and the hand model's crops. Each
+the frame side (empty when the hand is out of view): where training looks harder, and the hand model's crops. The
+face crop is also made with the jaw in a colour of its own (`face_jaw/`, `face_colors`): the face detail model's
+condition, where the mouth's opening shows as the jaw region's shape rather than a pixel-wide crease. Each
 hand in view is also rendered at `hand_size` through a camera cropped to its square, its fingers in their own
 colours (`render_hand`; a left hand mirrored, so one hand model learns both): the hand model's condition. Perturbed
 parameter sets get body conditions too, for training.
@@ -30,7 +32,7 @@ from models import face_align, squares
 from models import smplx_layout as layout
 from models.raster import MeshRasterizer
 from tasks import smplx_table
-from tasks.frames import HANDS, frame_name
+from tasks.frames import FACE_JAW, HANDS, frame_name
 
 FACES = "faces.parquet"
 
@@ -58,7 +60,8 @@ def describe(s: dict[str, Any]) -> str:
 
 STAGE = Stage(
     "render_mesh", flow="onboard", inputs=("smplx_fit", "perturb"), params=RenderMeshParams, body_model=True,
-    describe=describe, outputs=("body/", "face/?", "face_mask/?", "hand/?", "perturbed/?", FACES, HANDS),
+    describe=describe,
+    outputs=("body/", "face/?", "face_mask/?", f"{FACE_JAW}/?", "hand/?", "perturbed/?", FACES, HANDS),
     description="mesh condition images, aligned face crops, face transforms and masks, hand squares and crops")
 CHUNK = 32
 HEAD_JOINTS = (layout.HEAD, layout.JAW, layout.L_EYE, layout.R_EYE)
@@ -156,6 +159,20 @@ def hand_colors(model: Any, side: str) -> np.ndarray:
     return colors
 
 
+JAW_COLOR = (1.0, 0.2, 0.2)
+
+
+def face_colors(model: Any) -> np.ndarray:
+    """(V, 3) vertex colours for the face detail model's crops: the vertices the jaw moves most in JAW_COLOR, the
+    rest in the mesh colour. In the plain mesh an open mouth is a crease a pixel or two wide at the face crop's
+    side; the jaw region's outline moves with it."""
+    from models.raster import MESH_COLOR
+
+    colors = np.tile(np.asarray(MESH_COLOR, np.float32), (model.lbs_weights.shape[0], 1))
+    colors[model.lbs_weights.argmax(1).numpy() == layout.JAW] = JAW_COLOR
+    return colors
+
+
 def hand_rasterizers(model: Any, size: int, ambient: float, ctx: Any = None) -> dict[str, MeshRasterizer]:
     """One rasteriser per hand at the crop side, each colouring its own hand (`hand_colors`), on `ctx` or on the
     first one's own context; release them in reverse order (as an ExitStack does)."""
@@ -204,6 +221,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
     counts = {"ok": 0, "out_of_view": 0, "turned_away": 0, "behind_camera": 0}
     with (MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient) as mesh,
           MeshRasterizer(head_faces(model), res, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head,
+          MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient, ctx=mesh.ctx,
+                         vertex_colors=face_colors(model)) as jaw,
           ThreadPoolExecutor(params.workers) as pool, ExitStack() as stack):
         hand = {side: stack.enter_context(r)
                 for side, r in hand_rasterizers(model, params.hand_size, params.ambient, mesh.ctx).items()}
@@ -227,6 +246,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                     crop = cv2.warpAffine(image, m, (fsize, fsize), flags=cv2.INTER_LINEAR)
                     mask = cv2.warpAffine(head.render(v, K)[:, :, 0], m, (fsize, fsize), flags=cv2.INTER_LINEAR)
                     save(out / "face" / clip / name, crop[:, :, ::-1])
+                    save(out / FACE_JAW / clip / name,
+                         cv2.warpAffine(jaw.render(v, K), m, (fsize, fsize), flags=cv2.INTER_LINEAR)[:, :, ::-1])
                     save(out / "face_mask" / clip / name, mask)
                 records["clip"].append(clip)
                 records["frame"].append(frame)

@@ -1,0 +1,124 @@
+"""The face detail model: render_mesh's jaw-coloured face crops, the model finetune learns from them, and the face
+stage redrawing each shown face with it (`face.redraw: detail`), or with the Face SGDM where the checkpoint has none."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from core.artifacts import read_manifest
+from core.progress import NullProgress
+from core.workspace import Workspace
+from models.predictor import Predictor
+from models.raster import MESH_COLOR
+from tasks.frames import FACE_DETAIL, FACE_JAW, frame_name, read_meta, read_rgb
+from tasks.registry import artifact_dir
+from tasks.stages import face
+from tasks.stages.render_mesh import JAW_COLOR, face_colors
+from tasks.training_data import face_crops
+from tests.conftest import ONBOARDED_ID, copy_workspace, held_out, render
+
+slow = pytest.mark.slow
+ID = ONBOARDED_ID
+DETAIL = {"face": {"redraw": {"tiny": "detail", "cpu": "detail", "sd15": "sgdm"}, "check_skin": 0.0}}
+
+
+def jaw_share(image: np.ndarray) -> float:
+    """Share of pixels in the jaw's colour, shaded or not (red well above green and blue)."""
+    r, g, b = (image[..., k].astype(int) for k in range(3))
+    return float(((r > 60) & (r > 2 * g + 20) & (r > 2 * b + 20)).mean())
+
+
+def test_face_crops_colour_the_jaw_only() -> None:
+    import torch
+
+    from models import smplx_layout as layout
+
+    owners = [layout.HEAD, layout.JAW, layout.NECK, layout.JAW]
+    model = SimpleNamespace(lbs_weights=torch.nn.functional.one_hot(torch.tensor(owners), layout.N_JOINTS).float())
+    colors = face_colors(model)
+    assert np.allclose(colors[[1, 3]], JAW_COLOR) and np.allclose(colors[[0, 2]], MESH_COLOR)
+    assert jaw_share(np.round(np.asarray([[JAW_COLOR, MESH_COLOR]]) * 150).astype(np.uint8)) == 0.5
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Workspace:
+    return Workspace(copy_workspace(trained, tmp_path_factory.mktemp("ws") / "ws"))
+
+
+@slow
+def test_finetune_learns_a_face_detail_model_from_the_jaw_coloured_crops(ws: Workspace) -> None:
+    render_dir, ingest = artifact_dir(ws, "render_mesh", ID), artifact_dir(ws, "ingest", ID)
+    tab = pq.read_table(render_dir / "faces.parquet").to_pandas()
+    train = {c["name"] for c in read_meta(ingest)["clips"] if c["split"] == "train"}
+    visible = [(c, int(f), np.asarray(t).reshape(2, 3)) for c, f, v, t
+               in zip(tab["clip"], tab["frame"], tab["visible"], tab["transform"], strict=True) if v and c in train]
+    # render_mesh writes a jaw-coloured crop beside every plain face crop, and only there
+    written = {(p.parent.name, int(p.stem)) for p in (render_dir / FACE_JAW).rglob("*.png")}
+    assert written == {(c, f) for c, f, v in zip(tab["clip"], tab["frame"], tab["visible"], strict=True) if v}
+    c, f, m = visible[0]
+    plain = read_rgb(render_dir / "face" / c / frame_name(f, "png"))
+    jawed = read_rgb(render_dir / FACE_JAW / c / frame_name(f, "png"))
+    assert jawed.shape == plain.shape and jaw_share(plain) == 0 and jaw_share(jawed) > 0.002
+    assert np.array_equal(jawed.max(-1) > 0, plain.max(-1) > 0)  # the same mesh, only coloured otherwise
+    size = 16
+    conds, reals = face_crops(ingest, render_dir, size)
+    assert conds.shape == reals.shape == (len(visible), size, size, 3)
+    frame = read_rgb(ingest / "frames" / c / frame_name(f))
+    crop = cv2.warpAffine(frame, m, plain.shape[:2][::-1], flags=cv2.INTER_LINEAR)
+    assert np.array_equal(reals[0], cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
+    few, _ = face_crops(ingest, render_dir, size, most=3)
+    assert len(few) == 3 and np.array_equal(few[0], conds[0]) and np.array_equal(few[-1], conds[-1])
+    summary = read_manifest(artifact_dir(ws, "finetune", ID))["summary"]["face_detail"]
+    assert summary["steps"] == 10 and summary["crops"] == len(visible) and summary["resolution"] == 64
+    assert not Predictor.from_pretrained(artifact_dir(ws, "finetune", ID) / FACE_DETAIL).own_reference
+
+
+@slow
+def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Workspace, tmp_path: Path) -> None:
+    blocks, _ = held_out(ws)
+    blocks = {k: v[:8].copy() for k, v in blocks.items()}
+    blocks["transl"][5:7, 0] += 5.0  # out of view to the side: those frames keep the body's
+    subject = render(ws, blocks, overrides=DETAIL)
+    out = artifact_dir(ws, "face", subject)
+    summary = read_manifest(out)["summary"]
+    reasons = pq.read_table(out / face.TABLE).to_pandas()["reason"]
+    shown = {i for i, r in enumerate(reasons) if not isinstance(r, str)}  # no reason to skip it
+    assert summary["redraw"] == "detail" and summary["enhanced"] == len(shown) and {5, 6}.isdisjoint(shown)
+    assert {int(p.stem) for p in (out / face.FRAMES).glob("*.png")} == shown
+    # the model read the mesh with its jaw coloured, as it learnt
+    assert all(jaw_share(read_rgb(out / face.COND / frame_name(i, "png"))) > 0.002 for i in shown)
+    # a redrawn frame differs from the body's only where the face mask reaches
+    i = min(shown)
+    body = read_rgb(artifact_dir(ws, "render_body", subject) / "frames" / frame_name(i, "png")).astype(int)
+    after = read_rgb(out / face.FRAMES / frame_name(i, "png")).astype(int)
+    changed = np.abs(after - body).max(-1) > 0
+    mask = cv2.imread(str(out / face.MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
+    m = np.asarray(pq.read_table(out / face.TABLE).to_pandas()["transform"][i], np.float64).reshape(2, 3)
+    feathered = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), face.FaceParams().feather * mask.shape[0])
+    reach = cv2.warpAffine(feathered, cv2.invertAffineTransform(m), body.shape[:2][::-1],
+                           flags=cv2.INTER_LINEAR) > 0
+    assert changed.any() and not (changed & ~reach).any()
+    # a checkpoint finetuned before the face detail model: the Face SGDM redraws the faces
+    import torch
+
+    from tasks import registry
+    from tasks.devices import Compute
+    from tasks.runner import body_model_path
+
+    old = tmp_path / "finetune"
+    shutil.copytree(artifact_dir(ws, "finetune", ID), old, ignore=shutil.ignore_patterns(FACE_DETAIL))
+    inputs = {**{k: artifact_dir(ws, k, subject) for k in ("motion", "render_body")},
+              **{k: artifact_dir(ws, k, ID) for k in ("smplx_fit", "ingest", "render_mesh")},
+              "finetune": old, "body_model": body_model_path(ws)}
+    params = face.FaceParams(**{**registry.params(ws).face.model_dump(), **DETAIL["face"]})
+    (tmp_path / "out").mkdir()
+    summary = face.run(inputs, tmp_path / "out", params, NullProgress(),
+                       settings=registry.settings(ws, face.STAGE), compute=Compute(torch.device("cpu")))
+    assert summary["redraw"] == "sgdm" and summary["enhanced"] == len(shown) and summary["scheduler"]
