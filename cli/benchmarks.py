@@ -296,8 +296,8 @@ def render_profile(frames: int, steps: int = 20, window: int = 16, overlap: int 
 
 
 QUALITY_KEYS = ("pose_rate", "face_rate", "lmd_body_pct", "ssim_person", "nn_lmd_body_pct", "nn_ssim_person",
-                "hand_rate_ratio", "nn_hand_rate_ratio", "hand_ssim", "nn_hand_ssim", "train_min", "render_fps",
-                "resolution")
+                "hand_rate_ratio", "nn_hand_rate_ratio", "hand_ssim", "nn_hand_ssim", "face_ssim", "nn_face_ssim",
+                "train_min", "render_fps", "resolution")
 
 
 def _set_profile(workspace: Path, profile: str | None, **sections: dict[str, Any]) -> None:
@@ -369,6 +369,7 @@ def quality(video: Path, workspace: Path, profile: str = "cpu", log: Any = None)
             "hand_rate_ratio": scored.get("hand_rate_ratio"),
             "nn_hand_rate_ratio": scored.get("baseline_hand_rate_ratio"),
             "hand_ssim": value("hand_ssim"), "nn_hand_ssim": value("baseline_hand_ssim"),
+            "face_ssim": value("face_ssim"), "nn_face_ssim": value("baseline_face_ssim"),
             "render_fps": report.render_fps({s: render_dir / s for s in report.RENDER_TIMED}, int(scored["frames"])),
             "side_by_side": str(render_dir / "metrics" / metrics.SIDE_BY_SIDE),
             "report": str(ws.data / "reports" / name / "report.html")}

@@ -40,3 +40,11 @@ def crop_transform(box: list[float] | tuple[float, ...], frame_side: int, size: 
     x, y, s = (float(v) * frame_side for v in box)
     a = size / s
     return np.array([[a, 0.0, -x * a], [0.0, a, -y * a]])
+
+
+def square_mask(size: int, feather: float) -> np.ndarray:
+    """A size × size uint8 mask, full inside and falling linearly to 0 at the edges over `feather` px: a crop
+    model's square (a hand's, a face's) meets the frame without a seam."""
+    edge = np.minimum(np.arange(size), np.arange(size)[::-1]).astype(np.float32)
+    ramp = np.clip(edge / max(feather, 1e-6), 0, 1)
+    return np.round(np.minimum.outer(ramp, ramp) * 255).astype(np.uint8)

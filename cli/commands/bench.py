@@ -212,6 +212,8 @@ def bench_quality(video: Annotated[Path, typer.Option("--video", help="Video of 
                   num(result["nn_hand_rate_ratio"], "{:.2f}"), "≥ 0.9 (capped at 1)")
     table.add_row("SSIM around the hands", num(result["hand_ssim"], "{:.3f}"), num(result["nn_hand_ssim"], "{:.3f}"),
                   "above baseline")
+    table.add_row("SSIM around the face", num(result["face_ssim"], "{:.3f}"), num(result["nn_face_ssim"], "{:.3f}"),
+                  "above baseline")
     table.add_row("training minutes", f"{result['train_min']:.1f}", "", "≤ 20")
     table.add_row("render frames/s (body + face + encoding)", num(result["render_fps"], "{:.2f}"), "", "≥ 2")
     table.add_row("total minutes (onboard → report)", f"{result['total_min']:.1f}", "", "≤ 30")

@@ -38,7 +38,7 @@ from core.artifacts import read_manifest
 from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
-from models import face_align
+from models import face_align, squares
 from models.raster import MeshRasterizer
 from tasks import smplx_table
 from tasks.base_weights import quiet
@@ -80,6 +80,9 @@ class FaceParams(WindowParams):
         "(Algorithm 2's Face SGDM inpainting runs of faces as videos) or detail (the identity's face detail model, "
         "frame by frame from the jaw-coloured mesh crop and the body's face; a checkpoint without one uses the "
         "SGDM; cpu: sharper, docs/cpu-profile.md)")
+    detail_feather: float = Field(0.15, ge=0, le=0.5, description="with the face detail model: the edge of its "
+                                  "square crop, blended in linearly over this share of the side (it redraws the "
+                                  "whole crop, hair and surroundings included, not only the mesh's head)")
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -239,18 +242,21 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check, **how}
 
     # 2. redraw each visible face (the face detail model, or the Face SGDM inpainting each run as one video), then
-    # 3. blend each face back
-    feather = params.feather * fres
+    # 3. blend each face back: the detail model's under its whole square (the mesh's head is the body model's, not the
+    # person's, whose face and hair reach past it), the SGDM's under the head mask it inpainted
+    square = squares.square_mask(fres, params.detail_feather * fres) if detail else None
 
     def paste(i: int, face: np.ndarray) -> None:
-        mask = cv2.imread(str(out / MASK / frame_name(i, "png")), cv2.IMREAD_GRAYSCALE)
-        blended = face_align.paste(read_rgb(generated / frame_name(i, "png")), face, mask, transforms[i], feather)
+        mask = square if square is not None else cv2.imread(str(out / MASK / frame_name(i, "png")),
+                                                            cv2.IMREAD_GRAYSCALE)
+        blended = face_align.paste(read_rgb(generated / frame_name(i, "png")), face, mask, transforms[i],
+                                   0.0 if square is not None else params.feather * fres)
         write_png(out / FRAMES / frame_name(i, "png"), blended)
 
     if detail:
         shown = [i for s_ in stretches for i in range(s_.start, s_.stop)]
         progress.start("face: redrawing with the face detail model", len(shown))
-        redraw_faces(redrawer, shown, out / COND, generated, transforms, fres, paste, compute.device, progress)
+        redraw_faces(redrawer, shown, out / COND, generated, transforms, fres, paste, progress)
         return {"frames": n, "enhanced": len(shown), "runs": len(stretches), "resolution": fres,
                 "missing": _count(reasons), "device": compute.device.type,
                 "dtype": str(next(redrawer.parameters()).dtype).removeprefix("torch."), "face_check": check, **how}
@@ -285,6 +291,20 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 DETAIL_BATCH = 32  # faces per pass of the face detail model
 
 
+def crop_model(model: Any, conds: list[np.ndarray], soft: list[np.ndarray]) -> np.ndarray:
+    """A crop model (hand or face detail) on uint8 RGB mesh crops and the frame's crops: its uint8 RGB crops."""
+    import torch
+
+    param = next(model.parameters())
+
+    def signed(images: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
+        return x.to(param.device, param.dtype).div(127.5).sub(1)
+
+    y = model(signed(conds), signed(soft))
+    return ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def crop_size(finetune_dir: Path, part: str) -> int:
     """The crop side a crop model (the hand or face detail model, `part`) learnt at, from finetune's summary: a
     later change of render_mesh's or finetune's sizes cannot change what an existing checkpoint reads."""
@@ -295,16 +315,10 @@ def crop_size(finetune_dir: Path, part: str) -> int:
 
 
 def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, transforms: list[np.ndarray | None],
-                 fres: int, paste: Any, device: Any, progress: Progress) -> None:
+                 fres: int, paste: Any, progress: Progress) -> None:
     """Each shown face redrawn by the face detail model from its mesh crop and the body frame's crop, a batch at a
     time, and handed to `paste(i, face)`."""
     import torch
-
-    dtype = next(model.parameters()).dtype
-
-    def signed(images: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
-        return x.to(device, dtype).div(127.5).sub(1)
 
     for a in range(0, len(shown), DETAIL_BATCH):
         part = shown[a:a + DETAIL_BATCH]
@@ -312,8 +326,7 @@ def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, 
         soft = [cv2.warpAffine(read_rgb(generated / frame_name(i, "png")), transforms[i], (fres, fres),
                                flags=cv2.INTER_LINEAR) for i in part]
         with torch.no_grad():
-            y = model(signed(conds), signed(soft))
-        faces = ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            faces = crop_model(model, conds, soft)
         for i, face in zip(part, faces, strict=True):
             paste(i, face)
         progress.advance(len(part))

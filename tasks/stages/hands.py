@@ -86,14 +86,6 @@ def _write_table(out: Path, reasons: dict[str, list[str | None]], boxes: dict[st
     }), out / TABLE)
 
 
-def square_mask(size: int, feather: float) -> np.ndarray:
-    """A size × size uint8 mask, full inside and falling linearly to 0 at the edges over `feather` px: the hand
-    model's square meets the frame without a seam."""
-    edge = np.minimum(np.arange(size), np.arange(size)[::-1]).astype(np.float32)
-    ramp = np.clip(edge / max(feather, 1e-6), 0, 1)
-    return np.round(np.minimum.outer(ramp, ramp) * 255).astype(np.uint8)
-
-
 def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progress, *, settings: Any,
         compute: Compute) -> dict[str, Any]:
     import torch
@@ -112,19 +104,14 @@ def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progr
     source = face.final_frames(inputs["render_body"], inputs["face"], n)
     res = read_rgb(source[0]).shape[0]
     model = Predictor.from_pretrained(model_dir).to(compute.device).eval()
-    dtype = next(model.parameters()).dtype
     size = face.crop_size(inputs["finetune"], HAND)
     betas, side, K = render_body.camera(inputs["smplx_fit"], settings)
     mesh_model = body.load(inputs["body_model"])
-    mask = square_mask(size, params.feather * size)
+    mask = squares.square_mask(size, params.feather * size)
     reasons: dict[str, list[str | None]] = {s: [] for s in SIDES}
     boxes: dict[str, list[list[float] | None]] = {s: [] for s in SIDES}
     redone = frames_changed = 0
     (out / FRAMES).mkdir()
-
-    def signed(images: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
-        return x.to(compute.device, dtype).div(127.5).sub(1)
 
     progress.start("hands: redrawing", n)
     with ExitStack() as stack:
@@ -157,9 +144,8 @@ def run(inputs: dict[str, Path], out: Path, params: HandsParams, progress: Progr
             hands_out = []
             for start in range(0, len(keys), BATCH):
                 with torch.no_grad():
-                    y = model(signed([conds[k] for k in keys[start:start + BATCH]]), signed(soft[start:start + BATCH]))
-                hands_out.append(((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
-                                 .numpy())
+                    hands_out.append(face.crop_model(model, [conds[k] for k in keys[start:start + BATCH]],
+                                                     soft[start:start + BATCH]))
             # 3. each back into its frame under the feathered square
             for (i, s), hand in zip(keys, np.concatenate(hands_out), strict=True):
                 frames[i] = face_align.paste(frames[i], hand[:, ::-1] if s == "left" else hand, mask,

@@ -43,8 +43,9 @@ NEAREST = "nearest"  # the baseline's frames, one PNG per render frame
 NEAREST_TABLE = "nearest.csv"  # which training frame each one copies, and both SSIMs per frame
 SIDE_BY_SIDE = "side_by_side.mp4"  # real | mesh condition | generated | nearest training frame, with the audio
 PANELS = ("real", "mesh condition", "generated", "nearest training frame")
-SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "hand_ssim",
-          "baseline_lmd_body", "baseline_ssim_person", "baseline_hand_ssim")
+SCORES = ("fid", "fvd", "lmd_face", "lmd_body", "lmd_hand", "flicker", "ssim_person", "hand_ssim", "face_ssim",
+          "baseline_lmd_body", "baseline_ssim_person", "baseline_hand_ssim", "baseline_face_ssim")
+FACE_MARGIN = 1.1  # the face's square: the real face landmarks' longer extent times this
 HANDS = ("left_hand", "right_hand")
 PARTS = {"face": ("face", 478), "body": ("body", 33), "hand": (("left_hand", "right_hand"), 21)}
 
@@ -297,21 +298,26 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     scale = res / side  # landmarks at the crop side, pictures at the render's
     hand_boxes = [[box for h in HANDS if (box := squares.hand_box(points_of([row], h, 21)[0] * scale, res))]
                   for row in real_lm]
+    face_boxes = [squares.hand_box(points_of([row], "face", PARTS["face"][1])[0] * scale, res, FACE_MARGIN)
+                  for row in real_lm]  # the same rule as a hand's: where the face is, judged on its own
     del nn_lm, real_lm
 
-    progress.start("metrics: SSIM inside the person and around its hands", len(picks))
-    ssim_g, ssim_nn, hand_g, hand_nn = [], [], [], []
+    progress.start("metrics: SSIM inside the person, around its hands and its face", len(picks))
+    ssim_g, ssim_nn, hand_g, hand_nn, face_g, face_nn = [], [], [], [], [], []
     with open(out / NEAREST_TABLE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["frame", "train_clip", "train_frame", "ssim_person_generated", "ssim_person_nearest"])
         masks = person_masks(inputs["matting"], inputs["ingest"], picks, res)
-        for t, i, mask, boxes in zip(picks, chosen, masks, hand_boxes, strict=True):
+        for t, i, mask, boxes, face in zip(picks, chosen, masks, hand_boxes, face_boxes, strict=True):
             real, generated, nearest = real_image(t), gen_image(t), read_rgb(nn_paths[t])
             g_map, nn_map = scores.ssim_map(generated, real), scores.ssim_map(nearest, real)
             ssim_g.append(scores.mean_in_mask(g_map, mask))
             ssim_nn.append(scores.mean_in_mask(nn_map, mask))
             hand_g.extend(scores.mean_in_box(g_map, box) for box in boxes)
             hand_nn.extend(scores.mean_in_box(nn_map, box) for box in boxes)
+            if face is not None:
+                face_g.append(scores.mean_in_box(g_map, face))
+                face_nn.append(scores.mean_in_box(nn_map, face))
             row = train_rows[max(int(i), 0)]
             writer.writerow([t, row["clip"], row["frame"], round(ssim_g[-1], 5), round(ssim_nn[-1], 5)])
             progress.advance(1)
@@ -322,6 +328,9 @@ def run(inputs: dict[str, Path], out: Path, params: MetricsParams, progress: Pro
     for key, values in (("hand_ssim", hand_g), ("baseline_hand_ssim", hand_nn)):
         result[key] = {"value": round(float(np.mean(values)), 4), "crops": len(values)} if values else \
             _not("no hand with half its landmarks inside the real frames")
+    for key, values in (("face_ssim", face_g), ("baseline_face_ssim", face_nn)):
+        result[key] = {"value": round(float(np.mean(values)), 4), "frames": len(values)} if values else \
+            _not("no face with half its landmarks inside the real frames")
     pairs = [t for t in picks if t + 1 < n]
     flick = scores.flicker_of_pairs((gen_image(t), gen_image(t + 1), real_image(t), real_image(t + 1))
                                     for t in pairs) if pairs else None

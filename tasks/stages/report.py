@@ -65,10 +65,11 @@ STAGE = Stage(
 PAPER = {"fid": 35.91, "fvd": 53.38, "lmd_face": 1.45, "lmd_body": 5.14, "lmd_hand": 5.12}
 ROWS = {"fid": "FID ↓", "fvd": "FVD ↓", "lmd_face": "LMD face (px) ↓", "lmd_body": "LMD body (px) ↓",
         "lmd_hand": "LMD hand (px) ↓", "flicker": "temporal flicker ↓", "ssim_person": "SSIM in the person ↑",
-        "hand_ssim": "SSIM around the hands ↑",
+        "hand_ssim": "SSIM around the hands ↑", "face_ssim": "SSIM around the face ↑",
         "baseline_lmd_body": "baseline, nearest training frame: LMD body (px) ↓",
         "baseline_ssim_person": "baseline, nearest training frame: SSIM in the person ↑",
-        "baseline_hand_ssim": "baseline, nearest training frame: SSIM around the hands ↑"}
+        "baseline_hand_ssim": "baseline, nearest training frame: SSIM around the hands ↑",
+        "baseline_face_ssim": "baseline, nearest training frame: SSIM around the face ↑"}
 COLUMNS = ("source", "mesh condition", "generated", "face and hands redone", "nearest training frame")
 # the evaluation render's artifacts
 RENDER_STAGES = ("motion", "render_body", "face", "hands", "assemble", "follow", "metrics")

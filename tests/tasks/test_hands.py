@@ -109,7 +109,7 @@ def test_training_softens_a_hand_like_the_body_draws_it_reproducibly() -> None:
 
 
 def test_the_blend_mask_is_zero_at_the_edge_and_full_inside() -> None:
-    mask = hands.square_mask(64, 8)
+    mask = squares.square_mask(64, 8)
     assert mask[0].max() == 0 and mask[:, 0].max() == 0 and mask[-1].max() == 0
     assert (mask[8:56, 8:56] == 255).all() and mask[4, 32] == 128
     assert (np.diff(mask[:32, 32].astype(int)) >= 0).all()

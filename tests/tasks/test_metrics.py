@@ -81,6 +81,8 @@ def test_metrics_of_a_held_out_render_without_weights_say_why(ws: Workspace, tmp
     assert data["detection_rate_real"]["left_hand"] == data["detection_rate_real"]["right_hand"] == 1.0
     assert data["hand_ssim"]["crops"] == data["baseline_hand_ssim"]["crops"] == 2 * 19
     assert data["hand_ssim"]["value"] < data["baseline_hand_ssim"]["value"] < 1
+    assert data["face_ssim"]["frames"] == data["baseline_face_ssim"]["frames"] == 19  # and around the face
+    assert data["face_ssim"]["value"] < data["baseline_face_ssim"]["value"] < 1
     assert data["baseline_detection_rate"]["body"] == 1.0 and data["baseline_lmd_body"]["value"] < 5
     assert set(data["baseline_detection_rate"]) == {"body", "face", "left_hand", "right_hand"}
     rows = list(csv.DictReader((art / "nearest.csv").read_text().splitlines()))
@@ -146,12 +148,14 @@ def test_the_real_frames_scored_as_if_generated_are_perfect_and_out_of_order_the
     # the same hands found as in the real frames (both, in every frame): the ratio is 1, every hand square SSIM 1
     assert data["hand_rate_ratio"] == 1.0
     assert data["hand_ssim"]["value"] == pytest.approx(1.0, abs=1e-9) and data["hand_ssim"]["crops"] == 38
+    assert data["face_ssim"]["value"] == pytest.approx(1.0, abs=1e-9) and data["face_ssim"]["frames"] == 19
 
     backwards = score(real[::-1], 0.12)
     assert backwards["lmd_body"]["value"] > 4 * max(data["lmd_body"]["value"], 0.1)
     assert backwards["lmd_face"]["value"] > data["lmd_face"]["value"]
     assert backwards["ssim_person"]["value"] < 0.95
     assert backwards["hand_ssim"]["value"] < 0.95
+    assert backwards["face_ssim"]["value"] < 0.95
     assert backwards["flicker"]["value"] > 0.5 * backwards["flicker"]["change_real"]
 
 
