@@ -441,10 +441,11 @@ HAND_SHIFT = 0.1  # and sits up to this share of the crop side away from where t
 
 
 def soften(real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Real hand crops (B, 3, S, S) in [-1, 1] made like the hands the body model draws: the detail of a crop 2-8
-    times smaller (blurred, drifted and noised by `degrade`), shifted by up to HAND_SHIFT of the side. A body model
-    learnt in minutes draws a hand as a blob, often beside the mesh's: the hand model must learn to take the fingers
-    from the mesh and only the colours and the surroundings from the body's frame."""
+    """Real crops (B, 3, S, S) in [-1, 1] made like the body model draws them: the detail of a crop 2-8 times
+    smaller (blurred, drifted and noised by `degrade`), shifted by up to HAND_SHIFT of the side. A body model learnt
+    in minutes draws a hand as a blob, often beside the mesh's: the hand model must learn to take the fingers from
+    the mesh and only the colours and the surroundings from the body's frame. The face detail model learns from the
+    same (measured against softer faces, 4-16 times smaller: lower SSIM, docs/cpu-profile.md)."""
     import torch.nn.functional as F
 
     size = real.shape[-1]

@@ -11,7 +11,9 @@ changed are written; assemble takes the rest from render_body.
 With `redraw: detail` (the cpu profile's) and a checkpoint that has one, the identity's face detail model redraws
 each visible face instead, frame by frame: a `Predictor` reading the mesh crop with its jaw coloured and the body
 frame's own crop of the face, learnt in finetune like the hand model. A Face SGDM learnt in minutes samples a
-blurred face; the regressor's is sharp and as steady over time as the mesh.
+blurred face; the regressor's is sharp and as steady over time as the mesh. Its whole square crop is pasted back
+(the mesh's head is the body model's, smaller than the person's: under the head mask most of the face would stay the
+body's blur).
 
 Before pasting, each crop is checked against the body frame itself (MediaPipe face detection, full-range model, on
 the frame upscaled to at least DETECT_SIDE): where the body drew its face away from where the mesh puts it, the
@@ -90,6 +92,8 @@ def describe(s: dict[str, Any]) -> str:
         return "disabled"
     text = f"{s['enhanced']} of {s['frames']} faces redone" + (" by the face detail model"
                                                                if s.get("redraw") == "detail" else "")
+    if s.get("note"):
+        text += f" by the Face SGDM: {s['note']}"
     moved = (s.get("face_check") or {}).get("aligned", 0)
     kept = (s.get("face_check") or {}).get("skipped", 0) + (s.get("face_check") or {}).get("no_face_left", 0)
     if moved or kept:
@@ -237,7 +241,9 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                     (out / sub / frame_name(i, "png")).unlink(missing_ok=True)
     stretches = runs([r is None for r in reasons])
     _write_table(out, reasons, transforms)
-    how = {"redraw": "detail" if detail else "sgdm"}
+    how: dict[str, Any] = {"redraw": "detail" if detail else "sgdm"}
+    if params.redraw[settings.profile] == "detail" and not detail:
+        how["note"] = "no face detail model in the checkpoint (finetuned before it, or no face crops to learn from)"
     if not stretches:
         return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check, **how}
 

@@ -66,7 +66,8 @@ def test_finetune_learns_a_face_detail_model_from_the_jaw_coloured_crops(ws: Wor
     plain = read_rgb(render_dir / "face" / c / frame_name(f, "png"))
     jawed = read_rgb(render_dir / FACE_JAW / c / frame_name(f, "png"))
     assert jawed.shape == plain.shape and jaw_share(plain) == 0 and jaw_share(jawed) > 0.002
-    assert np.array_equal(jawed.max(-1) > 0, plain.max(-1) > 0)  # the same mesh, only coloured otherwise
+    # the same mesh, only coloured otherwise (a silhouette pixel may round to black in one colour and not the other)
+    assert ((jawed.max(-1) > 0) != (plain.max(-1) > 0)).mean() < 0.01
     size = 16
     conds, reals = face_crops(ingest, render_dir, size)
     assert conds.shape == reals.shape == (len(visible), size, size, 3)
@@ -122,3 +123,4 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
     summary = face.run(inputs, tmp_path / "out", params, NullProgress(),
                        settings=registry.settings(ws, face.STAGE), compute=Compute(torch.device("cpu")))
     assert summary["redraw"] == "sgdm" and summary["enhanced"] == len(shown) and summary["scheduler"]
+    assert "no face detail model" in summary["note"] and "by the Face SGDM" in face.describe(summary)
