@@ -218,32 +218,16 @@ FACE_CROPS = 3000  # at most this many face crops are loaded, evenly spread (~17
 def face_crops(ingest: Path, render: Path, size: int, most: int = FACE_CROPS) -> tuple[np.ndarray, np.ndarray]:
     """The face detail model's training pairs: the visible faces of the identity's training frames (at most `most`,
     evenly spread), as (N, size, size, 3) uint8 jaw-coloured mesh crops (render_mesh's `face_jaw/`) and the frame's
-    crops by the same transform, both brought to `size` as the face model's data is. Empty arrays for a render_mesh
-    from before jaw-coloured crops."""
+    crops, both as the Face SGDM's training data is read (`load_identity`). Empty arrays for a render_mesh from
+    before jaw-coloured crops, or without a visible training face."""
     none = np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0, 0, 0, 3), np.uint8)
-    if not (render / FACE_JAW).is_dir():
+    ident = load_identity("identity", ingest, render, ingest, res=size, video_length=1, face=True, face_res=size,
+                          cache=_Images(0)) if (render / FACE_JAW).is_dir() else None
+    if ident is None:
         return none
-    tab = pq.read_table(render / "faces.parquet").to_pandas()
-    train = {c["name"] for c in read_meta(ingest)["clips"] if c["split"] == "train"}
-    shown = [(clip, int(i), np.asarray(t, np.float64).reshape(2, 3))
-             for clip, i, v, t in zip(tab["clip"], tab["frame"], tab["visible"], tab["transform"], strict=True)
-             if v and clip in train]
-    if len(shown) > most:
-        shown = [shown[k] for k in np.linspace(0, len(shown) - 1, most).round().astype(int)]
-    conds: list[np.ndarray] = []
-    reals: list[np.ndarray] = []
-    for clip, i, m in shown:
-        path = render / FACE_JAW / clip / frame_name(i, "png")
-        if not path.is_file():
-            continue
-        cond = read_rgb(path)
-        crop = cv2.warpAffine(read_rgb(ingest / "frames" / clip / frame_name(i)), m, cond.shape[:2][::-1],
-                              flags=cv2.INTER_LINEAR)
-        conds.append(cv2.resize(cond, (size, size), interpolation=cv2.INTER_AREA))
-        reals.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
-    if not conds:
-        return none
-    return np.stack(conds), np.stack(reals)
+    picks = np.linspace(0, len(ident) - 1, min(most, len(ident))).round().astype(int)
+    jaw = [render / FACE_JAW / ident.cond_paths[k].relative_to(render / "face") for k in picks]
+    return np.stack([_load(p, size) for p in jaw]), np.stack([ident.frame(int(k)) for k in picks])
 
 
 def hand_weights(frames: list[list[list[float]]], h: int, w: int, weight: float) -> torch.Tensor:

@@ -182,10 +182,10 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         fres = pipe.resolution
     fsize = settings.render_mesh.face_size
     betas, side, K = render_body.camera(inputs["smplx_fit"], settings)
-    for sub in (FRAMES, COND, MASK):
+    for sub in (FRAMES, COND) if detail else (FRAMES, COND, MASK):
         (out / sub).mkdir()
 
-    # 1. where the face is, its mesh crop and mask, frame by frame
+    # 1. where the face is, its mesh crop and (for the SGDM, which inpaints the head) its mask, frame by frame
     model = body.load(inputs["body_model"])
     reasons: list[str | None] = []
     transforms: list[np.ndarray | None] = []
@@ -203,7 +203,8 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                     continue
                 m = face_align.align(pts, fsize)
                 name = frame_name(int(i), "png")
-                for sub, image in ((COND, mesh.render(v, K)), (MASK, head.render(v, K)[:, :, 0])):
+                for sub, image in ((COND, mesh.render(v, K)),) + (() if detail else (
+                        (MASK, head.render(v, K)[:, :, 0]),)):
                     crop = cv2.warpAffine(image, m, (fsize, fsize), flags=cv2.INTER_LINEAR)
                     crop = cv2.resize(crop, (fres, fres), interpolation=cv2.INTER_AREA)
                     if sub == COND:
@@ -252,11 +253,12 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     # person's, whose face and hair reach past it), the SGDM's under the head mask it inpainted
     square = squares.square_mask(fres, params.detail_feather * fres) if detail else None
 
-    def paste(i: int, face: np.ndarray) -> None:
+    def paste(i: int, face: np.ndarray, frame: np.ndarray | None = None) -> None:
         mask = square if square is not None else cv2.imread(str(out / MASK / frame_name(i, "png")),
                                                             cv2.IMREAD_GRAYSCALE)
-        blended = face_align.paste(read_rgb(generated / frame_name(i, "png")), face, mask, transforms[i],
-                                   0.0 if square is not None else params.feather * fres)
+        frame = read_rgb(generated / frame_name(i, "png")) if frame is None else frame
+        feather = 0.0 if square is not None else params.feather * fres  # the square has its edge in the mask
+        blended = face_align.paste(frame, face, mask, transforms[i], feather)
         write_png(out / FRAMES / frame_name(i, "png"), blended)
 
     if detail:
@@ -323,18 +325,19 @@ def crop_size(finetune_dir: Path, part: str) -> int:
 def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, transforms: list[np.ndarray | None],
                  fres: int, paste: Any, progress: Progress) -> None:
     """Each shown face redrawn by the face detail model from its mesh crop and the body frame's crop, a batch at a
-    time, and handed to `paste(i, face)`."""
+    time, and handed to `paste(i, face, body frame)`."""
     import torch
 
     for a in range(0, len(shown), DETAIL_BATCH):
         part = shown[a:a + DETAIL_BATCH]
+        frames = [read_rgb(generated / frame_name(i, "png")) for i in part]
         conds = [read_rgb(cond_dir / frame_name(i, "png")) for i in part]
-        soft = [cv2.warpAffine(read_rgb(generated / frame_name(i, "png")), transforms[i], (fres, fres),
-                               flags=cv2.INTER_LINEAR) for i in part]
+        soft = [cv2.warpAffine(f, transforms[i], (fres, fres), flags=cv2.INTER_LINEAR)
+                for i, f in zip(part, frames, strict=True)]
         with torch.no_grad():
             faces = crop_model(model, conds, soft)
-        for i, face in zip(part, faces, strict=True):
-            paste(i, face)
+        for i, face, frame in zip(part, faces, frames, strict=True):
+            paste(i, face, frame)
         progress.advance(len(part))
 
 

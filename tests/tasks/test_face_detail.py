@@ -93,6 +93,7 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
     shown = {i for i, r in enumerate(reasons) if not isinstance(r, str)}  # no reason to skip it
     assert summary["redraw"] == "detail" and summary["enhanced"] == len(shown) and {5, 6}.isdisjoint(shown)
     assert {int(p.stem) for p in (out / face.FRAMES).glob("*.png")} == shown
+    assert not (out / face.MASK).exists()  # the head mask is the SGDM's: not made for the detail model
     # the model read the mesh with its jaw coloured, as it learnt
     assert all(jaw_share(read_rgb(out / face.COND / frame_name(i, "png"))) > 0.002 for i in shown)
     # a redrawn frame differs from the body's only inside the crop's square (the whole crop is redrawn)
