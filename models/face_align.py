@@ -47,6 +47,11 @@ def align(points5: np.ndarray, size: int) -> np.ndarray:
     return similarity(points5.astype(np.float64), TEMPLATE * size)
 
 
+def in_crop(points: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    """(N, 2) image pixels → where the 2×3 `m` puts them in its `size` crop, as shares of the crop's side."""
+    return (np.asarray(points, np.float64) @ m[:, :2].T + m[:, 2]) / size
+
+
 def _resize_map(src: int, dst: int) -> np.ndarray:
     """Pixel coordinates of an image of side `src` in the same image resized to side `dst` (pixel centres kept)."""
     k = dst / src

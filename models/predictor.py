@@ -25,21 +25,22 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from models.refiner import residual_unet
 
-INPUTS = 2  # images the predictor reads: the mesh condition and the reference frame
+INPUTS = 2  # images the predictor reads by default: the mesh condition and the reference frame
 
 
 class Predictor(ModelMixin, ConfigMixin):
     """(B, 3, H, W) mesh condition and reference frame in [-1, 1] → (B, 3, H, W) frame in [-1, 1]; with `side`, the
-    reference is its own (`remember`), a side × side frame saved with the weights."""
+    reference is its own (`remember`), a side × side frame saved with the weights. With `inputs` > 2 it reads more
+    images beside them (the face detail model: the body's own face too); the change is still from the reference."""
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), layers_per_block: int = 1, unshuffle: int = 4,
-                 norm_num_groups: int = 8, side: int = 0) -> None:
+                 norm_num_groups: int = 8, side: int = 0, inputs: int = INPUTS) -> None:
         super().__init__()
         # starts as the reference itself: the change is zero until it has learnt one
-        self.net = residual_unet(INPUTS, channels, layers_per_block, unshuffle, norm_num_groups)
+        self.net = residual_unet(inputs, channels, layers_per_block, unshuffle, norm_num_groups)
         self.register_buffer("reference", torch.zeros(3, side, side) if side else None)
 
     @property
@@ -54,7 +55,9 @@ class Predictor(ModelMixin, ConfigMixin):
         with torch.no_grad():
             self.reference.copy_(reference)
 
-    def forward(self, cond: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, cond: torch.Tensor, reference: torch.Tensor | None = None, *more: torch.Tensor) -> torch.Tensor:
+        if 2 + len(more) != self.config.inputs:
+            raise ValueError(f"this predictor reads {self.config.inputs} images, given {2 + len(more)}")
         if reference is None:
             if self.reference is None:
                 raise ValueError("this predictor keeps no reference of its own: pass one")
@@ -62,6 +65,6 @@ class Predictor(ModelMixin, ConfigMixin):
         f = self.config.unshuffle
         if cond.shape[-1] % f or cond.shape[-2] % f:
             raise ValueError(f"predictor input {tuple(cond.shape[-2:])} is not a multiple of its grid cell {f}")
-        x = torch.cat([F.pixel_unshuffle(cond, f), F.pixel_unshuffle(reference, f)], dim=1)
+        x = torch.cat([F.pixel_unshuffle(image, f) for image in (cond, reference, *more)], dim=1)
         change = F.pixel_shuffle(self.net(x, 0).sample, f)
         return (reference + change).clamp(-1, 1)

@@ -472,39 +472,54 @@ def train_hands(ingest: Path, render: Path, steps: int, section: Any, device: to
     return _train_crops("hand model", conds, reals, steps, section, device, scratch, out / HAND, advance, save_every)
 
 
+FACE_BANK_GAP = 12  # training pairs a face with a bank face at least this many frames away (~0.5 s)
+
+
 def train_face_detail(ingest: Path, render: Path, size: int, steps: int, section: Any, device: torch.device,
                       scratch: Path, out: Path, advance: Callable[[], None] | None = None, save_every: int = 100
                       ) -> dict[str, Any]:
-    """The identity's face detail model (a `Predictor` reading the jaw-coloured mesh crop and the soft face the body
-    drew, at the face model's side `size`), written to out/face_detail; nothing written for a render_mesh without
-    jaw-coloured crops or without a visible training face."""
-    conds, reals = face_crops(ingest, render, size)
-    if not len(conds):
-        return {"steps": 0, "crops": 0, "skipped": "no jaw-coloured face crops in the identity's render_mesh"}
-    return _train_crops("face detail model", conds, reals, steps, section, device, scratch, out / FACE_DETAIL,
-                        advance, save_every)
+    """The identity's face detail model, written to out/face_detail with its bank of training faces: a `Predictor`
+    reading the jaw-coloured mesh crop, the bank face most like it (`models.face_bank`; in training, the nearest
+    from another moment) and the soft face the body drew, at the face model's side `size`. Nothing written for a
+    render_mesh without jaw-coloured crops and landmarks, or without a visible training face."""
+    data = face_crops(ingest, render, size)
+    if data is None:
+        return {"steps": 0, "crops": 0, "skipped": "no jaw-coloured face crops with landmarks in the identity's "
+                                                   "render_mesh"}
+    conds, bank = data
+    references = bank.nearest_elsewhere(FACE_BANK_GAP)
+    folder = out / FACE_DETAIL
+    result = _train_crops("face detail model", conds, bank.crops, steps, section, device, scratch, folder, advance,
+                          save_every, references)
+    bank.save(folder)
+    return {**result, "bank": len(bank)}
 
 
 def _train_crops(name: str, conds: np.ndarray, reals: np.ndarray, steps: int, section: Any, device: torch.device,
-                 scratch: Path, folder: Path, advance: Callable[[], None] | None, save_every: int) -> dict[str, Any]:
-    model = _fresh(Predictor, section.seed).to(device)
+                 scratch: Path, folder: Path, advance: Callable[[], None] | None, save_every: int,
+                 references: np.ndarray | None = None) -> dict[str, Any]:
+    model = _fresh(Predictor, section.seed, inputs=2 if references is None else 3).to(device)
     result = train_crop_model(model, name, conds, reals, steps, section.predictor_lr, section.predictor_ssim,
-                              section.seed, scratch, advance, save_every)
+                              section.seed, scratch, advance, save_every, references)
     model.to("cpu").save_pretrained(folder)
     return {"crops": len(conds), "resolution": int(conds.shape[1]), **result}
 
 
 def train_crop_model(model: Predictor, name: str, conds: np.ndarray, reals: np.ndarray, steps: int, lr: float,
                      ssim_weight: float, seed: int, out: Path, advance: Callable[[], None] | None = None,
-                     save_every: int = 100) -> dict[str, Any]:
+                     save_every: int = 100, references: np.ndarray | None = None) -> dict[str, Any]:
     """Learn a crop model (hands, face detail) in place from the identity's crops: each step, real crops made to
     look like what the body model draws there (`soften`) beside their mesh crops; the target is the real crop. So
-    it learns to draw the part its mesh shows over what the body drew around it."""
+    it learns to draw the part its mesh shows over what the body drew around it. With `references` (per crop, the
+    index of another real crop), the model changes that crop instead and reads the soft one beside it."""
     def batch(gen: torch.Generator) -> Batch:
         pick = torch.randint(len(conds), (CROP_BATCH,), generator=gen).tolist()
         cond = _signed([torch.from_numpy(conds[k]).permute(2, 0, 1) for k in pick])
         real = _signed([torch.from_numpy(reals[k]).permute(2, 0, 1) for k in pick])
-        return (cond, soften(real, gen)), real, None
+        if references is None:
+            return (cond, soften(real, gen)), real, None
+        other = _signed([torch.from_numpy(reals[references[k]]).permute(2, 0, 1) for k in pick])
+        return (cond, other, soften(real, gen)), real, None
 
     return _train_regressor(model, name, list(range(len(conds))), batch, _l1_ssim(ssim_weight), steps, lr,
                             seed, out, advance, save_every)

@@ -30,6 +30,7 @@ from core.errors import StageError
 from core.hashing import hash_obj
 from models import pipeline
 from models.codec import device_dtype
+from models.face_bank import FaceBank
 from tasks.encoded import CHUNK, EncodedStore, entry_key, files_key, weights_key
 from tasks.frames import FACE_JAW, HANDS, frame_name, read_meta, read_rgb
 
@@ -215,19 +216,27 @@ def hand_crops(ingest: Path, render: Path, most: int = HAND_CROPS) -> tuple[np.n
 FACE_CROPS = 3000  # at most this many face crops are loaded, evenly spread (~170 MB with their mesh crops at 96 px)
 
 
-def face_crops(ingest: Path, render: Path, size: int, most: int = FACE_CROPS) -> tuple[np.ndarray, np.ndarray]:
-    """The face detail model's training pairs: the visible faces of the identity's training frames (at most `most`,
-    evenly spread), as (N, size, size, 3) uint8 jaw-coloured mesh crops (render_mesh's `face_jaw/`) and the frame's
-    crops, both as the Face SGDM's training data is read (`load_identity`). Empty arrays for a render_mesh from
-    before jaw-coloured crops, or without a visible training face."""
-    none = np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0, 0, 0, 3), np.uint8)
+def face_crops(ingest: Path, render: Path, size: int, most: int = FACE_CROPS) -> tuple[np.ndarray, FaceBank] | None:
+    """The face detail model's training data: the visible faces of the identity's training frames (at most `most`,
+    evenly spread), as (N, size, size, 3) uint8 jaw-coloured mesh crops (render_mesh's `face_jaw/`) and a bank of
+    the frame's crops with their mesh landmarks, both read as the Face SGDM's training data is (`load_identity`).
+    None for a render_mesh from before jaw-coloured crops and landmarks, or without a visible training face."""
+    tab = pq.read_table(render / "faces.parquet") if (render / FACE_JAW).is_dir() else None
+    if tab is None or "landmarks" not in tab.column_names:
+        return None
     ident = load_identity("identity", ingest, render, ingest, res=size, video_length=1, face=True, face_res=size,
-                          cache=_Images(0)) if (render / FACE_JAW).is_dir() else None
+                          cache=_Images(0))
     if ident is None:
-        return none
+        return None
+    landmarks = {(c, int(f)): lm for c, f, lm in zip(tab["clip"].to_pylist(), tab["frame"].to_pylist(),
+                                                     tab["landmarks"].to_pylist(), strict=True) if lm is not None}
     picks = np.linspace(0, len(ident) - 1, min(most, len(ident))).round().astype(int)
-    jaw = [render / FACE_JAW / ident.cond_paths[k].relative_to(render / "face") for k in picks]
-    return np.stack([_load(p, size) for p in jaw]), np.stack([ident.frame(int(k)) for k in picks])
+    faces = [ident.cond_paths[k].relative_to(render / "face") for k in picks]
+    keys = [(str(f.parent), int(f.stem)) for f in faces]
+    bank = FaceBank(np.stack([ident.frame(int(k)) for k in picks]),
+                    np.asarray([landmarks[key] for key in keys], np.float32).reshape(len(keys), -1, 2),
+                    np.asarray([c for c, _ in keys]), np.asarray([f for _, f in keys], np.int64))
+    return np.stack([_load(render / FACE_JAW / f, size) for f in faces]), bank
 
 
 def hand_weights(frames: list[list[list[float]]], h: int, w: int, weight: float) -> torch.Tensor:

@@ -9,9 +9,12 @@ of view or turned away pass through unchanged, as do all frames when the stage i
 changed are written; assemble takes the rest from render_body.
 
 With `redraw: detail` (the cpu profile's) and a checkpoint that has one, the identity's face detail model redraws
-each visible face instead, frame by frame: a `Predictor` reading the mesh crop with its jaw coloured and the body
-frame's own crop of the face, learnt in finetune like the hand model. A Face SGDM learnt in minutes samples a
-blurred face; the regressor's is sharp and as steady over time as the mesh. Its whole square crop is pasted back
+each visible face instead, frame by frame: a `Predictor` reading the mesh crop with its jaw coloured, the identity's
+training face whose mesh is most like this one (`models.face_bank`, one path over each run of frames so the
+reference does not change every frame) and the body frame's own crop of the face, learnt in finetune like the hand
+model. A Face SGDM learnt in minutes samples a blurred face; the regressor's is sharp, and the training face gives
+it a mouth open as wide as the jaw asks (a detail model from before the bank reads the mesh and the body's face
+only). Its whole square crop is pasted back
 (the mesh's head is the body model's, smaller than the person's: under the head mask most of the face would stay the
 body's blur).
 
@@ -41,6 +44,7 @@ from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
 from models import face_align, squares
+from models.face_bank import LANDMARKS, FaceBank
 from models.raster import MeshRasterizer
 from tasks import smplx_table
 from tasks.base_weights import quiet
@@ -49,7 +53,7 @@ from tasks.devices import Compute
 from tasks.frames import FACE_DETAIL, ImageFiles, frame_name, read_meta, read_rgb, write_png
 from tasks.mp import solutions
 from tasks.stages import render_body
-from tasks.stages.render_mesh import FACES, face_colors, face_state, head_faces, pose_chunks
+from tasks.stages.render_mesh import FACES, face_colors, face_landmarks, face_state, head_faces, pose_chunks
 from tasks.workers import Reporter, run_parallel
 
 FRAMES = "frames"
@@ -85,6 +89,10 @@ class FaceParams(WindowParams):
     detail_feather: float = Field(0.15, ge=0, le=0.5, description="with the face detail model: the edge of its "
                                   "square crop, blended in linearly over this share of the side (it redraws the "
                                   "whole crop, hair and surroundings included, not only the mesh's head)")
+    detail_switch: float = Field(0.02, ge=0, description="with the face detail model: what moving to another "
+                                 "training face costs, against the landmark distance (shares of the crop side) "
+                                 "of the face it gives; 0 takes each frame's nearest, higher keeps the reference "
+                                 "steadier over time")
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -175,6 +183,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 
         redrawer = Predictor.from_pretrained(detail_dir).to(compute.device).eval()
         fres = crop_size(inputs["finetune"], FACE_DETAIL)
+        bank = FaceBank.load(detail_dir) if redrawer.config.inputs > 2 else None
     else:
         pipe = render_body.load_pipeline(inputs["finetune"] / "face", params, settings.profile, compute)
         if not pipe.inpaint:
@@ -189,6 +198,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     model = body.load(inputs["body_model"])
     reasons: list[str | None] = []
     transforms: list[np.ndarray | None] = []
+    landmarks = np.zeros((n, LANDMARKS, 2), np.float32)  # the mesh's, in its own crop: what finds a bank face
     progress.start("face: locating faces", n)
     # the detail model reads the mesh with its jaw coloured, as it learnt from render_mesh's face_jaw/
     with (MeshRasterizer(model.faces.astype(np.int64), side, ambient=settings.render_mesh.ambient,
@@ -202,6 +212,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
                     transforms.append(None)
                     continue
                 m = face_align.align(pts, fsize)
+                landmarks[i] = face_align.in_crop(face_landmarks(j, K), m, fsize)
                 name = frame_name(int(i), "png")
                 for sub, image in ((COND, mesh.render(v, K)),) + (() if detail else (
                         (MASK, head.render(v, K)[:, :, 0]),)):
@@ -264,7 +275,14 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     if detail:
         shown = [i for s_ in stretches for i in range(s_.start, s_.stop)]
         progress.start("face: redrawing with the face detail model", len(shown))
-        redraw_faces(redrawer, shown, out / COND, generated, transforms, fres, paste, progress)
+        picks = None
+        if bank is not None:
+            paths = [bank.path(landmarks[s_], params.detail_switch) for s_ in stretches]
+            picks = np.concatenate(paths)
+            how["bank"] = {"faces": len(bank), "used": int(len(np.unique(picks))),
+                           "switches": sum(bank.jumps(p) for p in paths)}
+        redraw_faces(redrawer, shown, out / COND, generated, transforms, fres, paste, progress,
+                     None if picks is None else bank.crops[picks])
         return {"frames": n, "enhanced": len(shown), "runs": len(stretches), "resolution": fres,
                 "missing": _count(reasons), "device": compute.device.type,
                 "dtype": str(next(redrawer.parameters()).dtype).removeprefix("torch."), "face_check": check, **how}
@@ -299,8 +317,10 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 DETAIL_BATCH = 32  # faces per pass of the face detail model
 
 
-def crop_model(model: Any, conds: list[np.ndarray], soft: list[np.ndarray]) -> np.ndarray:
-    """A crop model (hand or face detail) on uint8 RGB mesh crops and the frame's crops: its uint8 RGB crops."""
+def crop_model(model: Any, conds: list[np.ndarray], soft: list[np.ndarray],
+               references: np.ndarray | list[np.ndarray] | None = None) -> np.ndarray:
+    """A crop model (hand or face detail) on uint8 RGB mesh crops and the frame's crops (and, for a face detail model
+    with a bank, the bank faces it changes): its uint8 RGB crops."""
     import torch
 
     param = next(model.parameters())
@@ -309,7 +329,8 @@ def crop_model(model: Any, conds: list[np.ndarray], soft: list[np.ndarray]) -> n
         x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
         return x.to(param.device, param.dtype).div(127.5).sub(1)
 
-    y = model(signed(conds), signed(soft))
+    y = model(signed(conds), signed(soft)) if references is None else model(signed(conds), signed(list(references)),
+                                                                              signed(soft))
     return ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -323,9 +344,10 @@ def crop_size(finetune_dir: Path, part: str) -> int:
 
 
 def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, transforms: list[np.ndarray | None],
-                 fres: int, paste: Any, progress: Progress) -> None:
-    """Each shown face redrawn by the face detail model from its mesh crop and the body frame's crop, a batch at a
-    time, and handed to `paste(i, face, body frame)`."""
+                 fres: int, paste: Any, progress: Progress, references: np.ndarray | None = None) -> None:
+    """Each shown face redrawn by the face detail model from its mesh crop, the body frame's crop and (with a bank)
+    its bank face (`references`, one per shown face), a batch at a time, and handed to `paste(i, face, body
+    frame)`."""
     import torch
 
     for a in range(0, len(shown), DETAIL_BATCH):
@@ -335,7 +357,7 @@ def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, 
         soft = [cv2.warpAffine(f, transforms[i], (fres, fres), flags=cv2.INTER_LINEAR)
                 for i, f in zip(part, frames, strict=True)]
         with torch.no_grad():
-            faces = crop_model(model, conds, soft)
+            faces = crop_model(model, conds, soft, None if references is None else references[a:a + DETAIL_BATCH])
         for i, face, frame in zip(part, faces, frames, strict=True):
             paste(i, face, frame)
         progress.advance(len(part))

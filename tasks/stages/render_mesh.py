@@ -6,7 +6,9 @@ face is out of view or turned away is marked in faces.parquet and gets no face c
 official code crashes there). Each hand's square around its projected joints goes to hands.parquet, as shares of
 the frame side (empty when the hand is out of view): where training looks harder, and the hand model's crops. The
 face crop is also made with the jaw in a colour of its own (`face_jaw/`, `face_colors`): the face detail model's
-condition, where the mouth's opening shows as the jaw region's shape rather than a pixel-wide crease. Each
+condition, where the mouth's opening shows as the jaw region's shape rather than a pixel-wide crease; faces.parquet
+keeps each face's 51 landmarks in its crop (shares of the side), by which the face detail model finds the
+identity's training face most like a mesh's (`models.face_bank`). Each
 hand in view is also rendered at `hand_size` through a camera cropped to its square, its fingers in their own
 colours (`render_hand`; a left hand mirrored, so one hand model learns both): the hand model's condition. Perturbed
 parameter sets get body conditions too, for training.
@@ -104,12 +106,19 @@ def render_frames(body_model: Path, fit_dir: Path, blocks: dict[str, np.ndarray]
     return images
 
 
-def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
-    """('ok', five points) or the reason the face is not usable."""
+def face_landmarks(joints: np.ndarray, K: np.ndarray) -> np.ndarray | None:
+    """The 51 SMPL-X face landmarks projected to pixels, None when any is behind the camera."""
     lmk = joints[layout.LMK_START:layout.LMK_START + 51]
     if (lmk[:, 2] <= 0.01).any():
+        return None
+    return lmk[:, :2] / lmk[:, 2:3] * K[0, 0] + K[:2, 2]
+
+
+def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
+    """('ok', five points) or the reason the face is not usable."""
+    uv = face_landmarks(joints, K)
+    if uv is None:
         return "behind_camera", None
-    uv = lmk[:, :2] / lmk[:, 2:3] * K[0, 0] + K[:2, 2]
     pts = face_align.five_points(uv)
     if (pts < 0).any() or (pts >= res).any():
         return "out_of_view", None
@@ -216,7 +225,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
     fsize = params.face_size
     progress.start("rendering mesh conditions", len(keys["frame"]) + len(pkeys["frame"]))
 
-    records: dict[str, list[Any]] = {"clip": [], "frame": [], "visible": [], "reason": [], "transform": []}
+    records: dict[str, list[Any]] = {"clip": [], "frame": [], "visible": [], "reason": [], "transform": [],
+                                     "landmarks": []}
     hands: dict[str, list[Any]] = {side: [] for side in layout.HAND_POINTS}
     counts = {"ok": 0, "out_of_view": 0, "turned_away": 0, "behind_camera": 0}
     with (MeshRasterizer(model.faces.astype(np.int64), res, ambient=params.ambient) as mesh,
@@ -254,6 +264,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                 records["visible"].append(state == "ok")
                 records["reason"].append(None if state == "ok" else state)
                 records["transform"].append(None if m is None else m.ravel().astype(np.float32).tolist())
+                records["landmarks"].append(None if m is None else face_align.in_crop(
+                    face_landmarks(j, K), m, fsize).ravel().astype(np.float32).tolist())
                 for side, box in hand_boxes(j, K, res).items():
                     hands[side].append(box)
                     if box is not None:
@@ -274,6 +286,7 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
         "clip": pa.array(records["clip"], pa.string()), "frame": pa.array(records["frame"], pa.int32()),
         "visible": pa.array(records["visible"]), "reason": pa.array(records["reason"], pa.string()),
         "transform": pa.array(records["transform"], pa.list_(pa.float32())),
+        "landmarks": pa.array(records["landmarks"], pa.list_(pa.float32())),
     }), out / FACES)
     pq.write_table(pa.table({"clip": pa.array(records["clip"], pa.string()),
                              "frame": pa.array(records["frame"], pa.int32()),

@@ -40,6 +40,26 @@ def test_a_new_predictor_is_the_reference_and_loads_from_its_folder(tmp_path: Pa
         loaded(cond)
 
 
+def test_a_predictor_of_three_inputs_reads_the_third_and_old_configs_load_as_two(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    cond, ref, soft = (torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for _ in range(3))
+    predictor = Predictor(**SMALL, inputs=3).eval()
+    with torch.no_grad():
+        assert torch.equal(predictor(cond, ref, soft), ref)  # the change is from the reference, zero at first
+        for p in predictor.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        assert not torch.allclose(predictor(cond, ref, soft), predictor(cond, ref, -soft), atol=1e-3)
+    with pytest.raises(ValueError, match="reads 3 images, given 2"):
+        predictor(cond, ref)
+    # a predictor saved before `inputs` existed: its config has no such key, and it reads two
+    Predictor(**SMALL).save_pretrained(tmp_path / "old")
+    config = tmp_path / "old" / "config.json"
+    config.write_text(config.read_text().replace('"inputs": 2,', ""))
+    assert '"inputs"' not in config.read_text()
+    old = Predictor.from_pretrained(tmp_path / "old")
+    assert old.config.inputs == 2 and old(cond, ref).shape == cond.shape
+
+
 def test_a_predictor_keeps_the_reference_it_learnt_against(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     cond, ref = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))

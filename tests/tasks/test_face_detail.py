@@ -15,6 +15,8 @@ import pytest
 from core.artifacts import read_manifest
 from core.progress import NullProgress
 from core.workspace import Workspace
+from models import face_align
+from models.face_bank import FaceBank
 from models.predictor import Predictor
 from models.raster import MESH_COLOR
 from tasks.frames import FACE_DETAIL, FACE_JAW, frame_name, read_meta, read_rgb
@@ -68,17 +70,32 @@ def test_finetune_learns_a_face_detail_model_from_the_jaw_coloured_crops(ws: Wor
     assert jawed.shape == plain.shape and jaw_share(plain) == 0 and jaw_share(jawed) > 0.002
     # the same mesh, only coloured otherwise (a silhouette pixel may round to black in one colour and not the other)
     assert ((jawed.max(-1) > 0) != (plain.max(-1) > 0)).mean() < 0.01
+    # each visible face's 51 mesh landmarks in its own crop: the alignment of its five points is already done there
+    landmarks = {(c, int(f)): np.asarray(lm).reshape(51, 2) for c, f, lm
+                 in zip(tab["clip"], tab["frame"], tab["landmarks"], strict=True) if lm is not None}
+    assert set(landmarks) == written
+    again = face_align.similarity(face_align.five_points(landmarks[(c, f)]).astype(np.float64), face_align.TEMPLATE)
+    assert np.allclose(again, np.eye(2, 3), atol=1e-4)
     size = 16
-    conds, reals = face_crops(ingest, render_dir, size)
+    conds, bank = face_crops(ingest, render_dir, size)
+    reals = bank.crops
     assert conds.shape == reals.shape == (len(visible), size, size, 3)
+    keys = [(str(a), int(b)) for a, b in zip(bank.clips, bank.frames, strict=True)]
+    assert keys == [(c_, f_) for c_, f_, _ in visible]
+    assert np.allclose(bank.landmarks[0], landmarks[(c, f)])
     frame = read_rgb(ingest / "frames" / c / frame_name(f))
     crop = cv2.warpAffine(frame, m, plain.shape[:2][::-1], flags=cv2.INTER_LINEAR)
     assert np.array_equal(reals[0], cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
-    few, _ = face_crops(ingest, render_dir, size, most=3)
-    assert len(few) == 3 and np.array_equal(few[0], conds[0]) and np.array_equal(few[-1], conds[-1])
+    few, small = face_crops(ingest, render_dir, size, most=3)
+    assert len(few) == len(small) == 3 and np.array_equal(few[0], conds[0]) and np.array_equal(few[-1], conds[-1])
     summary = read_manifest(artifact_dir(ws, "finetune", ID))["summary"]["face_detail"]
-    assert summary["steps"] == 10 and summary["crops"] == len(visible) and summary["resolution"] == 64
-    assert not Predictor.from_pretrained(artifact_dir(ws, "finetune", ID) / FACE_DETAIL).own_reference
+    assert summary["steps"] == 10 and summary["crops"] == summary["bank"] == len(visible)
+    assert summary["resolution"] == 64
+    saved = artifact_dir(ws, "finetune", ID) / FACE_DETAIL
+    model = Predictor.from_pretrained(saved)
+    assert not model.own_reference and model.config.inputs == 3  # mesh crop, bank face, the body's face
+    kept = FaceBank.load(saved)
+    assert len(kept) == len(visible) and kept.crops.shape[1:] == (64, 64, 3)
 
 
 @slow
@@ -92,6 +109,9 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
     reasons = pq.read_table(out / face.TABLE).to_pandas()["reason"]
     shown = {i for i, r in enumerate(reasons) if not isinstance(r, str)}  # no reason to skip it
     assert summary["redraw"] == "detail" and summary["enhanced"] == len(shown) and {5, 6}.isdisjoint(shown)
+    bank = summary["bank"]
+    assert bank["faces"] == len(FaceBank.load(artifact_dir(ws, "finetune", ID) / FACE_DETAIL))
+    assert 1 <= bank["used"] <= len(shown) and 0 <= bank["switches"] < len(shown)
     assert {int(p.stem) for p in (out / face.FRAMES).glob("*.png")} == shown
     assert not (out / face.MASK).exists()  # the head mask is the SGDM's: not made for the detail model
     # the model read the mesh with its jaw coloured, as it learnt
@@ -107,21 +127,31 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
                             flags=cv2.INTER_LINEAR) > 0
     inner = cv2.erode(square.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     assert not (changed & ~square).any() and changed[inner].mean() > 0.5
-    # a checkpoint finetuned before the face detail model: the Face SGDM redraws the faces
     import torch
 
     from tasks import registry
     from tasks.devices import Compute
     from tasks.runner import body_model_path
 
+    def rerun(finetune: Path, name: str) -> dict:
+        inputs = {**{k: artifact_dir(ws, k, subject) for k in ("motion", "render_body")},
+                  **{k: artifact_dir(ws, k, ID) for k in ("smplx_fit", "ingest", "render_mesh")},
+                  "finetune": finetune, "body_model": body_model_path(ws)}
+        params = face.FaceParams(**{**registry.params(ws).face.model_dump(), **DETAIL["face"]})
+        (tmp_path / name).mkdir()
+        return face.run(inputs, tmp_path / name, params, NullProgress(),
+                        settings=registry.settings(ws, face.STAGE), compute=Compute(torch.device("cpu")))
+
+    # a checkpoint finetuned before the face detail model: the Face SGDM redraws the faces
     old = tmp_path / "finetune"
     shutil.copytree(artifact_dir(ws, "finetune", ID), old, ignore=shutil.ignore_patterns(FACE_DETAIL))
-    inputs = {**{k: artifact_dir(ws, k, subject) for k in ("motion", "render_body")},
-              **{k: artifact_dir(ws, k, ID) for k in ("smplx_fit", "ingest", "render_mesh")},
-              "finetune": old, "body_model": body_model_path(ws)}
-    params = face.FaceParams(**{**registry.params(ws).face.model_dump(), **DETAIL["face"]})
-    (tmp_path / "out").mkdir()
-    summary = face.run(inputs, tmp_path / "out", params, NullProgress(),
-                       settings=registry.settings(ws, face.STAGE), compute=Compute(torch.device("cpu")))
+    summary = rerun(old, "sgdm")
     assert summary["redraw"] == "sgdm" and summary["enhanced"] == len(shown) and summary["scheduler"]
     assert "no face detail model" in summary["note"] and "by the Face SGDM" in face.describe(summary)
+    # a face detail model from before the bank (the mesh crop and the body's face only) still redraws them
+    Predictor(channels=(8, 16), norm_num_groups=4).save_pretrained(old / FACE_DETAIL)
+    summary = rerun(old, "before_bank")
+    assert summary["redraw"] == "detail" and summary["enhanced"] == len(shown) and "bank" not in summary
+    # untrained, it is the body's own face (but for resampling), where the bank's model starts from a training face
+    frame = read_rgb(tmp_path / "before_bank" / face.FRAMES / frame_name(i, "png")).astype(int)
+    assert np.abs(frame - body).mean() < 1 and np.abs(after - body).mean() > 2
