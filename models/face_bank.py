@@ -8,9 +8,9 @@ aligned crop, where head turn and nod shift them all and the jaw moves the mouth
 and the model learns to correct that face towards the mesh and the body frame around it (Video Rewrite, Bregler et
 al. 1997, picks mouths from the speaker's own footage in the same spirit).
 
-Over a video the picks are one path, not independent nearest faces (`path`): staying on the bank's own next frame is
-free, a jump costs `switch`, as in unit-selection synthesis — otherwise the reference changes nearly every frame and
-the redrawn face flickers with it.
+Over a video the picks are one path, not independent nearest faces (`path`): holding a face or moving on through its
+clip is free, any other move costs `switch`, as in unit-selection synthesis — otherwise the reference changes nearly
+every frame and the redrawn face flickers with it.
 
 The bank is the training crops with their landmarks, clip and frame, saved beside the model (`FILE`).
 """
@@ -25,14 +25,14 @@ import numpy as np
 FILE = "bank.npz"
 LANDMARKS = 51  # SMPL-X face landmarks (iBUG-68 points 17..67): brows, nose, eyes, then the mouth's 20
 MOUTH = slice(31, 51)
-MOUTH_WEIGHT = 4.0  # a mouth landmark counts this many times an eye's or the nose's in the distance
-CANDIDATES = 30  # nearest faces kept per frame for the path
-FOLLOWS = 2  # a pick this many bank frames on from the last (same clip) continues its run: free
+MOUTH_WEIGHT = 4.0  # a mouth landmark's squared offset counts this many times an eye's or the nose's (its offset 2×)
+CANDIDATES = 30  # nearest faces per frame for the path (and the best paths so far that it may continue)
+FOLLOWS = 2  # a pick up to this many bank faces on from the last (same clip) continues its run: free
 
 
 def descriptor(landmarks: np.ndarray) -> np.ndarray:
-    """(N, 51, 2) landmarks in the crop, shares of its side → (N, 102) vectors whose Euclidean distance weighs the
-    mouth `MOUTH_WEIGHT` times."""
+    """(N, 51, 2) landmarks in the crop, shares of its side → (N, 102) vectors whose squared Euclidean distance
+    weighs the mouth's landmarks `MOUTH_WEIGHT` times."""
     w = np.ones(LANDMARKS, np.float32)
     w[MOUTH] = MOUTH_WEIGHT
     return (np.asarray(landmarks, np.float32) * np.sqrt(w)[None, :, None]).reshape(len(landmarks), -1)
@@ -74,48 +74,60 @@ class FaceBank:
         d2 = (q ** 2).sum(1)[:, None] + (self._desc ** 2).sum(1)[None] - 2 * q @ self._desc.T
         return np.sqrt(np.maximum(d2, 0))
 
-    def nearest_elsewhere(self, gap: int) -> np.ndarray:
+    def nearest_elsewhere(self, gap: int, chunk: int = 512) -> np.ndarray:
         """For each bank face, the nearest other face at least `gap` frames away in its clip (or in another clip):
         what training pairs a face with, so the model learns to correct a face from another moment, as at render
         time. A face with nothing far enough away is paired with itself."""
-        d = self.distances(self.landmarks)
-        near = (self.clips[:, None] == self.clips[None]) & (np.abs(self.frames[:, None] - self.frames[None]) < gap)
-        d[near] = np.inf
-        pick = d.argmin(1)
-        alone = ~np.isfinite(d[np.arange(len(d)), pick])
-        pick[alone] = np.arange(len(d))[alone]
+        pick = np.arange(len(self))
+        for a in range(0, len(self), chunk):
+            rows = slice(a, a + chunk)
+            d = self.distances(self.landmarks[rows])
+            d[(self.clips[rows, None] == self.clips[None])
+              & (np.abs(self.frames[rows, None] - self.frames[None]) < gap)] = np.inf
+            best = d.argmin(1)
+            found = np.isfinite(d[np.arange(len(d)), best])
+            pick[rows][found] = best[found]
         return pick
 
     def jumps(self, picks: np.ndarray) -> int:
-        """How many times a path of bank faces moves other than on through its clip (what `path` charges for)."""
+        """How many times a path of bank faces does other than hold or move on through its clip (what `path`
+        charges for)."""
         return int((~self._follows(picks[:-1], picks[1:])).sum())
 
     def _follows(self, prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
-        """Whether bank face `cur` continues from `prev` (broadcast): same clip, up to `FOLLOWS` frames on."""
-        step = self.frames[cur] - self.frames[prev]
+        """Whether bank face `cur` continues from `prev` (broadcast): the same face, or up to `FOLLOWS` bank faces
+        on in the same clip (the bank keeps each clip's faces in order; counted in bank faces, not frames, so a bank
+        thinned to FACE_CROPS still has neighbours)."""
+        step = cur - prev
         return (self.clips[cur] == self.clips[prev]) & (step >= 0) & (step <= FOLLOWS)
 
     def path(self, landmarks: np.ndarray, switch: float) -> np.ndarray:
         """The bank faces for a run of consecutive frames (Q, 51, 2): the sequence of least total distance plus
-        `switch` per jump, where moving on by up to `FOLLOWS` frames of the same clip is no jump (Viterbi over each
-        frame's `CANDIDATES` nearest). `switch` 0: each frame's nearest."""
+        `switch` per jump, where holding a face or moving on by up to `FOLLOWS` of its clip is no jump. Viterbi over
+        each frame's `CANDIDATES` nearest and the faces that continue the last frame's best (as unit selection
+        does: the continuation is rarely among the nearest of a bank of similar faces). `switch` 0: each frame's
+        nearest."""
         k = 1 if switch <= 0 else min(CANDIDATES, len(self))
-        cands, cost = self._candidates(landmarks, k)
-        if k == 1 or len(cands) == 1:
-            return cands[:, 0]
-        total, back = cost[0].copy(), []
-        for t in range(1, len(cands)):
-            free = self._follows(cands[t - 1][:, None], cands[t][None])
-            options = total[:, None] + np.where(free, 0.0, switch)
+        near, cost = self._candidates(landmarks, k)
+        if k == 1 or len(near) == 1:
+            return near[:, 0]
+        q = descriptor(landmarks).astype(np.float64)
+        sets, back, total = [near[0]], [], cost[0].copy()
+        for t in range(1, len(q)):
+            prev = sets[-1]
+            on = (prev[np.argsort(total)[:k], None] + np.arange(FOLLOWS + 1)[None]).ravel()
+            cur = np.unique(np.concatenate([near[t], on[on < len(self)]]))
+            options = total[:, None] + np.where(self._follows(prev[:, None], cur[None]), 0.0, switch)
             best = options.argmin(0)
             back.append(best)
-            total = options[best, np.arange(k)] + cost[t]
+            total = options[best, np.arange(len(cur))] + np.sqrt(((self._desc[cur] - q[t]) ** 2).sum(1))
+            sets.append(cur)
         j = int(total.argmin())
-        out = [j]
-        for best in reversed(back):
-            j = int(best[j])
-            out.append(j)
-        return cands[np.arange(len(cands)), out[::-1]]
+        out = [int(sets[-1][j])]
+        for t in range(len(q) - 1, 0, -1):
+            j = int(back[t - 1][j])
+            out.append(int(sets[t - 1][j]))
+        return np.asarray(out[::-1])
 
     def _candidates(self, landmarks: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Each query's k nearest bank faces, nearest first, and their distances; queries a chunk at a time, so a

@@ -472,7 +472,7 @@ def train_hands(ingest: Path, render: Path, steps: int, section: Any, device: to
     return _train_crops("hand model", conds, reals, steps, section, device, scratch, out / HAND, advance, save_every)
 
 
-FACE_BANK_GAP = 12  # training pairs a face with a bank face at least this many frames away (~0.5 s)
+FACE_BANK_GAP = 12  # training pairs a face with a bank face at least this many frames away (0.4-0.5 s)
 
 
 def train_face_detail(ingest: Path, render: Path, size: int, steps: int, section: Any, device: torch.device,
@@ -484,8 +484,8 @@ def train_face_detail(ingest: Path, render: Path, size: int, steps: int, section
     render_mesh without jaw-coloured crops and landmarks, or without a visible training face."""
     data = face_crops(ingest, render, size)
     if data is None:
-        return {"steps": 0, "crops": 0, "skipped": "no jaw-coloured face crops with landmarks in the identity's "
-                                                   "render_mesh"}
+        return {"steps": 0, "crops": 0, "skipped": "no visible training face, or a render_mesh from before "
+                                                   "jaw-coloured crops and face landmarks (run render_mesh again)"}
     conds, bank = data
     references = bank.nearest_elsewhere(FACE_BANK_GAP)
     folder = out / FACE_DETAIL

@@ -44,6 +44,7 @@ from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
 from models import face_align, squares
+from models.face_bank import FILE as BANK_FILE
 from models.face_bank import LANDMARKS, FaceBank
 from models.raster import MeshRasterizer
 from tasks import smplx_table
@@ -102,6 +103,8 @@ def describe(s: dict[str, Any]) -> str:
                                                                if s.get("redraw") == "detail" else "")
     if s.get("note"):
         text += f" by the Face SGDM: {s['note']}"
+    if bank := s.get("bank"):
+        text += f" from {bank['used']} of the identity's {bank['faces']} training faces"
     moved = (s.get("face_check") or {}).get("aligned", 0)
     kept = (s.get("face_check") or {}).get("skipped", 0) + (s.get("face_check") or {}).get("no_face_left", 0)
     if moved or kept:
@@ -183,7 +186,15 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
 
         redrawer = Predictor.from_pretrained(detail_dir).to(compute.device).eval()
         fres = crop_size(inputs["finetune"], FACE_DETAIL)
-        bank = FaceBank.load(detail_dir) if redrawer.config.inputs > 2 else None
+        bank = None
+        if redrawer.config.inputs > 2:  # a detail model that changes a training face reads them from its bank
+            if not (detail_dir / BANK_FILE).is_file():
+                raise StageError(f"{detail_dir}: the face detail model reads its bank of training faces, but "
+                                 f"{BANK_FILE} is missing: run finetune again")
+            bank = FaceBank.load(detail_dir)
+            if bank.crops.shape[1:3] != (fres, fres):
+                raise StageError(f"{detail_dir}: its bank's faces are {bank.crops.shape[1]} px, the model learnt at "
+                                 f"{fres} px: run finetune again")
     else:
         pipe = render_body.load_pipeline(inputs["finetune"] / "face", params, settings.profile, compute)
         if not pipe.inpaint:
@@ -282,7 +293,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
             how["bank"] = {"faces": len(bank), "used": int(len(np.unique(picks))),
                            "switches": sum(bank.jumps(p) for p in paths)}
         redraw_faces(redrawer, shown, out / COND, generated, transforms, fres, paste, progress,
-                     None if picks is None else bank.crops[picks])
+                     None if bank is None else bank.crops, picks)
         return {"frames": n, "enhanced": len(shown), "runs": len(stretches), "resolution": fres,
                 "missing": _count(reasons), "device": compute.device.type,
                 "dtype": str(next(redrawer.parameters()).dtype).removeprefix("torch."), "face_check": check, **how}
@@ -318,18 +329,18 @@ DETAIL_BATCH = 32  # faces per pass of the face detail model
 
 
 def crop_model(model: Any, conds: list[np.ndarray], soft: list[np.ndarray],
-               references: np.ndarray | list[np.ndarray] | None = None) -> np.ndarray:
+               references: np.ndarray | None = None) -> np.ndarray:
     """A crop model (hand or face detail) on uint8 RGB mesh crops and the frame's crops (and, for a face detail model
     with a bank, the bank faces it changes): its uint8 RGB crops."""
     import torch
 
     param = next(model.parameters())
 
-    def signed(images: list[np.ndarray]) -> torch.Tensor:
+    def signed(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
         return x.to(param.device, param.dtype).div(127.5).sub(1)
 
-    y = model(signed(conds), signed(soft)) if references is None else model(signed(conds), signed(list(references)),
+    y = model(signed(conds), signed(soft)) if references is None else model(signed(conds), signed(references),
                                                                               signed(soft))
     return ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -344,10 +355,11 @@ def crop_size(finetune_dir: Path, part: str) -> int:
 
 
 def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, transforms: list[np.ndarray | None],
-                 fres: int, paste: Any, progress: Progress, references: np.ndarray | None = None) -> None:
+                 fres: int, paste: Any, progress: Progress, bank: np.ndarray | None = None,
+                 picks: np.ndarray | None = None) -> None:
     """Each shown face redrawn by the face detail model from its mesh crop, the body frame's crop and (with a bank)
-    its bank face (`references`, one per shown face), a batch at a time, and handed to `paste(i, face, body
-    frame)`."""
+    its bank face (`bank[picks[k]]` for the k-th shown face, gathered a batch at a time: a long render's picks would
+    not fit in memory as crops), and handed to `paste(i, face, body frame)`."""
     import torch
 
     for a in range(0, len(shown), DETAIL_BATCH):
@@ -357,7 +369,7 @@ def redraw_faces(model: Any, shown: list[int], cond_dir: Path, generated: Path, 
         soft = [cv2.warpAffine(f, transforms[i], (fres, fres), flags=cv2.INTER_LINEAR)
                 for i, f in zip(part, frames, strict=True)]
         with torch.no_grad():
-            faces = crop_model(model, conds, soft, None if references is None else references[a:a + DETAIL_BATCH])
+            faces = crop_model(model, conds, soft, None if bank is None else bank[picks[a:a + DETAIL_BATCH]])
         for i, face, frame in zip(part, faces, frames, strict=True):
             paste(i, face, frame)
         progress.advance(len(part))

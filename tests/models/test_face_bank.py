@@ -31,28 +31,57 @@ def test_the_mouth_weighs_more_than_an_eye() -> None:
 
 
 def test_nearest_and_the_pairs_training_makes_come_from_another_moment() -> None:
-    bank = faces([0.0, 0.01, 0.02, 0.10, 0.11], clips=["a", "a", "a", "a", "b"])
+    bank = faces([0.0, 0.01, 0.025, 0.10, 0.11], clips=["a", "a", "a", "a", "b"])
     query = bank.landmarks[[3]].copy()
     assert bank.path(query, 0.0).tolist() == [3]
-    # face 1's nearest are its neighbours 0 and 2; at least 2 frames away in clip a that leaves face 3 (and 4, of clip
-    # b, which no gap excludes, is nearer to 3)
+    # at least 1 frame away: any other face; at least 2 in clip a: face 1 has only 3 (and 4, of clip b, which no gap
+    # excludes)
     assert bank.nearest_elsewhere(1).tolist() == [1, 0, 1, 4, 3]
     assert bank.nearest_elsewhere(2).tolist() == [2, 3, 0, 4, 3]
+    assert bank.nearest_elsewhere(2, chunk=2).tolist() == [2, 3, 0, 4, 3]
     alone = faces([0.0])
     assert alone.nearest_elsewhere(5).tolist() == [0]  # nothing far enough away: itself
 
 
+def objective(bank: FaceBank, query: np.ndarray, picks: np.ndarray, switch: float) -> float:
+    return float(bank.distances(query)[np.arange(len(picks)), picks].sum() + switch * bank.jumps(picks))
+
+
 def test_the_path_jumps_only_where_it_saves_more_than_the_switch() -> None:
-    bank = faces([0.00, 0.02, 0.04, 0.06, 0.08, 0.30, 0.021, 0.059])
-    asked = np.asarray([0.0, 0.021, 0.04, 0.059, 0.08])
-    query = faces(list(asked)).landmarks
+    bank = faces([0.00, 0.02, 0.04, 0.06, 0.08, 0.30, 0.021, 0.059], clips=list("aaaaabcd"))
+    query = faces([0.0, 0.021, 0.04, 0.059, 0.08]).landmarks
     each = bank.path(query, 0.0)
     assert each.tolist() == [0, 6, 2, 7, 4] and bank.jumps(each) == 4
     steady = bank.path(query, 0.05)
     assert steady.tolist() == [0, 1, 2, 3, 4] and bank.jumps(steady) == 0
-    # a jump far enough away is taken however it is charged
+    # a jump far enough away is taken however it is charged; holding a face is free
     far = faces([0.0, 0.3, 0.3]).landmarks
-    assert bank.path(far, 0.05).tolist() == [0, 5, 5]
+    assert bank.path(far, 0.05).tolist() == [0, 5, 5] and bank.jumps(np.asarray([0, 5, 5])) == 1
+    # moving on by up to two bank faces of a clip is free, three or into another clip is not
+    assert bank.jumps(np.asarray([0, 2, 4])) == 0 and bank.jumps(np.asarray([0, 3])) == 1
+    assert bank.jumps(np.asarray([4, 5])) == 1 and bank.jumps(np.asarray([3, 1])) == 1
+
+
+def test_the_path_is_the_best_the_objective_allows() -> None:
+    rng = np.random.default_rng(1)
+    # a bank small enough to try every path: the path is the optimum
+    small = faces(list(rng.uniform(0, 0.1, 6)), clips=list("aaabbb"))
+    query = faces(list(rng.uniform(0, 0.1, 4))).landmarks
+    for switch in (0.0, 0.02, 0.2):
+        best = min(objective(small, query, np.asarray(p), switch) for p in np.ndindex(*(6,) * 4))
+        assert objective(small, query, small.path(query, switch), switch) == pytest.approx(best)
+    # a bank larger than the candidates kept per frame: never worse than each frame's nearest, steadier as a jump
+    # costs more, and with a prohibitive cost no jump at all
+    big = faces(list(rng.uniform(0, 0.1, 200)), clips=list("abcd" * 50))
+    query = faces(list(0.05 + 0.04 * np.sin(np.arange(60) / 5))).landmarks
+    nearest = big.path(query, 0.0)
+    assert np.array_equal(nearest, big.distances(query).argmin(1))
+    jumps = []
+    for switch in (0.01, 0.05, 1e3):
+        picks = big.path(query, switch)
+        assert objective(big, query, picks, switch) <= objective(big, query, nearest, switch) + 1e-9
+        jumps.append(big.jumps(picks))
+    assert big.jumps(nearest) >= jumps[0] >= jumps[1] >= jumps[2] == 0
 
 
 def test_candidates_read_in_chunks_are_the_same() -> None:
