@@ -55,6 +55,9 @@ class FaceBank:
             raise ValueError(f"face bank: {n} crops but landmarks {self.landmarks.shape}, {len(self.clips)} clips, "
                              f"{len(self.frames)} frames")
         self._desc = descriptor(self.landmarks).astype(np.float64)
+        # the frames between one bank face and the next of its clip (more than 1 where the bank was thinned)
+        steps = np.diff(self.frames)[(self.clips[1:] == self.clips[:-1]) & (np.diff(self.frames) > 0)]
+        self._stride = int(np.median(steps)) if len(steps) else 1
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -75,7 +78,7 @@ class FaceBank:
         return np.sqrt(np.maximum(d2, 0))
 
     def nearest_elsewhere(self, gap: int, chunk: int = 512) -> np.ndarray:
-        """For each bank face, the nearest other face at least `gap` frames away in its clip (or in another clip):
+        """For each bank face, the nearest other face at least `gap` (≥ 1) frames away in its clip (or in another clip):
         what training pairs a face with, so the model learns to correct a face from another moment, as at render
         time. A face with nothing far enough away is paired with itself."""
         pick = np.arange(len(self))
@@ -86,7 +89,7 @@ class FaceBank:
               & (np.abs(self.frames[rows, None] - self.frames[None]) < gap)] = np.inf
             best = d.argmin(1)
             found = np.isfinite(d[np.arange(len(d)), best])
-            pick[rows][found] = best[found]
+            pick[a + np.flatnonzero(found)] = best[found]
         return pick
 
     def jumps(self, picks: np.ndarray) -> int:
@@ -96,10 +99,13 @@ class FaceBank:
 
     def _follows(self, prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
         """Whether bank face `cur` continues from `prev` (broadcast): the same face, or up to `FOLLOWS` bank faces
-        on in the same clip (the bank keeps each clip's faces in order; counted in bank faces, not frames, so a bank
-        thinned to FACE_CROPS still has neighbours)."""
+        on in the same clip (the bank keeps each clip's faces in order; counted in bank faces, so a thinned bank still
+        has neighbours) and no further on in time than that many of its usual steps (not across frames where the
+        face was out of view)."""
         step = cur - prev
-        return (self.clips[cur] == self.clips[prev]) & (step >= 0) & (step <= FOLLOWS)
+        later = self.frames[cur] - self.frames[prev]
+        return ((self.clips[cur] == self.clips[prev]) & (step >= 0) & (step <= FOLLOWS)
+                & (later <= FOLLOWS * self._stride))
 
     def path(self, landmarks: np.ndarray, switch: float) -> np.ndarray:
         """The bank faces for a run of consecutive frames (Q, 51, 2): the sequence of least total distance plus

@@ -91,9 +91,9 @@ class FaceParams(WindowParams):
                                   "square crop, blended in linearly over this share of the side (it redraws the "
                                   "whole crop, hair and surroundings included, not only the mesh's head)")
     detail_switch: float = Field(0.02, ge=0, description="with the face detail model: what moving to another "
-                                 "training face costs, against the landmark distance (shares of the crop side) "
-                                 "of the face it gives; 0 takes each frame's nearest, higher keeps the reference "
-                                 "steadier over time")
+                                 "training face costs, against the bank's landmark distance (crop-side shares, "
+                                 "mouth weighted) of the face it gives; 0 takes each frame's nearest, higher keeps "
+                                 "the reference steadier over time")
 
 
 def describe(s: dict[str, Any]) -> str:
@@ -102,9 +102,9 @@ def describe(s: dict[str, Any]) -> str:
     text = f"{s['enhanced']} of {s['frames']} faces redone" + (" by the face detail model"
                                                                if s.get("redraw") == "detail" else "")
     if s.get("note"):
-        text += f" by the Face SGDM: {s['note']}"
+        text += (" by the Face SGDM: " if s.get("redraw") != "detail" else "; ") + s["note"]
     if bank := s.get("bank"):
-        text += f" from {bank['used']} of the identity's {bank['faces']} training faces"
+        text += f" from {bank['used']} of the {bank['faces']} training faces in its bank"
     moved = (s.get("face_check") or {}).get("aligned", 0)
     kept = (s.get("face_check") or {}).get("skipped", 0) + (s.get("face_check") or {}).get("no_face_left", 0)
     if moved or kept:
@@ -191,7 +191,10 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
             if not (detail_dir / BANK_FILE).is_file():
                 raise StageError(f"{detail_dir}: the face detail model reads its bank of training faces, but "
                                  f"{BANK_FILE} is missing: run finetune again")
-            bank = FaceBank.load(detail_dir)
+            try:
+                bank = FaceBank.load(detail_dir)
+            except (OSError, ValueError, KeyError) as e:
+                raise StageError(f"{detail_dir / BANK_FILE}: unreadable ({e}): run finetune again") from e
             if bank.crops.shape[1:3] != (fres, fres):
                 raise StageError(f"{detail_dir}: its bank's faces are {bank.crops.shape[1]} px, the model learnt at "
                                  f"{fres} px: run finetune again")
@@ -267,6 +270,9 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
     how: dict[str, Any] = {"redraw": "detail" if detail else "sgdm"}
     if params.redraw[settings.profile] == "detail" and not detail:
         how["note"] = "no face detail model in the checkpoint (finetuned before it, or no face crops to learn from)"
+    elif detail and bank is None:
+        how["note"] = ("a face detail model from before its bank of training faces: the mouth does not follow the "
+                       "jaw; run finetune again")
     if not stretches:
         return {"frames": n, "enhanced": 0, "runs": 0, "missing": _count(reasons), "face_check": check, **how}
 

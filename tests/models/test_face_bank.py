@@ -84,6 +84,29 @@ def test_the_path_is_the_best_the_objective_allows() -> None:
     assert big.jumps(nearest) >= jumps[0] >= jumps[1] >= jumps[2] == 0
 
 
+def test_the_path_continues_a_clip_that_is_not_among_the_nearest() -> None:
+    # clip "a" rises with the asked mouth, a little off each frame; from the second frame on, 35 faces closer than it
+    # (each in a clip of its own) crowd it out of the 30 nearest: only continuing the last frame's path finds it
+    rng = np.random.default_rng(2)
+    asked = 0.002 * np.arange(20) + 0.0005
+    query = faces(list(asked)).landmarks
+    walk = faces(list(0.002 * np.arange(20)))
+    near = query[1:].repeat(35, 0) + rng.normal(0, 1e-4, (19 * 35, 51, 2)).astype(np.float32)
+    bank = FaceBank(np.zeros((20 + len(near), 4, 4, 3), np.uint8), np.concatenate([walk.landmarks, near]),
+                    np.asarray(["a"] * 20 + [f"x{k}" for k in range(len(near))]), np.arange(20 + len(near)))
+    assert not set(bank._candidates(query[1:], 30)[0].ravel()) & set(range(20))
+    picks = bank.path(query, 0.05)
+    assert picks.tolist() == list(range(20)) and bank.jumps(picks) == 0
+
+
+def test_moving_on_across_a_gap_in_time_is_a_jump() -> None:
+    bank = FaceBank(np.zeros((4, 4, 4, 3), np.uint8), faces([0.0, 0.01, 0.02, 0.03]).landmarks, np.asarray(["a"] * 4),
+                    np.asarray([0, 1, 2, 40]))
+    assert bank.jumps(np.asarray([0, 1, 2])) == 0 and bank.jumps(np.asarray([2, 3])) == 1
+    thinned = FaceBank(bank.crops, bank.landmarks, bank.clips, np.asarray([0, 6, 12, 18]))  # every 6th frame kept
+    assert thinned.jumps(np.asarray([0, 1, 3])) == 0
+
+
 def test_candidates_read_in_chunks_are_the_same() -> None:
     rng = np.random.default_rng(0)
     bank = faces(list(rng.uniform(0, 0.1, 40)))

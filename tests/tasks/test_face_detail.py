@@ -111,7 +111,7 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
     assert summary["redraw"] == "detail" and summary["enhanced"] == len(shown) and {5, 6}.isdisjoint(shown)
     bank = summary["bank"]
     assert bank["faces"] == len(FaceBank.load(artifact_dir(ws, "finetune", ID) / FACE_DETAIL))
-    assert f"from {bank['used']} of the identity's {bank['faces']} training faces" in face.describe(summary)
+    assert f"from {bank['used']} of the {bank['faces']} training faces in its bank" in face.describe(summary)
     assert {int(p.stem) for p in (out / face.FRAMES).glob("*.png")} == shown
     assert not (out / face.MASK).exists()  # the head mask is the SGDM's: not made for the detail model
     # the model read the mesh with its jaw coloured, as it learnt
@@ -156,6 +156,7 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
     Predictor(channels=(8, 16), norm_num_groups=4).save_pretrained(old / FACE_DETAIL)
     summary = rerun(old, "before_bank")
     assert summary["redraw"] == "detail" and summary["enhanced"] == len(shown) and "bank" not in summary
+    assert "before its bank" in summary["note"] and "run finetune again" in face.describe(summary)
     # untrained, it is the body's own face (but for resampling), where the bank's model starts from a training face
     frame = read_rgb(tmp_path / "before_bank" / face.FRAMES / frame_name(i, "png")).astype(int)
     assert np.abs(frame - body).mean() < 1 and np.abs(after - body).mean() > 2
