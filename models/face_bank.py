@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.npz import write_npz
+
 FILE = "bank.npz"
 LANDMARKS = 51  # SMPL-X face landmarks (iBUG-68 points 17..67): brows, nose, eyes, then the mouth's 20
 MOUTH = slice(31, 51)
@@ -63,8 +65,8 @@ class FaceBank:
         return len(self.crops)
 
     def save(self, folder: Path) -> None:
-        np.savez_compressed(folder / FILE, crops=self.crops, landmarks=self.landmarks.astype(np.float32),
-                            clips=self.clips.astype(str), frames=self.frames.astype(np.int64))
+        write_npz(folder / FILE, {"crops": self.crops, "landmarks": self.landmarks.astype(np.float32),
+                                  "clips": self.clips.astype(str), "frames": self.frames.astype(np.int64)})
 
     @classmethod
     def load(cls, folder: Path) -> FaceBank:

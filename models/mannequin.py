@@ -18,14 +18,12 @@ Deterministic: the same code gives the same bytes (no randomness but a fixed-see
 
 from __future__ import annotations
 
-import io
-import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from core.npz import write_npz
 from models.smplx_layout import FINGERS  # SMPL-X order within each hand
 
 N_VERTS = 10475
@@ -744,15 +742,5 @@ def build() -> dict[str, np.ndarray]:
 
 
 def write(path: Path) -> Path:
-    """Write SMPLX_NEUTRAL.npz atomically and byte-reproducibly (np.savez stamps the current time into the zip)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key, value in build().items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    """Write SMPLX_NEUTRAL.npz atomically and byte-reproducibly."""
+    return write_npz(path, build())

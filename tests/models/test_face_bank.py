@@ -3,12 +3,13 @@ path of picks over a run of frames that jumps only where the distance it saves i
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.face_bank import MOUTH_WEIGHT, FaceBank, descriptor
+from models.face_bank import FILE, MOUTH_WEIGHT, FaceBank, descriptor
 
 RIGHT_EYE, MOUTH_TOP = 20, 45
 
@@ -123,6 +124,9 @@ def test_a_bank_saves_loads_and_refuses_mismatched_parts(tmp_path: Path) -> None
     back = FaceBank.load(tmp_path)
     assert np.array_equal(back.crops, bank.crops) and np.array_equal(back.landmarks, bank.landmarks)
     assert back.clips.tolist() == ["a", "b"] and back.frames.tolist() == [0, 1]
+    # the same bank, the same bytes (np.savez would date each entry now)
+    with zipfile.ZipFile(tmp_path / FILE) as zf:
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     with pytest.raises(ValueError, match="2 crops but landmarks"):
         FaceBank(bank.crops, bank.landmarks[:1], bank.clips, bank.frames)
     with pytest.raises(ValueError, match="at least one face"):
