@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.npz import write_npz
+from models.npz import write_npz
 
 FILE = "bank.npz"
 LANDMARKS = 51  # SMPL-X face landmarks (iBUG-68 points 17..67): brows, nose, eyes, then the mouth's 20

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.npz import write_npz
+from models.npz import write_npz
 from models.smplx_layout import FINGERS  # SMPL-X order within each hand
 
 N_VERTS = 10475
