@@ -54,7 +54,7 @@ from tasks.devices import Compute
 from tasks.frames import FACE_DETAIL, ImageFiles, frame_name, read_meta, read_rgb, write_png
 from tasks.mp import solutions
 from tasks.stages import render_body
-from tasks.stages.render_mesh import FACES, face_colors, face_landmarks, face_state, head_faces, pose_chunks
+from tasks.stages.render_mesh import FACES, face_colors, face_crop, head_faces, pose_chunks
 from tasks.workers import Reporter, run_parallel
 
 FRAMES = "frames"
@@ -188,13 +188,11 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         fres = crop_size(inputs["finetune"], FACE_DETAIL)
         bank = None
         if redrawer.config.inputs > 2:  # a detail model that changes a training face reads them from its bank
-            if not (detail_dir / BANK_FILE).is_file():
-                raise StageError(f"{detail_dir}: the face detail model reads its bank of training faces, but "
-                                 f"{BANK_FILE} is missing: run finetune again")
             try:
                 bank = FaceBank.load(detail_dir)
-            except (OSError, ValueError, KeyError) as e:
-                raise StageError(f"{detail_dir / BANK_FILE}: unreadable ({e}): run finetune again") from e
+            except (OSError, ValueError, KeyError) as e:  # missing, truncated, or of another format
+                raise StageError(f"{detail_dir / BANK_FILE}: the face detail model reads its bank of training "
+                                 f"faces, which is missing or unreadable ({e}): run finetune again") from e
             if bank.crops.shape[1:3] != (fres, fres):
                 raise StageError(f"{detail_dir}: its bank's faces are {bank.crops.shape[1]} px, the model learnt at "
                                  f"{fres} px: run finetune again")
@@ -220,13 +218,12 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
           MeshRasterizer(head_faces(model), side, color=(1.0, 1.0, 1.0), ambient=1.0, ctx=mesh.ctx) as head):
         for idx, verts, joints in pose_chunks(model, betas, blocks, np.arange(n)):
             for i, v, j in zip(idx, verts, joints, strict=True):
-                state, pts = face_state(j, K, side, settings.render_mesh.max_face_yaw)
-                if pts is None:
+                state, m, in_crop = face_crop(j, K, side, settings.render_mesh.max_face_yaw, fsize)
+                if m is None:
                     reasons.append(state)
                     transforms.append(None)
                     continue
-                m = face_align.align(pts, fsize)
-                landmarks[i] = face_align.in_crop(face_landmarks(j, K), m, fsize)
+                landmarks[i] = in_crop
                 name = frame_name(int(i), "png")
                 for sub, image in ((COND, mesh.render(v, K)),) + (() if detail else (
                         (MASK, head.render(v, K)[:, :, 0]),)):

@@ -106,19 +106,12 @@ def render_frames(body_model: Path, fit_dir: Path, blocks: dict[str, np.ndarray]
     return images
 
 
-def face_landmarks(joints: np.ndarray, K: np.ndarray) -> np.ndarray | None:
-    """The 51 SMPL-X face landmarks projected to pixels, None when any is behind the camera."""
+def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
+    """('ok', the 51 SMPL-X face landmarks projected to pixels) or the reason the face is not usable."""
     lmk = joints[layout.LMK_START:layout.LMK_START + 51]
     if (lmk[:, 2] <= 0.01).any():
-        return None
-    return lmk[:, :2] / lmk[:, 2:3] * K[0, 0] + K[:2, 2]
-
-
-def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> tuple[str, np.ndarray | None]:
-    """('ok', five points) or the reason the face is not usable."""
-    uv = face_landmarks(joints, K)
-    if uv is None:
         return "behind_camera", None
+    uv = lmk[:, :2] / lmk[:, 2:3] * K[0, 0] + K[:2, 2]
     pts = face_align.five_points(uv)
     if (pts < 0).any() or (pts >= res).any():
         return "out_of_view", None
@@ -128,7 +121,19 @@ def face_state(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float) -> t
     cos = forward @ to_camera / (np.linalg.norm(forward) * np.linalg.norm(to_camera) + 1e-9)
     if np.degrees(np.arccos(np.clip(cos, -1, 1))) > max_yaw:
         return "turned_away", None
-    return "ok", pts
+    return "ok", uv
+
+
+def face_crop(joints: np.ndarray, K: np.ndarray, res: int, max_yaw: float, size: int
+              ) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """(state, the 2×3 transform to the face's `size` crop, its 51 landmarks in that crop as shares of the side):
+    one rule for training's crops (render_mesh) and a render's (the face stage), so a mesh finds its bank faces by
+    the same numbers they were stored with. None for both where the face is not usable."""
+    state, uv = face_state(joints, K, res, max_yaw)
+    if uv is None:
+        return state, None, None
+    m = face_align.align(face_align.five_points(uv), size)
+    return state, m, face_align.in_crop(uv, m, size)
 
 
 def hand_boxes(joints: np.ndarray, K: np.ndarray, res: int) -> dict[str, list[float] | None]:
@@ -248,11 +253,9 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                 name = frame_name(frame, "png")
                 image = mesh.render(v, K)
                 save(out / "body" / clip / name, image[:, :, ::-1])
-                state, pts = face_state(j, K, res, params.max_face_yaw)
+                state, m, landmarks = face_crop(j, K, res, params.max_face_yaw, fsize)
                 counts[state] += 1
-                m = None
-                if pts is not None:
-                    m = face_align.align(pts, fsize)
+                if m is not None:
                     crop = cv2.warpAffine(image, m, (fsize, fsize), flags=cv2.INTER_LINEAR)
                     mask = cv2.warpAffine(head.render(v, K)[:, :, 0], m, (fsize, fsize), flags=cv2.INTER_LINEAR)
                     save(out / "face" / clip / name, crop[:, :, ::-1])
@@ -264,8 +267,8 @@ def run(inputs: dict[str, Path], out: Path, params: RenderMeshParams, progress: 
                 records["visible"].append(state == "ok")
                 records["reason"].append(None if state == "ok" else state)
                 records["transform"].append(None if m is None else m.ravel().astype(np.float32).tolist())
-                records["landmarks"].append(None if m is None else face_align.in_crop(
-                    face_landmarks(j, K), m, fsize).ravel().astype(np.float32).tolist())
+                records["landmarks"].append(None if landmarks is None else
+                                            landmarks.ravel().astype(np.float32).tolist())
                 for side, box in hand_boxes(j, K, res).items():
                     hands[side].append(box)
                     if box is not None:
