@@ -132,13 +132,13 @@ def features(y: np.ndarray) -> Features:
     if level - quiet < MIN_SNR_DB:
         gated[:] = True
     rel = np.where(gated, FLOOR_DB, np.maximum(rms_db - level, FLOOR_DB))
-    mel_db = np.where(gated[:, None], FLOOR_DB + level, mel_db)  # silence reads the same in every recording
     voiced = rel > VOICED_DB
     onset = np.where(gated, 0.0, onset)
     onset = onset / max(float(np.percentile(onset[voiced], 95)) if voiced.any() else 0.0, 1e-6)
     octaves = np.log2(np.maximum(f0, 1.0))
     pitch = np.where(voiced, octaves - (np.median(octaves[voiced]) if voiced.any() else 0.0), 0.0)
-    return Features(np.maximum(mel_db - level, FLOOR_DB).astype(np.float32), rel.astype(np.float32),
+    mel = np.where(gated[:, None], FLOOR_DB, np.maximum(mel_db - level, FLOOR_DB))  # silence: the same everywhere
+    return Features(mel.astype(np.float32), rel.astype(np.float32),
                     onset.astype(np.float32), np.clip(pitch, -2, 2).astype(np.float32), voiced)
 
 
