@@ -29,6 +29,7 @@ the frame is left as it is (`no_face_left`) rather than given a second face. Nev
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -190,7 +191,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         if redrawer.config.inputs > 2:  # a detail model that changes a training face reads them from its bank
             try:
                 bank = FaceBank.load(detail_dir)
-            except (OSError, ValueError, KeyError) as e:  # missing, truncated, or of another format
+            except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:  # gone, empty, cut, foreign
                 raise StageError(f"{detail_dir / BANK_FILE}: the face detail model reads its bank of training "
                                  f"faces, which is missing or unreadable ({e}): run finetune again") from e
             if bank.crops.shape[1:3] != (fres, fres):

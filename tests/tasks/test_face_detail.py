@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.artifacts import read_manifest
+from core.errors import StageError
 from core.progress import NullProgress
 from core.workspace import Workspace
 from models import face_align
+from models.face_bank import FILE as BANK_FILE
 from models.face_bank import FaceBank
 from models.predictor import Predictor
 from models.raster import MESH_COLOR
@@ -146,6 +148,15 @@ def test_the_face_detail_model_redraws_each_shown_face_inside_its_mask(ws: Works
     each = rerun(artifact_dir(ws, "finetune", ID), "each", detail_switch=0.0)["bank"]
     steady = rerun(artifact_dir(ws, "finetune", ID), "steady", detail_switch=1e3)["bank"]
     assert steady["switches"] == 0 and each["switches"] >= bank["switches"]
+    # a bank cut short, emptied or gone: one error that says what to do, nothing written
+    for name, spoil in (("cut", lambda f: f.write_bytes(f.read_bytes()[:1000])),
+                        ("empty", lambda f: f.write_bytes(b"")), ("gone", lambda f: f.unlink())):
+        spoilt = tmp_path / f"finetune_{name}"
+        shutil.copytree(artifact_dir(ws, "finetune", ID), spoilt)
+        spoil(spoilt / FACE_DETAIL / BANK_FILE)
+        with pytest.raises(StageError, match="missing or unreadable .*: run finetune again"):
+            rerun(spoilt, f"spoilt_{name}")
+        assert not list((tmp_path / f"spoilt_{name}").iterdir())
     # a checkpoint finetuned before the face detail model: the Face SGDM redraws the faces
     old = tmp_path / "finetune"
     shutil.copytree(artifact_dir(ws, "finetune", ID), old, ignore=shutil.ignore_patterns(FACE_DETAIL))
