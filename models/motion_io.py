@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import InputError
+from models.npz import UNREADABLE
 
 #: Widths of the per-frame arrays of a Motion; rotations are axis-angle triples.
 ROTATIONS: dict[str, int] = {
@@ -178,7 +179,7 @@ def check_npz_headers(path: Path) -> None:
                 if claimed > MAX_ARRAY_BYTES or claimed > info.file_size:
                     raise InputError(f"{path.name}: {info.filename[:-4]} claims {claimed / 2**30:.1f} GiB but the "
                                      f"archive holds {info.file_size / 2**20:.1f} MiB of it: not a motion file")
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except (*UNREADABLE, ValueError) as exc:
         raise InputError(f"{path.name}: not a readable .npz ({exc})") from None
 
 
@@ -187,7 +188,7 @@ def _read_npz(path: Path, default_fps: float) -> Motion:
     check_npz_headers(path)
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (*UNREADABLE, ValueError) as exc:
         raise InputError(f"{label}: not a readable .npz ({exc})") from exc
     with archive:
         keys = set(archive.files)

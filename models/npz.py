@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+# what np.load raises for an .npz that is gone, empty or cut short (not a whole zip); ValueError, a pickled or
+# malformed array, is each reader's to word
+UNREADABLE = (OSError, EOFError, zipfile.BadZipFile)
+
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ unpickler as motion pickles and rewritten once as such an .npz (byte for byte th
 
 from __future__ import annotations
 
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from core.params import BodyModelParams
 from core.stage import code_hash_of
 from models import mannequin
 from models.motion_io import HandBasis, load_pickle_restricted
+from models.npz import UNREADABLE, write_npz
 
 
 def resolve(params: BodyModelParams, root: Path, cache: Path) -> Path:
@@ -61,7 +60,7 @@ def safe(file: Path, cache: Path) -> Path:
         except ValueError as exc:
             raise StageError(f"{file}: holds a pickled object array ({exc}); an SMPL-X .npz of plain arrays is "
                              "needed (a pickle can run code)") from None
-        except (OSError, zipfile.BadZipFile) as exc:
+        except UNREADABLE as exc:
             raise StageError(f"{file}: not a readable SMPL-X .npz ({exc})") from None
         _CHECKED[key] = file
         return file
@@ -72,18 +71,9 @@ def safe(file: Path, cache: Path) -> Path:
     if not isinstance(data, dict):
         raise StageError(f"{file}: not an SMPL-X model (a {type(data).__name__}, not a mapping of arrays)")
     target = cache / f"converted-{sha256_file(file)[:16]}" / "SMPLX_NEUTRAL.npz"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for name in sorted(data):
-                value = np.asarray(data[name])
-                if value.dtype.hasobject:  # not one of the model's arrays (smplx reads only those)
-                    continue
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))  # no clock in the bytes
-                with zf.open(info, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, value, allow_pickle=False)
-        tmp.replace(target)
+    if not target.is_file():  # the model's arrays only (smplx reads no others), the same bytes every time
+        write_npz(target, {name: value for name in sorted(data)
+                           if not (value := np.asarray(data[name])).dtype.hasobject})
     _CHECKED[key] = target
     return target
 

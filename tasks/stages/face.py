@@ -29,7 +29,6 @@ the frame is left as it is (`no_face_left`) rather than given a second face. Nev
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -44,7 +43,7 @@ from core.artifacts import read_manifest
 from core.errors import StageError
 from core.progress import Progress
 from core.stage import Stage
-from models import face_align, squares
+from models import face_align, npz, squares
 from models.face_bank import FILE as BANK_FILE
 from models.face_bank import LANDMARKS, FaceBank
 from models.raster import MeshRasterizer
@@ -191,7 +190,7 @@ def run(inputs: dict[str, Path], out: Path, params: FaceParams, progress: Progre
         if redrawer.config.inputs > 2:  # a detail model that changes a training face reads them from its bank
             try:
                 bank = FaceBank.load(detail_dir)
-            except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:  # gone, empty, cut, foreign
+            except (*npz.UNREADABLE, ValueError, KeyError) as e:  # gone, empty, cut short, or another format
                 raise StageError(f"{detail_dir / BANK_FILE}: the face detail model reads its bank of training "
                                  f"faces, which is missing or unreadable ({e}): run finetune again") from e
             if bank.crops.shape[1:3] != (fres, fres):

@@ -112,6 +112,13 @@ def test_a_body_model_pickle_carrying_code_is_refused_unrun(ws: Path, tmp_path: 
     with pytest.raises(StageError, match="holds a pickled object array"):
         body_file.safe(bad, tmp_path / "cache")
     assert not marker.exists()
+    # one emptied or cut short is one line saying so, not a traceback
+    whole = _mannequin(w).read_bytes()
+    for name, spoilt in (("empty", b""), ("cut", whole[: len(whole) // 2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "SMPLX_NEUTRAL.npz").write_bytes(spoilt)
+        with pytest.raises(StageError, match="not a readable SMPL-X .npz"):
+            body_file.safe(tmp_path / name / "SMPLX_NEUTRAL.npz", tmp_path / "cache")
     # a pickle of plain arrays (what a real SMPL-X .pkl is) becomes a plain .npz, the same bytes every time
     plain = tmp_path / "plain.pkl"
     with np.load(_mannequin(w)) as model:
