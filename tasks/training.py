@@ -326,8 +326,7 @@ def train_models(sources: list[tuple[str, Path, Path, Path]], settings: Any, sec
                                         section.predictor_ssim, section.seed, scratch / "predictor",
                                         lambda: progress.advance(1), save_every=int(prof["save_every"]),
                                         reference_frame=section.predictor_reference,
-                                        hand_weight=float(prof["hand_weight"]), zoom=section.predictor_zoom,
-                                        shift=section.predictor_shift)
+                                        hand_weight=float(prof["hand_weight"]))
             predictor.to("cpu")
         SGDMPipeline(model.to("cpu"), vae, encoder, noise_scheduler, res, refiner, predictor).save_pretrained(
             out / which, parts_from=frozen)
@@ -395,13 +394,11 @@ def train_refiner(refiner: Refiner, identities: list[Identity], steps: int, lr: 
 
 def train_predictor(predictor: Predictor, identities: list[Identity], steps: int, lr: float, ssim_weight: float,
                     seed: int, out: Path, advance: Callable[[], None] | None = None, save_every: int = 100,
-                    reference_frame: int = 0, hand_weight: float = 1.0, zoom: float = 0.0,
-                    shift: float = 0.0) -> dict[str, Any]:
+                    reference_frame: int = 0, hand_weight: float = 1.0) -> dict[str, Any]:
     """Learn `predictor` in place: each step, whole training frames of the identities from their mesh conditions;
     L1 (`hand_weight` inside the hands' squares) plus `ssim_weight` × (1 − SSIM). A predictor that keeps its own
     reference learns against the first identity's training frame `reference_frame` (finetune has one identity);
-    one that does not, against another frame of the same identity each time. With `zoom` or `shift`, some frames
-    and their conditions are reframed together (`reframe`); the reference never is."""
+    one that does not, against another frame of the same identity each time."""
     if predictor.own_reference and identities:
         if not 0 <= reference_frame < len(identities[0]):
             raise StageError(f"finetune.predictor_reference = {reference_frame}, but the identity has "
@@ -420,45 +417,11 @@ def train_predictor(predictor: Predictor, identities: list[Identity], steps: int
                 weights.append(hand_weights([ident.hands[i] if ident.hands else []], ident.res, ident.res,
                                             hand_weight)[0])  # (1, H, W): one frame's
         real_t, cond_t, ref_t = (_signed(v) for v in (real, cond, ref))
-        weight_t = torch.stack(weights) if weights else None
-        real_t, cond_t, *rest = reframe([real_t, cond_t, *([] if weight_t is None else [weight_t])], gen, zoom, shift)
-        return (((cond_t,) if predictor.own_reference else (cond_t, ref_t)), real_t, rest[0] if rest else None)
+        return (((cond_t,) if predictor.own_reference else (cond_t, ref_t)), real_t,
+                torch.stack(weights) if weights else None)
 
-    result = _train_regressor(predictor, "predictor", identities, batch, _l1_ssim(ssim_weight), steps, lr, seed, out,
-                              advance, save_every)
-    return {**result, **({"zoom": zoom, "shift": shift} if zoom or shift else {})}
-
-
-REFRAMED_SHARE = 0.5  # of the predictor's samples: the rest keep the clip's own framing, which renders ask for most
-# (a foreign motion is retargeted to it, motion.retarget)
-
-
-def reframe(images: list[torch.Tensor], gen: torch.Generator, zoom: float, shift: float) -> list[torch.Tensor]:
-    """One camera change per sample for all of `images` (each (B, C, H, W)): in REFRAMED_SHARE of the samples a
-    zoom about the centre by a factor in [1 − zoom, 1 + zoom] and a move of up to `shift` of the side, edges
-    replicated; the other samples are returned untouched, bit for bit. A frame and its mesh move together, so the
-    predictor learns the person at framings the clip's camera never took (one that draws back, a closer crop)
-    instead of blurring them."""
-    import torch.nn.functional as F
-
-    if not (zoom or shift) or not images:
-        return images
-    picked, theta = [], []
-    for k in range(len(images[0])):
-        u = torch.rand(4, generator=gen).tolist()
-        if u[0] < REFRAMED_SHARE:
-            scale = 1 / (1 + zoom * (2 * u[1] - 1))  # the output's unit square reads this much of the input
-            picked.append(k)  # normalised coordinates span 2 per side
-            theta.append([[scale, 0.0, 2 * shift * (2 * u[2] - 1)], [0.0, scale, 2 * shift * (2 * u[3] - 1)]])
-    if not picked:
-        return images
-    out = []
-    for x in images:
-        grid = F.affine_grid(torch.tensor(theta, dtype=x.dtype), [len(picked), *x.shape[1:]], align_corners=False)
-        x = x.clone()
-        x[picked] = F.grid_sample(x[picked], grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out.append(x)
-    return out
+    return _train_regressor(predictor, "predictor", identities, batch, _l1_ssim(ssim_weight), steps, lr, seed, out,
+                            advance, save_every)
 
 
 def _l1_ssim(ssim_weight: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:

@@ -52,10 +52,6 @@ class FinetuneParams(TrainParams):
         "minutes draws a blurred face, docs/cpu-profile.md)")
     predictor_reference: int = Field(0, ge=0, description="index of the identity's training frame the predictor "
                                      "learns against and keeps in the checkpoint (every prediction starts from it)")
-    predictor_zoom: float = Field(0.0, ge=0, lt=1, description="the predictor learns half its frames, with their "
-                                  "meshes, zoomed by up to this share either way (0 = the clip's own framing only; "
-                                  "for a clip whose camera moves, so a render framed otherwise is not a blur)")
-    predictor_shift: float = Field(0.0, ge=0, le=0.5, description="and moved by up to this share of the side")
 
     @model_validator(mode="after")
     def _cascade(self) -> FinetuneParams:

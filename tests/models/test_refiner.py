@@ -205,19 +205,3 @@ def test_a_regressor_needs_frames(kind: str, tmp_path: Path) -> None:
     cls, train = REGRESSORS[kind][:2]
     with pytest.raises(StageError, match=f"no training frames for the {kind}"):
         train(cls(**SMALL), [], 5, seed=0, out=tmp_path)
-
-
-def test_a_reframing_predictor_learns_from_reframed_frames_and_says_so(tmp_path: Path) -> None:
-    """The zoom and shift reach the predictor's batches: the same start, seed and steps end in other weights, and
-    the summary names them (a run without them does not)."""
-    ident = _Frames(6, 32)
-    models, results = [], []
-    for zoom in (0.0, 0.25):
-        torch.manual_seed(0)
-        model = Predictor(**SMALL)
-        results.append(training.train_predictor(model, [ident], 4, 5e-3, 0.5, 0, tmp_path / str(zoom), zoom=zoom,
-                                                shift=zoom / 2))
-        models.append(model)
-    assert "zoom" not in results[0] and (results[1]["zoom"], results[1]["shift"]) == (0.25, 0.125)
-    assert any(not torch.equal(a, b) for a, b in zip(models[0].state_dict().values(),
-                                                       models[1].state_dict().values(), strict=True))
